@@ -1,0 +1,408 @@
+//! QEMU's educational `edu` device (docs/specs/edu.rst), register for register,
+//! so one guest program gives the same answers on QEMU's `-device edu` and here.
+//!
+//! Differences, all on paths where QEMU misbehaves: a DMA whose device-side range
+//! leaves the 4 KiB buffer is refused (QEMU logs it and copies out of bounds), and
+//! a reset returns every register to power-on state (QEMU's edu has no reset).
+//!
+//! The factorial and the DMA engine run on a worker thread, as QEMU runs them off
+//! its vCPU thread: a DMA through DMA_READ/DMA_WRITE messages waits for the
+//! client, which must never block the session thread that carries its reply.
+
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use tracing::{debug, warn};
+use umdev::memory::GuestMemory;
+use umdev::pci::{
+    BarDef, BarIndex, DeviceContext, PciDevice, PciDeviceDescription, PciError, PciFunction, PciIds,
+};
+
+pub const VENDOR_ID: u16 = 0x1234;
+pub const DEVICE_ID: u16 = 0x11e8;
+pub const BAR0_SIZE: u64 = 1 << 20;
+pub const DEFAULT_DMA_BITS: u32 = 28;
+
+/// Register offsets in BAR0.
+pub mod reg {
+    pub const ID: u64 = 0x00;
+    pub const LIVENESS: u64 = 0x04;
+    pub const FACTORIAL: u64 = 0x08;
+    pub const STATUS: u64 = 0x20;
+    pub const IRQ_STATUS: u64 = 0x24;
+    pub const IRQ_RAISE: u64 = 0x60;
+    pub const IRQ_ACK: u64 = 0x64;
+    pub const DMA_SRC: u64 = 0x80;
+    pub const DMA_DST: u64 = 0x88;
+    pub const DMA_COUNT: u64 = 0x90;
+    pub const DMA_CMD: u64 = 0x98;
+}
+
+/// Identification: major 1, minor 0.
+pub const ID_VALUE: u32 = 0x0100_00ed;
+pub const STATUS_COMPUTING: u32 = 0x01;
+pub const STATUS_IRQ_FACT: u32 = 0x80;
+pub const FACT_IRQ: u32 = 0x001;
+pub const DMA_IRQ: u32 = 0x100;
+pub const DMA_CMD_RUN: u64 = 0x1;
+/// Direction bit: clear = RAM to device buffer, set = device buffer to RAM.
+pub const DMA_CMD_TO_RAM: u64 = 0x2;
+pub const DMA_CMD_IRQ: u64 = 0x4;
+/// Device-side address of the DMA buffer, and its size.
+pub const DMA_BUF_ADDR: u64 = 0x40000;
+pub const DMA_BUF_SIZE: usize = 4096;
+
+/// The device's PCI description: QEMU's IDs, a 1 MiB BAR0, one MSI vector, INTA.
+pub fn description() -> PciDeviceDescription {
+    PciDeviceDescription {
+        ids: PciIds {
+            vendor_id: VENDOR_ID,
+            device_id: DEVICE_ID,
+            subsystem_vendor_id: 0x1af4,
+            subsystem_id: 0x1100,
+            revision: 0x10,
+            // Base class 0x00, subclass 0xff ("unclassified"), as QEMU's edu.
+            class_code: 0x00ff00,
+            interrupt_pin: 1,
+        },
+        bars: [
+            Some(BarDef::memory32(BAR0_SIZE, false)),
+            None,
+            None,
+            None,
+            None,
+            None,
+        ],
+        msi_vectors: 1,
+        msix: None,
+        pcie: false,
+        power_management: false,
+    }
+}
+
+/// A PCI function carrying an `edu` whose DMA engine drives `dma_bits` address bits.
+pub fn new_function(memory: GuestMemory, dma_bits: u32) -> Result<PciFunction, PciError> {
+    PciFunction::new(description(), memory, |ctx| {
+        Box::new(Edu::new(ctx, dma_bits))
+    })
+}
+
+#[derive(Clone)]
+struct Registers {
+    liveness: u32,
+    factorial: u32,
+    status: u32,
+    irq_status: u32,
+    dma_src: u64,
+    dma_dst: u64,
+    dma_count: u64,
+    dma_cmd: u64,
+    dma_buf: Box<[u8; DMA_BUF_SIZE]>,
+    /// Bumped by reset, so work started before it does not land after it.
+    generation: u64,
+}
+
+impl Default for Registers {
+    fn default() -> Self {
+        Registers {
+            liveness: 0,
+            factorial: 0,
+            status: 0,
+            irq_status: 0,
+            dma_src: 0,
+            dma_dst: 0,
+            dma_count: 0,
+            dma_cmd: 0,
+            dma_buf: Box::new([0; DMA_BUF_SIZE]),
+            generation: 0,
+        }
+    }
+}
+
+struct Shared {
+    regs: Mutex<Registers>,
+    ctx: DeviceContext,
+    dma_mask: u64,
+}
+
+impl Shared {
+    fn regs(&self) -> MutexGuard<'_, Registers> {
+        self.regs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn raise_irq(&self, regs: &mut Registers, bits: u32) {
+        regs.irq_status |= bits;
+        if regs.irq_status != 0 {
+            if self.ctx.irq.msi_enabled() {
+                self.ctx.irq.notify(0);
+            } else {
+                self.ctx.irq.set_intx(true);
+            }
+        }
+    }
+
+    fn lower_irq(&self, regs: &mut Registers, bits: u32) {
+        regs.irq_status &= !bits;
+        if regs.irq_status == 0 && !self.ctx.irq.msi_enabled() {
+            self.ctx.irq.set_intx(false);
+        }
+    }
+
+    fn run_factorial(&self) {
+        let mut regs = self.regs();
+        if regs.status & STATUS_COMPUTING == 0 {
+            return;
+        }
+        let mut n = regs.factorial;
+        let mut result: u32 = 1;
+        while n > 0 {
+            result = result.wrapping_mul(n);
+            n -= 1;
+        }
+        regs.factorial = result;
+        regs.status &= !STATUS_COMPUTING;
+        if regs.status & STATUS_IRQ_FACT != 0 {
+            self.raise_irq(&mut regs, FACT_IRQ);
+        }
+    }
+
+    /// One DMA transfer, with the register lock released while guest memory is
+    /// touched (a message-based access waits for the client).
+    fn run_dma(&self) {
+        let (generation, cmd, src, dst, count, outgoing) = {
+            let regs = self.regs();
+            if regs.dma_cmd & DMA_CMD_RUN == 0 {
+                return;
+            }
+            let to_ram = regs.dma_cmd & DMA_CMD_TO_RAM != 0;
+            let device_side = if to_ram { regs.dma_src } else { regs.dma_dst };
+            let outgoing = match buffer_range(device_side, regs.dma_count) {
+                Some(range) if to_ram => Ok(Some(regs.dma_buf[range].to_vec())),
+                Some(_) => Ok(None),
+                None => Err(device_side),
+            };
+            (
+                regs.generation,
+                regs.dma_cmd,
+                regs.dma_src,
+                regs.dma_dst,
+                regs.dma_count,
+                outgoing,
+            )
+        };
+        let memory = &self.ctx.memory;
+        let result: Result<Option<Vec<u8>>, String> = match outgoing {
+            Err(addr) => Err(format!(
+                "device range {addr:#x}+{count:#x} is outside the DMA buffer"
+            )),
+            Ok(Some(data)) => {
+                let gpa = self.clamp(dst);
+                memory
+                    .write(gpa, &data)
+                    .map(|_| None)
+                    .map_err(|e| e.to_string())
+            }
+            Ok(None) => {
+                let gpa = self.clamp(src);
+                let mut data = vec![0u8; count as usize];
+                memory
+                    .read(gpa, &mut data)
+                    .map(|_| Some(data))
+                    .map_err(|e| e.to_string())
+            }
+        };
+        let mut regs = self.regs();
+        if regs.generation != generation {
+            debug!("DMA finished after a reset; result dropped");
+            return;
+        }
+        match result {
+            Ok(Some(data)) => {
+                if let Some(range) = buffer_range(dst, count) {
+                    regs.dma_buf[range].copy_from_slice(&data);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => warn!(src, dst, count, "edu DMA failed: {e}"),
+        }
+        regs.dma_cmd &= !DMA_CMD_RUN;
+        if cmd & DMA_CMD_IRQ != 0 {
+            self.raise_irq(&mut regs, DMA_IRQ);
+        }
+    }
+
+    fn clamp(&self, addr: u64) -> u64 {
+        let clamped = addr & self.dma_mask;
+        if clamped != addr {
+            debug!(addr, clamped, "edu: DMA address clamped to the DMA mask");
+        }
+        clamped
+    }
+}
+
+/// The buffer indices for device address `addr` and `count` bytes, if inside.
+fn buffer_range(addr: u64, count: u64) -> Option<std::ops::Range<usize>> {
+    let end = addr.checked_add(count)?;
+    if addr >= DMA_BUF_ADDR && end <= DMA_BUF_ADDR + DMA_BUF_SIZE as u64 {
+        Some((addr - DMA_BUF_ADDR) as usize..(end - DMA_BUF_ADDR) as usize)
+    } else {
+        None
+    }
+}
+
+enum Job {
+    Factorial,
+    Dma,
+}
+
+/// The `edu` device model.
+pub struct Edu {
+    shared: Arc<Shared>,
+    jobs: Option<Sender<Job>>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl Edu {
+    pub fn new(ctx: DeviceContext, dma_bits: u32) -> Self {
+        let dma_mask = if dma_bits >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << dma_bits) - 1
+        };
+        let shared = Arc::new(Shared {
+            regs: Mutex::new(Registers::default()),
+            ctx,
+            dma_mask,
+        });
+        let (tx, rx) = channel::<Job>();
+        let worker_shared = shared.clone();
+        let worker = std::thread::Builder::new()
+            .name("edu-worker".into())
+            .spawn(move || {
+                for job in rx {
+                    match job {
+                        Job::Factorial => worker_shared.run_factorial(),
+                        Job::Dma => worker_shared.run_dma(),
+                    }
+                }
+            })
+            .ok();
+        if worker.is_none() {
+            warn!("edu: could not start the worker thread; factorial and DMA will not run");
+        }
+        Edu {
+            shared,
+            jobs: Some(tx),
+            worker,
+        }
+    }
+
+    fn submit(&self, job: Job) {
+        if let Some(tx) = &self.jobs {
+            let _ = tx.send(job);
+        }
+    }
+}
+
+impl Drop for Edu {
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+fn valid_size(offset: u64, len: usize) -> bool {
+    if offset < 0x80 {
+        len == 4
+    } else {
+        len == 4 || len == 8
+    }
+}
+
+impl PciDevice for Edu {
+    fn bar_read(&mut self, _bar: BarIndex, offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+        if !valid_size(offset, data.len()) {
+            return;
+        }
+        let regs = self.shared.regs();
+        let value: u64 = match offset {
+            reg::ID => u64::from(ID_VALUE),
+            reg::LIVENESS => u64::from(regs.liveness),
+            reg::FACTORIAL => u64::from(regs.factorial),
+            reg::STATUS => u64::from(regs.status),
+            reg::IRQ_STATUS => u64::from(regs.irq_status),
+            reg::DMA_SRC => regs.dma_src,
+            reg::DMA_DST => regs.dma_dst,
+            reg::DMA_COUNT => regs.dma_count,
+            reg::DMA_CMD => regs.dma_cmd,
+            _ => return,
+        };
+        data.copy_from_slice(&value.to_le_bytes()[..data.len()]);
+    }
+
+    fn bar_write(&mut self, _bar: BarIndex, offset: u64, data: &[u8]) {
+        if !valid_size(offset, data.len()) {
+            debug!(
+                offset,
+                len = data.len(),
+                "edu: write of unsupported size ignored"
+            );
+            return;
+        }
+        let mut bytes = [0u8; 8];
+        bytes[..data.len()].copy_from_slice(data);
+        let value = u64::from_le_bytes(bytes);
+        let shared = self.shared.clone();
+        let mut regs = shared.regs();
+        match offset {
+            reg::LIVENESS => regs.liveness = !(value as u32),
+            // Ignored while a computation runs.
+            reg::FACTORIAL if regs.status & STATUS_COMPUTING == 0 => {
+                regs.factorial = value as u32;
+                regs.status |= STATUS_COMPUTING;
+                drop(regs);
+                self.submit(Job::Factorial);
+            }
+            reg::STATUS => {
+                if value as u32 & STATUS_IRQ_FACT != 0 {
+                    regs.status |= STATUS_IRQ_FACT;
+                } else {
+                    regs.status &= !STATUS_IRQ_FACT;
+                }
+            }
+            reg::IRQ_RAISE => shared.raise_irq(&mut regs, value as u32),
+            reg::IRQ_ACK => shared.lower_irq(&mut regs, value as u32),
+            reg::DMA_SRC | reg::DMA_DST | reg::DMA_COUNT | reg::DMA_CMD => {
+                if regs.dma_cmd & DMA_CMD_RUN != 0 {
+                    return;
+                }
+                match offset {
+                    reg::DMA_SRC => regs.dma_src = value,
+                    reg::DMA_DST => regs.dma_dst = value,
+                    reg::DMA_COUNT => regs.dma_count = value,
+                    _ => {
+                        if value & DMA_CMD_RUN != 0 {
+                            regs.dma_cmd = value;
+                            drop(regs);
+                            self.submit(Job::Dma);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn reset(&mut self) {
+        let mut regs = self.shared.regs();
+        let generation = regs.generation + 1;
+        *regs = Registers {
+            generation,
+            ..Registers::default()
+        };
+    }
+}

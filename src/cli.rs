@@ -1,0 +1,169 @@
+//! What every device binary shares: socket options, logging, signals, the run loop.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+
+use tracing::{error, info};
+
+use crate::pci::PciFunction;
+use crate::vfio_user::wire::DmaLayout;
+use crate::vfio_user::{Server, ServerConfig};
+
+/// Socket options of a device binary.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServerArgs {
+    /// UNIX socket to listen on (a stale socket file there is replaced).
+    #[arg(long, required_unless_present = "fd", conflicts_with = "fd")]
+    pub socket_path: Option<PathBuf>,
+    /// An inherited socket fd: a listening socket, or one connected client.
+    #[arg(long)]
+    pub fd: Option<i32>,
+    /// Layout of server-initiated DMA_READ/DMA_WRITE messages: `qemu` (QEMU 10.1+)
+    /// or `spec` (docs/interop/vfio-user.rst, libvfio-user).
+    #[arg(long, default_value = "qemu")]
+    pub dma_layout: DmaLayout,
+    /// Serve one client, then exit.
+    #[arg(long)]
+    pub once: bool,
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("--fd {0}: {1}")]
+    Fd(i32, std::io::Error),
+    #[error(transparent)]
+    Server(#[from] crate::vfio_user::server::ServerError),
+}
+
+/// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread and every thread it
+/// starts afterwards, so that [`run`] can take them synchronously. Call first in
+/// `main`, before the device model starts threads.
+pub fn block_termination_signals() {
+    // SAFETY: sigset manipulation on a local set, then pthread_sigmask for the
+    // calling thread; no memory is shared.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+fn wait_for_termination_signal() -> i32 {
+    // SAFETY: as above; sigwait writes the signal number to a local.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        let mut sig = 0;
+        libc::sigwait(&set, &mut sig);
+        sig
+    }
+}
+
+/// Serves `function` as the arguments say until a termination signal or, with
+/// `--once` or a connected `--fd`, until the client leaves.
+pub fn run(args: &ServerArgs, function: PciFunction) -> Result<(), RunError> {
+    let config = ServerConfig {
+        dma_layout: args.dma_layout,
+        ..ServerConfig::default()
+    };
+    let server = Server::new(function, config);
+    let stop = server.stop_handle();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let sig = wait_for_termination_signal();
+            info!(sig, "termination signal: stopping");
+            stop.stop();
+        })
+        .map_err(|e| RunError::Fd(-1, e))?;
+
+    if let Some(fd) = args.fd {
+        // SAFETY: the user handed us this fd on the command line; nothing else in
+        // the process owns it.
+        let owned = unsafe { crate::vfio_user::server::owned_fd(fd) };
+        if is_listening(fd).map_err(|e| RunError::Fd(fd, e))? {
+            let listener = UnixListener::from(owned);
+            info!(fd, "serving on inherited listening socket");
+            return serve(&server, &listener, args.once);
+        }
+        info!(fd, "serving the inherited connection");
+        server.serve_connection(UnixStream::from(owned))?;
+        return Ok(());
+    }
+    let path = args.socket_path.clone().unwrap_or_default();
+    remove_stale_socket(&path);
+    let listener = UnixListener::bind(&path).map_err(|source| RunError::Bind {
+        path: path.clone(),
+        source,
+    })?;
+    info!(path = %path.display(), "listening");
+    let result = serve(&server, &listener, args.once);
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
+fn serve(server: &Server, listener: &UnixListener, once: bool) -> Result<(), RunError> {
+    if once {
+        let (stream, _) = listener
+            .accept()
+            .map_err(|e| RunError::Fd(listener.as_raw_fd(), e))?;
+        if let Err(e) = server.serve_connection(stream) {
+            error!("session: {e}");
+        }
+        return Ok(());
+    }
+    server.serve_listener(listener)?;
+    Ok(())
+}
+
+fn is_listening(fd: i32) -> std::io::Result<bool> {
+    let mut val: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes one c_int into `val`, whose size we pass.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut val as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(val != 0)
+}
+
+/// Removes a socket file left by an earlier run; anything else at the path stays
+/// (bind then reports it).
+fn remove_stale_socket(path: &std::path::Path) {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! umdev: userspace mediated devices.
+//!
+//! A device backend process that speaks vfio-user on a UNIX socket, maps the
+//! guest memory its client shares, and runs a PCI device model. See
+//! `../shared/DESIGN.md` for the architecture and the protocol facts real clients
+//! depend on.
+
+pub mod cli;
+pub mod memory;
+pub mod pci;
+pub mod vfio_user;

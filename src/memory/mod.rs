@@ -1,0 +1,234 @@
+//! Guest memory as the device sees it: the DMA regions the client shares.
+//!
+//! A region either comes with an fd, which is mapped through `vm-memory` and
+//! accessed directly, or without one, in which case every access becomes a
+//! DMA_READ/DMA_WRITE message through a [`DmaTransport`]. Device models use the
+//! [`GuestMemory`] handle and never see which of the two they got.
+
+mod regions;
+
+pub use regions::{DmaRegion, DmaRegions, RegionBacking};
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use vm_memory::{Bytes, MemoryRegionAddress};
+
+/// Errors of guest-memory accesses and of the region table.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("bus mastering is disabled in the PCI command register")]
+    BusMasterDisabled,
+    #[error("guest address {0:#x} is not in any DMA region")]
+    Unmapped(u64),
+    #[error("access at {gpa:#x} (+{len:#x}) wraps around the address space")]
+    Overflow { gpa: u64, len: usize },
+    #[error("DMA region at {0:#x} does not allow this access direction")]
+    Permission(u64),
+    #[error("range {gpa:#x}+{size:#x} overlaps an existing DMA region")]
+    Overlap { gpa: u64, size: u64 },
+    #[error("no DMA region lies in {gpa:#x}+{size:#x}")]
+    NotMapped { gpa: u64, size: u64 },
+    #[error("range {gpa:#x}+{size:#x} cuts through a DMA region")]
+    PartialUnmap { gpa: u64, size: u64 },
+    #[error("already {0} DMA regions mapped")]
+    TooManyRegions(usize),
+    #[error("invalid DMA region: {0}")]
+    Invalid(&'static str),
+    #[error("mapping the region's fd failed: {0}")]
+    Mmap(String),
+    #[error("no client connected to carry DMA messages")]
+    NoTransport,
+    #[error("DMA message to the client failed: {0}")]
+    Transport(String),
+    #[error("guest memory access failed: {0}")]
+    Access(String),
+}
+
+impl MemoryError {
+    /// The errno a vfio-user error reply carries for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            MemoryError::BusMasterDisabled => libc::EPERM,
+            MemoryError::Unmapped(_) | MemoryError::NotMapped { .. } => libc::ENOENT,
+            MemoryError::Overflow { .. } | MemoryError::Invalid(_) => libc::EINVAL,
+            MemoryError::PartialUnmap { .. } => libc::EINVAL,
+            MemoryError::Permission(_) => libc::EACCES,
+            MemoryError::Overlap { .. } => libc::EEXIST,
+            MemoryError::TooManyRegions(_) => libc::ENOSPC,
+            MemoryError::Mmap(_) => libc::EINVAL,
+            MemoryError::NoTransport => libc::ENOTCONN,
+            MemoryError::Transport(_) | MemoryError::Access(_) => libc::EIO,
+        }
+    }
+}
+
+/// How accesses to fd-less regions reach the guest: DMA_READ/DMA_WRITE messages
+/// on the client connection. Implementations chunk as the protocol requires.
+pub trait DmaTransport: Send + Sync {
+    fn dma_read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError>;
+    fn dma_write(&self, gpa: u64, buf: &[u8]) -> Result<(), MemoryError>;
+}
+
+struct Shared {
+    regions: RwLock<DmaRegions>,
+    bus_master: AtomicBool,
+    transport: RwLock<Option<Arc<dyn DmaTransport>>>,
+}
+
+/// A cloneable handle to guest memory, usable from any thread.
+///
+/// Accesses to fd-mapped regions hold the region table's read lock while they copy,
+/// so DMA_UNMAP (which takes the write lock) returns only after every access to the
+/// departing region has finished. Message-based accesses hold no lock while they wait.
+#[derive(Clone)]
+pub struct GuestMemory {
+    shared: Arc<Shared>,
+}
+
+#[derive(Clone, Copy)]
+enum Direction {
+    Read,
+    Write,
+}
+
+impl GuestMemory {
+    pub fn new(max_regions: usize) -> Self {
+        GuestMemory {
+            shared: Arc::new(Shared {
+                regions: RwLock::new(DmaRegions::new(max_regions)),
+                bus_master: AtomicBool::new(false),
+                transport: RwLock::new(None),
+            }),
+        }
+    }
+
+    /// Whether device-initiated accesses are allowed (PCI Bus Master Enable).
+    pub fn bus_master(&self) -> bool {
+        self.shared.bus_master.load(Ordering::Acquire)
+    }
+
+    pub fn set_bus_master(&self, enabled: bool) {
+        self.shared.bus_master.store(enabled, Ordering::Release);
+    }
+
+    /// Installs (or removes) the transport for fd-less regions.
+    pub fn set_transport(&self, transport: Option<Arc<dyn DmaTransport>>) {
+        *self
+            .shared
+            .transport
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = transport;
+    }
+
+    /// Runs `f` on the region table with exclusive access: no device access is in
+    /// flight on an fd-mapped region while `f` runs.
+    pub fn with_regions<R>(&self, f: impl FnOnce(&mut DmaRegions) -> R) -> R {
+        let mut regions = self
+            .shared
+            .regions
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        f(&mut regions)
+    }
+
+    /// Reads guest memory at `gpa` into `buf` as the device (gated by bus mastering).
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        self.check_bus_master()?;
+        self.access(
+            gpa,
+            buf.len(),
+            Direction::Read,
+            |region_off, backing, range| {
+                let dst = &mut buf[range];
+                match backing {
+                    Backing::Mapped(m) => m
+                        .read_slice(dst, MemoryRegionAddress(region_off))
+                        .map_err(|e| MemoryError::Access(e.to_string())),
+                    Backing::Message(t, gpa) => t.dma_read(gpa, dst),
+                }
+            },
+        )
+    }
+
+    /// Writes `buf` to guest memory at `gpa` as the device (gated by bus mastering).
+    pub fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), MemoryError> {
+        self.check_bus_master()?;
+        self.access(
+            gpa,
+            buf.len(),
+            Direction::Write,
+            |region_off, backing, range| {
+                let src = &buf[range];
+                match backing {
+                    Backing::Mapped(m) => m
+                        .write_slice(src, MemoryRegionAddress(region_off))
+                        .map_err(|e| MemoryError::Access(e.to_string())),
+                    Backing::Message(t, gpa) => t.dma_write(gpa, src),
+                }
+            },
+        )
+    }
+
+    fn check_bus_master(&self) -> Result<(), MemoryError> {
+        if self.bus_master() {
+            Ok(())
+        } else {
+            Err(MemoryError::BusMasterDisabled)
+        }
+    }
+
+    /// Splits `[gpa, gpa+len)` into per-region pieces and calls `copy` on each, with
+    /// the offset in the region, how to reach it and the matching range of the buffer.
+    fn access(
+        &self,
+        gpa: u64,
+        len: usize,
+        dir: Direction,
+        mut copy: impl FnMut(u64, Backing<'_>, std::ops::Range<usize>) -> Result<(), MemoryError>,
+    ) -> Result<(), MemoryError> {
+        gpa.checked_add(len as u64)
+            .ok_or(MemoryError::Overflow { gpa, len })?;
+        let mut done = 0usize;
+        while done < len {
+            let cur = gpa + done as u64;
+            let regions = self
+                .shared
+                .regions
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
+            let region = regions.find(cur).ok_or(MemoryError::Unmapped(cur))?;
+            let allowed = match dir {
+                Direction::Read => region.readable,
+                Direction::Write => region.writable,
+            };
+            if !allowed {
+                return Err(MemoryError::Permission(region.gpa));
+            }
+            let region_off = cur - region.gpa;
+            let chunk = ((region.size - region_off) as usize).min(len - done);
+            let range = done..done + chunk;
+            match &region.backing {
+                RegionBacking::Mapped(m) => copy(region_off, Backing::Mapped(m), range)?,
+                RegionBacking::Message => {
+                    drop(regions);
+                    let transport = self
+                        .shared
+                        .transport
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone()
+                        .ok_or(MemoryError::NoTransport)?;
+                    copy(region_off, Backing::Message(&*transport, cur), range)?;
+                }
+            }
+            done += chunk;
+        }
+        Ok(())
+    }
+}
+
+enum Backing<'a> {
+    Mapped(&'a vm_memory::GuestRegionMmap<()>),
+    Message(&'a dyn DmaTransport, u64),
+}

@@ -1,0 +1,64 @@
+//! The seam between the framework and a device model.
+//!
+//! A model describes itself once ([`PciDeviceDescription`]), then handles BAR
+//! accesses and resets ([`PciDevice`]). What it needs from the outside world comes
+//! in a [`DeviceContext`]: guest memory (DMA, gated by Bus Master Enable) and its
+//! interrupts. It never sees sockets or wire structs.
+
+use std::fs::File;
+use std::sync::Arc;
+
+use super::bar::{BarDef, BarIndex, NUM_BARS};
+use super::capability::MsixLayout;
+use super::config::PciIds;
+use super::irq::InterruptHandle;
+use crate::memory::GuestMemory;
+
+/// Everything about a device that does not change while it runs.
+#[derive(Clone, Debug, Default)]
+pub struct PciDeviceDescription {
+    pub ids: PciIds,
+    pub bars: [Option<BarDef>; NUM_BARS],
+    /// MSI vectors offered (0: no MSI capability).
+    pub msi_vectors: u32,
+    pub msix: Option<MsixLayout>,
+    /// Adds a PCI Express endpoint capability and a 4 KiB config space.
+    pub pcie: bool,
+    /// Adds a Power Management capability.
+    pub power_management: bool,
+}
+
+/// What a device model gets to reach the world.
+#[derive(Clone)]
+pub struct DeviceContext {
+    pub memory: GuestMemory,
+    pub irq: InterruptHandle,
+}
+
+/// Part of a BAR the guest maps directly (sparse mmap): backend memory behind an
+/// fd, touched without a trap.
+#[derive(Clone, Debug)]
+pub struct BarMapping {
+    pub file: Arc<File>,
+    /// Offset of the BAR's first byte in `file`.
+    pub file_offset: u64,
+    /// (offset, size) pairs within the BAR that may be mapped.
+    pub areas: Vec<(u64, u64)>,
+}
+
+/// A PCI device model.
+///
+/// Accesses arrive already checked against the BAR's size; the MSI-X table and
+/// PBA are handled by the framework and never reach the model. Methods run on the
+/// session thread and must not wait for work of the device's own threads that may
+/// in turn wait for the session (DMA by message does): hand such work off.
+pub trait PciDevice: Send {
+    fn bar_read(&mut self, bar: BarIndex, offset: u64, data: &mut [u8]);
+    fn bar_write(&mut self, bar: BarIndex, offset: u64, data: &[u8]);
+    /// Return to power-on state (DEVICE_RESET, or the client went away).
+    fn reset(&mut self);
+    /// Directly mappable parts of a BAR, if any.
+    fn bar_mapping(&self, _bar: BarIndex) -> Option<BarMapping> {
+        None
+    }
+}

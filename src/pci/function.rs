@@ -1,0 +1,331 @@
+//! A PCI function: config space, capabilities, MSI-X table and interrupts around
+//! a device model. The vfio-user session calls [`PciFunction::region_read`] and
+//! [`PciFunction::region_write`]; they route to config space, the MSI-X table or
+//! the model's BAR handlers.
+
+use tracing::{debug, trace};
+
+use super::bar::{BarDef, BarIndex, NUM_BARS};
+use super::capability::{self, CapabilityOffsets};
+use super::config::{
+    ConfigSpace, BAR0, COMMAND, COMMAND_BUS_MASTER, COMMAND_INTX_DISABLE, COMMAND_IO,
+    COMMAND_MEMORY, PCIE_CONFIG_SIZE, PCI_CONFIG_SIZE, STATUS, STATUS_INTERRUPT,
+};
+use super::device::{BarMapping, DeviceContext, PciDevice, PciDeviceDescription};
+use super::irq::{InterruptHandle, Interrupts};
+use super::msix::MsixTable;
+use crate::memory::GuestMemory;
+
+/// Region indices of a vfio PCI device beyond the BARs.
+pub const ROM_REGION: u32 = 6;
+pub const CONFIG_REGION: u32 = 7;
+pub const VGA_REGION: u32 = 8;
+pub const NUM_REGIONS: u32 = 9;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PciError {
+    #[error("region {0} does not exist")]
+    NoSuchRegion(u32),
+    #[error("access {offset:#x}+{len} is outside region {region} ({size:#x} bytes)")]
+    OutOfRange {
+        region: u32,
+        offset: u64,
+        len: usize,
+        size: u64,
+    },
+    #[error("invalid device description: {0}")]
+    Description(String),
+}
+
+impl PciError {
+    pub fn errno(&self) -> i32 {
+        libc::EINVAL
+    }
+}
+
+/// What DEVICE_GET_REGION_INFO reports for a region.
+#[derive(Clone, Debug, Default)]
+pub struct RegionDescription {
+    pub size: u64,
+    pub readable: bool,
+    pub writable: bool,
+    pub mapping: Option<BarMapping>,
+}
+
+pub struct PciFunction {
+    description: PciDeviceDescription,
+    config: ConfigSpace,
+    power_on_config: ConfigSpace,
+    caps: CapabilityOffsets,
+    msix: Option<MsixTable>,
+    irq: InterruptHandle,
+    memory: GuestMemory,
+    device: Box<dyn PciDevice>,
+}
+
+impl PciFunction {
+    /// Builds the function for `description`; `make` creates the model with its context.
+    pub fn new(
+        description: PciDeviceDescription,
+        memory: GuestMemory,
+        make: impl FnOnce(DeviceContext) -> Box<dyn PciDevice>,
+    ) -> Result<Self, PciError> {
+        validate(&description)?;
+        let size = if description.pcie {
+            PCIE_CONFIG_SIZE
+        } else {
+            PCI_CONFIG_SIZE
+        };
+        let mut config = ConfigSpace::new(size, &description.ids, &description.bars);
+        let full = || PciError::Description("capabilities do not fit in config space".into());
+        let mut caps = CapabilityOffsets::default();
+        if description.power_management {
+            caps.pm = Some(capability::add_pm(&mut config).ok_or_else(full)?);
+        }
+        if description.msi_vectors > 0 {
+            caps.msi =
+                Some(capability::add_msi(&mut config, description.msi_vectors).ok_or_else(full)?);
+        }
+        if let Some(layout) = &description.msix {
+            caps.msix = Some(capability::add_msix(&mut config, layout).ok_or_else(full)?);
+        }
+        if description.pcie {
+            caps.pcie = Some(capability::add_pcie_endpoint(&mut config).ok_or_else(full)?);
+        }
+        let msi_vectors = description.msi_vectors.max(1).next_power_of_two();
+        let irq = Interrupts::new(
+            if description.msi_vectors > 0 {
+                msi_vectors
+            } else {
+                0
+            },
+            description.msix.map_or(0, |m| u32::from(m.vectors)),
+        );
+        let device = make(DeviceContext {
+            memory: memory.clone(),
+            irq: irq.clone(),
+        });
+        Ok(PciFunction {
+            msix: description.msix.map(MsixTable::new),
+            power_on_config: config.clone(),
+            config,
+            caps,
+            irq,
+            memory,
+            device,
+            description,
+        })
+    }
+
+    pub fn description(&self) -> &PciDeviceDescription {
+        &self.description
+    }
+
+    pub fn interrupts(&self) -> &InterruptHandle {
+        &self.irq
+    }
+
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    pub fn config(&self) -> &ConfigSpace {
+        &self.config
+    }
+
+    /// DEVICE_GET_REGION_INFO data for region `index`.
+    pub fn region(&self, index: u32) -> Result<RegionDescription, PciError> {
+        match index {
+            i if (i as usize) < NUM_BARS => Ok(match self.bar_def(i as usize) {
+                Some(def) => RegionDescription {
+                    size: def.size,
+                    readable: true,
+                    writable: true,
+                    mapping: self.device.bar_mapping(i as usize),
+                },
+                None => RegionDescription::default(),
+            }),
+            ROM_REGION | VGA_REGION => Ok(RegionDescription::default()),
+            CONFIG_REGION => Ok(RegionDescription {
+                size: self.config.size() as u64,
+                readable: true,
+                writable: true,
+                mapping: None,
+            }),
+            _ => Err(PciError::NoSuchRegion(index)),
+        }
+    }
+
+    /// The BAR whose register is `index` (the upper half of a 64-bit BAR is none).
+    fn bar_def(&self, index: BarIndex) -> Option<BarDef> {
+        self.description.bars.get(index).copied().flatten()
+    }
+
+    fn check(&self, region: u32, offset: u64, len: usize) -> Result<(), PciError> {
+        let size = self.region(region)?.size;
+        if offset
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= size)
+            && len > 0
+        {
+            Ok(())
+        } else {
+            Err(PciError::OutOfRange {
+                region,
+                offset,
+                len,
+                size,
+            })
+        }
+    }
+
+    /// A guest (client) read of `data.len()` bytes at `offset` in region `region`.
+    pub fn region_read(
+        &mut self,
+        region: u32,
+        offset: u64,
+        data: &mut [u8],
+    ) -> Result<(), PciError> {
+        self.check(region, offset, data.len())?;
+        if region == CONFIG_REGION {
+            self.config.read(offset as usize, data);
+            self.overlay_dynamic_config(offset as usize, data);
+            return Ok(());
+        }
+        let bar = region as usize;
+        if !self.decodes(bar) {
+            trace!(bar, offset, "read with decoding disabled: all ones");
+            data.fill(0xff);
+            return Ok(());
+        }
+        if let Some(msix) = &self.msix {
+            if let Some(part) = msix.claims(bar, offset, data.len()) {
+                msix.read(part, offset, data, &self.irq);
+                return Ok(());
+            }
+        }
+        self.device.bar_read(bar, offset, data);
+        Ok(())
+    }
+
+    /// A guest (client) write at `offset` in region `region`.
+    pub fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), PciError> {
+        self.check(region, offset, data.len())?;
+        if region == CONFIG_REGION {
+            self.config.write(offset as usize, data);
+            self.config_written(offset as usize, data.len());
+            return Ok(());
+        }
+        let bar = region as usize;
+        if !self.decodes(bar) {
+            debug!(bar, offset, "write with decoding disabled dropped");
+            return Ok(());
+        }
+        if let Some(msix) = &mut self.msix {
+            if let Some(part) = msix.claims(bar, offset, data.len()) {
+                msix.write(part, offset, data, &self.irq);
+                return Ok(());
+            }
+        }
+        self.device.bar_write(bar, offset, data);
+        Ok(())
+    }
+
+    /// Whether the command register lets the BAR decode accesses.
+    fn decodes(&self, bar: BarIndex) -> bool {
+        let enable = match self.bar_def(bar) {
+            Some(def) if def.is_io() => COMMAND_IO,
+            _ => COMMAND_MEMORY,
+        };
+        self.config.command() & enable != 0
+    }
+
+    /// Status register Interrupt Status follows the INTx line.
+    fn overlay_dynamic_config(&self, offset: usize, data: &mut [u8]) {
+        let status_byte = STATUS;
+        if (offset..offset + data.len()).contains(&status_byte) {
+            let byte = &mut data[status_byte - offset];
+            if self.irq.intx_level() {
+                *byte |= STATUS_INTERRUPT as u8;
+            } else {
+                *byte &= !(STATUS_INTERRUPT as u8);
+            }
+        }
+    }
+
+    /// Reacts to a config write that touched `[offset, offset+len)`.
+    fn config_written(&mut self, offset: usize, len: usize) {
+        let touched = |at: usize, size: usize| offset < at + size && offset + len > at;
+        if touched(COMMAND, 2) {
+            let cmd = self.config.command();
+            self.memory.set_bus_master(cmd & COMMAND_BUS_MASTER != 0);
+            self.irq
+                .update_intx_disable(cmd & COMMAND_INTX_DISABLE != 0);
+        }
+        if let Some(at) = self.caps.msi {
+            if touched(at + 2, 2) {
+                let (enabled, vectors) = capability::msi_state(&self.config, at);
+                self.irq.update_msi(enabled, vectors);
+            }
+        }
+        if let Some(at) = self.caps.msix {
+            if touched(at + 2, 2) {
+                let (enabled, masked) = capability::msix_state(&self.config, at);
+                self.irq.update_msix(enabled, masked);
+            }
+        }
+        if touched(BAR0, 24) {
+            trace!("BAR registers written");
+        }
+    }
+
+    /// Power-on state for everything: config space, MSI-X table, interrupt masks,
+    /// bus mastering, and the model.
+    pub fn reset(&mut self) {
+        self.config = self.power_on_config.clone();
+        if let Some(msix) = &mut self.msix {
+            msix.reset();
+        }
+        self.memory.set_bus_master(false);
+        self.irq.reset();
+        self.device.reset();
+    }
+}
+
+fn validate(d: &PciDeviceDescription) -> Result<(), PciError> {
+    let bad = |m: String| Err(PciError::Description(m));
+    for (i, bar) in d.bars.iter().enumerate() {
+        let Some(bar) = bar else { continue };
+        if let Err(e) = bar.validate() {
+            return bad(format!("BAR{i}: {e}"));
+        }
+        if let super::bar::BarKind::Memory64 { .. } = bar.kind {
+            if i == NUM_BARS - 1 || d.bars[i + 1].is_some() {
+                return bad(format!("64-bit BAR{i} needs BAR{} free", i + 1));
+            }
+        }
+    }
+    if d.msi_vectors > 32 {
+        return bad("at most 32 MSI vectors".into());
+    }
+    if let Some(m) = &d.msix {
+        let Some(bar) = d.bars.get(m.bar).copied().flatten() else {
+            return bad(format!("MSI-X BAR{} is not implemented", m.bar));
+        };
+        if m.vectors == 0 || m.vectors > 2048 {
+            return bad("MSI-X needs 1 to 2048 vectors".into());
+        }
+        if m.table_offset % 8 != 0 || m.pba_offset % 8 != 0 {
+            return bad("MSI-X table and PBA must be 8-byte aligned".into());
+        }
+        if m.table_offset + m.table_size() > bar.size || m.pba_offset + m.pba_size() > bar.size {
+            return bad("MSI-X table or PBA outside its BAR".into());
+        }
+        let overlap = m.table_offset < m.pba_offset + m.pba_size()
+            && m.pba_offset < m.table_offset + m.table_size();
+        if overlap {
+            return bad("MSI-X table and PBA overlap".into());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,542 @@
+//! A vfio-user client: what our tests, tools and benchmarks use to play the VMM.
+//!
+//! Requests are synchronous. While it waits for a reply the client also answers
+//! the server's own DMA_READ/DMA_WRITE requests from a [`DmaTarget`], as a VMM
+//! must; [`Client::serve_requests`] does the same when the client is otherwise idle.
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::caps::Capabilities;
+use super::socket::{FrameError, MessageReader, MessageWriter};
+use super::wire::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("framing: {0}")]
+    Frame(#[from] FrameError),
+    #[error("server answered command {command} with errno {errno}")]
+    Server { command: u16, errno: u32 },
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The errno of an error reply, if this is one.
+    pub fn errno(&self) -> Option<u32> {
+        match self {
+            ClientError::Server { errno, .. } => Some(*errno),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+/// Guest memory the client serves to the server's DMA_READ/DMA_WRITE requests.
+/// Errors are errnos sent back in the error reply (QEMU answers ENODEV while bus
+/// mastering is off, for example).
+pub trait DmaTarget: Send {
+    fn read(&mut self, gpa: u64, buf: &mut [u8]) -> std::result::Result<(), u32>;
+    fn write(&mut self, gpa: u64, data: &[u8]) -> std::result::Result<(), u32>;
+}
+
+/// A reply as received.
+pub struct Reply {
+    pub header: Header,
+    pub payload: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+}
+
+/// What DEVICE_GET_REGION_INFO told us about a region.
+#[derive(Debug)]
+pub struct RegionDetails {
+    pub info: RegionInfo,
+    pub sparse_areas: Vec<SparseMmapArea>,
+    pub fd: Option<OwnedFd>,
+}
+
+pub struct Client {
+    reader: MessageReader,
+    writer: MessageWriter,
+    next_id: u16,
+    server_version: Version,
+    server_caps: Option<Capabilities>,
+    dma_target: Option<Box<dyn DmaTarget>>,
+    dma_layout: DmaLayout,
+    /// Server-initiated requests answered so far.
+    pub dma_requests_served: u64,
+}
+
+/// Largest message the client keeps in memory.
+const MAX_PAYLOAD: usize = 64 << 20;
+
+impl Client {
+    /// Connects to `path` and negotiates the version with default capabilities.
+    pub fn connect(path: impl AsRef<Path>) -> Result<Self> {
+        let stream = UnixStream::connect(path).map_err(ClientError::Connect)?;
+        let mut c = Self::from_stream(stream)?;
+        c.negotiate(&Capabilities::new(16, 1 << 20, 65535, true))?;
+        Ok(c)
+    }
+
+    /// Wraps a connected stream without sending anything.
+    pub fn from_stream(stream: UnixStream) -> Result<Self> {
+        Ok(Client {
+            writer: MessageWriter::new(stream.try_clone()?),
+            reader: MessageReader::new(stream, MAX_PAYLOAD),
+            next_id: 0,
+            server_version: Version::default(),
+            server_caps: None,
+            dma_target: None,
+            dma_layout: DmaLayout::default(),
+            dma_requests_served: 0,
+        })
+    }
+
+    /// VERSION with our capabilities; returns the server's.
+    pub fn negotiate(&mut self, ours: &Capabilities) -> Result<Capabilities> {
+        let v = Version {
+            major: VERSION_MAJOR,
+            minor: VERSION_MINOR,
+        };
+        let json = ours.to_json_bytes();
+        let reply = self.request(Command::Version, &[v.as_bytes(), &json], &[])?;
+        let version = Version::read_from(&reply.payload)
+            .ok_or_else(|| ClientError::Protocol("short VERSION reply".into()))?;
+        let caps = Capabilities::parse(&reply.payload[4..])
+            .map_err(|e| ClientError::Protocol(format!("server capabilities: {e}")))?;
+        self.server_version = version;
+        self.server_caps = Some(caps.clone());
+        Ok(caps)
+    }
+
+    pub fn server_version(&self) -> Version {
+        self.server_version
+    }
+
+    pub fn server_caps(&self) -> Option<&Capabilities> {
+        self.server_caps.as_ref()
+    }
+
+    /// Memory that answers the server's DMA requests, and the layout they use.
+    pub fn set_dma_target(&mut self, target: Box<dyn DmaTarget>, layout: DmaLayout) {
+        self.dma_target = Some(target);
+        self.dma_layout = layout;
+    }
+
+    pub fn stream(&self) -> &UnixStream {
+        self.reader.stream()
+    }
+
+    fn alloc_id(&mut self) -> u16 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        id
+    }
+
+    /// Sends a message as given, for tests of malformed input. Returns its id.
+    pub fn send_raw(&mut self, header: Header, parts: &[&[u8]], fds: &[RawFd]) -> Result<()> {
+        self.writer.send(&header, parts, fds)?;
+        Ok(())
+    }
+
+    /// Sends a command; with `no_reply` the server is told not to answer.
+    pub fn send(
+        &mut self,
+        command: Command,
+        parts: &[&[u8]],
+        fds: &[RawFd],
+        no_reply: bool,
+    ) -> Result<u16> {
+        let id = self.alloc_id();
+        let size = HEADER_SIZE + parts.iter().map(|p| p.len()).sum::<usize>();
+        let header = Header {
+            msg_id: id,
+            command: command as u16,
+            size: size as u32,
+            flags: FLAGS_TYPE_COMMAND | if no_reply { FLAGS_NO_REPLY } else { 0 },
+            error: 0,
+        };
+        self.writer.send(&header, parts, fds)?;
+        Ok(id)
+    }
+
+    /// Sends a command and waits for its reply (serving DMA requests meanwhile).
+    pub fn request(&mut self, command: Command, parts: &[&[u8]], fds: &[RawFd]) -> Result<Reply> {
+        let id = self.send(command, parts, fds, false)?;
+        self.wait_reply(id)
+    }
+
+    /// Waits for the reply to message `id`. An error reply becomes `Err(Server)`.
+    pub fn wait_reply(&mut self, id: u16) -> Result<Reply> {
+        loop {
+            let msg = self.reader.read_message()?;
+            let header = msg.header;
+            if header.is_reply() {
+                if header.msg_id != id {
+                    return Err(ClientError::Protocol(format!(
+                        "reply to message {} while waiting for {id}",
+                        header.msg_id
+                    )));
+                }
+                if header.is_error() {
+                    return Err(ClientError::Server {
+                        command: header.command,
+                        errno: header.error,
+                    });
+                }
+                return Ok(Reply {
+                    header,
+                    payload: msg.payload.to_vec(),
+                    fds: msg.fds,
+                });
+            }
+            let payload = msg.payload.to_vec();
+            self.serve_request(&header, &payload)?;
+        }
+    }
+
+    /// Answers server-initiated requests arriving within `timeout`; returns how
+    /// many were served. Returns early once `until` says so.
+    pub fn serve_requests(
+        &mut self,
+        timeout: Duration,
+        mut until: impl FnMut(&Self) -> bool,
+    ) -> Result<usize> {
+        let deadline = Instant::now() + timeout;
+        let mut served = 0;
+        while !until(self) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || !poll_readable(self.reader.stream().as_raw_fd(), left)? {
+                break;
+            }
+            let msg = self.reader.read_message()?;
+            let header = msg.header;
+            if header.is_reply() {
+                return Err(ClientError::Protocol(format!(
+                    "unexpected reply to message {}",
+                    header.msg_id
+                )));
+            }
+            let payload = msg.payload.to_vec();
+            self.serve_request(&header, &payload)?;
+            served += 1;
+        }
+        Ok(served)
+    }
+
+    fn serve_request(&mut self, header: &Header, payload: &[u8]) -> Result<()> {
+        self.dma_requests_served += 1;
+        let layout = self.dma_layout;
+        let result = match (Command::from_raw(header.command), self.dma_target.as_mut()) {
+            (_, None) => Err(libc::ENODEV as u32),
+            (Some(Command::DmaRead), Some(target)) => match layout.parse(payload) {
+                Some((addr, count)) if count <= MAX_PAYLOAD as u64 => {
+                    let mut data = vec![0u8; count as usize];
+                    target.read(addr, &mut data).map(|_| {
+                        let mut body = layout.fixed_part(addr, count).to_vec();
+                        body.truncate(layout.data_offset());
+                        body.extend_from_slice(&data);
+                        body.resize(DmaLayout::payload_len(data.len()), 0);
+                        body
+                    })
+                }
+                _ => Err(libc::EINVAL as u32),
+            },
+            (Some(Command::DmaWrite), Some(target)) => match layout.parse(payload) {
+                Some((addr, count)) => {
+                    let at = layout.data_offset();
+                    match payload.get(at..at + count as usize) {
+                        Some(data) => target.write(addr, data).map(|_| Vec::new()),
+                        None => Err(libc::EINVAL as u32),
+                    }
+                }
+                None => Err(libc::EINVAL as u32),
+            },
+            _ => Err(libc::ENOSYS as u32),
+        };
+        if header.no_reply() {
+            return Ok(());
+        }
+        let (flags, error, body) = match result {
+            Ok(body) => (FLAGS_TYPE_REPLY, 0, body),
+            Err(errno) => (FLAGS_TYPE_REPLY | FLAGS_ERROR, errno, Vec::new()),
+        };
+        let reply = Header {
+            msg_id: header.msg_id,
+            command: header.command,
+            size: (HEADER_SIZE + body.len()) as u32,
+            flags,
+            error,
+        };
+        self.writer.send(&reply, &[&body], &[])?;
+        Ok(())
+    }
+
+    // ---- typed commands ----------------------------------------------------
+
+    pub fn device_info(&mut self) -> Result<DeviceInfo> {
+        let ask = DeviceInfo {
+            argsz: std::mem::size_of::<DeviceInfo>() as u32,
+            ..Default::default()
+        };
+        let r = self.request(Command::DeviceGetInfo, &[ask.as_bytes()], &[])?;
+        parse(&r.payload)
+    }
+
+    /// Region info, asking again with a larger argsz when capabilities need it.
+    pub fn region_info(&mut self, index: u32) -> Result<RegionDetails> {
+        let mut argsz = std::mem::size_of::<RegionInfo>() as u32;
+        for _ in 0..2 {
+            let ask = RegionInfo {
+                argsz,
+                index,
+                ..Default::default()
+            };
+            let mut r = self.request(Command::DeviceGetRegionInfo, &[ask.as_bytes()], &[])?;
+            let info: RegionInfo = parse(&r.payload)?;
+            if info.argsz > argsz {
+                argsz = info.argsz;
+                continue;
+            }
+            let sparse_areas = parse_sparse_areas(&info, &r.payload)?;
+            return Ok(RegionDetails {
+                info,
+                sparse_areas,
+                fd: r.fds.pop(),
+            });
+        }
+        Err(ClientError::Protocol(
+            "region info argsz keeps growing".into(),
+        ))
+    }
+
+    pub fn region_io_fds(&mut self, index: u32) -> Result<RegionIoFds> {
+        let ask = RegionIoFds {
+            argsz: std::mem::size_of::<RegionIoFds>() as u32,
+            index,
+            ..Default::default()
+        };
+        let r = self.request(Command::DeviceGetRegionIoFds, &[ask.as_bytes()], &[])?;
+        parse(&r.payload)
+    }
+
+    pub fn irq_info(&mut self, index: u32) -> Result<IrqInfo> {
+        let ask = IrqInfo {
+            argsz: std::mem::size_of::<IrqInfo>() as u32,
+            index,
+            ..Default::default()
+        };
+        let r = self.request(Command::DeviceGetIrqInfo, &[ask.as_bytes()], &[])?;
+        parse(&r.payload)
+    }
+
+    /// SET_IRQS; `bools` is the DATA_BOOL payload (empty otherwise).
+    pub fn set_irqs(
+        &mut self,
+        index: u32,
+        flags: u32,
+        start: u32,
+        count: u32,
+        fds: &[RawFd],
+        bools: &[u8],
+    ) -> Result<()> {
+        let set = IrqSet {
+            argsz: (std::mem::size_of::<IrqSet>() + bools.len()) as u32,
+            flags,
+            index,
+            start,
+            count,
+        };
+        self.request(Command::DeviceSetIrqs, &[set.as_bytes(), bools], fds)?;
+        Ok(())
+    }
+
+    pub fn region_read(&mut self, region: u32, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let access = RegionAccess {
+            offset,
+            region,
+            count: len as u32,
+        };
+        let r = self.request(Command::RegionRead, &[access.as_bytes()], &[])?;
+        let echo: RegionAccess = parse(&r.payload)?;
+        let data = &r.payload[std::mem::size_of::<RegionAccess>()..];
+        if echo.count as usize != len || data.len() != len {
+            return Err(ClientError::Protocol(
+                "REGION_READ reply size mismatch".into(),
+            ));
+        }
+        Ok(data.to_vec())
+    }
+
+    pub fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<()> {
+        let access = RegionAccess {
+            offset,
+            region,
+            count: data.len() as u32,
+        };
+        self.request(Command::RegionWrite, &[access.as_bytes(), data], &[])?;
+        Ok(())
+    }
+
+    /// A posted write (no reply), as QEMU sends MMIO writes.
+    pub fn region_write_posted(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<()> {
+        let access = RegionAccess {
+            offset,
+            region,
+            count: data.len() as u32,
+        };
+        self.send(Command::RegionWrite, &[access.as_bytes(), data], &[], true)?;
+        Ok(())
+    }
+
+    /// REGION_WRITE_MULTI of (region, offset, up to 8 bytes) entries.
+    pub fn region_write_multi(
+        &mut self,
+        writes: &[(u32, u64, &[u8])],
+        no_reply: bool,
+    ) -> Result<()> {
+        let mut body = WriteMultiHeader {
+            wr_cnt: writes.len() as u64,
+        }
+        .as_bytes()
+        .to_vec();
+        for &(region, offset, data) in writes {
+            let mut entry = WriteMultiEntry {
+                offset,
+                region,
+                count: data.len() as u32,
+                data: [0; WRITE_MULTI_DATA],
+            };
+            let n = data.len().min(WRITE_MULTI_DATA);
+            entry.data[..n].copy_from_slice(&data[..n]);
+            body.extend_from_slice(entry.as_bytes());
+        }
+        if no_reply {
+            self.send(Command::RegionWriteMulti, &[&body], &[], true)?;
+        } else {
+            self.request(Command::RegionWriteMulti, &[&body], &[])?;
+        }
+        Ok(())
+    }
+
+    pub fn read_u32(&mut self, region: u32, offset: u64) -> Result<u32> {
+        let b = self.region_read(region, offset, 4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    pub fn write_u32(&mut self, region: u32, offset: u64, value: u32) -> Result<()> {
+        self.region_write(region, offset, &value.to_le_bytes())
+    }
+
+    pub fn read_u64(&mut self, region: u32, offset: u64) -> Result<u64> {
+        let b = self.region_read(region, offset, 8)?;
+        Ok(u64::from_le_bytes(b.try_into().unwrap_or_default()))
+    }
+
+    pub fn write_u64(&mut self, region: u32, offset: u64, value: u64) -> Result<()> {
+        self.region_write(region, offset, &value.to_le_bytes())
+    }
+
+    /// DMA_MAP of `[gpa, gpa+size)`, backed by `fd` at `offset` when given.
+    pub fn dma_map(
+        &mut self,
+        gpa: u64,
+        size: u64,
+        fd: Option<RawFd>,
+        offset: u64,
+        flags: u32,
+    ) -> Result<()> {
+        let m = DmaMap {
+            argsz: std::mem::size_of::<DmaMap>() as u32,
+            flags,
+            offset,
+            address: gpa,
+            size,
+        };
+        let fds: Vec<RawFd> = fd.into_iter().collect();
+        self.request(Command::DmaMap, &[m.as_bytes()], &fds)?;
+        Ok(())
+    }
+
+    pub fn dma_unmap(&mut self, gpa: u64, size: u64, flags: u32) -> Result<DmaUnmap> {
+        let u = DmaUnmap {
+            argsz: std::mem::size_of::<DmaUnmap>() as u32,
+            flags,
+            address: gpa,
+            size,
+        };
+        let r = self.request(Command::DmaUnmap, &[u.as_bytes()], &[])?;
+        parse(&r.payload)
+    }
+
+    pub fn reset(&mut self) -> Result<()> {
+        self.request(Command::DeviceReset, &[], &[])?;
+        Ok(())
+    }
+}
+
+fn parse<T: WireStruct>(payload: &[u8]) -> Result<T> {
+    T::read_from(payload).ok_or_else(|| {
+        ClientError::Protocol(format!(
+            "reply payload of {} bytes is too short for {}",
+            payload.len(),
+            std::any::type_name::<T>()
+        ))
+    })
+}
+
+/// Collects the sparse mmap areas from a region-info reply's capability chain.
+fn parse_sparse_areas(info: &RegionInfo, payload: &[u8]) -> Result<Vec<SparseMmapArea>> {
+    let mut areas = Vec::new();
+    if info.flags & REGION_INFO_FLAG_CAPS == 0 {
+        return Ok(areas);
+    }
+    let mut next = info.cap_offset as usize;
+    let mut hops = 0;
+    while next != 0 {
+        hops += 1;
+        if hops > 16 {
+            return Err(ClientError::Protocol(
+                "region capability chain loops".into(),
+            ));
+        }
+        let cap: CapHeader = parse(payload.get(next..).unwrap_or(&[]))?;
+        if cap.id == REGION_INFO_CAP_SPARSE_MMAP {
+            let body = &payload[next + 8..];
+            let head: SparseMmapHeader = parse(body)?;
+            for i in 0..head.nr_areas as usize {
+                areas.push(parse(body.get(8 + 16 * i..).unwrap_or(&[]))?);
+            }
+        }
+        next = cap.next as usize;
+    }
+    Ok(areas)
+}
+
+/// Waits until `fd` is readable or `timeout` passes.
+fn poll_readable(fd: RawFd, timeout: Duration) -> std::io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: polls one pollfd that lives on our stack for the duration of the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::Interrupted {
+            return Ok(false);
+        }
+        return Err(e);
+    }
+    Ok(n > 0)
+}

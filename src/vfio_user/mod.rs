@@ -1,0 +1,11 @@
+//! The vfio-user protocol: wire format, framing, the server and a client.
+
+pub mod caps;
+pub mod client;
+pub mod dma;
+pub mod server;
+pub mod socket;
+pub mod wire;
+
+pub use client::Client;
+pub use server::{Server, ServerConfig, StopHandle};

@@ -1,0 +1,721 @@
+//! The vfio-user server: accepts one client at a time on a UNIX socket and serves
+//! its commands against a [`PciFunction`].
+//!
+//! A guest MMIO write travels: [`MessageReader::read_message`] (socket) ->
+//! [`Session::dispatch`] -> [`Session::region_write`] -> [`PciFunction::region_write`]
+//! -> the model's `bar_write`.
+//!
+//! The session thread is the only reader of the socket. Server-initiated DMA
+//! requests are written by whichever thread needs them (see [`dma`](super::dma)),
+//! and their replies are handed back by the session thread, which keeps serving the
+//! client's own commands in the meantime.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tracing::{debug, info, warn};
+
+use super::caps::Capabilities;
+use super::dma::{DmaLink, PendingRequests};
+use super::socket::{FrameError, MessageReader, MessageWriter, Received, MAX_FDS_PER_MESSAGE};
+use super::wire::*;
+use crate::memory::{DmaRegion, MemoryError};
+use crate::pci::irq::IrqSetData;
+use crate::pci::PciFunction;
+
+/// Limits the server announces and enforces.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Largest data transfer in one message (REGION_READ/WRITE, DMA_READ/WRITE).
+    pub max_data_xfer_size: u32,
+    /// Most DMA regions mapped at once.
+    pub max_dma_maps: u32,
+    /// How long a server-initiated DMA request may wait for its reply.
+    pub dma_timeout: std::time::Duration,
+    /// Layout of DMA_READ/DMA_WRITE messages (QEMU's differs from the spec's).
+    pub dma_layout: DmaLayout,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_data_xfer_size: 1024 * 1024,
+            // QEMU refuses more than 65535.
+            max_dma_maps: 65535,
+            dma_timeout: std::time::Duration::from_secs(10),
+            dma_layout: DmaLayout::default(),
+        }
+    }
+}
+
+/// Bytes of message metadata allowed beyond `max_data_xfer_size`.
+const MESSAGE_OVERHEAD: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("socket: {0}")]
+    Io(#[from] io::Error),
+    #[error("framing: {0}")]
+    Frame(#[from] FrameError),
+}
+
+/// Ends a running server from another thread (a signal handler thread, a test).
+#[derive(Clone, Default)]
+pub struct StopHandle {
+    inner: Arc<StopInner>,
+}
+
+#[derive(Default)]
+struct StopInner {
+    stopped: AtomicBool,
+    listener: Mutex<Option<RawFd>>,
+    connection: Mutex<Option<Arc<MessageWriter>>>,
+}
+
+impl StopHandle {
+    /// Stops accepting, and ends the current session (the device is reset as on a
+    /// lost connection).
+    pub fn stop(&self) {
+        self.inner.stopped.store(true, Ordering::SeqCst);
+        if let Some(fd) = *self
+            .inner
+            .listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+        {
+            // SAFETY: shutdown on the listener's fd, which the server keeps open
+            // while it is registered here; it only wakes a blocked accept().
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        }
+        if let Some(w) = &*self
+            .inner
+            .connection
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+        {
+            w.shutdown();
+        }
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.inner.stopped.load(Ordering::SeqCst)
+    }
+}
+
+/// A vfio-user server for one PCI function.
+pub struct Server {
+    function: Arc<Mutex<PciFunction>>,
+    config: ServerConfig,
+    stop: StopHandle,
+}
+
+impl Server {
+    pub fn new(function: PciFunction, config: ServerConfig) -> Self {
+        Server {
+            function: Arc::new(Mutex::new(function)),
+            config,
+            stop: StopHandle::default(),
+        }
+    }
+
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
+    /// The function, for inspection (tests, tools).
+    pub fn function(&self) -> &Arc<Mutex<PciFunction>> {
+        &self.function
+    }
+
+    /// Serves clients from `listener` one after another until stopped.
+    pub fn serve_listener(&self, listener: &UnixListener) -> Result<(), ServerError> {
+        *self
+            .stop
+            .inner
+            .listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(listener.as_raw_fd());
+        let result = self.accept_loop(listener);
+        *self
+            .stop
+            .inner
+            .listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+        result
+    }
+
+    fn accept_loop(&self, listener: &UnixListener) -> Result<(), ServerError> {
+        while !self.stop.is_stopped() {
+            let stream = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(_) if self.stop.is_stopped() => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            };
+            info!("client connected");
+            match self.serve_connection(stream) {
+                Ok(()) => info!("client disconnected; device reset, waiting for the next"),
+                Err(e) => warn!("session ended: {e}; device reset, waiting for the next client"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Serves one connected client until it goes away, then resets the device.
+    pub fn serve_connection(&self, stream: UnixStream) -> Result<(), ServerError> {
+        let writer = Arc::new(MessageWriter::new(stream.try_clone()?));
+        let reader = MessageReader::new(
+            stream,
+            self.config.max_data_xfer_size as usize + MESSAGE_OVERHEAD,
+        );
+        *self
+            .stop
+            .inner
+            .connection
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(writer.clone());
+        if self.stop.is_stopped() {
+            writer.shutdown();
+        }
+        let pending = Arc::new(PendingRequests::default());
+        let mut session = Session {
+            function: &self.function,
+            config: &self.config,
+            writer: writer.clone(),
+            pending: pending.clone(),
+            reader,
+            client_caps: None,
+        };
+        let result = session.run();
+        // Lost connection: fail waiting DMA, forget the client's memory and
+        // interrupts, and return the device to power-on state.
+        *self
+            .stop
+            .inner
+            .connection
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+        pending.close();
+        let mut function = lock(&self.function);
+        function.memory().set_transport(None);
+        let dropped = function.memory().with_regions(|r| r.clear());
+        debug!(regions = dropped.len(), "DMA regions dropped");
+        drop(dropped);
+        function.reset();
+        function.interrupts().disconnect();
+        result
+    }
+}
+
+fn lock(function: &Mutex<PciFunction>) -> MutexGuard<'_, PciFunction> {
+    function.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Result of a command handler: Ok once the reply is sent, or the errno for an
+/// error reply.
+type HandlerResult = Result<(), i32>;
+
+struct Session<'a> {
+    function: &'a Mutex<PciFunction>,
+    config: &'a ServerConfig,
+    writer: Arc<MessageWriter>,
+    pending: Arc<PendingRequests>,
+    reader: MessageReader,
+    client_caps: Option<Capabilities>,
+}
+
+/// A command as the handlers see it.
+struct Request<'m> {
+    header: Header,
+    payload: &'m [u8],
+    fds: Vec<OwnedFd>,
+}
+
+impl Session<'_> {
+    fn run(&mut self) -> Result<(), ServerError> {
+        loop {
+            let msg = match self.reader.read_message() {
+                Ok(m) => m,
+                Err(FrameError::Closed) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            let Received {
+                header,
+                payload,
+                fds,
+                oversized,
+                fds_truncated,
+            } = msg;
+            if header.is_reply() {
+                self.pending.complete(&header, payload);
+                continue;
+            }
+            // Copy the payload out of the reader's borrow only as a slice reference:
+            // dispatch needs &mut self for replies but not the reader.
+            let payload_ptr = payload as *const [u8];
+            // SAFETY: `payload` points into `self.reader`'s buffer, which nothing
+            // touches until the next read_message() call after dispatch returns;
+            // dispatch never reaches the reader.
+            let payload = unsafe { &*payload_ptr };
+            let req = Request {
+                header,
+                payload,
+                fds,
+            };
+            let errno = if !header.is_command() {
+                Some(libc::EINVAL)
+            } else if oversized {
+                Some(libc::E2BIG)
+            } else if fds_truncated {
+                Some(libc::EINVAL)
+            } else {
+                self.dispatch(req).err()
+            };
+            if let Some(errno) = errno {
+                debug!(
+                    msg_id = header.msg_id,
+                    command = header.command,
+                    errno,
+                    "command failed"
+                );
+                if !header.no_reply() {
+                    self.send_error(&header, errno)?;
+                }
+            }
+        }
+    }
+
+    fn dispatch(&mut self, req: Request<'_>) -> HandlerResult {
+        let Some(command) = Command::from_raw(req.header.command) else {
+            warn!(command = req.header.command, "unknown command");
+            return Err(libc::ENOSYS);
+        };
+        if self.client_caps.is_none() && command != Command::Version {
+            warn!(?command, "command before VERSION negotiation");
+            return Err(libc::EINVAL);
+        }
+        // Only these commands carry fds.
+        if !req.fds.is_empty() && !matches!(command, Command::DmaMap | Command::DeviceSetIrqs) {
+            return Err(libc::EINVAL);
+        }
+        match command {
+            Command::Version => self.version(req),
+            Command::DmaMap => self.dma_map(req),
+            Command::DmaUnmap => self.dma_unmap(req),
+            Command::DeviceGetInfo => self.device_info(req),
+            Command::DeviceGetRegionInfo => self.region_info(req),
+            Command::DeviceGetRegionIoFds => self.region_io_fds(req),
+            Command::DeviceGetIrqInfo => self.irq_info(req),
+            Command::DeviceSetIrqs => self.set_irqs(req),
+            Command::RegionRead => self.region_read(req),
+            Command::RegionWrite => self.region_write(req),
+            Command::RegionWriteMulti => self.region_write_multi(req),
+            Command::DeviceReset => {
+                lock(self.function).reset();
+                self.reply(&req.header, &[], &[])
+            }
+            // Server-to-client commands are not for the client to send.
+            Command::DmaRead | Command::DmaWrite => Err(libc::EINVAL),
+            Command::DeviceFeature | Command::MigDataRead | Command::MigDataWrite => {
+                Err(libc::ENOTSUP)
+            }
+        }
+    }
+
+    // ---- replies ---------------------------------------------------------
+
+    fn reply(&self, req: &Header, parts: &[&[u8]], fds: &[RawFd]) -> HandlerResult {
+        if req.no_reply() {
+            return Ok(());
+        }
+        let size = HEADER_SIZE + parts.iter().map(|p| p.len()).sum::<usize>();
+        let header = Header {
+            msg_id: req.msg_id,
+            command: req.command,
+            size: size as u32,
+            flags: FLAGS_TYPE_REPLY,
+            error: 0,
+        };
+        // A failed send means the client is gone; the next read sees it.
+        if let Err(e) = self.writer.send(&header, parts, fds) {
+            debug!("sending reply failed: {e}");
+        }
+        Ok(())
+    }
+
+    fn send_error(&self, req: &Header, errno: i32) -> Result<(), ServerError> {
+        let header = Header {
+            msg_id: req.msg_id,
+            command: req.command,
+            size: HEADER_SIZE as u32,
+            flags: FLAGS_TYPE_REPLY | FLAGS_ERROR,
+            error: errno as u32,
+        };
+        if let Err(e) = self.writer.send(&header, &[], &[]) {
+            debug!("sending error reply failed: {e}");
+        }
+        Ok(())
+    }
+
+    // ---- commands --------------------------------------------------------
+
+    fn version(&mut self, req: Request<'_>) -> HandlerResult {
+        if self.client_caps.is_some() {
+            warn!("second VERSION refused");
+            return Err(libc::EINVAL);
+        }
+        let v = Version::read_from(req.payload).ok_or(libc::EINVAL)?;
+        if v.major != VERSION_MAJOR {
+            warn!(
+                major = v.major,
+                "client protocol major version not supported"
+            );
+            return Err(libc::ENOTSUP);
+        }
+        let caps =
+            Capabilities::parse(&req.payload[std::mem::size_of::<Version>()..]).map_err(|e| {
+                warn!("client capabilities refused: {e}");
+                libc::EINVAL
+            })?;
+        info!(
+            minor = v.minor,
+            max_msg_fds = caps.max_msg_fds,
+            max_data_xfer_size = caps.max_data_xfer_size,
+            "client version negotiated"
+        );
+        let ours = Capabilities::new(
+            MAX_FDS_PER_MESSAGE as u32,
+            self.config.max_data_xfer_size,
+            self.config.max_dma_maps,
+            true,
+        );
+        let json = ours.to_json_bytes();
+        let reply = Version {
+            major: VERSION_MAJOR,
+            minor: VERSION_MINOR.min(v.minor),
+        };
+        // DMA requests we send must fit the client's limit as well as ours.
+        let max_xfer = caps
+            .max_data_xfer_size
+            .min(self.config.max_data_xfer_size)
+            .max(4096);
+        let link = DmaLink::new(
+            self.writer.clone(),
+            self.pending.clone(),
+            max_xfer as usize,
+            self.config.dma_timeout,
+            self.config.dma_layout,
+        );
+        lock(self.function)
+            .memory()
+            .set_transport(Some(Arc::new(link)));
+        self.client_caps = Some(caps);
+        self.reply(&req.header, &[reply.as_bytes(), &json], &[])
+    }
+
+    fn dma_map(&mut self, mut req: Request<'_>) -> HandlerResult {
+        let m = DmaMap::read_from(req.payload).ok_or(libc::EINVAL)?;
+        if m.flags & !(DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE) != 0 || req.fds.len() > 1 {
+            return Err(libc::EINVAL);
+        }
+        let readable = m.flags & DMA_MAP_FLAG_READ != 0;
+        let writable = m.flags & DMA_MAP_FLAG_WRITE != 0;
+        let region = match req.fds.pop() {
+            Some(fd) => DmaRegion::mapped(m.address, m.size, fd, m.offset, readable, writable),
+            None => DmaRegion::message(m.address, m.size, readable, writable),
+        };
+        let result = region.and_then(|region| {
+            let function = lock(self.function);
+            function.memory().with_regions(|r| r.insert(region))
+        });
+        match result {
+            Ok(()) => {
+                debug!(
+                    gpa = m.address,
+                    size = m.size,
+                    fd = req.fds.is_empty(),
+                    "DMA map"
+                );
+                self.reply(&req.header, &[], &[])
+            }
+            Err(e) => {
+                warn!(
+                    gpa = format_args!("{:#x}", m.address),
+                    size = m.size,
+                    "DMA_MAP refused: {e}"
+                );
+                Err(e.errno())
+            }
+        }
+    }
+
+    fn dma_unmap(&mut self, req: Request<'_>) -> HandlerResult {
+        let u = DmaUnmap::read_from(req.payload).ok_or(libc::EINVAL)?;
+        if u.flags & DMA_UNMAP_FLAG_GET_DIRTY_BITMAP != 0 {
+            return Err(libc::ENOTSUP);
+        }
+        if u.flags & !DMA_UNMAP_FLAG_ALL != 0 {
+            return Err(libc::EINVAL);
+        }
+        let removed = {
+            let function = lock(self.function);
+            function.memory().with_regions(|r| {
+                if u.flags & DMA_UNMAP_FLAG_ALL != 0 {
+                    if u.address != 0 || u.size != 0 {
+                        return Err(MemoryError::Invalid("unmap-all with a range"));
+                    }
+                    Ok(r.clear())
+                } else {
+                    r.remove_range(u.address, u.size)
+                }
+            })
+        };
+        match removed {
+            Ok(regions) => {
+                debug!(
+                    gpa = u.address,
+                    size = u.size,
+                    n = regions.len(),
+                    "DMA unmap"
+                );
+                // Mappings go away here, before the client hears back.
+                drop(regions);
+                let echo = DmaUnmap {
+                    argsz: std::mem::size_of::<DmaUnmap>() as u32,
+                    ..u
+                };
+                self.reply(&req.header, &[echo.as_bytes()], &[])
+            }
+            Err(e) => {
+                debug!("DMA_UNMAP refused: {e}");
+                Err(e.errno())
+            }
+        }
+    }
+
+    fn device_info(&mut self, req: Request<'_>) -> HandlerResult {
+        let info = DeviceInfo::read_from(req.payload).ok_or(libc::EINVAL)?;
+        if (info.argsz as usize) < std::mem::size_of::<DeviceInfo>() {
+            return Err(libc::EINVAL);
+        }
+        let reply = DeviceInfo {
+            argsz: std::mem::size_of::<DeviceInfo>() as u32,
+            flags: DEVICE_FLAGS_RESET | DEVICE_FLAGS_PCI,
+            num_regions: PCI_NUM_REGIONS,
+            num_irqs: PCI_NUM_IRQS,
+        };
+        self.reply(&req.header, &[reply.as_bytes()], &[])
+    }
+
+    fn region_info(&mut self, req: Request<'_>) -> HandlerResult {
+        let ask = RegionInfo::read_from(req.payload).ok_or(libc::EINVAL)?;
+        const INFO: usize = std::mem::size_of::<RegionInfo>();
+        if (ask.argsz as usize) < INFO {
+            return Err(libc::EINVAL);
+        }
+        let region = lock(self.function)
+            .region(ask.index)
+            .map_err(|e| e.errno())?;
+        let mut flags = 0;
+        if region.readable {
+            flags |= REGION_INFO_FLAG_READ;
+        }
+        if region.writable {
+            flags |= REGION_INFO_FLAG_WRITE;
+        }
+        // Sparse mmap capability, when the region has directly mappable areas.
+        let mut caps = Vec::new();
+        let mut fd = None;
+        let mut file_offset = 0;
+        if let Some(mapping) = &region.mapping {
+            flags |= REGION_INFO_FLAG_MMAP;
+            fd = Some(mapping.file.as_raw_fd());
+            file_offset = mapping.file_offset;
+            let whole = mapping.areas.len() == 1 && mapping.areas[0] == (0, region.size);
+            if !whole {
+                flags |= REGION_INFO_FLAG_CAPS;
+                let header = CapHeader {
+                    id: REGION_INFO_CAP_SPARSE_MMAP,
+                    version: 1,
+                    next: 0,
+                };
+                let sparse = SparseMmapHeader {
+                    nr_areas: mapping.areas.len() as u32,
+                    reserved: 0,
+                };
+                caps.extend_from_slice(header.as_bytes());
+                caps.extend_from_slice(sparse.as_bytes());
+                for &(offset, size) in &mapping.areas {
+                    caps.extend_from_slice(SparseMmapArea { offset, size }.as_bytes());
+                }
+            }
+        }
+        let needed = INFO + caps.len();
+        let fits = ask.argsz as usize >= needed;
+        if !fits {
+            // QEMU refuses CAPS without a capability offset; the client asks again
+            // with the argsz we report.
+            flags &= !REGION_INFO_FLAG_CAPS;
+        }
+        let info = RegionInfo {
+            argsz: needed as u32,
+            flags,
+            index: ask.index,
+            cap_offset: if fits && !caps.is_empty() {
+                INFO as u32
+            } else {
+                0
+            },
+            size: region.size,
+            offset: file_offset,
+        };
+        let caps_part: &[u8] = if fits { &caps } else { &[] };
+        // The fd goes with every reply: QEMU closes the one from its first try.
+        let fds: Vec<RawFd> = fd.into_iter().collect();
+        self.reply(&req.header, &[info.as_bytes(), caps_part], &fds)
+    }
+
+    fn region_io_fds(&mut self, req: Request<'_>) -> HandlerResult {
+        let ask = RegionIoFds::read_from(req.payload).ok_or(libc::EINVAL)?;
+        if ask.index >= PCI_NUM_REGIONS {
+            return Err(libc::EINVAL);
+        }
+        let reply = RegionIoFds {
+            argsz: std::mem::size_of::<RegionIoFds>() as u32,
+            flags: 0,
+            index: ask.index,
+            count: 0,
+        };
+        self.reply(&req.header, &[reply.as_bytes()], &[])
+    }
+
+    fn irq_info(&mut self, req: Request<'_>) -> HandlerResult {
+        let ask = IrqInfo::read_from(req.payload).ok_or(libc::EINVAL)?;
+        let index = crate::pci::irq::IrqIndex::from_raw(ask.index).ok_or(libc::EINVAL)?;
+        let (flags, count) = lock(self.function).interrupts().info(index);
+        let reply = IrqInfo {
+            argsz: std::mem::size_of::<IrqInfo>() as u32,
+            flags,
+            index: ask.index,
+            count,
+        };
+        self.reply(&req.header, &[reply.as_bytes()], &[])
+    }
+
+    fn set_irqs(&mut self, req: Request<'_>) -> HandlerResult {
+        let set = IrqSet::read_from(req.payload).ok_or(libc::EINVAL)?;
+        let rest = &req.payload[std::mem::size_of::<IrqSet>()..];
+        let data = match set.flags & IRQ_SET_DATA_MASK {
+            IRQ_SET_DATA_NONE => IrqSetData::None,
+            IRQ_SET_DATA_BOOL => {
+                IrqSetData::Bool(rest.get(..set.count as usize).ok_or(libc::EINVAL)?)
+            }
+            IRQ_SET_DATA_EVENTFD => IrqSetData::Eventfds(eventfd_list(&set, req.fds)?),
+            _ => return Err(libc::EINVAL),
+        };
+        let function = lock(self.function);
+        function
+            .interrupts()
+            .set_irqs(set.index, set.flags, set.start, set.count, data)
+            .map_err(|e| {
+                debug!("SET_IRQS refused: {e}");
+                libc::EINVAL
+            })?;
+        drop(function);
+        self.reply(&req.header, &[], &[])
+    }
+
+    fn region_read(&mut self, req: Request<'_>) -> HandlerResult {
+        let access = RegionAccess::read_from(req.payload).ok_or(libc::EINVAL)?;
+        if access.count > self.config.max_data_xfer_size {
+            return Err(libc::E2BIG);
+        }
+        let mut data = vec![0u8; access.count as usize];
+        lock(self.function)
+            .region_read(access.region, access.offset, &mut data)
+            .map_err(|e| {
+                debug!("REGION_READ refused: {e}");
+                e.errno()
+            })?;
+        self.reply(&req.header, &[access.as_bytes(), &data], &[])
+    }
+
+    fn region_write(&mut self, req: Request<'_>) -> HandlerResult {
+        let access = RegionAccess::read_from(req.payload).ok_or(libc::EINVAL)?;
+        let data = &req.payload[std::mem::size_of::<RegionAccess>()..];
+        if data.len() != access.count as usize {
+            return Err(libc::EINVAL);
+        }
+        lock(self.function)
+            .region_write(access.region, access.offset, data)
+            .map_err(|e| {
+                debug!("REGION_WRITE refused: {e}");
+                e.errno()
+            })?;
+        let echo = RegionAccess {
+            offset: access.offset,
+            region: access.region,
+            count: access.count,
+        };
+        self.reply(&req.header, &[echo.as_bytes()], &[])
+    }
+
+    fn region_write_multi(&mut self, req: Request<'_>) -> HandlerResult {
+        let head = WriteMultiHeader::read_from(req.payload).ok_or(libc::EINVAL)?;
+        let entries = &req.payload[std::mem::size_of::<WriteMultiHeader>()..];
+        const ENTRY: usize = std::mem::size_of::<WriteMultiEntry>();
+        let count = usize::try_from(head.wr_cnt).map_err(|_| libc::EINVAL)?;
+        if count == 0 || count > WRITE_MULTI_MAX || entries.len() < count * ENTRY {
+            return Err(libc::EINVAL);
+        }
+        // Validate every entry before applying any, so a bad batch changes nothing.
+        let parsed: Vec<WriteMultiEntry> = entries
+            .chunks_exact(ENTRY)
+            .take(count)
+            .filter_map(WriteMultiEntry::read_from)
+            .collect();
+        if parsed
+            .iter()
+            .any(|e| e.count == 0 || e.count as usize > WRITE_MULTI_DATA)
+        {
+            return Err(libc::EINVAL);
+        }
+        let mut function = lock(self.function);
+        for e in &parsed {
+            function
+                .region_write(e.region, e.offset, &e.data[..e.count as usize])
+                .map_err(|err| {
+                    debug!("REGION_WRITE_MULTI entry refused: {err}");
+                    err.errno()
+                })?;
+        }
+        drop(function);
+        self.reply(&req.header, &[], &[])
+    }
+}
+
+/// Pairs SET_IRQS vectors with the fds that came with the message: one fd per
+/// vector assigns, no fds at all de-assigns the range (how QEMU sends fd -1).
+fn eventfd_list(set: &IrqSet, fds: Vec<OwnedFd>) -> Result<Vec<Option<OwnedFd>>, i32> {
+    let count = set.count as usize;
+    if fds.is_empty() {
+        return Ok((0..count).map(|_| None).collect());
+    }
+    if fds.len() != count {
+        return Err(libc::EINVAL);
+    }
+    Ok(fds.into_iter().map(Some).collect())
+}
+
+/// Takes ownership of a raw fd handed to us (`--fd N`).
+///
+/// # Safety
+/// `fd` must be an open fd that nothing else in the process owns.
+pub unsafe fn owned_fd(fd: RawFd) -> OwnedFd {
+    // SAFETY: guaranteed by the caller.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
