@@ -168,6 +168,21 @@ impl Client {
         Ok(id)
     }
 
+    /// Sends any command number with any payload and waits for the reply: for
+    /// tests of unknown and malformed commands.
+    pub fn request_raw(&mut self, command: u16, payload: &[u8]) -> Result<Reply> {
+        let id = self.alloc_id();
+        let header = Header {
+            msg_id: id,
+            command,
+            size: (HEADER_SIZE + payload.len()) as u32,
+            flags: FLAGS_TYPE_COMMAND,
+            error: 0,
+        };
+        self.writer.send(&header, &[payload], &[])?;
+        self.wait_reply(id)
+    }
+
     /// Sends a command and waits for its reply (serving DMA requests meanwhile).
     pub fn request(&mut self, command: Command, parts: &[&[u8]], fds: &[RawFd]) -> Result<Reply> {
         let id = self.send(command, parts, fds, false)?;
@@ -201,6 +216,22 @@ impl Client {
             let payload = msg.payload.to_vec();
             self.serve_request(&header, &payload)?;
         }
+    }
+
+    /// Reads the next message whatever it is, without serving it (for tests that
+    /// script the interleaving of requests and replies themselves).
+    pub fn next_message(&mut self) -> Result<Reply> {
+        let msg = self.reader.read_message()?;
+        Ok(Reply {
+            header: msg.header,
+            payload: msg.payload.to_vec(),
+            fds: msg.fds,
+        })
+    }
+
+    /// Answers one server-initiated request obtained from [`Client::next_message`].
+    pub fn answer(&mut self, request: &Reply) -> Result<()> {
+        self.serve_request(&request.header, &request.payload)
     }
 
     /// Answers server-initiated requests arriving within `timeout`; returns how

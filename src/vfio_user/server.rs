@@ -424,6 +424,7 @@ impl Session<'_> {
         }
         let readable = m.flags & DMA_MAP_FLAG_READ != 0;
         let writable = m.flags & DMA_MAP_FLAG_WRITE != 0;
+        let with_fd = !req.fds.is_empty();
         let region = match req.fds.pop() {
             Some(fd) => DmaRegion::mapped(m.address, m.size, fd, m.offset, readable, writable),
             None => DmaRegion::message(m.address, m.size, readable, writable),

@@ -1,0 +1,225 @@
+//! Shared test harness: start real device binaries on real sockets, share real
+//! memfd guest memory.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use umdev::vfio_user::client::DmaTarget;
+use umdev::vfio_user::Client;
+
+/// A binary of the workspace, built next to the test executables.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: build the workspace binaries first (cargo build --workspace)",
+        bin.display()
+    );
+    bin
+}
+
+/// A device backend process on a socket in a private temporary directory.
+pub struct Backend {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub dir: TempDir,
+}
+
+impl Backend {
+    pub fn start(bin: &str, extra: &[&str]) -> Backend {
+        let dir = TempDir::new();
+        let socket = dir.path().join("dev.sock");
+        let log = File::create(dir.path().join("backend.log")).unwrap();
+        let child = Command::new(workspace_bin(bin))
+            .arg("--socket-path")
+            .arg(&socket)
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start backend");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "backend did not create its socket"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Backend { child, socket, dir }
+    }
+
+    pub fn edu() -> Backend {
+        Self::start("umdev-edu", &[])
+    }
+
+    pub fn connect(&self) -> Client {
+        Client::connect(&self.socket).expect("connect and negotiate")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("backend.log")).unwrap_or_default()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- backend log ----\n{}", self.log());
+        }
+    }
+}
+
+/// A directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "umdev-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Guest RAM in a memfd, mapped here too so the test can look at it.
+pub struct MemfdRam {
+    pub file: File,
+    ptr: *mut u8,
+    pub size: usize,
+}
+
+// SAFETY: the mapping is owned by this struct and only reached through &self/&mut self.
+unsafe impl Send for MemfdRam {}
+
+impl MemfdRam {
+    pub fn new(size: usize) -> MemfdRam {
+        let name = std::ffi::CString::new("guest-ram").unwrap();
+        // SAFETY: memfd_create with a valid name; the fd is owned by the File below.
+        let fd = unsafe {
+            libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
+        assert!(fd >= 0);
+        // SAFETY: fresh fd we own.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size as u64).unwrap();
+        // SAFETY: maps `size` bytes of the memfd we just sized; unmapped in Drop.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        MemfdRam {
+            file,
+            ptr: ptr.cast(),
+            size,
+        }
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: the mapping is `size` bytes and lives as long as self. The backend
+        // may write concurrently; tests read only after the device says it is done.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.size) }
+    }
+
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, exclusive through &mut self on our side.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.size) }
+    }
+}
+
+impl Drop for MemfdRam {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in new().
+        unsafe { libc::munmap(self.ptr.cast(), self.size) };
+    }
+}
+
+/// Guest memory the client serves to DMA_READ/DMA_WRITE, shared with the test.
+#[derive(Clone)]
+pub struct SharedRam {
+    pub base: u64,
+    pub bytes: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl SharedRam {
+    pub fn new(base: u64, size: usize) -> SharedRam {
+        SharedRam {
+            base,
+            bytes: std::sync::Arc::new(std::sync::Mutex::new(vec![0; size])),
+        }
+    }
+}
+
+impl DmaTarget for SharedRam {
+    fn read(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), u32> {
+        let bytes = self.bytes.lock().unwrap();
+        let at = gpa.checked_sub(self.base).ok_or(libc::EFAULT as u32)? as usize;
+        let src = bytes.get(at..at + buf.len()).ok_or(libc::EFAULT as u32)?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+    fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), u32> {
+        let mut bytes = self.bytes.lock().unwrap();
+        let at = gpa.checked_sub(self.base).ok_or(libc::EFAULT as u32)? as usize;
+        let dst = bytes
+            .get_mut(at..at + data.len())
+            .ok_or(libc::EFAULT as u32)?;
+        dst.copy_from_slice(data);
+        Ok(())
+    }
+}
+
+/// Polls `f` until it returns Some or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}

@@ -1,0 +1,977 @@
+//! umdev guest-side test driver.
+//!
+//! Runs inside a tiny Linux guest (as PID 1, or exec'd by the initramfs's
+//! `/init` script) and drives a QEMU "edu"-compatible PCI device entirely from
+//! userspace: sysfs `enable`, `config` and `resource0`, DMA buffers from
+//! mlock'd pages whose physical addresses come from `/proc/self/pagemap`.
+//!
+//! Output protocol (one line each, on stdout = the serial console):
+//!   `INFO <text>`            informative, differs between runs (addresses, BDF)
+//!   `PASS <name> <value>`    a test passed; `<value>` is deterministic, so the
+//!                            PASS/FAIL lines of two devices can be diffed
+//!   `FAIL <name> <detail>`   a test failed
+//!   `DONE passed=<n> failed=<m>`  the last line; absent if the guest died
+//! Then the guest powers off (when this program is PID 1).
+//!
+//! Settings come from the environment (the kernel passes unknown `key=value`
+//! command-line parameters to init as environment variables):
+//!   `UMDEV_DEV=vvvv:dddd`   PCI vendor:device to look for (default 1234:11e8)
+//!   `UMDEV_TESTS=a,b*,...`  run only these tests (`b*`: names starting with b);
+//!                           device set-up (enable, bus master) always runs
+//!   `UMDEV_ROUNDS=n`        rounds of the irq-then-DMA test (default 8)
+//!   `UMDEV_NO_POWEROFF=1`   do not power off at the end
+
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{fence, AtomicPtr, Ordering};
+use std::time::{Duration, Instant};
+
+const PAGE: usize = 4096;
+
+/// edu registers (BAR0).
+mod reg {
+    pub const ID: usize = 0x00;
+    pub const LIVENESS: usize = 0x04;
+    pub const FACTORIAL: usize = 0x08;
+    pub const STATUS: usize = 0x20;
+    pub const IRQ_STATUS: usize = 0x24;
+    pub const IRQ_RAISE: usize = 0x60;
+    pub const IRQ_ACK: usize = 0x64;
+    pub const DMA_SRC: usize = 0x80;
+    pub const DMA_DST: usize = 0x88;
+    pub const DMA_CNT: usize = 0x90;
+    pub const DMA_CMD: usize = 0x98;
+}
+const STATUS_COMPUTING: u32 = 0x01;
+const STATUS_IRQFACT: u32 = 0x80;
+const IRQ_FACT: u32 = 0x001;
+const IRQ_DMA: u32 = 0x100;
+const DMA_RUN: u64 = 0x1;
+const DMA_TO_RAM: u64 = 0x2;
+const DMA_IRQ: u64 = 0x4;
+/// The device's DMA buffer, as seen in the DMA address registers.
+const DEV_BUF: u64 = 0x40000;
+const DEV_BUF_SIZE: usize = 4096;
+/// edu's default DMA mask is 28 bits: buffers must lie below 256 MiB.
+const DMA_LIMIT: u64 = 1 << 28;
+
+// ------------------------------------------------------------------ output --
+
+struct Report {
+    passed: u32,
+    failed: u32,
+    filter: Option<Vec<String>>,
+    /// Set once the device is gone: later tests are not run.
+    stopped: bool,
+}
+
+impl Report {
+    fn wants(&self, name: &str) -> bool {
+        match &self.filter {
+            None => true,
+            Some(patterns) => patterns.iter().any(|p| match p.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix),
+                None => name == p,
+            }),
+        }
+    }
+
+    fn result(&mut self, name: &str, r: Result<String, String>) {
+        match r {
+            Ok(v) => {
+                self.passed += 1;
+                emit(&format!("PASS {name} {v}"));
+            }
+            Err(e) => {
+                self.failed += 1;
+                emit(&format!("FAIL {name} {e}"));
+            }
+        }
+    }
+
+    /// Runs `f` as test `name` if selected.
+    fn run(&mut self, name: &str, f: impl FnOnce() -> Result<String, String>) {
+        if self.stopped || !self.wants(name) {
+            return;
+        }
+        let r = f();
+        let failed = r.is_err();
+        self.result(name, r);
+        if failed && device_gone() {
+            self.result(
+                "device_gone",
+                Err("BAR0 reads all-ones; remaining tests skipped".into()),
+            );
+            self.stopped = true;
+        }
+    }
+}
+
+/// One line per write(2), so kernel messages on the same console do not split it.
+fn emit(line: &str) {
+    let mut s = String::with_capacity(line.len() + 1);
+    s.push_str(line);
+    s.push('\n');
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(s.as_bytes());
+    let _ = out.flush();
+}
+
+fn info(line: &str) {
+    emit(&format!("INFO {line}"));
+}
+
+// ------------------------------------------------------------ environment --
+
+fn errno() -> std::io::Error {
+    std::io::Error::last_os_error()
+}
+
+fn mount(src: &str, target: &str, fstype: &str) {
+    let _ = fs::create_dir_all(target);
+    let (s, t, f) = (
+        CString::new(src).unwrap(),
+        CString::new(target).unwrap(),
+        CString::new(fstype).unwrap(),
+    );
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        let e = errno();
+        if e.raw_os_error() != Some(libc::EBUSY) {
+            info(&format!("mount {fstype} on {target}: {e}"));
+        }
+    }
+}
+
+/// Makes sure proc, sysfs and devtmpfs are mounted and fds 0-2 are the console.
+fn prepare_environment() {
+    if !Path::new("/proc/self").exists() {
+        mount("proc", "/proc", "proc");
+    }
+    if !Path::new("/sys/bus").exists() {
+        mount("sysfs", "/sys", "sysfs");
+    }
+    if !Path::new("/dev/null").exists() {
+        mount("devtmpfs", "/dev", "devtmpfs");
+    }
+    // SAFETY: fcntl on a possibly closed fd only reports EBADF.
+    let stdout_ok = unsafe { libc::fcntl(1, libc::F_GETFD) } >= 0;
+    if !stdout_ok {
+        let path = CString::new("/dev/console").unwrap();
+        // SAFETY: plain open/dup2 on our own descriptors.
+        unsafe {
+            let fd = libc::open(path.as_ptr(), libc::O_RDWR | libc::O_NOCTTY);
+            if fd >= 0 {
+                for target in 0..3 {
+                    if fd != target {
+                        libc::dup2(fd, target);
+                    }
+                }
+                if fd > 2 {
+                    libc::close(fd);
+                }
+            }
+        }
+    }
+    // mlock'd pages may still be migrated by compaction unless this is 0; our
+    // DMA addresses must stay valid.
+    let _ = fs::write("/proc/sys/vm/compact_unevictable_allowed", "0");
+}
+
+fn power_off() -> ! {
+    // SAFETY: sync and reboot have no memory-safety preconditions.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_POWER_OFF);
+    }
+    // reboot failed (not permitted?): exit instead.
+    std::process::exit(1)
+}
+
+// -------------------------------------------------------------------- PCI --
+
+fn read_hex(path: &Path) -> Result<u64, String> {
+    let s = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let t = s.trim().trim_start_matches("0x");
+    u64::from_str_radix(t, 16).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn find_device(vendor: u16, device: u16) -> Result<PathBuf, String> {
+    let dir = Path::new("/sys/bus/pci/devices");
+    let mut entries: Vec<_> = fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .collect();
+    entries.sort();
+    let mut seen = Vec::new();
+    for p in entries {
+        let v = read_hex(&p.join("vendor"))?;
+        let d = read_hex(&p.join("device"))?;
+        seen.push(format!("{v:04x}:{d:04x}"));
+        if v == u64::from(vendor) && d == u64::from(device) {
+            return Ok(p);
+        }
+    }
+    Err(format!(
+        "no {vendor:04x}:{device:04x} among [{}]",
+        seen.join(" ")
+    ))
+}
+
+struct PciConfig {
+    file: File,
+}
+
+impl PciConfig {
+    fn open(dev: &Path) -> Result<Self, String> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dev.join("config"))
+            .map_err(|e| format!("open config: {e}"))?;
+        Ok(Self { file })
+    }
+    fn read<const N: usize>(&self, off: u64) -> Result<[u8; N], String> {
+        let mut b = [0u8; N];
+        let n = self
+            .file
+            .read_at(&mut b, off)
+            .map_err(|e| format!("config read: {e}"))?;
+        if n != N {
+            return Err(format!("config read at {off:#x}: short ({n})"));
+        }
+        Ok(b)
+    }
+    fn read8(&self, off: u64) -> Result<u8, String> {
+        Ok(self.read::<1>(off)?[0])
+    }
+    fn read16(&self, off: u64) -> Result<u16, String> {
+        Ok(u16::from_le_bytes(self.read::<2>(off)?))
+    }
+    fn read32(&self, off: u64) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.read::<4>(off)?))
+    }
+    /// One 2-byte write, as a kernel driver's pci_write_config_word would do.
+    fn write16(&self, off: u64, v: u16) -> Result<(), String> {
+        let n = self
+            .file
+            .write_at(&v.to_le_bytes(), off)
+            .map_err(|e| format!("config write: {e}"))?;
+        if n != 2 {
+            return Err(format!("config write at {off:#x}: short ({n})"));
+        }
+        Ok(())
+    }
+}
+
+/// BAR0 mapped through sysfs `resource0`.
+struct Bar {
+    base: *mut u8,
+    len: usize,
+}
+
+impl Bar {
+    fn map(dev: &Path) -> Result<Self, String> {
+        let path = dev.join("resource0");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags_sync()
+            .open(&path)
+            .map_err(|e| format!("open {}: {e}", path.display()))?;
+        let len = file
+            .metadata()
+            .map_err(|e| format!("stat resource0: {e}"))?
+            .len() as usize;
+        if len == 0 {
+            return Err("resource0 has size 0".into());
+        }
+        // SAFETY: mapping a device file; the kernel validates length and offset.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(format!("mmap resource0: {}", errno()));
+        }
+        Ok(Self {
+            base: p.cast(),
+            len,
+        })
+    }
+    fn r32(&self, off: usize) -> u32 {
+        assert!(off + 4 <= self.len);
+        // SAFETY: in bounds of the mapping, naturally aligned.
+        unsafe { std::ptr::read_volatile(self.base.add(off).cast::<u32>()) }
+    }
+    fn w32(&self, off: usize, v: u32) {
+        assert!(off + 4 <= self.len);
+        // SAFETY: as above.
+        unsafe { std::ptr::write_volatile(self.base.add(off).cast::<u32>(), v) }
+    }
+    fn r16(&self, off: usize) -> u16 {
+        assert!(off + 2 <= self.len);
+        // SAFETY: as above.
+        unsafe { std::ptr::read_volatile(self.base.add(off).cast::<u16>()) }
+    }
+    fn r64(&self, off: usize) -> u64 {
+        assert!(off + 8 <= self.len);
+        // SAFETY: as above.
+        unsafe { std::ptr::read_volatile(self.base.add(off).cast::<u64>()) }
+    }
+    fn w64(&self, off: usize, v: u64) {
+        assert!(off + 8 <= self.len);
+        // SAFETY: as above.
+        unsafe { std::ptr::write_volatile(self.base.add(off).cast::<u64>(), v) }
+    }
+}
+
+trait SyncOpen {
+    fn custom_flags_sync(&mut self) -> &mut Self;
+}
+impl SyncOpen for OpenOptions {
+    fn custom_flags_sync(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.custom_flags(libc::O_SYNC)
+    }
+}
+
+// -------------------------------------------------------------- DMA pages --
+
+/// A locked page with a known guest-physical address.
+struct DmaPage {
+    virt: *mut u8,
+    phys: u64,
+}
+
+impl DmaPage {
+    fn fill(&self, f: impl Fn(usize) -> u8) {
+        for i in 0..PAGE {
+            // SAFETY: the page is ours, mapped and locked.
+            unsafe { std::ptr::write_volatile(self.virt.add(i), f(i)) }
+        }
+        fence(Ordering::SeqCst);
+    }
+    fn get(&self, i: usize) -> u8 {
+        assert!(i < PAGE);
+        // SAFETY: as above; volatile because the device writes it behind our back.
+        unsafe { std::ptr::read_volatile(self.virt.add(i)) }
+    }
+    fn bytes(&self, start: usize, len: usize) -> Vec<u8> {
+        fence(Ordering::SeqCst);
+        (start..start + len).map(|i| self.get(i)).collect()
+    }
+}
+
+/// Allocates locked pages and keeps those below `limit`.
+fn dma_pages(want: usize, limit: u64) -> Result<Vec<DmaPage>, String> {
+    let mut pagemap = File::open("/proc/self/pagemap").map_err(|e| format!("open pagemap: {e}"))?;
+    let mut got = Vec::new();
+    let mut tries = 0usize;
+    let chunk = 256; // pages per allocation (1 MiB)
+    while got.len() < want {
+        tries += 1;
+        if tries > 64 {
+            return Err(format!(
+                "only {} of {want} locked pages below {limit:#x}",
+                got.len()
+            ));
+        }
+        let len = chunk * PAGE;
+        // SAFETY: anonymous private mapping; populated and locked by the kernel.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE | libc::MAP_LOCKED,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(format!("mmap: {}", errno()));
+        }
+        // SAFETY: the range was just mapped.
+        if unsafe { libc::mlock(p, len) } != 0 {
+            return Err(format!("mlock: {}", errno()));
+        }
+        let base = p as *mut u8;
+        for i in 0..chunk {
+            // SAFETY: within the mapping; write so the page is really backed.
+            let virt = unsafe { base.add(i * PAGE) };
+            unsafe { std::ptr::write_volatile(virt, 0x5a) };
+            let entry = pagemap_entry(&mut pagemap, virt as u64)?;
+            if entry >> 63 == 0 {
+                return Err(format!("page {virt:p} not present after mlock"));
+            }
+            let pfn = entry & ((1u64 << 55) - 1);
+            if pfn == 0 {
+                return Err("pagemap gives PFN 0: not running as root (CAP_SYS_ADMIN)?".into());
+            }
+            let phys = pfn * PAGE as u64;
+            if phys + PAGE as u64 <= limit && got.len() < want {
+                got.push(DmaPage { virt, phys });
+            }
+        }
+    }
+    Ok(got)
+}
+
+fn pagemap_entry(pagemap: &mut File, virt: u64) -> Result<u64, String> {
+    let mut b = [0u8; 8];
+    pagemap
+        .read_exact_at(&mut b, (virt / PAGE as u64) * 8)
+        .map_err(|e| format!("read pagemap: {e}"))?;
+    Ok(u64::from_le_bytes(b))
+}
+
+// ------------------------------------------------------------------ tests --
+
+fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut done: impl FnMut() -> Option<u64>,
+) -> Result<u64, String> {
+    let start = Instant::now();
+    for i in 0u64.. {
+        if let Some(v) = done() {
+            return Ok(v);
+        }
+        if i % 64 == 63 && device_gone() {
+            return Err(format!("device gone while waiting for {what}"));
+        }
+        if start.elapsed() > timeout {
+            return Err(format!(
+                "timeout after {} ms waiting for {what}",
+                timeout.as_millis()
+            ));
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    unreachable!()
+}
+
+/// The ID register of the mapped BAR, once mapped.
+static ID_REG: AtomicPtr<u32> = AtomicPtr::new(std::ptr::null_mut());
+
+/// A device that went away (vfio-user server exited) reads all-ones.
+fn device_gone() -> bool {
+    let p = ID_REG.load(Ordering::Relaxed);
+    // SAFETY: p is null or points into the BAR mapping, which is never unmapped.
+    !p.is_null() && unsafe { std::ptr::read_volatile(p) } == u32::MAX
+}
+
+fn factorial_u32(n: u32) -> u32 {
+    (1..=n).fold(1u32, |a, b| a.wrapping_mul(b))
+}
+
+/// FNV-1a, to print DMA contents compactly.
+fn fnv1a(b: &[u8]) -> u32 {
+    b.iter().fold(0x811c9dc5u32, |h, &x| {
+        (h ^ u32::from(x)).wrapping_mul(0x01000193)
+    })
+}
+
+/// A deterministic byte pattern for round `seed`.
+fn pattern(seed: u32) -> impl Fn(usize) -> u8 {
+    move |i| {
+        let x = (i as u32)
+            .wrapping_mul(2654435761)
+            .wrapping_add(seed.wrapping_mul(40503));
+        (x >> 13) as u8 ^ (i as u8)
+    }
+}
+
+struct Edu<'a> {
+    bar: &'a Bar,
+}
+
+const FACT_TIMEOUT: Duration = Duration::from_secs(5);
+const DMA_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Edu<'_> {
+    fn factorial(&self, n: u32) -> Result<u32, String> {
+        let b = self.bar;
+        b.w32(reg::FACTORIAL, n);
+        wait_until("factorial (status bit 0)", FACT_TIMEOUT, || {
+            (b.r32(reg::STATUS) & STATUS_COMPUTING == 0).then_some(0)
+        })?;
+        Ok(b.r32(reg::FACTORIAL))
+    }
+
+    fn dma_program(&self, src: u64, dst: u64, cnt: u64) {
+        let b = self.bar;
+        b.w64(reg::DMA_SRC, src);
+        b.w64(reg::DMA_DST, dst);
+        b.w64(reg::DMA_CNT, cnt);
+    }
+
+    fn dma_wait(&self) -> Result<(), String> {
+        let b = self.bar;
+        wait_until("DMA completion (cmd bit 0)", DMA_TIMEOUT, || {
+            (b.r64(reg::DMA_CMD) & DMA_RUN == 0).then_some(0)
+        })?;
+        fence(Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// RAM -> device buffer.
+    fn dma_to_dev(&self, src: u64, dev_off: u64, cnt: u64, extra: u64) -> Result<(), String> {
+        fence(Ordering::SeqCst);
+        self.dma_program(src, DEV_BUF + dev_off, cnt);
+        self.bar.w64(reg::DMA_CMD, DMA_RUN | extra);
+        self.dma_wait()
+    }
+
+    /// Device buffer -> RAM.
+    fn dma_to_ram(&self, dev_off: u64, dst: u64, cnt: u64, extra: u64) -> Result<(), String> {
+        fence(Ordering::SeqCst);
+        self.dma_program(DEV_BUF + dev_off, dst, cnt);
+        self.bar.w64(reg::DMA_CMD, DMA_RUN | DMA_TO_RAM | extra);
+        self.dma_wait()
+    }
+
+    fn irq_status(&self) -> u32 {
+        self.bar.r32(reg::IRQ_STATUS)
+    }
+
+    fn ack_all(&self) {
+        let s = self.irq_status();
+        if s != 0 {
+            self.bar.w32(reg::IRQ_ACK, s);
+        }
+    }
+}
+
+fn compare(name: &str, got: &[u8], want: &[u8]) -> Result<(), String> {
+    if got.len() != want.len() {
+        return Err(format!("{name}: length {} != {}", got.len(), want.len()));
+    }
+    if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
+        let bad = (0..got.len()).filter(|&i| got[i] != want[i]).count();
+        return Err(format!(
+            "{name}: {bad} bytes differ, first at {i:#x}: got {:#04x} want {:#04x}",
+            got[i], want[i]
+        ));
+    }
+    Ok(())
+}
+
+fn run_edu_tests(rep: &mut Report, dev: &Path) -> Result<(), String> {
+    // --- PCI config space and enabling.
+    let cfg = PciConfig::open(dev)?;
+    rep.run("config_ids", || {
+        let vid = cfg.read16(0x00)?;
+        let did = cfg.read16(0x02)?;
+        let rev = cfg.read8(0x08)?;
+        let class = cfg.read32(0x08)? >> 8;
+        let pin = cfg.read8(0x3d)?;
+        Ok(format!(
+            "{vid:04x}:{did:04x} rev={rev:#04x} class={class:#08x} pin={pin}"
+        ))
+    });
+
+    // Enabling is set-up for everything after it, so it runs even when the
+    // test of the same name is not selected.
+    fs::write(dev.join("enable"), "1").map_err(|e| format!("write enable: {e}"))?;
+    let enabled = (|| {
+        let cmd = cfg.read16(0x04)?;
+        cfg.write16(0x04, cmd | 0x0004)?;
+        let after = cfg.read16(0x04)?;
+        if after & 0x0006 != 0x0006 {
+            return Err(format!(
+                "command register {cmd:#06x} -> {after:#06x}: memory/bus master not set"
+            ));
+        }
+        Ok(format!("mem+bm={:#06x}", after & 0x0006))
+    })();
+    rep.run("enable_bus_master", || enabled);
+
+    let bar = Bar::map(dev)?;
+    info(&format!("BAR0 mapped, {:#x} bytes", bar.len));
+    rep.run("bar0_size", || Ok(format!("{:#x}", bar.len)));
+    ID_REG.store(bar.base.cast::<u32>(), Ordering::Relaxed);
+    let edu = Edu { bar: &bar };
+    // Leave no interrupt from an earlier user pending.
+    edu.ack_all();
+
+    // --- Registers.
+    rep.run("id", || {
+        let v = bar.r32(reg::ID);
+        if v & 0xffff != 0x00ed {
+            return Err(format!("{v:#010x}: low half is not 0x00ed"));
+        }
+        Ok(format!("{v:#010x}"))
+    });
+
+    for x in [0x12345678u32, 0, 0xffff_ffff, 0xdead_beef, 0x0000_0001] {
+        rep.run(&format!("liveness_{x:08x}"), || {
+            bar.w32(reg::LIVENESS, x);
+            let v = bar.r32(reg::LIVENESS);
+            if v != !x {
+                return Err(format!(
+                    "wrote {x:#010x}, read {v:#010x}, want {:#010x}",
+                    !x
+                ));
+            }
+            Ok(format!("{v:#010x}"))
+        });
+    }
+
+    // edu.c answers non-4-byte accesses below 0x80 with all-ones, but QEMU's
+    // memory core rejects them before they reach the built-in device (reads 0);
+    // a vfio-user device sees them. Informative only, so not a diffed test.
+    info(&format!(
+        "narrow (2-byte) read of ID: {:#06x}",
+        bar.r16(reg::ID)
+    ));
+
+    for n in [0u32, 1, 5, 10, 12, 13] {
+        rep.run(&format!("factorial_{n}"), || {
+            let v = edu.factorial(n)?;
+            let want = factorial_u32(n);
+            if v != want {
+                return Err(format!("{n}! = {v} ({v:#x}), want {want}"));
+            }
+            Ok(format!("{v}"))
+        });
+    }
+
+    rep.run("status_idle", || {
+        let s = bar.r32(reg::STATUS);
+        if s & STATUS_COMPUTING != 0 {
+            return Err(format!("status {s:#x} still computing"));
+        }
+        Ok(format!("{s:#x}"))
+    });
+
+    rep.run("irq_raise_ack", || {
+        let mut seen = Vec::new();
+        let before = edu.irq_status();
+        if before != 0 {
+            return Err(format!("irq status {before:#x} before raise"));
+        }
+        bar.w32(reg::IRQ_RAISE, 0x0001_0000);
+        seen.push(edu.irq_status());
+        bar.w32(reg::IRQ_RAISE, 0x0000_0004);
+        seen.push(edu.irq_status());
+        bar.w32(reg::IRQ_ACK, 0x0001_0000);
+        seen.push(edu.irq_status());
+        bar.w32(reg::IRQ_ACK, 0x0000_0004);
+        seen.push(edu.irq_status());
+        let want = [0x0001_0000, 0x0001_0004, 0x0000_0004, 0];
+        let shown: Vec<String> = seen.iter().map(|v| format!("{v:#x}")).collect();
+        if seen != want {
+            return Err(format!(
+                "irq status sequence {}, want 0x10000,0x10004,0x4,0x0",
+                shown.join(",")
+            ));
+        }
+        Ok(shown.join(","))
+    });
+
+    rep.run("factorial_irq", || {
+        bar.w32(reg::STATUS, STATUS_IRQFACT);
+        let s = bar.r32(reg::STATUS);
+        if s & STATUS_IRQFACT == 0 {
+            return Err(format!(
+                "status {s:#x}: irq-after-factorial bit did not stick"
+            ));
+        }
+        let v = edu.factorial(6)?;
+        // The irq is raised just after the computing bit clears.
+        let irq = wait_until("factorial irq in 0x24", FACT_TIMEOUT, || {
+            let s = edu.irq_status();
+            (s & IRQ_FACT != 0).then_some(u64::from(s))
+        })? as u32;
+        bar.w32(reg::IRQ_ACK, IRQ_FACT);
+        let after = edu.irq_status();
+        bar.w32(reg::STATUS, 0);
+        let s2 = bar.r32(reg::STATUS);
+        if v != 720 || irq != IRQ_FACT || after != 0 || s2 & STATUS_IRQFACT != 0 {
+            return Err(format!(
+                "6!={v} irq={irq:#x} after_ack={after:#x} status={s2:#x}"
+            ));
+        }
+        Ok(format!(
+            "6!={v} irq={irq:#x} after_ack={after:#x} status={s2:#x}"
+        ))
+    });
+
+    // --- DMA.
+    let pages = match dma_pages(8, DMA_LIMIT) {
+        Ok(p) => p,
+        Err(e) => {
+            rep.result("dma_pages", Err(e));
+            return Ok(());
+        }
+    };
+    info(&format!(
+        "DMA pages at {}",
+        pages
+            .iter()
+            .map(|p| format!("{:#x}", p.phys))
+            .collect::<Vec<_>>()
+            .join(" ")
+    ));
+    let (src, dst, dst2) = (&pages[0], &pages[1], &pages[2]);
+
+    rep.run("dma_regs", || {
+        // Registers are readable back while no transfer runs.
+        edu.dma_program(0x1234_5000, DEV_BUF + 0x10, 0x20);
+        let v = (
+            bar.r64(reg::DMA_SRC),
+            bar.r64(reg::DMA_DST),
+            bar.r64(reg::DMA_CNT),
+        );
+        if v != (0x1234_5000, DEV_BUF + 0x10, 0x20) {
+            return Err(format!(
+                "read back src={:#x} dst={:#x} cnt={:#x}",
+                v.0, v.1, v.2
+            ));
+        }
+        Ok(format!("src={:#x} dst={:#x} cnt={:#x}", v.0, v.1, v.2))
+    });
+
+    rep.run("dma_ram_to_dev_to_ram", || {
+        src.fill(pattern(1));
+        dst.fill(|_| 0xaa);
+        edu.dma_to_dev(src.phys, 0, DEV_BUF_SIZE as u64, 0)?;
+        edu.dma_to_ram(0, dst.phys, DEV_BUF_SIZE as u64, 0)?;
+        let want = src.bytes(0, PAGE);
+        let got = dst.bytes(0, PAGE);
+        compare("page", &got, &want)?;
+        Ok(format!("cnt={DEV_BUF_SIZE:#x} fnv={:#010x}", fnv1a(&got)))
+    });
+
+    rep.run("dma_partial_offsets", || {
+        // Write 0x200 bytes at device offset 0x300, read 0x100 of them back
+        // from offset 0x380 into the middle of a page filled with 0x55.
+        src.fill(pattern(2));
+        dst2.fill(|_| 0x55);
+        edu.dma_to_dev(src.phys + 0x40, 0x300, 0x200, 0)?;
+        edu.dma_to_ram(0x380, dst2.phys + 0x800, 0x100, 0)?;
+        let got = dst2.bytes(0, PAGE);
+        let mut want = vec![0x55u8; PAGE];
+        want[0x800..0x900].copy_from_slice(&src.bytes(0x40 + 0x80, 0x100));
+        compare("page", &got, &want)?;
+        Ok(format!("fnv={:#010x}", fnv1a(&got)))
+    });
+
+    rep.run("dma_irq", || {
+        src.fill(pattern(3));
+        dst.fill(|_| 0);
+        edu.dma_to_dev(src.phys, 0, 0x400, DMA_IRQ)?;
+        let s1 = wait_until("DMA irq", FACT_TIMEOUT, || {
+            let s = edu.irq_status();
+            (s & IRQ_DMA != 0).then_some(u64::from(s))
+        })? as u32;
+        bar.w32(reg::IRQ_ACK, IRQ_DMA);
+        let a1 = edu.irq_status();
+        edu.dma_to_ram(0, dst.phys, 0x400, DMA_IRQ)?;
+        let s2 = wait_until("DMA irq", FACT_TIMEOUT, || {
+            let s = edu.irq_status();
+            (s & IRQ_DMA != 0).then_some(u64::from(s))
+        })? as u32;
+        bar.w32(reg::IRQ_ACK, IRQ_DMA);
+        let a2 = edu.irq_status();
+        compare("data", &dst.bytes(0, 0x400), &src.bytes(0, 0x400))?;
+        let summary = format!("to_dev irq={s1:#x} ack={a1:#x} to_ram irq={s2:#x} ack={a2:#x}");
+        if s1 != IRQ_DMA || s2 != IRQ_DMA || a1 != 0 || a2 != 0 {
+            return Err(summary);
+        }
+        Ok(summary)
+    });
+
+    let rounds: u32 = std::env::var("UMDEV_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8);
+    rep.run("irq_then_dma", || {
+        // An interrupt raised immediately before a DMA starts, both
+        // directions, with and without the DMA-completion irq.
+        let mut sums = Vec::new();
+        for r in 0..rounds {
+            let to_ram = r % 2 == 0;
+            let extra = if r % 4 >= 2 { DMA_IRQ } else { 0 };
+            let raise = 0x1000u32 << (r % 4);
+            let page = &pages[3 + (r as usize % 4)];
+            if to_ram {
+                // Load the device buffer first (no irq involved).
+                src.fill(pattern(100 + r));
+                edu.dma_to_dev(src.phys, 0, DEV_BUF_SIZE as u64, 0)?;
+                page.fill(|_| 0xcc);
+                fence(Ordering::SeqCst);
+                edu.dma_program(DEV_BUF, page.phys, DEV_BUF_SIZE as u64);
+                bar.w32(reg::IRQ_RAISE, raise);
+                bar.w64(reg::DMA_CMD, DMA_RUN | DMA_TO_RAM | extra);
+            } else {
+                page.fill(pattern(100 + r));
+                fence(Ordering::SeqCst);
+                edu.dma_program(page.phys, DEV_BUF, DEV_BUF_SIZE as u64);
+                bar.w32(reg::IRQ_RAISE, raise);
+                bar.w64(reg::DMA_CMD, DMA_RUN | extra);
+            }
+            edu.dma_wait().map_err(|e| format!("round {r}: {e}"))?;
+            let want_irq = raise | if extra != 0 { IRQ_DMA } else { 0 };
+            let irq = if extra != 0 {
+                wait_until("DMA irq", FACT_TIMEOUT, || {
+                    let s = edu.irq_status();
+                    (s & IRQ_DMA != 0).then_some(u64::from(s))
+                })
+                .map_err(|e| format!("round {r}: {e}"))? as u32
+            } else {
+                edu.irq_status()
+            };
+            bar.w32(reg::IRQ_ACK, irq);
+            let after = edu.irq_status();
+            if irq != want_irq || after != 0 {
+                return Err(format!(
+                    "round {r}: irq status {irq:#x} (want {want_irq:#x}), after ack {after:#x}"
+                ));
+            }
+            let got = if to_ram {
+                page.bytes(0, PAGE)
+            } else {
+                // Read the device buffer back into another page.
+                dst.fill(|_| 0);
+                edu.dma_to_ram(0, dst.phys, DEV_BUF_SIZE as u64, 0)?;
+                dst.bytes(0, PAGE)
+            };
+            let want: Vec<u8> = (0..PAGE).map(pattern(100 + r)).collect();
+            compare(&format!("round {r} data"), &got, &want)?;
+            sums.push(format!("{:08x}", fnv1a(&got)));
+        }
+        Ok(format!("rounds={rounds} fnv={}", sums.join(",")))
+    });
+
+    rep.run("final_irq_status", || {
+        let s = edu.irq_status();
+        if s != 0 {
+            edu.ack_all();
+            return Err(format!("{s:#x} left pending"));
+        }
+        Ok(format!("{s:#x}"))
+    });
+    Ok(())
+}
+
+fn parse_dev(s: &str) -> Option<(u16, u16)> {
+    let (v, d) = s.split_once(':')?;
+    Some((
+        u16::from_str_radix(v, 16).ok()?,
+        u16::from_str_radix(d, 16).ok()?,
+    ))
+}
+
+fn main() {
+    let pid1 = std::process::id() == 1;
+    prepare_environment();
+    let no_poweroff = std::env::var("UMDEV_NO_POWEROFF").is_ok_and(|v| v == "1");
+
+    let mut uname = String::new();
+    if let Ok(mut f) = File::open("/proc/version") {
+        let _ = f.read_to_string(&mut uname);
+    }
+    info(&format!(
+        "umdev-guest-driver {} pid={} {}",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id(),
+        uname.trim()
+    ));
+
+    let devspec = std::env::var("UMDEV_DEV").unwrap_or_else(|_| "1234:11e8".into());
+    let filter = std::env::var("UMDEV_TESTS")
+        .ok()
+        .filter(|s| !s.is_empty() && s != "all")
+        .map(|s| s.split(',').map(str::to_owned).collect());
+    let mut rep = Report {
+        passed: 0,
+        failed: 0,
+        filter,
+        stopped: false,
+    };
+
+    let started = Instant::now();
+    let outcome =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<(), String> {
+            let (vendor, device) =
+                parse_dev(&devspec).ok_or_else(|| format!("bad UMDEV_DEV={devspec}"))?;
+            let dev = find_device(vendor, device)?;
+            info(&format!(
+                "device {vendor:04x}:{device:04x} at {}",
+                dev.display()
+            ));
+            rep.result("find_device", Ok(format!("{vendor:04x}:{device:04x}")));
+            run_edu_tests(&mut rep, &dev)
+        }));
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => rep.result("setup", Err(e)),
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            rep.result("panic", Err(msg));
+        }
+    }
+    info(&format!("tests took {} ms", started.elapsed().as_millis()));
+    emit(&format!("DONE passed={} failed={}", rep.passed, rep.failed));
+    if pid1 && !no_poweroff {
+        power_off();
+    }
+    std::process::exit(if rep.failed == 0 { 0 } else { 1 });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn factorial_wraps_like_edu() {
+        assert_eq!(factorial_u32(0), 1);
+        assert_eq!(factorial_u32(5), 120);
+        assert_eq!(factorial_u32(12), 479_001_600);
+        assert_eq!(factorial_u32(13), 1_932_053_504); // 13! mod 2^32
+    }
+
+    #[test]
+    fn parses_device_ids() {
+        assert_eq!(parse_dev("1234:11e8"), Some((0x1234, 0x11e8)));
+        assert_eq!(parse_dev("1234"), None);
+        assert_eq!(parse_dev("xyz:1"), None);
+    }
+
+    #[test]
+    fn pattern_is_deterministic_and_varies() {
+        let a: Vec<u8> = (0..PAGE).map(pattern(1)).collect();
+        let b: Vec<u8> = (0..PAGE).map(pattern(1)).collect();
+        let c: Vec<u8> = (0..PAGE).map(pattern(2)).collect();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(fnv1a(b""), 0x811c9dc5);
+        assert_eq!(fnv1a(b"a"), 0xe40c292c);
+    }
+
+    #[test]
+    fn compare_reports_first_difference() {
+        assert!(compare("x", &[1, 2, 3], &[1, 2, 3]).is_ok());
+        let e = compare("x", &[1, 9, 3], &[1, 2, 3]).unwrap_err();
+        assert!(e.contains("first at 0x1"), "{e}");
+    }
+}
