@@ -438,7 +438,7 @@ impl Session<'_> {
                 debug!(
                     gpa = m.address,
                     size = m.size,
-                    fd = req.fds.is_empty(),
+                    with_fd,
                     "DMA map"
                 );
                 self.reply(&req.header, &[], &[])
