@@ -435,12 +435,7 @@ impl Session<'_> {
         });
         match result {
             Ok(()) => {
-                debug!(
-                    gpa = m.address,
-                    size = m.size,
-                    with_fd,
-                    "DMA map"
-                );
+                debug!(gpa = m.address, size = m.size, with_fd, "DMA map");
                 self.reply(&req.header, &[], &[])
             }
             Err(e) => {
