@@ -83,6 +83,11 @@ impl Capabilities {
         bytes
     }
 
+    /// The `capabilities` object as compact JSON.
+    pub fn raw_json(&self) -> String {
+        self.raw.to_string()
+    }
+
     /// Capabilities with the given limits and no extensions.
     pub fn new(
         max_msg_fds: u32,
