@@ -19,9 +19,10 @@ pub struct ServerArgs {
     /// An inherited socket fd: a listening socket, or one connected client.
     #[arg(long)]
     pub fd: Option<i32>,
-    /// Layout of server-initiated DMA_READ/DMA_WRITE messages: `qemu` (QEMU 10.1+)
-    /// or `spec` (docs/interop/vfio-user.rst, libvfio-user).
-    #[arg(long, default_value = "qemu")]
+    /// Layout of server-initiated DMA_READ/DMA_WRITE messages: `spec`
+    /// (docs/interop/vfio-user.rst, libvfio-user, QEMU 11.1) or `qemu-10` (the u32
+    /// count and data at byte 28 of QEMU's first hw/vfio-user).
+    #[arg(long, default_value = "spec")]
     pub dma_layout: DmaLayout,
     /// Serve one client, then exit.
     #[arg(long)]

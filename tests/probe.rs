@@ -13,7 +13,11 @@ fn probe_prints_what_a_client_sees() {
         .arg("--hex")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     for want in [
         "vfio-user 0.",

@@ -225,7 +225,18 @@ fn dma_through_fd_mapped_memory() {
 
 #[test]
 fn dma_through_messages_with_requests_interleaved() {
-    let be = Backend::edu();
+    dma_through_messages(Backend::edu(), DmaLayout::Spec);
+}
+
+#[test]
+fn dma_through_messages_in_the_older_qemu_layout() {
+    dma_through_messages(
+        Backend::start("umdev-edu", &["--dma-layout", "qemu-10"]),
+        DmaLayout::Qemu10,
+    );
+}
+
+fn dma_through_messages(be: Backend, layout: DmaLayout) {
     let mut c = be.connect();
     let ram = SharedRam::new(0x20_0000, 0x10000);
     {
@@ -234,7 +245,7 @@ fn dma_through_messages_with_requests_interleaved() {
             *x = (i * 7) as u8;
         }
     }
-    c.set_dma_target(Box::new(ram.clone()), DmaLayout::Qemu);
+    c.set_dma_target(Box::new(ram.clone()), layout);
     c.dma_map(0x20_0000, 0x10000, None, 0, RW).unwrap();
     enable(&mut c);
     // Polling the command register serves the server's DMA requests meanwhile.

@@ -120,7 +120,11 @@ fn region_line(out: &mut String, index: u32, r: &RegionDetails) {
         (REGION_INFO_FLAG_MMAP, "mmap"),
         (REGION_INFO_FLAG_CAPS, "caps"),
     ];
-    let flags: Vec<&str> = names.iter().filter(|(b, _)| f & b != 0).map(|(_, n)| *n).collect();
+    let flags: Vec<&str> = names
+        .iter()
+        .filter(|(b, _)| f & b != 0)
+        .map(|(_, n)| *n)
+        .collect();
     let _ = write!(
         out,
         "  region {index} ({}): size {:#x}, flags [{}]",
@@ -246,7 +250,12 @@ fn decode_config(out: &mut String, cfg: &[u8]) {
         match id {
             0x01 => {
                 let pmcsr = u16_at(cfg, at + 4);
-                let _ = writeln!(out, "Power Management version {}, D{}", u16_at(cfg, at + 2) & 7, pmcsr & 3);
+                let _ = writeln!(
+                    out,
+                    "Power Management version {}, D{}",
+                    u16_at(cfg, at + 2) & 7,
+                    pmcsr & 3
+                );
             }
             0x05 => {
                 let ctrl = u16_at(cfg, at + 2);

@@ -316,23 +316,25 @@ pub struct DmaAccess {
 }
 
 /// Where DMA_READ/DMA_WRITE data sits. The spec puts a u64 count at payload
-/// offset 8 and data at 16; QEMU (hw/vfio-user, 10.1 and later) uses a u32 count
-/// and puts data at payload offset 12, with the message still 32 + count bytes
-/// long. Both have the same size, so the layout cannot be detected: it is chosen.
+/// offset 8 and the data at 16, and QEMU 11.1.3 (tested here) does the same. The
+/// hw/vfio-user code QEMU first merged used a u32 count and put the data at
+/// payload offset 12, the message still 32 + count bytes long. Both layouts have
+/// the same size, so the layout cannot be detected: it is chosen.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum DmaLayout {
-    /// QEMU's: data at payload offset 12, 4 bytes of padding at the end.
+    /// docs/interop/vfio-user.rst, libvfio-user, QEMU 11.1: data at payload offset 16.
     #[default]
-    Qemu,
-    /// docs/interop/vfio-user.rst's (libvfio-user): data at payload offset 16.
     Spec,
+    /// QEMU's first hw/vfio-user: u32 count, data at payload offset 12, 4 bytes of
+    /// padding at the end.
+    Qemu10,
 }
 
 impl DmaLayout {
     /// Payload offset of the data.
     pub fn data_offset(self) -> usize {
         match self {
-            DmaLayout::Qemu => 12,
+            DmaLayout::Qemu10 => 12,
             DmaLayout::Spec => 16,
         }
     }
@@ -347,7 +349,7 @@ impl DmaLayout {
         let mut b = [0u8; 16];
         b[..8].copy_from_slice(&address.to_le_bytes());
         match self {
-            DmaLayout::Qemu => b[8..12].copy_from_slice(&(count as u32).to_le_bytes()),
+            DmaLayout::Qemu10 => b[8..12].copy_from_slice(&(count as u32).to_le_bytes()),
             DmaLayout::Spec => b[8..16].copy_from_slice(&count.to_le_bytes()),
         }
         b
@@ -357,7 +359,9 @@ impl DmaLayout {
     pub fn parse(self, payload: &[u8]) -> Option<(u64, u64)> {
         let address = u64::from_le_bytes(payload.get(..8)?.try_into().ok()?);
         let count = match self {
-            DmaLayout::Qemu => u64::from(u32::from_le_bytes(payload.get(8..12)?.try_into().ok()?)),
+            DmaLayout::Qemu10 => {
+                u64::from(u32::from_le_bytes(payload.get(8..12)?.try_into().ok()?))
+            }
             DmaLayout::Spec => u64::from_le_bytes(payload.get(8..16)?.try_into().ok()?),
         };
         Some((address, count))
@@ -368,9 +372,11 @@ impl std::str::FromStr for DmaLayout {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
-            "qemu" => Ok(DmaLayout::Qemu),
             "spec" => Ok(DmaLayout::Spec),
-            _ => Err(format!("unknown DMA message layout {s:?} (qemu or spec)")),
+            "qemu-10" => Ok(DmaLayout::Qemu10),
+            _ => Err(format!(
+                "unknown DMA message layout {s:?} (spec or qemu-10)"
+            )),
         }
     }
 }

@@ -21,6 +21,19 @@ pub fn workspace_bin(name: &str) -> PathBuf {
         "{} is missing: build the workspace binaries first (cargo build --workspace)",
         bin.display()
     );
+    // `cargo test` rebuilds libraries, not other packages' binaries: refuse a
+    // binary older than the libraries this test was built against.
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let bin_time = modified(&bin);
+    for lib in ["libumdev.rlib", "libumdev_edu.rlib"] {
+        if let (Some(b), Some(l)) = (bin_time, modified(&dir.join(lib))) {
+            assert!(
+                b >= l,
+                "{} is older than {lib}: rebuild it (cargo build --workspace)",
+                bin.display()
+            );
+        }
+    }
     bin
 }
 

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The project's test command: formatting, lints, unit and integration tests over
+# real sockets, and the end-to-end tests that boot a Linux guest under QEMU.
+# Installs what it needs on first use (a private QEMU and guest kernel, cached).
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+cd "$REPO"
+
+echo "== e2e set-up (cached)"
+scripts/setup-e2e.sh --quiet
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+(cd tests/guest-driver && cargo fmt -- --check)
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== build"
+cargo build --workspace
+echo "== tests"
+(cd tests/guest-driver && cargo test --quiet --target-dir "$REPO/target/guest-driver")
+UMDEV_E2E=1 cargo test --workspace
