@@ -497,3 +497,59 @@ fn sigterm_ends_cleanly_and_removes_the_socket() {
     assert!(status.success(), "exit status {status:?}");
     assert!(!be.socket.exists());
 }
+
+/// Starts umdev-edu with `fd` as its descriptor 3 and `--fd 3`.
+fn spawn_with_fd3(fd: std::os::fd::RawFd) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(common::workspace_bin("umdev-edu"));
+    cmd.args(["--fd", "3"]).stderr(std::process::Stdio::null());
+    // SAFETY: between fork and exec only async-signal-safe dup2 runs, making the
+    // socket the child's fd 3 (without close-on-exec).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().unwrap()
+}
+
+#[test]
+fn inherited_connected_socket() {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let mut child = spawn_with_fd3(theirs.as_raw_fd());
+    drop(theirs);
+    let mut c = Client::from_stream(ours).unwrap();
+    c.negotiate(&umdev::vfio_user::caps::Capabilities::new(
+        16,
+        1 << 20,
+        16,
+        false,
+    ))
+    .unwrap();
+    enable(&mut c);
+    assert_eq!(c.read_u32(BAR0, reg::ID).unwrap(), ID_VALUE);
+    drop(c);
+    // One client on a connected fd: the backend exits when it leaves.
+    let status = wait_for(Duration::from_secs(10), || child.try_wait().unwrap());
+    assert!(status.success());
+}
+
+#[test]
+fn inherited_listening_socket() {
+    let dir = common::TempDir::new();
+    let path = dir.path().join("l.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let mut child = spawn_with_fd3(listener.as_raw_fd());
+    for _ in 0..2 {
+        let mut c = Client::connect(&path).unwrap();
+        enable(&mut c);
+        assert_eq!(c.read_u32(BAR0, reg::ID).unwrap(), ID_VALUE);
+    }
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = wait_for(Duration::from_secs(10), || child.try_wait().unwrap());
+    assert!(status.success());
+}

@@ -8,14 +8,17 @@
 //! when it is unmasked.
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::thread::JoinHandle;
+
+use vmm_sys_util::eventfd::EventFd;
 
 use tracing::{debug, trace, warn};
 
 use crate::vfio_user::wire::{
     IRQ_INFO_AUTOMASKED, IRQ_INFO_EVENTFD, IRQ_INFO_MASKABLE, IRQ_INFO_NORESIZE,
     IRQ_SET_ACTION_MASK, IRQ_SET_ACTION_MASK_ALL, IRQ_SET_ACTION_TRIGGER, IRQ_SET_ACTION_UNMASK,
-    IRQ_SET_DATA_BOOL, IRQ_SET_DATA_EVENTFD, IRQ_SET_DATA_MASK, IRQ_SET_DATA_NONE,
+    IRQ_SET_DATA_MASK,
 };
 
 /// The IRQ indices of a vfio PCI device.
@@ -104,6 +107,73 @@ struct IrqState {
 pub struct Interrupts {
     state: Mutex<IrqState>,
     counts: [u32; 5],
+    /// Thread unmasking INTx when the client's resample eventfd fires. Kept out of
+    /// `state`: stopping it joins a thread that itself takes the state lock.
+    intx_resampler: Mutex<Option<Resampler>>,
+}
+
+/// Watches an INTx unmask eventfd (SET_IRQS UNMASK with DATA_EVENTFD): QEMU
+/// with KVM hands one over so that a guest EOI unmasks the line without a message.
+struct Resampler {
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Resampler {
+    fn spawn(fd: OwnedFd, irqs: Weak<Interrupts>) -> Option<Resampler> {
+        let stop = EventFd::new(0).ok()?;
+        let stop_fd = stop.try_clone().ok()?;
+        let thread = std::thread::Builder::new()
+            .name("intx-resample".into())
+            .spawn(move || loop {
+                let mut fds = [
+                    libc::pollfd {
+                        fd: fd.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                    libc::pollfd {
+                        fd: stop_fd.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                ];
+                // SAFETY: polls two pollfds that live on this stack frame.
+                let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+                if n < 0 {
+                    if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return;
+                }
+                if fds[1].revents != 0
+                    || fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0
+                {
+                    return;
+                }
+                let mut count = 0u64;
+                // SAFETY: reads 8 bytes into a local u64 from an eventfd we own.
+                unsafe { libc::read(fd.as_raw_fd(), (&mut count as *mut u64).cast(), 8) };
+                match irqs.upgrade() {
+                    Some(irqs) => irqs.unmask_intx(),
+                    None => return,
+                }
+            })
+            .ok()?;
+        Some(Resampler {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Resampler {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// The device's handle for raising interrupts.
@@ -133,6 +203,7 @@ impl Interrupts {
         Arc::new(Interrupts {
             state: Mutex::new(state),
             counts,
+            intx_resampler: Mutex::new(None),
         })
     }
 
@@ -317,9 +388,31 @@ impl Interrupts {
             .fold(0u64, |acc, i| acc | (1 << i))
     }
 
+    /// The client unmasked INTx (message or resample eventfd).
+    fn unmask_intx(&self) {
+        let mut s = self.lock();
+        if let Some(v) = s.vectors[0].first_mut() {
+            v.masked = false;
+        }
+        s.intx_automasked = false;
+        Self::fire_intx(&mut s);
+    }
+
+    fn set_intx_resampler(self: &Arc<Self>, fd: Option<OwnedFd>) {
+        let new = fd.and_then(|fd| Resampler::spawn(fd, Arc::downgrade(self)));
+        let old = std::mem::replace(
+            &mut *self
+                .intx_resampler
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+            new,
+        );
+        drop(old);
+    }
+
     /// DEVICE_SET_IRQS.
     pub fn set_irqs(
-        &self,
+        self: &Arc<Self>,
         index: u32,
         flags: u32,
         start: u32,
@@ -394,9 +487,18 @@ impl Interrupts {
                     }
                 }
             },
+            IRQ_SET_ACTION_UNMASK
+                if index == IrqIndex::Intx && matches!(data, IrqSetData::Eventfds(_)) =>
+            {
+                drop(s);
+                if let IrqSetData::Eventfds(mut fds) = data {
+                    self.set_intx_resampler(fds.pop().flatten());
+                }
+                debug!("INTx unmask eventfd set");
+            }
             IRQ_SET_ACTION_MASK | IRQ_SET_ACTION_UNMASK => {
                 if matches!(data, IrqSetData::Eventfds(_)) {
-                    // Unmask-by-eventfd (resamplefd) is a kernel irqfd feature we lack.
+                    // Only INTx has an unmask eventfd, as in the kernel's vfio-pci.
                     return Err(IrqError::Unsupported(index));
                 }
                 if matches!(index, IrqIndex::Err | IrqIndex::Req) {
@@ -411,8 +513,9 @@ impl Interrupts {
                 if !mask {
                     match index {
                         IrqIndex::Intx => {
-                            s.intx_automasked = false;
-                            Self::fire_intx(&mut s);
+                            drop(s);
+                            self.unmask_intx();
+                            return Ok(());
                         }
                         IrqIndex::Msix => Self::flush_msix_pending(&mut s),
                         IrqIndex::Msi => {
@@ -428,7 +531,6 @@ impl Interrupts {
             }
             _ => return Err(IrqError::BadFlags(flags)),
         }
-        let _ = IRQ_SET_DATA_NONE | IRQ_SET_DATA_BOOL | IRQ_SET_DATA_EVENTFD;
         Ok(())
     }
 
@@ -454,7 +556,8 @@ impl Interrupts {
     }
 
     /// The client went away: forget its eventfds as well.
-    pub fn disconnect(&self) {
+    pub fn disconnect(self: &Arc<Self>) {
+        self.set_intx_resampler(None);
         self.reset();
         let mut s = self.lock();
         for vectors in s.vectors.iter_mut() {
@@ -468,25 +571,15 @@ impl Interrupts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    use crate::vfio_user::wire::{IRQ_SET_DATA_BOOL, IRQ_SET_DATA_EVENTFD, IRQ_SET_DATA_NONE};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     fn efd() -> (EventFd, OwnedFd) {
         let e = EventFd::new(EFD_NONBLOCK).unwrap();
-        let dup = e.try_clone().unwrap();
-        // SAFETY: into_raw_fd hands over ownership of the duplicated fd.
-        let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup.into_raw_fd()) };
+        // SAFETY: dup of a live eventfd; the OwnedFd takes the new descriptor.
+        let owned =
+            unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(libc::dup(e.as_raw_fd())) };
         (e, owned)
-    }
-
-    trait IntoRaw {
-        fn into_raw_fd(self) -> i32;
-    }
-    impl IntoRaw for EventFd {
-        fn into_raw_fd(self) -> i32 {
-            let fd = self.as_raw_fd();
-            std::mem::forget(self);
-            fd
-        }
     }
 
     fn fired(e: &EventFd) -> bool {
@@ -572,6 +665,45 @@ mod tests {
         )
         .unwrap();
         assert!(!fired(&e));
+    }
+
+    #[test]
+    fn intx_unmask_eventfd() {
+        let irqs = Interrupts::new(0, 0);
+        let (e, fd) = efd();
+        let (resample, resample_fd) = efd();
+        irqs.set_irqs(
+            0,
+            IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
+            0,
+            1,
+            IrqSetData::Eventfds(vec![Some(fd)]),
+        )
+        .unwrap();
+        irqs.set_irqs(
+            0,
+            IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_UNMASK,
+            0,
+            1,
+            IrqSetData::Eventfds(vec![Some(resample_fd)]),
+        )
+        .unwrap();
+        irqs.set_intx(true);
+        assert!(fired(&e));
+        irqs.set_intx(true);
+        assert!(!fired(&e));
+        // The guest's EOI, as KVM would signal it: the line is unmasked and, still
+        // asserted, fires again.
+        resample.write(1).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !fired(&e) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "resample did not unmask"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        irqs.disconnect();
     }
 
     #[test]
