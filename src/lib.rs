@@ -7,5 +7,6 @@
 
 pub mod cli;
 pub mod memory;
+pub mod pagetrack;
 pub mod pci;
 pub mod vfio_user;

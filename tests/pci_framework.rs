@@ -90,6 +90,7 @@ fn description() -> PciDeviceDescription {
         }),
         pcie: true,
         power_management: true,
+        ..Default::default()
     }
 }
 

@@ -37,6 +37,8 @@ pub enum MemoryError {
     Invalid(&'static str),
     #[error("mapping the region's fd failed: {0}")]
     Mmap(String),
+    #[error("guest address {0:#x} has no fd mapping (reachable only by message)")]
+    NoHostMapping(u64),
     #[error("no client connected to carry DMA messages")]
     NoTransport,
     #[error("DMA message to the client failed: {0}")]
@@ -58,6 +60,7 @@ impl MemoryError {
             MemoryError::TooManyRegions(_) => libc::ENOSPC,
             MemoryError::Mmap(_) => libc::EINVAL,
             MemoryError::NoTransport => libc::ENOTCONN,
+            MemoryError::NoHostMapping(_) => libc::EINVAL,
             MemoryError::Transport(_) | MemoryError::Access(_) => libc::EIO,
         }
     }
@@ -130,6 +133,46 @@ impl GuestMemory {
             .write()
             .unwrap_or_else(|p| p.into_inner());
         f(&mut regions)
+    }
+
+    /// Reads fd-mapped guest memory for the backend's own bookkeeping (write
+    /// tracking, shadowing): not device DMA, so not gated by bus mastering, and
+    /// never a message, so it may run on any thread, the session's included.
+    pub fn peek(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        self.access(
+            gpa,
+            buf.len(),
+            Direction::Read,
+            |region_off, backing, range| {
+                let dst = &mut buf[range];
+                match backing {
+                    Backing::Mapped(m) => m
+                        .read_slice(dst, MemoryRegionAddress(region_off))
+                        .map_err(|e| MemoryError::Access(e.to_string())),
+                    Backing::Message(_, gpa) => Err(MemoryError::NoHostMapping(gpa)),
+                }
+            },
+        )
+    }
+
+    /// Whether `[gpa, gpa+len)` lies in fd-mapped regions only.
+    pub fn is_host_mapped(&self, gpa: u64, len: u64) -> bool {
+        let regions = self
+            .shared
+            .regions
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut cur = gpa;
+        let Some(end) = gpa.checked_add(len) else {
+            return false;
+        };
+        while cur < end {
+            match regions.find(cur) {
+                Some(r) if matches!(r.backing, RegionBacking::Mapped(_)) => cur = r.end(),
+                _ => return false,
+            }
+        }
+        true
     }
 
     /// Reads guest memory at `gpa` into `buf` as the device (gated by bus mastering).

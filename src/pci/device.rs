@@ -13,6 +13,7 @@ use super::capability::MsixLayout;
 use super::config::PciIds;
 use super::irq::InterruptHandle;
 use crate::memory::GuestMemory;
+use crate::pagetrack::{PageTracker, Policy, SourceKind};
 
 /// Everything about a device that does not change while it runs.
 #[derive(Clone, Debug, Default)]
@@ -26,6 +27,9 @@ pub struct PciDeviceDescription {
     pub pcie: bool,
     /// Adds a Power Management capability.
     pub power_management: bool,
+    /// How the device's page tracker detects guest writes.
+    pub page_track_source: SourceKind,
+    pub page_track_policy: Policy,
 }
 
 /// What a device model gets to reach the world.
@@ -33,6 +37,8 @@ pub struct PciDeviceDescription {
 pub struct DeviceContext {
     pub memory: GuestMemory,
     pub irq: InterruptHandle,
+    /// Write tracking of guest pages (KVM page-track semantics).
+    pub page_tracker: PageTracker,
 }
 
 /// Part of a BAR the guest maps directly (sparse mmap): backend memory behind an

@@ -15,6 +15,7 @@ use super::device::{BarMapping, DeviceContext, PciDevice, PciDeviceDescription};
 use super::irq::{InterruptHandle, Interrupts};
 use super::msix::MsixTable;
 use crate::memory::GuestMemory;
+use crate::pagetrack::PageTracker;
 
 /// Region indices of a vfio PCI device beyond the BARs.
 pub const ROM_REGION: u32 = 6;
@@ -60,6 +61,7 @@ pub struct PciFunction {
     msix: Option<MsixTable>,
     irq: InterruptHandle,
     memory: GuestMemory,
+    page_tracker: PageTracker,
     device: Box<dyn PciDevice>,
 }
 
@@ -101,9 +103,15 @@ impl PciFunction {
             },
             description.msix.map_or(0, |m| u32::from(m.vectors)),
         );
+        let page_tracker = PageTracker::with_source(
+            memory.clone(),
+            description.page_track_source,
+            description.page_track_policy,
+        );
         let device = make(DeviceContext {
             memory: memory.clone(),
             irq: irq.clone(),
+            page_tracker: page_tracker.clone(),
         });
         Ok(PciFunction {
             msix: description.msix.map(MsixTable::new),
@@ -112,6 +120,7 @@ impl PciFunction {
             caps,
             irq,
             memory,
+            page_tracker,
             device,
             description,
         })
@@ -127,6 +136,10 @@ impl PciFunction {
 
     pub fn memory(&self) -> &GuestMemory {
         &self.memory
+    }
+
+    pub fn page_tracker(&self) -> &PageTracker {
+        &self.page_tracker
     }
 
     pub fn config(&self) -> &ConfigSpace {
@@ -161,8 +174,19 @@ impl PciFunction {
         self.description.bars.get(index).copied().flatten()
     }
 
+    /// Size of region `index`, without building its full description (the access
+    /// path runs this for every REGION_READ/WRITE).
+    fn region_size(&self, index: u32) -> Result<u64, PciError> {
+        match index {
+            i if (i as usize) < NUM_BARS => Ok(self.bar_def(i as usize).map_or(0, |d| d.size)),
+            ROM_REGION | VGA_REGION => Ok(0),
+            CONFIG_REGION => Ok(self.config.size() as u64),
+            _ => Err(PciError::NoSuchRegion(index)),
+        }
+    }
+
     fn check(&self, region: u32, offset: u64, len: usize) -> Result<(), PciError> {
-        let size = self.region(region)?.size;
+        let size = self.region_size(region)?;
         if offset
             .checked_add(len as u64)
             .is_some_and(|end| end <= size)
@@ -289,6 +313,7 @@ impl PciFunction {
         self.memory.set_bus_master(false);
         self.irq.reset();
         self.device.reset();
+        self.page_tracker.reset();
     }
 }
 

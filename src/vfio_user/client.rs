@@ -72,6 +72,8 @@ pub struct Client {
     dma_layout: DmaLayout,
     /// Server-initiated requests answered so far.
     pub dma_requests_served: u64,
+    /// Body of DMA_READ replies, reused from one request to the next.
+    dma_body: Vec<u8>,
 }
 
 /// Largest message the client keeps in memory.
@@ -86,6 +88,30 @@ impl Client {
         Ok(c)
     }
 
+    /// Connects announcing the umdev extensions named (e.g.
+    /// [`CAP_UMDEV_DIRTY_BITMAP`]); returns the client and the extensions the
+    /// server agreed to.
+    pub fn connect_with_extensions(
+        path: impl AsRef<Path>,
+        extensions: &[&str],
+    ) -> Result<(Self, Vec<String>)> {
+        let stream = UnixStream::connect(path).map_err(ClientError::Connect)?;
+        let mut c = Self::from_stream(stream)?;
+        let mut ours = Capabilities::new(16, 1 << 20, 65535, true);
+        if let Some(obj) = ours.raw.as_object_mut() {
+            for &e in extensions {
+                obj.insert(e.into(), serde_json::json!({ "version": 1 }));
+            }
+        }
+        let theirs = c.negotiate(&ours)?;
+        let agreed = extensions
+            .iter()
+            .filter(|e| theirs.raw.get(**e).is_some())
+            .map(|e| e.to_string())
+            .collect();
+        Ok((c, agreed))
+    }
+
     /// Wraps a connected stream without sending anything.
     pub fn from_stream(stream: UnixStream) -> Result<Self> {
         Ok(Client {
@@ -97,6 +123,7 @@ impl Client {
             dma_target: None,
             dma_layout: DmaLayout::default(),
             dma_requests_served: 0,
+            dma_body: Vec::new(),
         })
     }
 
@@ -172,14 +199,7 @@ impl Client {
     /// tests of unknown and malformed commands.
     pub fn request_raw(&mut self, command: u16, payload: &[u8]) -> Result<Reply> {
         let id = self.alloc_id();
-        let header = Header {
-            msg_id: id,
-            command,
-            size: (HEADER_SIZE + payload.len()) as u32,
-            flags: FLAGS_TYPE_COMMAND,
-            error: 0,
-        };
-        self.writer.send(&header, &[payload], &[])?;
+        self.send_numbered(id, command, payload, &[])?;
         self.wait_reply(id)
     }
 
@@ -191,6 +211,23 @@ impl Client {
 
     /// Waits for the reply to message `id`. An error reply becomes `Err(Server)`.
     pub fn wait_reply(&mut self, id: u16) -> Result<Reply> {
+        self.wait_reply_with(id, |header, payload, fds| {
+            Ok(Reply {
+                header,
+                payload: payload.to_vec(),
+                fds,
+            })
+        })
+    }
+
+    /// Waits for the reply to message `id` and hands it to `take` while it is
+    /// still in the reader's buffer (no copy, no allocation). Server requests that
+    /// arrive first are served.
+    pub fn wait_reply_with<T>(
+        &mut self,
+        id: u16,
+        take: impl FnOnce(Header, &[u8], Vec<OwnedFd>) -> Result<T>,
+    ) -> Result<T> {
         loop {
             let msg = self.reader.read_message()?;
             let header = msg.header;
@@ -207,14 +244,17 @@ impl Client {
                         errno: header.error,
                     });
                 }
-                return Ok(Reply {
-                    header,
-                    payload: msg.payload.to_vec(),
-                    fds: msg.fds,
-                });
+                return take(header, msg.payload, msg.fds);
             }
-            let payload = msg.payload.to_vec();
-            self.serve_request(&header, &payload)?;
+            self.dma_requests_served += 1;
+            serve_request(
+                &self.writer,
+                self.dma_target.as_mut(),
+                self.dma_layout,
+                &mut self.dma_body,
+                &header,
+                msg.payload,
+            )?;
         }
     }
 
@@ -245,70 +285,96 @@ impl Client {
         let mut served = 0;
         while !until(self) {
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || !poll_readable(self.reader.stream().as_raw_fd(), left)? {
+            if left.is_zero() {
                 break;
             }
-            let msg = self.reader.read_message()?;
-            let header = msg.header;
-            if header.is_reply() {
-                return Err(ClientError::Protocol(format!(
-                    "unexpected reply to message {}",
-                    header.msg_id
-                )));
+            // Bytes already in the reader never make the socket readable again.
+            if !self.reader.has_buffered()
+                && !poll_readable(self.reader.stream().as_raw_fd(), left)?
+            {
+                break;
             }
-            let payload = msg.payload.to_vec();
-            self.serve_request(&header, &payload)?;
+            self.serve_one()?;
             served += 1;
         }
         Ok(served)
     }
 
+    /// Answers server-initiated requests until `fd` (an interrupt eventfd, say)
+    /// becomes readable; `Ok(false)` if it did not within `timeout`. `fd` is only
+    /// polled, not read.
+    pub fn serve_until_readable(&mut self, fd: RawFd, timeout: Duration) -> Result<bool> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.reader.has_buffered() {
+                self.serve_one()?;
+                continue;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut pfds = [
+                libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.reader.stream().as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            let ms = left.as_millis().min(i32::MAX as u128) as i32;
+            // SAFETY: polls two pollfds that live on our stack for the call.
+            let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, ms) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e.into());
+            }
+            if pfds[0].revents != 0 {
+                return Ok(true);
+            }
+            if pfds[1].revents != 0 {
+                self.serve_one()?;
+            } else if left.is_zero() {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Reads one message, which must be a server request, and answers it.
+    fn serve_one(&mut self) -> Result<()> {
+        let msg = self.reader.read_message()?;
+        let header = msg.header;
+        if header.is_reply() {
+            return Err(ClientError::Protocol(format!(
+                "unexpected reply to message {}",
+                header.msg_id
+            )));
+        }
+        self.dma_requests_served += 1;
+        serve_request(
+            &self.writer,
+            self.dma_target.as_mut(),
+            self.dma_layout,
+            &mut self.dma_body,
+            &header,
+            msg.payload,
+        )
+    }
+
     fn serve_request(&mut self, header: &Header, payload: &[u8]) -> Result<()> {
         self.dma_requests_served += 1;
-        let layout = self.dma_layout;
-        let result = match (Command::from_raw(header.command), self.dma_target.as_mut()) {
-            (_, None) => Err(libc::ENODEV as u32),
-            (Some(Command::DmaRead), Some(target)) => match layout.parse(payload) {
-                Some((addr, count)) if count <= MAX_PAYLOAD as u64 => {
-                    let mut data = vec![0u8; count as usize];
-                    target.read(addr, &mut data).map(|_| {
-                        let mut body = layout.fixed_part(addr, count).to_vec();
-                        body.truncate(layout.data_offset());
-                        body.extend_from_slice(&data);
-                        body.resize(DmaLayout::payload_len(data.len()), 0);
-                        body
-                    })
-                }
-                _ => Err(libc::EINVAL as u32),
-            },
-            (Some(Command::DmaWrite), Some(target)) => match layout.parse(payload) {
-                Some((addr, count)) => {
-                    let at = layout.data_offset();
-                    match payload.get(at..at + count as usize) {
-                        Some(data) => target.write(addr, data).map(|_| Vec::new()),
-                        None => Err(libc::EINVAL as u32),
-                    }
-                }
-                None => Err(libc::EINVAL as u32),
-            },
-            _ => Err(libc::ENOSYS as u32),
-        };
-        if header.no_reply() {
-            return Ok(());
-        }
-        let (flags, error, body) = match result {
-            Ok(body) => (FLAGS_TYPE_REPLY, 0, body),
-            Err(errno) => (FLAGS_TYPE_REPLY | FLAGS_ERROR, errno, Vec::new()),
-        };
-        let reply = Header {
-            msg_id: header.msg_id,
-            command: header.command,
-            size: (HEADER_SIZE + body.len()) as u32,
-            flags,
-            error,
-        };
-        self.writer.send(&reply, &[&body], &[])?;
-        Ok(())
+        serve_request(
+            &self.writer,
+            self.dma_target.as_mut(),
+            self.dma_layout,
+            &mut self.dma_body,
+            header,
+            payload,
+        )
     }
 
     // ---- typed commands ----------------------------------------------------
@@ -391,20 +457,30 @@ impl Client {
     }
 
     pub fn region_read(&mut self, region: u32, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let mut data = vec![0; len];
+        self.region_read_into(region, offset, &mut data)?;
+        Ok(data)
+    }
+
+    /// REGION_READ of `buf.len()` bytes into `buf`, without allocating.
+    pub fn region_read_into(&mut self, region: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
         let access = RegionAccess {
             offset,
             region,
-            count: len as u32,
+            count: buf.len() as u32,
         };
-        let r = self.request(Command::RegionRead, &[access.as_bytes()], &[])?;
-        let echo: RegionAccess = parse(&r.payload)?;
-        let data = &r.payload[std::mem::size_of::<RegionAccess>()..];
-        if echo.count as usize != len || data.len() != len {
-            return Err(ClientError::Protocol(
-                "REGION_READ reply size mismatch".into(),
-            ));
-        }
-        Ok(data.to_vec())
+        let id = self.send(Command::RegionRead, &[access.as_bytes()], &[], false)?;
+        self.wait_reply_with(id, |_, payload, _| {
+            let echo: RegionAccess = parse(payload)?;
+            let data = &payload[std::mem::size_of::<RegionAccess>()..];
+            if echo.count as usize != buf.len() || data.len() != buf.len() {
+                return Err(ClientError::Protocol(
+                    "REGION_READ reply size mismatch".into(),
+                ));
+            }
+            buf.copy_from_slice(data);
+            Ok(())
+        })
     }
 
     pub fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<()> {
@@ -413,8 +489,8 @@ impl Client {
             region,
             count: data.len() as u32,
         };
-        self.request(Command::RegionWrite, &[access.as_bytes(), data], &[])?;
-        Ok(())
+        let id = self.send(Command::RegionWrite, &[access.as_bytes(), data], &[], false)?;
+        self.wait_reply_with(id, |_, _, _| Ok(()))
     }
 
     /// A posted write (no reply), as QEMU sends MMIO writes.
@@ -508,10 +584,123 @@ impl Client {
         parse(&r.payload)
     }
 
+    /// umdev extension: shares a dirty bitmap (memfd `fd` at `offset`) for the
+    /// DMA region `[gpa, gpa+size)`.
+    pub fn share_dirty_bitmap(
+        &mut self,
+        gpa: u64,
+        size: u64,
+        fd: RawFd,
+        offset: u64,
+    ) -> Result<()> {
+        let m = UmdevDirtyBitmap {
+            argsz: std::mem::size_of::<UmdevDirtyBitmap>() as u32,
+            flags: 0,
+            address: gpa,
+            size,
+            offset,
+        };
+        let id = self.alloc_id();
+        self.send_numbered(id, UMDEV_CMD_DIRTY_BITMAP, m.as_bytes(), &[fd])?;
+        self.wait_reply(id)?;
+        Ok(())
+    }
+
+    /// umdev extension: shares a userfaultfd registered in write-protect mode on
+    /// our mapping of DMA region `[gpa, gpa+size)`, which starts at `vmm_address`.
+    pub fn share_uffd(&mut self, gpa: u64, size: u64, vmm_address: u64, uffd: RawFd) -> Result<()> {
+        let m = UmdevUffd {
+            argsz: std::mem::size_of::<UmdevUffd>() as u32,
+            flags: 0,
+            address: gpa,
+            size,
+            vmm_address,
+        };
+        let id = self.alloc_id();
+        self.send_numbered(id, UMDEV_CMD_UFFD, m.as_bytes(), &[uffd])?;
+        self.wait_reply(id)?;
+        Ok(())
+    }
+
+    fn send_numbered(
+        &mut self,
+        id: u16,
+        command: u16,
+        payload: &[u8],
+        fds: &[RawFd],
+    ) -> Result<()> {
+        let header = Header {
+            msg_id: id,
+            command,
+            size: (HEADER_SIZE + payload.len()) as u32,
+            flags: FLAGS_TYPE_COMMAND,
+            error: 0,
+        };
+        self.writer.send(&header, &[payload], fds)?;
+        Ok(())
+    }
+
     pub fn reset(&mut self) -> Result<()> {
         self.request(Command::DeviceReset, &[], &[])?;
         Ok(())
     }
+}
+
+/// Answers one server-initiated request (DMA_READ/DMA_WRITE) from `target`;
+/// `body` is scratch space for the reply, kept between calls.
+fn serve_request(
+    writer: &MessageWriter,
+    target: Option<&mut Box<dyn DmaTarget>>,
+    layout: DmaLayout,
+    body: &mut Vec<u8>,
+    header: &Header,
+    payload: &[u8],
+) -> Result<()> {
+    body.clear();
+    let result = match (Command::from_raw(header.command), target) {
+        (_, None) => Err(libc::ENODEV as u32),
+        (Some(Command::DmaRead), Some(target)) => match layout.parse(payload) {
+            Some((addr, count)) if count <= MAX_PAYLOAD as u64 => {
+                let count = count as usize;
+                let at = layout.data_offset();
+                body.resize(DmaLayout::payload_len(count), 0);
+                body[..at].copy_from_slice(&layout.fixed_part(addr, count as u64)[..at]);
+                body[at + count..].fill(0);
+                target.read(addr, &mut body[at..at + count])
+            }
+            _ => Err(libc::EINVAL as u32),
+        },
+        (Some(Command::DmaWrite), Some(target)) => match layout.parse(payload) {
+            Some((addr, count)) => {
+                let at = layout.data_offset();
+                match at
+                    .checked_add(count as usize)
+                    .and_then(|end| payload.get(at..end))
+                {
+                    Some(data) => target.write(addr, data),
+                    None => Err(libc::EINVAL as u32),
+                }
+            }
+            None => Err(libc::EINVAL as u32),
+        },
+        _ => Err(libc::ENOSYS as u32),
+    };
+    if header.no_reply() {
+        return Ok(());
+    }
+    let (flags, error, body) = match result {
+        Ok(()) => (FLAGS_TYPE_REPLY, 0, &body[..]),
+        Err(errno) => (FLAGS_TYPE_REPLY | FLAGS_ERROR, errno, &[][..]),
+    };
+    let reply = Header {
+        msg_id: header.msg_id,
+        command: header.command,
+        size: (HEADER_SIZE + body.len()) as u32,
+        flags,
+        error,
+    };
+    writer.send(&reply, &[body], &[])?;
+    Ok(())
 }
 
 fn parse<T: WireStruct>(payload: &[u8]) -> Result<T> {

@@ -23,6 +23,7 @@ use super::dma::{DmaLink, PendingRequests};
 use super::socket::{FrameError, MessageReader, MessageWriter, Received, MAX_FDS_PER_MESSAGE};
 use super::wire::*;
 use crate::memory::{DmaRegion, MemoryError};
+use crate::pagetrack::{DirtyBitmap, SourceKind, UffdRegistration};
 use crate::pci::irq::IrqSetData;
 use crate::pci::PciFunction;
 
@@ -189,6 +190,8 @@ impl Server {
             pending: pending.clone(),
             reader,
             client_caps: None,
+            read_buf: Vec::new(),
+            extensions: Vec::new(),
         };
         let result = session.run();
         // Lost connection: fail waiting DMA, forget the client's memory and
@@ -226,6 +229,10 @@ struct Session<'a> {
     pending: Arc<PendingRequests>,
     reader: MessageReader,
     client_caps: Option<Capabilities>,
+    /// REGION_READ data, reused from one read to the next.
+    read_buf: Vec<u8>,
+    /// umdev extensions both sides announced.
+    extensions: Vec<&'static str>,
 }
 
 /// A command as the handlers see it.
@@ -290,6 +297,13 @@ impl Session<'_> {
     }
 
     fn dispatch(&mut self, req: Request<'_>) -> HandlerResult {
+        match req.header.command {
+            UMDEV_CMD_DIRTY_BITMAP if self.agreed(CAP_UMDEV_DIRTY_BITMAP) => {
+                return self.dirty_bitmap(req)
+            }
+            UMDEV_CMD_UFFD if self.agreed(CAP_UMDEV_UFFD_WP) => return self.uffd(req),
+            _ => {}
+        }
         let Some(command) = Command::from_raw(req.header.command) else {
             warn!(command = req.header.command, "unknown command");
             return Err(libc::ENOSYS);
@@ -387,12 +401,27 @@ impl Session<'_> {
             max_data_xfer_size = caps.max_data_xfer_size,
             "client version negotiated"
         );
-        let ours = Capabilities::new(
+        let mut ours = Capabilities::new(
             MAX_FDS_PER_MESSAGE as u32,
             self.config.max_data_xfer_size,
             self.config.max_dma_maps,
             true,
         );
+        // Extensions this device offers; each is in force when the client
+        // announced it too.
+        let offered: &[&'static str] = match lock(self.function).page_tracker().source_kind() {
+            SourceKind::DirtyBitmap => &[CAP_UMDEV_DIRTY_BITMAP],
+            SourceKind::Userfault => &[CAP_UMDEV_UFFD_WP],
+            SourceKind::Scan => &[],
+        };
+        for &name in offered {
+            if let Some(obj) = ours.raw.as_object_mut() {
+                obj.insert(name.into(), serde_json::json!({ "version": 1, "pgsize": 4096 }));
+            }
+            if caps.raw.get(name).is_some() {
+                self.extensions.push(name);
+            }
+        }
         let json = ours.to_json_bytes();
         let reply = Version {
             major: VERSION_MAJOR,
@@ -478,7 +507,12 @@ impl Session<'_> {
                     n = regions.len(),
                     "DMA unmap"
                 );
-                // Mappings go away here, before the client hears back.
+                // Tracking state and mappings go away here, before the client
+                // hears back.
+                let tracker = lock(self.function).page_tracker().clone();
+                for r in &regions {
+                    tracker.remove_region(r.gpa, r.size);
+                }
                 drop(regions);
                 let echo = DmaUnmap {
                     argsz: std::mem::size_of::<DmaUnmap>() as u32,
@@ -604,6 +638,17 @@ impl Session<'_> {
 
     fn set_irqs(&mut self, req: Request<'_>) -> HandlerResult {
         let set = IrqSet::read_from(req.payload).ok_or(libc::EINVAL)?;
+        // The vector range is checked before anything is sized by `count`: a
+        // count of 2^32-1 with no fds would otherwise allocate 16 GiB (fuzzing).
+        let index = crate::pci::irq::IrqIndex::from_raw(set.index).ok_or(libc::EINVAL)?;
+        let (_, available) = lock(self.function).interrupts().info(index);
+        if set
+            .start
+            .checked_add(set.count)
+            .is_none_or(|end| end > available)
+        {
+            return Err(libc::EINVAL);
+        }
         let rest = &req.payload[std::mem::size_of::<IrqSet>()..];
         let data = match set.flags & IRQ_SET_DATA_MASK {
             IRQ_SET_DATA_NONE => IrqSetData::None,
@@ -630,14 +675,19 @@ impl Session<'_> {
         if access.count > self.config.max_data_xfer_size {
             return Err(libc::E2BIG);
         }
-        let mut data = vec![0u8; access.count as usize];
-        lock(self.function)
-            .region_read(access.region, access.offset, &mut data)
-            .map_err(|e| {
+        let mut data = std::mem::take(&mut self.read_buf);
+        data.clear();
+        data.resize(access.count as usize, 0);
+        let read = lock(self.function).region_read(access.region, access.offset, &mut data);
+        let result = match read {
+            Ok(()) => self.reply(&req.header, &[access.as_bytes(), &data], &[]),
+            Err(e) => {
                 debug!("REGION_READ refused: {e}");
-                e.errno()
-            })?;
-        self.reply(&req.header, &[access.as_bytes(), &data], &[])
+                Err(e.errno())
+            }
+        };
+        self.read_buf = data;
+        result
     }
 
     fn region_write(&mut self, req: Request<'_>) -> HandlerResult {
@@ -658,6 +708,44 @@ impl Session<'_> {
             count: access.count,
         };
         self.reply(&req.header, &[echo.as_bytes()], &[])
+    }
+
+    fn agreed(&self, extension: &str) -> bool {
+        self.extensions.contains(&extension)
+    }
+
+    /// umdev extension: the VMM shares a dirty bitmap for a DMA region.
+    fn dirty_bitmap(&mut self, mut req: Request<'_>) -> HandlerResult {
+        let ask = UmdevDirtyBitmap::read_from(req.payload).ok_or(libc::EINVAL)?;
+        let fd = req.fds.pop().ok_or(libc::EINVAL)?;
+        if !req.fds.is_empty() || ask.flags != 0 {
+            return Err(libc::EINVAL);
+        }
+        let tracker = lock(self.function).page_tracker().clone();
+        DirtyBitmap::new(ask.address, ask.size, std::fs::File::from(fd), ask.offset)
+            .and_then(|b| tracker.add_dirty_bitmap(b))
+            .map_err(|e| {
+                warn!("dirty bitmap refused: {e}");
+                e.errno()
+            })?;
+        self.reply(&req.header, &[ask.as_bytes()], &[])
+    }
+
+    /// umdev extension: the VMM shares a write-protect userfaultfd.
+    fn uffd(&mut self, mut req: Request<'_>) -> HandlerResult {
+        let ask = UmdevUffd::read_from(req.payload).ok_or(libc::EINVAL)?;
+        let fd = req.fds.pop().ok_or(libc::EINVAL)?;
+        if !req.fds.is_empty() || ask.flags != 0 {
+            return Err(libc::EINVAL);
+        }
+        let tracker = lock(self.function).page_tracker().clone();
+        UffdRegistration::new(ask.address, ask.size, ask.vmm_address, fd)
+            .and_then(|r| tracker.add_uffd(r))
+            .map_err(|e| {
+                warn!("userfaultfd refused: {e}");
+                e.errno()
+            })?;
+        self.reply(&req.header, &[ask.as_bytes()], &[])
     }
 
     fn region_write_multi(&mut self, req: Request<'_>) -> HandlerResult {

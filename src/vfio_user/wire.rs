@@ -410,7 +410,47 @@ pub struct DeviceFeature {
     pub flags: u32,
 }
 
+/// umdev protocol extensions (docs/protocol-extensions.md). Their command numbers
+/// lie far outside the spec's; each is valid only once both peers announced the
+/// matching `umdev.` capability in VERSION, and is an unknown command otherwise.
+pub const UMDEV_CMD_DIRTY_BITMAP: u16 = 0x5501;
+pub const UMDEV_CMD_UFFD: u16 = 0x5502;
+/// Capability announcing [`UMDEV_CMD_DIRTY_BITMAP`].
+pub const CAP_UMDEV_DIRTY_BITMAP: &str = "umdev.dirty_bitmap";
+/// Capability announcing [`UMDEV_CMD_UFFD`].
+pub const CAP_UMDEV_UFFD_WP: &str = "umdev.uffd_wp";
+
+/// UMDEV_CMD_DIRTY_BITMAP request and reply payload; the bitmap fd travels as
+/// SCM_RIGHTS with the request.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UmdevDirtyBitmap {
+    pub argsz: u32,
+    pub flags: u32,
+    /// The DMA region the bitmap covers.
+    pub address: u64,
+    pub size: u64,
+    /// Offset of the bitmap in the fd (8-byte aligned).
+    pub offset: u64,
+}
+
+/// UMDEV_CMD_UFFD request and reply payload; the userfaultfd travels as
+/// SCM_RIGHTS with the request.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UmdevUffd {
+    pub argsz: u32,
+    pub flags: u32,
+    /// The DMA region the uffd-registered mapping holds.
+    pub address: u64,
+    pub size: u64,
+    /// Where that mapping starts in the VMM's address space.
+    pub vmm_address: u64,
+}
+
 wire_structs!(
+    UmdevDirtyBitmap,
+    UmdevUffd,
     Header,
     Version,
     DmaMap,

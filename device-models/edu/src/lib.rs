@@ -78,6 +78,7 @@ pub fn description() -> PciDeviceDescription {
         msix: None,
         pcie: false,
         power_management: false,
+        ..Default::default()
     }
 }
 

@@ -19,7 +19,14 @@
 //!   `UMDEV_TESTS=a,b*,...`  run only these tests (`b*`: names starting with b);
 //!                           device set-up (enable, bus master) always runs
 //!   `UMDEV_ROUNDS=n`        rounds of the irq-then-DMA test (default 8)
+//!   `UMDEV_GONE_TIMEOUT=s`  how long `device_gone_all_ones` waits (default 60)
+//!   `UMDEV_GONE_PAUSE_MS=n` its pause between checks (default 500)
 //!   `UMDEV_NO_POWEROFF=1`   do not power off at the end
+//!
+//! `device_gone_all_ones` runs only when UMDEV_TESTS names it exactly: it
+//! exercises the device, prints `INFO device_gone: idle ...; kill the backend
+//! now`, then reads the ID register once per pause and passes when the BAR
+//! reads all-ones (the backend was killed and QEMU kept running).
 
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
@@ -90,6 +97,18 @@ impl Report {
                 self.failed += 1;
                 emit(&format!("FAIL {name} {e}"));
             }
+        }
+    }
+
+    /// Runs `f` as test `name` only if UMDEV_TESTS names it exactly (tests
+    /// that need the harness's help, such as killing the backend).
+    fn run_explicit(&mut self, name: &str, f: impl FnOnce() -> Result<String, String>) {
+        let named = self
+            .filter
+            .as_ref()
+            .is_some_and(|patterns| patterns.iter().any(|p| p == name));
+        if named {
+            self.run(name, f);
         }
     }
 
@@ -866,7 +885,85 @@ fn run_edu_tests(rep: &mut Report, dev: &Path) -> Result<(), String> {
         }
         Ok(format!("{s:#x}"))
     });
+
+    // Only when named in UMDEV_TESTS: wait for the device to go away (the
+    // vfio-user server killed under a running guest).
+    rep.run_explicit("device_gone_all_ones", || wait_device_gone(&bar));
     Ok(())
+}
+
+/// Marker printed once the device has been exercised and the guest has gone
+/// idle, so a harness can kill the backend mid-run.
+const GONE_MARKER: &str = "device_gone: idle between accesses; kill the backend now";
+
+/// Exercises the device (ID reads, liveness round trips), prints
+/// [`GONE_MARKER`], then checks the ID register once per pause until the BAR
+/// reads all-ones, i.e. the vfio-user server went away and QEMU kept running.
+///
+/// The device is not accessed during the pauses on purpose: QEMU 11.1 aborts
+/// (`error_setv: Assertion '*errp == NULL'`) when the server dies while one of
+/// QEMU's requests sits unread in the server's socket (its read then fails
+/// with ECONNRESET and the error is set twice). Between accesses the server's
+/// death reads as EOF, which QEMU survives.
+fn wait_device_gone(bar: &Bar) -> Result<String, String> {
+    let env_u64 = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
+    };
+    let timeout = Duration::from_secs(env_u64("UMDEV_GONE_TIMEOUT", 60));
+    let pause = Duration::from_millis(env_u64("UMDEV_GONE_PAUSE_MS", 500));
+    // Busy phase: the device works.
+    for i in 0..50u32 {
+        let id = bar.r32(reg::ID);
+        if id & 0xffff != 0x00ed {
+            return Err(format!("ID {id:#010x} in round trip {i}, before the kill"));
+        }
+        // Never 0, so the expected read-back is never all-ones itself.
+        let x = i.wrapping_mul(0x9e37_79b9) | 1;
+        bar.w32(reg::LIVENESS, x);
+        let v = bar.r32(reg::LIVENESS);
+        if v != !x {
+            return Err(format!(
+                "liveness: wrote {x:#010x}, read {v:#010x} in round trip {i}, before the kill"
+            ));
+        }
+    }
+    info(GONE_MARKER);
+    let start = Instant::now();
+    let mut checks = 0u64;
+    loop {
+        std::thread::sleep(pause);
+        checks += 1;
+        let id = bar.r32(reg::ID);
+        if id == u32::MAX {
+            break;
+        }
+        if id & 0xffff != 0x00ed {
+            return Err(format!("ID {id:#010x} in check {checks}"));
+        }
+        if start.elapsed() > timeout {
+            return Err(format!(
+                "device still answers after {} s ({checks} checks)",
+                timeout.as_secs()
+            ));
+        }
+    }
+    // Gone: every further access reads all-ones too, and does not hang.
+    let ids: Vec<u32> = (0..4).map(|_| bar.r32(reg::ID)).collect();
+    bar.w32(reg::LIVENESS, 0x1234_5678);
+    let live = bar.r32(reg::LIVENESS);
+    let status = bar.r32(reg::STATUS);
+    info(&format!(
+        "device_gone: all-ones at check {checks}, {} ms after the marker",
+        start.elapsed().as_millis()
+    ));
+    let summary = format!("id=0xffffffff liveness={live:#010x} status={status:#010x}");
+    if ids.iter().any(|&v| v != u32::MAX) || live != u32::MAX || status != u32::MAX {
+        return Err(format!("{summary}; ID reads after: {ids:#x?}"));
+    }
+    Ok(summary)
 }
 
 fn parse_dev(s: &str) -> Option<(u16, u16)> {

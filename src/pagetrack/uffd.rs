@@ -1,0 +1,377 @@
+//! The userfaultfd write-protect source (umdev vfio-user extension).
+//!
+//! The VMM registers its own guest-memory mapping with a userfaultfd in
+//! write-protect mode and passes us the fd with the mapping's address. We
+//! write-protect tracked pages in the VMM's address space through it; the first
+//! guest write to one blocks the writer and reaches us as a fault, which we
+//! resolve by making the page writable and waking the writer. The page is then
+//! compared (at once under the strict policy, at the next sync otherwise) and
+//! protected again unless the policy leaves it out of sync.
+//!
+//! A uffd registered by the backend on its *own* mapping would see nothing the
+//! guest writes: only the VMM's mapping is the one the guest writes through.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+
+use tracing::{debug, warn};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{Gfn, Policy, SourceKind, TrackError, WriteSource, PAGE_SIZE};
+
+// linux/userfaultfd.h
+const UFFDIO: u64 = 0xAA;
+const UFFDIO_WRITEPROTECT_NR: u64 = 0x06;
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
+/// _IOWR(UFFDIO, 0x06, struct uffdio_writeprotect) on x86_64/aarch64.
+const UFFDIO_WRITEPROTECT: u64 = (3 << 30) | (24 << 16) | (UFFDIO << 8) | UFFDIO_WRITEPROTECT_NR;
+
+#[repr(C)]
+struct UffdioWriteprotect {
+    start: u64,
+    len: u64,
+    mode: u64,
+}
+
+/// What the VMM shares: its mapping of DMA region `[gpa, gpa+size)` starts at
+/// `vmm_address` in its address space, registered in WP mode with `uffd`.
+pub struct UffdRegistration {
+    pub gpa: u64,
+    pub size: u64,
+    pub vmm_address: u64,
+    pub uffd: OwnedFd,
+}
+
+impl UffdRegistration {
+    /// Checks that `uffd` really is a userfaultfd.
+    pub fn new(gpa: u64, size: u64, vmm_address: u64, uffd: OwnedFd) -> Result<Self, TrackError> {
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", uffd.as_raw_fd()))
+            .map_err(|e| TrackError::Source(format!("uffd: {e}")))?;
+        if link.to_string_lossy() != "anon_inode:[userfaultfd]" {
+            return Err(TrackError::Source(format!(
+                "fd is {}, not a userfaultfd",
+                link.display()
+            )));
+        }
+        if !gpa.is_multiple_of(PAGE_SIZE)
+            || !size.is_multiple_of(PAGE_SIZE)
+            || !vmm_address.is_multiple_of(PAGE_SIZE)
+            || size == 0
+        {
+            return Err(TrackError::Source(
+                "uffd region must be page aligned".into(),
+            ));
+        }
+        vmm_address
+            .checked_add(size)
+            .ok_or_else(|| TrackError::Source("uffd region wraps".into()))?;
+        Ok(UffdRegistration {
+            gpa,
+            size,
+            vmm_address,
+            uffd,
+        })
+    }
+}
+
+/// A write fault, as the reader thread saw it.
+pub(super) struct FaultEvent {
+    registration: u64,
+    address: u64,
+}
+
+pub(super) type Sink = Arc<dyn Fn(FaultEvent) + Send + Sync>;
+
+struct Registration {
+    gpa: u64,
+    size: u64,
+    vmm_address: u64,
+    uffd: Arc<OwnedFd>,
+    stop: EventFd,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        // The reader thread exits on its own; it is not joined, as it may be the
+        // thread dropping us.
+        let _ = self.stop.write(1);
+    }
+}
+
+impl Registration {
+    fn protect(&self, gfn: Gfn, wp: bool) -> bool {
+        let arg = UffdioWriteprotect {
+            start: self.vmm_address + (gfn * PAGE_SIZE - self.gpa),
+            len: PAGE_SIZE,
+            mode: if wp { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 },
+        };
+        // SAFETY: UFFDIO_WRITEPROTECT reads a uffdio_writeprotect we own; it acts on
+        // the VMM's mapping the uffd was registered for, never on our memory.
+        let rc = unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_WRITEPROTECT as _, &arg) };
+        if rc != 0 {
+            warn!(
+                gfn,
+                wp,
+                "UFFDIO_WRITEPROTECT failed: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        rc == 0
+    }
+}
+
+#[derive(Default)]
+struct PageMode {
+    /// Written since last compared.
+    dirty: bool,
+    faults_since_sync: u32,
+    /// Left writable, compared at every sync.
+    out_of_sync: bool,
+    quiet_syncs: u32,
+}
+
+pub struct UserfaultSource {
+    policy: Policy,
+    regs: BTreeMap<u64, Registration>,
+    next_reg: u64,
+    ids: HashMap<u64, u64>,
+    pages: HashMap<Gfn, PageMode>,
+    faults: u64,
+    sink: Option<Sink>,
+}
+
+impl UserfaultSource {
+    pub fn new(policy: Policy) -> Self {
+        UserfaultSource {
+            policy,
+            regs: BTreeMap::new(),
+            next_reg: 1,
+            ids: HashMap::new(),
+            pages: HashMap::new(),
+            faults: 0,
+            sink: None,
+        }
+    }
+
+    pub(super) fn set_sink(&mut self, sink: Sink) {
+        self.sink = Some(sink);
+    }
+
+    fn reg_for(&self, gfn: Gfn) -> Option<&Registration> {
+        let gpa = gfn * PAGE_SIZE;
+        self.regs
+            .range(..=gpa)
+            .next_back()
+            .map(|(_, r)| r)
+            .filter(|r| gpa - r.gpa < r.size)
+    }
+
+    /// Resolves a fault: the page becomes writable and the writer runs on.
+    /// Returns the gfn and whether it must be compared right away (strict).
+    pub(super) fn fault(&mut self, event: FaultEvent) -> Option<(Gfn, bool)> {
+        let gpa_base = *self.ids.get(&event.registration)?;
+        let reg = self.regs.get(&gpa_base)?;
+        let offset = event.address.checked_sub(reg.vmm_address)?;
+        if offset >= reg.size {
+            return None;
+        }
+        let gfn = (reg.gpa + offset) / PAGE_SIZE;
+        self.faults += 1;
+        let policy = self.policy;
+        let mode = self.pages.entry(gfn).or_default();
+        mode.dirty = true;
+        mode.faults_since_sync += 1;
+        let threshold = match policy {
+            Policy::Strict => u32::MAX,
+            Policy::OutOfSync { threshold } | Policy::Adaptive { threshold, .. } => threshold,
+        };
+        if mode.faults_since_sync >= threshold {
+            mode.out_of_sync = true;
+        }
+        let strict = !mode.out_of_sync;
+        // Writable again: this wakes the blocked writer.
+        let reg = self.reg_for(gfn)?;
+        reg.protect(gfn, false);
+        Some((gfn, strict))
+    }
+}
+
+impl WriteSource for UserfaultSource {
+    fn kind(&self) -> SourceKind {
+        SourceKind::Userfault
+    }
+
+    fn candidates(&mut self, gfns: &[Gfn], out: &mut Vec<Gfn>) {
+        for &gfn in gfns {
+            if self.reg_for(gfn).is_none() {
+                // No uffd for this memory: scan it.
+                out.push(gfn);
+                continue;
+            }
+            let mode = self.pages.entry(gfn).or_default();
+            mode.faults_since_sync = 0;
+            if mode.dirty || mode.out_of_sync {
+                out.push(gfn);
+            }
+        }
+    }
+
+    fn tracked(&mut self, gfn: Gfn) {
+        if let Some(reg) = self.reg_for(gfn) {
+            reg.protect(gfn, true);
+            self.pages.insert(gfn, PageMode::default());
+        }
+    }
+
+    fn untracked(&mut self, gfn: Gfn) {
+        if let Some(reg) = self.reg_for(gfn) {
+            reg.protect(gfn, false);
+        }
+        self.pages.remove(&gfn);
+    }
+
+    fn prepare_compare(&mut self, gfn: Gfn) {
+        let policy = self.policy;
+        let Some(mode) = self.pages.get_mut(&gfn) else {
+            return;
+        };
+        if let Policy::Adaptive { quiet_syncs, .. } = policy {
+            if mode.out_of_sync && mode.quiet_syncs >= quiet_syncs {
+                mode.out_of_sync = false;
+            }
+        }
+        if mode.out_of_sync {
+            return;
+        }
+        // Protect before comparing: a write that lands before this is seen by the
+        // comparison, one after it faults again.
+        mode.dirty = false;
+        if let Some(reg) = self.reg_for(gfn) {
+            reg.protect(gfn, true);
+        }
+    }
+
+    fn compared(&mut self, gfn: Gfn, changed: bool) {
+        if let Some(mode) = self.pages.get_mut(&gfn) {
+            if changed {
+                mode.quiet_syncs = 0;
+            } else {
+                mode.quiet_syncs += 1;
+            }
+        }
+    }
+
+    fn region_removed(&mut self, gpa: u64, size: u64) {
+        let gone: Vec<u64> = self
+            .regs
+            .iter()
+            .filter(|(_, r)| r.gpa >= gpa && r.gpa - gpa < size)
+            .map(|(&k, _)| k)
+            .collect();
+        for k in gone {
+            self.regs.remove(&k);
+            self.ids.retain(|_, v| *v != k);
+        }
+    }
+
+    fn add_uffd(&mut self, reg: UffdRegistration) -> Result<(), TrackError> {
+        let sink = self
+            .sink
+            .clone()
+            .ok_or_else(|| TrackError::Source("no fault handler".into()))?;
+        let overlaps = self
+            .regs
+            .values()
+            .any(|r| reg.gpa < r.gpa + r.size && r.gpa < reg.gpa + reg.size);
+        if overlaps {
+            return Err(TrackError::Source(
+                "a uffd already covers that memory".into(),
+            ));
+        }
+        let id = self.next_reg;
+        self.next_reg += 1;
+        let stop = EventFd::new(0).map_err(|e| TrackError::Source(e.to_string()))?;
+        let stop_reader = stop
+            .try_clone()
+            .map_err(|e| TrackError::Source(e.to_string()))?;
+        let uffd = Arc::new(reg.uffd);
+        let reader_fd = uffd.clone();
+        std::thread::Builder::new()
+            .name("uffd-faults".into())
+            .spawn(move || read_faults(id, &reader_fd, &stop_reader, &*sink))
+            .map_err(|e| TrackError::Source(e.to_string()))?;
+        self.ids.insert(id, reg.gpa);
+        self.regs.insert(
+            reg.gpa,
+            Registration {
+                gpa: reg.gpa,
+                size: reg.size,
+                vmm_address: reg.vmm_address,
+                uffd,
+                stop,
+            },
+        );
+        debug!(gpa = reg.gpa, size = reg.size, "userfaultfd registered");
+        Ok(())
+    }
+
+    fn faults(&self) -> u64 {
+        self.faults
+    }
+
+    fn as_userfault(&mut self) -> Option<&mut UserfaultSource> {
+        Some(self)
+    }
+}
+
+/// Reads fault messages from `uffd` until `stop` fires or the fd fails.
+fn read_faults(id: u64, uffd: &OwnedFd, stop: &EventFd, sink: &(dyn Fn(FaultEvent) + Send + Sync)) {
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: polls two pollfds on this stack frame.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        if fds[1].revents != 0
+            || fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0
+        {
+            return;
+        }
+        let mut msg = [0u8; 32];
+        // SAFETY: reads one 32-byte uffd_msg into a local buffer.
+        let r = unsafe { libc::read(uffd.as_raw_fd(), msg.as_mut_ptr().cast(), msg.len()) };
+        if r != 32 {
+            continue;
+        }
+        if msg[0] != UFFD_EVENT_PAGEFAULT {
+            continue;
+        }
+        let flags = u64::from_le_bytes(msg[8..16].try_into().unwrap_or_default());
+        let address = u64::from_le_bytes(msg[16..24].try_into().unwrap_or_default());
+        if flags & UFFD_PAGEFAULT_FLAG_WP == 0 {
+            continue;
+        }
+        sink(FaultEvent {
+            registration: id,
+            address: address & !(PAGE_SIZE - 1),
+        });
+    }
+}
