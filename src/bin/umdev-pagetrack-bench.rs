@@ -1,0 +1,348 @@
+//! `umdev-pagetrack-bench`: the cost of write tracking, each figure beside a
+//! baseline measured in the same run.
+//!
+//! - scan: a sync over N unchanged tracked pages, against a plain memcmp of the
+//!   same bytes;
+//! - dirty bitmap: a sync over N tracked pages with 0.1 %, 1 % and 10 % of them
+//!   dirty, against the full scan;
+//! - userfaultfd: the latency of a guest's first write to a write-protected page
+//!   (fault, resolution by the tracker's thread, wake-up), against an ordinary write;
+//! - notifier: the cost per reported entry, against the empty sync.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use umdev::memory::{DmaRegion, GuestMemory};
+use umdev::pagetrack::{
+    DirtyBitmap, Gfn, PageTracker, Policy, SourceKind, TrackNotifier, UffdRegistration, PAGE_SIZE,
+};
+
+/// Measures the page-track engine.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Tracked pages.
+    #[arg(long, default_value_t = 65536)]
+    pages: usize,
+    /// Repetitions per figure (the median is printed).
+    #[arg(long, default_value_t = 7)]
+    reps: usize,
+    /// A short run for CI smoke tests.
+    #[arg(long)]
+    quick: bool,
+}
+
+const GPA: u64 = 0x1_0000_0000;
+
+/// Guest RAM: a memfd, mapped here as the VMM would map it.
+struct Ram {
+    file: File,
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Ram {
+    fn new(len: usize) -> Ram {
+        let file = memfd("bench-ram", len as u64);
+        // SAFETY: maps `len` bytes of a memfd of that size, shared; unmapped in Drop.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED, "mmap guest RAM");
+        Ram {
+            file,
+            ptr: ptr.cast(),
+            len,
+        }
+    }
+
+    fn write_u64(&self, offset: usize, value: u64) {
+        assert!(offset + 8 <= self.len && offset.is_multiple_of(8));
+        // SAFETY: an aligned 8-byte store inside our live mapping.
+        unsafe { std::ptr::write_volatile(self.ptr.add(offset) as *mut u64, value) }
+    }
+}
+
+impl Drop for Ram {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in new().
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+fn memfd(name: &str, len: u64) -> File {
+    let name = std::ffi::CString::new(name).unwrap_or_default();
+    // SAFETY: memfd_create with a valid C string; the File takes the new fd.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh fd we own.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(len).expect("size memfd");
+    file
+}
+
+fn guest_memory(ram: &Ram) -> GuestMemory {
+    let memory = GuestMemory::new(16);
+    let fd = OwnedFd::from(ram.file.try_clone().expect("dup memfd"));
+    let region = DmaRegion::mapped(GPA, ram.len as u64, fd, 0, true, true).expect("map region");
+    memory
+        .with_regions(|r| r.insert(region))
+        .expect("insert region");
+    memory
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn time(reps: usize, mut f: impl FnMut()) -> Duration {
+    median(
+        (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed()
+            })
+            .collect(),
+    )
+}
+
+fn track_all(tracker: &PageTracker, pages: usize) {
+    for i in 0..pages as u64 {
+        tracker.track(GPA / PAGE_SIZE + i).expect("track");
+    }
+}
+
+struct Counting(AtomicU64);
+
+impl TrackNotifier for Counting {
+    fn track_write(&self, _gpa: u64, _new: &[u8; 8]) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    fn track_remove_region(&self, _gfn: Gfn, _nr: u64) {}
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn main() {
+    umdev::cli::init_logging();
+    let mut args = Args::parse();
+    if args.quick {
+        args.pages = args.pages.min(4096);
+        args.reps = args.reps.min(3);
+    }
+    let pages = args.pages.max(1000);
+    let reps = args.reps.max(1);
+    let bytes = pages * PAGE_SIZE as usize;
+    println!(
+        "umdev-pagetrack-bench: {pages} pages ({} MiB), median of {reps}",
+        bytes >> 20
+    );
+    println!(
+        "{:<44} {:>14} {:>14} {:>8}",
+        "figure", "value", "baseline", "ratio"
+    );
+    let row = |name: &str, v: String, b: String, ratio: f64| {
+        let ratio = if ratio.is_finite() {
+            format!("{ratio:.2}")
+        } else {
+            "-".into()
+        };
+        println!("{name:<44} {v:>14} {b:>14} {ratio:>8}");
+    };
+
+    // Scan against memcmp of the same bytes.
+    let ram = Ram::new(bytes);
+    let a = vec![0x5au8; bytes];
+    let b = vec![0x5au8; bytes];
+    let memcmp = time(reps, || {
+        assert!(std::hint::black_box(&a) == std::hint::black_box(&b))
+    });
+    drop((a, b));
+    let scan = PageTracker::with_source(guest_memory(&ram), SourceKind::Scan, Policy::Strict);
+    let track_time = time(1, || track_all(&scan, pages));
+    let scan_sync = time(reps, || {
+        scan.sync();
+    });
+    let gbps = |d: Duration| bytes as f64 / d.as_secs_f64() / 1e9;
+    row(
+        "scan sync, unchanged pages (GB/s vs memcmp)",
+        format!("{:.2} GB/s", gbps(scan_sync)),
+        format!("{:.2} GB/s", gbps(memcmp)),
+        memcmp.as_secs_f64() / scan_sync.as_secs_f64(),
+    );
+    row(
+        "track() per page (snapshot copy)",
+        format!("{:.2} us", us(track_time) / pages as f64),
+        "-".into(),
+        f64::NAN,
+    );
+
+    // Notifier cost per entry: every entry of 1 % of the pages changes.
+    let counting = Arc::new(Counting(AtomicU64::new(0)));
+    scan.register_notifier(counting.clone());
+    let changed_pages = (pages / 100).max(1);
+    let mut value = 0u64;
+    let per_entry = median(
+        (0..reps)
+            .map(|_| {
+                value += 1;
+                for p in 0..changed_pages {
+                    for e in 0..512 {
+                        ram.write_u64(p * PAGE_SIZE as usize + e * 8, value);
+                    }
+                }
+                let t = Instant::now();
+                scan.sync();
+                t.elapsed().saturating_sub(scan_sync) / (changed_pages as u32 * 512)
+            })
+            .collect(),
+    );
+    row(
+        "notifier + diff cost per changed entry",
+        format!("{:.1} ns", per_entry.as_secs_f64() * 1e9),
+        format!("{:.1} ns/page", us(scan_sync) * 1e3 / pages as f64),
+        f64::NAN,
+    );
+    drop(scan);
+
+    // Dirty bitmap at 0.1 %, 1 %, 10 % dirty, against the full scan.
+    let bitmap_file = memfd("bench-bitmap", DirtyBitmap::bytes_for(bytes as u64));
+    let bitmap_map = Ram {
+        ptr: {
+            // SAFETY: maps the bitmap memfd shared, as the VMM would.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    DirtyBitmap::bytes_for(bytes as u64) as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    bitmap_file.as_raw_fd(),
+                    0,
+                )
+            };
+            assert_ne!(p, libc::MAP_FAILED);
+            p.cast()
+        },
+        len: DirtyBitmap::bytes_for(bytes as u64) as usize,
+        file: bitmap_file.try_clone().expect("dup"),
+    };
+    let bm = PageTracker::with_source(guest_memory(&ram), SourceKind::DirtyBitmap, Policy::Strict);
+    bm.add_dirty_bitmap(DirtyBitmap::new(GPA, bytes as u64, bitmap_file, 0).expect("bitmap"))
+        .expect("register bitmap");
+    track_all(&bm, pages);
+    for pct in [0.1f64, 1.0, 10.0] {
+        let dirty = ((pages as f64 * pct / 100.0) as usize).max(1);
+        let stride = pages / dirty;
+        let d = median(
+            (0..reps)
+                .map(|r| {
+                    for i in 0..dirty {
+                        let page = i * stride;
+                        ram.write_u64(page * PAGE_SIZE as usize, r as u64 + 1);
+                        let word = bitmap_map.ptr as *const AtomicU64;
+                        // SAFETY: word `page / 64` lies inside the bitmap mapping.
+                        unsafe { &*word.add(page / 64) }
+                            .fetch_or(1 << (page % 64), Ordering::Release);
+                    }
+                    let t = Instant::now();
+                    bm.sync();
+                    t.elapsed()
+                })
+                .collect(),
+        );
+        row(
+            &format!("bitmap sync, {pct}% dirty (vs full scan)"),
+            format!("{:.1} us", us(d)),
+            format!("{:.1} us", us(scan_sync)),
+            scan_sync.as_secs_f64() / d.as_secs_f64(),
+        );
+    }
+    drop(bm);
+
+    // userfaultfd: first-write latency to a protected page.
+    match uffd_latency(&ram, reps, pages.min(2000)) {
+        Ok((protected, plain)) => row(
+            "uffd first write to a protected page",
+            format!("{:.1} us", us(protected)),
+            format!("{:.3} us", us(plain)),
+            protected.as_secs_f64() / plain.as_secs_f64().max(1e-9),
+        ),
+        Err(e) => println!("uffd first write: not measured ({e})"),
+    }
+}
+
+/// Median latency of a write to a write-protected tracked page, and of a write to
+/// the same page once it is writable.
+fn uffd_latency(ram: &Ram, reps: usize, pages: usize) -> Result<(Duration, Duration), String> {
+    let uffd = uffd_register(ram.ptr as u64, ram.len as u64)?;
+    let tracker =
+        PageTracker::with_source(guest_memory(ram), SourceKind::Userfault, Policy::Strict);
+    tracker
+        .add_uffd(
+            UffdRegistration::new(GPA, ram.len as u64, ram.ptr as u64, uffd)
+                .map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
+    let mut first = Vec::new();
+    let mut second = Vec::new();
+    for _ in 0..reps {
+        track_all(&tracker, pages);
+        for p in 0..pages {
+            let off = p * PAGE_SIZE as usize + 64;
+            let t = Instant::now();
+            ram.write_u64(off, t.elapsed().as_nanos() as u64 | 1);
+            first.push(t.elapsed());
+            let t = Instant::now();
+            ram.write_u64(off + 8, 2);
+            second.push(t.elapsed());
+        }
+        for p in 0..pages as u64 {
+            let _ = tracker.untrack(GPA / PAGE_SIZE + p);
+        }
+    }
+    Ok((median(first), median(second)))
+}
+
+fn uffd_register(addr: u64, len: u64) -> Result<OwnedFd, String> {
+    const UFFDIO_API: u64 = (3 << 30) | (24 << 16) | (0xAA << 8) | 0x3F;
+    const UFFDIO_REGISTER: u64 = (3 << 30) | (32 << 16) | (0xAA << 8);
+    const FEATURE_WP_SHMEM: u64 = 1 << 12;
+    const MODE_WP: u64 = 2;
+    // SAFETY: userfaultfd(2) returns a new fd that the OwnedFd takes over.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    if fd < 0 {
+        return Err(format!("userfaultfd: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: a fresh fd we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut api = [0xAAu64, FEATURE_WP_SHMEM, 0];
+    // SAFETY: UFFDIO_API reads and writes the 24-byte struct above.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, api.as_mut_ptr()) } != 0 {
+        return Err(format!("UFFDIO_API: {}", std::io::Error::last_os_error()));
+    }
+    let mut reg = [addr, len, MODE_WP, 0];
+    // SAFETY: UFFDIO_REGISTER reads and writes the 32-byte struct above, for our
+    // own mapping.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_REGISTER as _, reg.as_mut_ptr()) } != 0 {
+        return Err(format!(
+            "UFFDIO_REGISTER: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(fd)
+}
