@@ -390,15 +390,10 @@ fn a_write_racing_syncs_is_never_lost() {
         }
         writer.join().unwrap();
         rig.sync();
-        let last = rig
-            .events
-            .take()
-            .into_iter()
-            .rev()
-            .find_map(|e| match e {
-                Event::Write(gpa, v) if gpa == RAM_GPA + 0x4000 => Some(u64::from_le_bytes(v)),
-                _ => None,
-            });
+        let last = rig.events.take().into_iter().rev().find_map(|e| match e {
+            Event::Write(gpa, v) if gpa == RAM_GPA + 0x4000 => Some(u64::from_le_bytes(v)),
+            _ => None,
+        });
         assert_eq!(
             last,
             Some(20_000),
