@@ -416,7 +416,10 @@ impl Session<'_> {
         };
         for &name in offered {
             if let Some(obj) = ours.raw.as_object_mut() {
-                obj.insert(name.into(), serde_json::json!({ "version": 1, "pgsize": 4096 }));
+                obj.insert(
+                    name.into(),
+                    serde_json::json!({ "version": 1, "pgsize": 4096 }),
+                );
             }
             if caps.raw.get(name).is_some() {
                 self.extensions.push(name);
