@@ -600,3 +600,49 @@ impl PageTracker {
         self.deliver(&events);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::DmaRegion;
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    fn tracker_over_one_page() -> PageTracker {
+        let name = std::ffi::CString::new("pt").unwrap();
+        // SAFETY: memfd_create with a valid name; the OwnedFd takes the new fd.
+        let fd = unsafe { OwnedFd::from_raw_fd(libc::memfd_create(name.as_ptr(), 0)) };
+        std::fs::File::from(fd.try_clone().unwrap())
+            .set_len(PAGE_SIZE)
+            .unwrap();
+        let memory = GuestMemory::new(4);
+        let region = DmaRegion::mapped(0x1000, PAGE_SIZE, fd, 0, true, true).unwrap();
+        memory.with_regions(|r| r.insert(region)).unwrap();
+        PageTracker::with_source(memory, SourceKind::Scan, Policy::Strict)
+    }
+
+    #[test]
+    fn refcount_overflow_and_underflow_are_errors() {
+        let t = tracker_over_one_page();
+        t.track(1).unwrap();
+        t.state().pages.get_mut(&1).unwrap().refs = u32::MAX;
+        assert_eq!(t.track(1), Err(TrackError::RefcountOverflow(1)));
+        assert_eq!(t.refcount(1), u32::MAX);
+        t.state().pages.get_mut(&1).unwrap().refs = 1;
+        t.untrack(1).unwrap();
+        assert_eq!(t.untrack(1), Err(TrackError::NotTracked(1)));
+        assert_eq!(t.track(2), Err(TrackError::NotMapped(2)));
+    }
+
+    #[test]
+    fn notifiers_register_and_unregister() {
+        struct Nop;
+        impl TrackNotifier for Nop {
+            fn track_write(&self, _: u64, _: &[u8; ENTRY_SIZE]) {}
+            fn track_remove_region(&self, _: Gfn, _: u64) {}
+        }
+        let t = tracker_over_one_page();
+        let id = t.register_notifier(Arc::new(Nop));
+        assert!(t.unregister_notifier(id));
+        assert!(!t.unregister_notifier(id));
+    }
+}
