@@ -155,8 +155,17 @@ impl GuestMemory {
         )
     }
 
+    /// Whether `[gpa, gpa+len)` lies in DMA regions (of any kind).
+    pub fn covers(&self, gpa: u64, len: u64) -> bool {
+        self.covered_by(gpa, len, |_| true)
+    }
+
     /// Whether `[gpa, gpa+len)` lies in fd-mapped regions only.
     pub fn is_host_mapped(&self, gpa: u64, len: u64) -> bool {
+        self.covered_by(gpa, len, |r| matches!(r.backing, RegionBacking::Mapped(_)))
+    }
+
+    fn covered_by(&self, gpa: u64, len: u64, accept: impl Fn(&DmaRegion) -> bool) -> bool {
         let regions = self
             .shared
             .regions
@@ -168,7 +177,7 @@ impl GuestMemory {
         };
         while cur < end {
             match regions.find(cur) {
-                Some(r) if matches!(r.backing, RegionBacking::Mapped(_)) => cur = r.end(),
+                Some(r) if accept(r) => cur = r.end(),
                 _ => return false,
             }
         }

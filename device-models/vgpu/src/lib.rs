@@ -1,0 +1,921 @@
+//! umdev vGPU: a mediated GPU whose guest page tables are write-tracked and
+//! shadowed, doing in a userspace backend what KVMGT does in the kernel.
+//! `SPEC.md` beside this crate is the hardware specification.
+//!
+//! Three locks, never nested: `regs` (what MMIO reads and writes, held briefly),
+//! `shadow` (shadow page tables, held by the engine while it audits and by the
+//! page-track notifier while it applies guest writes) and the GGTT. A trapped MMIO
+//! access touches only `regs` and the GGTT and never waits for engine work: the
+//! doorbell and TLB invalidation post a job to the engine thread.
+
+pub mod command;
+pub mod regs;
+pub mod scanout;
+pub mod shadow;
+pub mod vram;
+
+use std::path::PathBuf;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use tracing::{debug, info, warn};
+use umdev::memory::GuestMemory;
+use umdev::pagetrack::{Gfn, Policy, SourceKind, TrackNotifier};
+use umdev::pci::{
+    BarDef, BarIndex, BarMapping, DeviceContext, MsixLayout, PciDevice, PciDeviceDescription,
+    PciError, PciFunction, PciIds,
+};
+
+use command::{audit_segment, AuditContext, Cursor, Extent, Fault, Step};
+use regs::*;
+use shadow::{ShadowPageTables, Target, TargetCheck, Translation};
+use vram::Vram;
+
+/// How to build a vGPU.
+#[derive(Clone, Debug)]
+pub struct VgpuConfig {
+    pub ids: PciIds,
+    pub vram_mib: u32,
+    /// Where the picture goes after every FENCE and on SIGUSR1.
+    pub scanout_png: Option<PathBuf>,
+    pub page_track: SourceKind,
+    pub policy: Policy,
+}
+
+impl Default for VgpuConfig {
+    fn default() -> Self {
+        VgpuConfig {
+            ids: PciIds {
+                vendor_id: VENDOR_ID,
+                device_id: DEVICE_ID,
+                subsystem_vendor_id: SUBSYSTEM_VENDOR_ID,
+                subsystem_id: SUBSYSTEM_ID,
+                revision: REVISION,
+                class_code: CLASS_CODE,
+                interrupt_pin: 1,
+            },
+            vram_mib: DEFAULT_VRAM_MIB,
+            scanout_png: None,
+            page_track: SourceKind::Scan,
+            policy: Policy::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VgpuError {
+    #[error(transparent)]
+    Vram(#[from] vram::VramError),
+    #[error(transparent)]
+    Pci(#[from] PciError),
+    #[error("VRAM size must be a power of two from 1 to 4096 MiB")]
+    VramSize,
+}
+
+/// The PCI description of a vGPU with `config`.
+pub fn description(config: &VgpuConfig) -> PciDeviceDescription {
+    PciDeviceDescription {
+        ids: config.ids,
+        bars: [
+            Some(BarDef::memory64(MMIO_BAR_SIZE, false)),
+            None,
+            Some(BarDef::memory64(u64::from(config.vram_mib) << 20, true)),
+            None,
+            None,
+            None,
+        ],
+        msi_vectors: 0,
+        msix: Some(MsixLayout {
+            vectors: MSIX_VECTORS,
+            bar: MMIO_BAR,
+            table_offset: MSIX_TABLE_OFFSET,
+            pba_offset: MSIX_PBA_OFFSET,
+        }),
+        pcie: true,
+        power_management: true,
+        page_track_source: config.page_track,
+        page_track_policy: config.policy,
+    }
+}
+
+/// A handle to a running vGPU beside its PCI function (for the binary's signals).
+#[derive(Clone)]
+pub struct VgpuHandle {
+    shared: Weak<Shared>,
+}
+
+impl VgpuHandle {
+    /// Writes the current picture to the configured PNG path.
+    pub fn dump_scanout(&self) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.write_scanout();
+        }
+    }
+}
+
+/// Builds the PCI function carrying a vGPU.
+pub fn new_function(
+    memory: GuestMemory,
+    config: VgpuConfig,
+) -> Result<(PciFunction, VgpuHandle), VgpuError> {
+    if !config.vram_mib.is_power_of_two() || config.vram_mib > 4096 {
+        return Err(VgpuError::VramSize);
+    }
+    let vram = Vram::new(u64::from(config.vram_mib) << 20)?;
+    let mut handle = None;
+    let function = PciFunction::new(description(&config), memory, |ctx| {
+        let vgpu = Vgpu::new(ctx, vram, config.scanout_png.clone());
+        handle = Some(VgpuHandle {
+            shared: Arc::downgrade(&vgpu.shared),
+        });
+        Box::new(vgpu)
+    })?;
+    let handle = handle.ok_or(VgpuError::VramSize)?;
+    Ok((function, handle))
+}
+
+#[derive(Clone, Copy, Default)]
+struct Context {
+    pt_root: u64,
+    ring_base: u64,
+    ring_size: u32,
+    head: u32,
+    tail: u32,
+    status: u32,
+    fault_addr: u64,
+    fence_seqno: u32,
+    inv_start: u64,
+    inv_pages: u32,
+    control: u32,
+    msix_vector: u32,
+    /// Root table the shadow holds a reference on for this context.
+    attached_root: Option<Gfn>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Scanout {
+    fb_addr: u64,
+    width: u32,
+    height: u32,
+    stride: u32,
+    format: u32,
+    enable: u32,
+}
+
+#[derive(Default)]
+struct Registers {
+    irq_status: u32,
+    irq_enable: u32,
+    global_error: u32,
+    busy: u32,
+    ctx: [Context; CONTEXTS],
+    scanout: Scanout,
+    /// Bumped by reset: work queued before it is dropped.
+    generation: u64,
+    /// VRAM size, for CAPS (kept across reset).
+    vram_mib: u32,
+}
+
+struct Ggtt {
+    raw: Vec<u64>,
+    /// Validated translations, `None` where the entry maps nothing.
+    shadow: Vec<Option<Translation>>,
+    /// Low halves written and waiting for their high half (GVT-g's merge).
+    pending_low: std::collections::HashMap<usize, u32>,
+}
+
+enum Job {
+    Submit(usize, u64),
+    Invalidate(usize, u64),
+}
+
+struct Shared {
+    regs: Mutex<Registers>,
+    shadow: Mutex<ShadowPageTables>,
+    ggtt: Mutex<Ggtt>,
+    ctx: DeviceContext,
+    vram: Vram,
+    check: TargetCheck,
+    scanout_png: Option<PathBuf>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Applies guest page-table writes to the shadow.
+struct ShadowUpdater(Weak<Shared>);
+
+impl TrackNotifier for ShadowUpdater {
+    fn track_write(&self, gpa: u64, new: &[u8; 8]) {
+        if let Some(shared) = self.0.upgrade() {
+            lock(&shared.shadow).on_write(gpa, u64::from_le_bytes(*new));
+        }
+    }
+    fn track_remove_region(&self, gfn: Gfn, nr_pages: u64) {
+        if let Some(shared) = self.0.upgrade() {
+            lock(&shared.shadow).on_remove_region(gfn, nr_pages);
+        }
+    }
+}
+
+pub struct Vgpu {
+    shared: Arc<Shared>,
+    jobs: Option<Sender<Job>>,
+    worker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Vgpu {
+    fn new(ctx: DeviceContext, vram: Vram, scanout_png: Option<PathBuf>) -> Self {
+        let check = TargetCheck {
+            memory: ctx.memory.clone(),
+            vram_size: vram.size(),
+        };
+        let shared = Arc::new(Shared {
+            regs: Mutex::new(Registers {
+                vram_mib: (vram.size() >> 20) as u32,
+                ..Registers::default()
+            }),
+            shadow: Mutex::new(ShadowPageTables::new(
+                ctx.page_tracker.clone(),
+                check.clone(),
+            )),
+            ggtt: Mutex::new(Ggtt {
+                raw: vec![0; GGTT_ENTRIES as usize],
+                shadow: vec![None; GGTT_ENTRIES as usize],
+                pending_low: Default::default(),
+            }),
+            ctx,
+            vram,
+            check,
+            scanout_png,
+        });
+        shared
+            .ctx
+            .page_tracker
+            .register_notifier(Arc::new(ShadowUpdater(Arc::downgrade(&shared))));
+        let (tx, rx) = channel();
+        let engine = shared.clone();
+        let worker = std::thread::Builder::new()
+            .name("vgpu-engine".into())
+            .spawn(move || engine_loop(&engine, rx))
+            .ok();
+        if worker.is_none() {
+            warn!("vgpu: the engine thread could not start; submissions will not run");
+        }
+        Vgpu {
+            shared,
+            jobs: Some(tx),
+            worker,
+        }
+    }
+
+    fn post(&self, job: Job) {
+        if let Some(tx) = &self.jobs {
+            let _ = tx.send(job);
+        }
+    }
+}
+
+impl Drop for Vgpu {
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// Reads or writes one half of a 64-bit register.
+fn reg64_write(field: &mut u64, offset_in_reg: u64, data: &[u8]) {
+    let mut bytes = field.to_le_bytes();
+    let at = offset_in_reg as usize;
+    bytes[at..at + data.len()].copy_from_slice(data);
+    *field = u64::from_le_bytes(bytes);
+}
+
+fn value_of(data: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b[..data.len()].copy_from_slice(data);
+    u64::from_le_bytes(b)
+}
+
+impl Shared {
+    /// Raises context `n`'s interrupt (or the global error one for `None`).
+    fn raise(&self, regs: &mut Registers, n: Option<usize>) {
+        let (bit, vector) = match n {
+            Some(n) => (1u32 << n, regs.ctx[n].msix_vector),
+            None => (IRQ_GLOBAL_ERROR, 0),
+        };
+        regs.irq_status |= bit;
+        if regs.irq_enable & bit == 0 {
+            return;
+        }
+        if self.ctx.irq.msix_enabled() {
+            self.ctx.irq.notify(vector);
+        } else {
+            self.ctx.irq.set_intx(true);
+        }
+    }
+
+    fn update_intx(&self, regs: &Registers) {
+        if !self.ctx.irq.msix_enabled() {
+            self.ctx
+                .irq
+                .set_intx(regs.irq_status & regs.irq_enable != 0);
+        }
+    }
+
+    fn global_error(&self, regs: &mut Registers, code: u32) {
+        regs.global_error = code;
+        self.raise(regs, None);
+    }
+
+    fn ggtt_write(&self, index: usize, half: Option<bool>, value: u64) {
+        let mut ggtt = lock(&self.ggtt);
+        let raw = match half {
+            None => value,
+            Some(false) => {
+                // A low half waits for its high half.
+                ggtt.pending_low.insert(index, value as u32);
+                return;
+            }
+            Some(true) => {
+                let low = ggtt
+                    .pending_low
+                    .remove(&index)
+                    .unwrap_or(ggtt.raw[index] as u32);
+                u64::from(low) | (value << 32)
+            }
+        };
+        ggtt.pending_low.remove(&index);
+        ggtt.raw[index] = raw;
+        let valid = raw & PTE_PRESENT != 0;
+        let translation = if valid {
+            self.check.leaf(raw).ok()
+        } else {
+            None
+        };
+        ggtt.shadow[index] = translation;
+        drop(ggtt);
+        if valid && translation.is_none() {
+            warn!(
+                index,
+                raw = format_args!("{raw:#x}"),
+                "GGTT entry maps nothing valid"
+            );
+            let mut regs = lock(&self.regs);
+            self.global_error(&mut regs, GLOBAL_ERROR_BAD_GGTT_ENTRY);
+        }
+    }
+
+    fn ggtt_read(&self, index: usize) -> u64 {
+        lock(&self.ggtt).raw[index]
+    }
+
+    fn read_target(&self, target: Target, buf: &mut [u8]) -> Result<(), ()> {
+        match target {
+            Target::Ram(gpa) => self.ctx.memory.read(gpa, buf).map_err(|_| ()),
+            Target::Vram(off) => self.vram.read(off, buf).map_err(|_| ()),
+        }
+    }
+
+    fn write_target(&self, target: Target, data: &[u8]) -> Result<(), ()> {
+        match target {
+            Target::Ram(gpa) => self.ctx.memory.write(gpa, data).map_err(|_| ()),
+            Target::Vram(off) => self.vram.write(off, data).map_err(|_| ()),
+        }
+    }
+
+    /// The framebuffer as XRGB8888 bytes, read through the GGTT.
+    fn capture_scanout(&self) -> Option<(Scanout, Vec<u8>)> {
+        let sc = lock(&self.regs).scanout;
+        if sc.enable == 0 || sc.format != FB_FORMAT_XRGB8888 {
+            return None;
+        }
+        let len = scanout::required_len(sc.width, sc.height, sc.stride as usize).ok()?;
+        let mut fb = vec![0u8; len];
+        let ggtt = lock(&self.ggtt);
+        let mut off = 0usize;
+        while off < len {
+            let addr = sc.fb_addr + off as u64;
+            let piece = ((PAGE_SIZE - addr % PAGE_SIZE) as usize).min(len - off);
+            let t = ggtt
+                .shadow
+                .get((addr / PAGE_SIZE) as usize)
+                .copied()
+                .flatten();
+            match t {
+                Some(t) => {
+                    let target = t.target.offset(addr % PAGE_SIZE);
+                    let dst = &mut fb[off..off + piece];
+                    let ok = match target {
+                        Target::Ram(gpa) => self.ctx.memory.peek(gpa, dst).is_ok(),
+                        Target::Vram(o) => self.vram.read(o, dst).is_ok(),
+                    };
+                    if !ok {
+                        dst.fill(0);
+                    }
+                }
+                None => fb[off..off + piece].fill(0),
+            }
+            off += piece;
+        }
+        Some((sc, fb))
+    }
+
+    fn write_scanout(&self) {
+        let Some(path) = &self.scanout_png else {
+            return;
+        };
+        match self.capture_scanout() {
+            Some((sc, fb)) => {
+                if let Err(e) =
+                    scanout::write_png(path, sc.width, sc.height, sc.stride as usize, &fb)
+                {
+                    warn!("scanout PNG: {e}");
+                } else {
+                    debug!(path = %path.display(), "scanout written");
+                }
+            }
+            None => {
+                let mut regs = lock(&self.regs);
+                if regs.scanout.enable != 0 {
+                    self.global_error(&mut regs, GLOBAL_ERROR_BAD_SCANOUT);
+                }
+            }
+        }
+    }
+
+    fn reset(&self) {
+        let mut regs = lock(&self.regs);
+        let generation = regs.generation + 1;
+        let vram_mib = regs.vram_mib;
+        *regs = Registers {
+            generation,
+            vram_mib,
+            ..Registers::default()
+        };
+        drop(regs);
+        let mut ggtt = lock(&self.ggtt);
+        ggtt.raw.iter_mut().for_each(|e| *e = 0);
+        ggtt.shadow.iter_mut().for_each(|e| *e = None);
+        ggtt.pending_low.clear();
+        drop(ggtt);
+        lock(&self.shadow).reset();
+        self.vram.clear();
+    }
+}
+
+impl PciDevice for Vgpu {
+    fn bar_read(&mut self, bar: BarIndex, offset: u64, data: &mut [u8]) {
+        if bar != MMIO_BAR {
+            data.fill(0);
+            return;
+        }
+        if !(data.len() == 4 || data.len() == 8) || !offset.is_multiple_of(data.len() as u64) {
+            data.fill(0xff);
+            return;
+        }
+        let value: u64 = if offset >= GGTT_OFFSET {
+            let rel = offset - GGTT_OFFSET;
+            let entry = self.shared.ggtt_read((rel / 8) as usize);
+            entry >> (8 * (rel % 8))
+        } else {
+            let regs = lock(&self.shared.regs);
+            read_register(&regs, offset)
+        };
+        data.copy_from_slice(&value.to_le_bytes()[..data.len()]);
+    }
+
+    fn bar_write(&mut self, bar: BarIndex, offset: u64, data: &[u8]) {
+        if bar != MMIO_BAR
+            || !(data.len() == 4 || data.len() == 8)
+            || !offset.is_multiple_of(data.len() as u64)
+        {
+            debug!(
+                bar,
+                offset,
+                len = data.len(),
+                "vgpu: unsupported access ignored"
+            );
+            return;
+        }
+        let value = value_of(data);
+        if offset >= GGTT_OFFSET {
+            let rel = offset - GGTT_OFFSET;
+            let index = (rel / 8) as usize;
+            let half = (data.len() == 4).then_some(rel % 8 == 4);
+            self.shared.ggtt_write(index, half, value);
+            return;
+        }
+        if offset == REG_RESET {
+            if value & 1 != 0 {
+                info!("vgpu: reset by register");
+                self.shared.reset();
+            }
+            return;
+        }
+        let mut regs = lock(&self.shared.regs);
+        let generation = regs.generation;
+        let job = write_register(&self.shared, &mut regs, offset, data, value);
+        drop(regs);
+        match job {
+            Some(JobKind::Submit(n)) => self.post(Job::Submit(n, generation)),
+            Some(JobKind::Invalidate(n)) => self.post(Job::Invalidate(n, generation)),
+            None => {}
+        }
+    }
+
+    fn reset(&mut self) {
+        self.shared.reset();
+    }
+
+    fn bar_mapping(&self, bar: BarIndex) -> Option<BarMapping> {
+        (bar == VRAM_BAR).then(|| BarMapping {
+            file: self.shared.vram.file(),
+            file_offset: 0,
+            areas: vec![(0, self.shared.vram.size())],
+        })
+    }
+}
+
+enum JobKind {
+    Submit(usize),
+    Invalidate(usize),
+}
+
+fn read_register(regs: &Registers, offset: u64) -> u64 {
+    match offset {
+        REG_ID => u64::from(ID_VALUE),
+        REG_CAPS => {
+            (CONTEXTS as u64)
+                | (u64::from(GGTT_ENTRIES.trailing_zeros()) << 8)
+                | (u64::from(regs.vram_mib) << 16)
+        }
+        REG_STATUS => u64::from(regs.busy),
+        REG_IRQ_STATUS => u64::from(regs.irq_status),
+        REG_IRQ_ENABLE => u64::from(regs.irq_enable),
+        REG_GLOBAL_ERROR => u64::from(regs.global_error),
+        REG_GGTT_SIZE => GGTT_ENTRIES,
+        o if (CTX_BASE..CTX_BASE + CONTEXTS as u64 * CTX_STRIDE).contains(&o) => {
+            let c = &regs.ctx[((o - CTX_BASE) / CTX_STRIDE) as usize];
+            let r = (o - CTX_BASE) % CTX_STRIDE;
+            let (base, v) = match r & !7 {
+                CTX_PT_ROOT => (CTX_PT_ROOT, c.pt_root),
+                CTX_RING_BASE => (CTX_RING_BASE, c.ring_base),
+                CTX_FAULT_ADDR => (CTX_FAULT_ADDR, c.fault_addr),
+                CTX_INV_START => (CTX_INV_START, c.inv_start),
+                _ => {
+                    return u64::from(match r {
+                        CTX_RING_SIZE => c.ring_size,
+                        CTX_RING_HEAD => c.head,
+                        CTX_RING_TAIL => c.tail,
+                        CTX_STATUS => c.status,
+                        CTX_FENCE_SEQNO => c.fence_seqno,
+                        CTX_INV_PAGES => c.inv_pages,
+                        CTX_CONTROL => c.control,
+                        CTX_MSIX_VECTOR => c.msix_vector,
+                        _ => 0,
+                    })
+                }
+            };
+            v >> (8 * (r - base))
+        }
+        o if (SCANOUT_BASE..SCANOUT_BASE + 0x100).contains(&o) => {
+            let s = &regs.scanout;
+            match o - SCANOUT_BASE {
+                SCANOUT_FB_ADDR => s.fb_addr,
+                0x04 => s.fb_addr >> 32,
+                SCANOUT_FB_WIDTH => u64::from(s.width),
+                SCANOUT_FB_HEIGHT => u64::from(s.height),
+                SCANOUT_FB_STRIDE => u64::from(s.stride),
+                SCANOUT_FB_FORMAT => u64::from(s.format),
+                SCANOUT_FB_ENABLE => u64::from(s.enable),
+                _ => 0,
+            }
+        }
+        _ => 0,
+    }
+}
+
+fn write_register(
+    shared: &Shared,
+    regs: &mut Registers,
+    offset: u64,
+    data: &[u8],
+    value: u64,
+) -> Option<JobKind> {
+    let v32 = value as u32;
+    match offset {
+        REG_IRQ_STATUS => {
+            regs.irq_status &= !v32;
+            if v32 & IRQ_GLOBAL_ERROR != 0 {
+                regs.global_error = 0;
+            }
+            shared.update_intx(regs);
+        }
+        REG_IRQ_ENABLE => {
+            regs.irq_enable = v32 & (IRQ_GLOBAL_ERROR | ((1 << CONTEXTS) - 1));
+            shared.update_intx(regs);
+        }
+        o if (CTX_BASE..CTX_BASE + CONTEXTS as u64 * CTX_STRIDE).contains(&o) => {
+            let n = ((o - CTX_BASE) / CTX_STRIDE) as usize;
+            let r = (o - CTX_BASE) % CTX_STRIDE;
+            let c = &mut regs.ctx[n];
+            match r & !7 {
+                CTX_PT_ROOT => reg64_write(&mut c.pt_root, r - CTX_PT_ROOT, data),
+                CTX_RING_BASE => reg64_write(&mut c.ring_base, r - CTX_RING_BASE, data),
+                CTX_INV_START => reg64_write(&mut c.inv_start, r - CTX_INV_START, data),
+                _ => match r {
+                    CTX_RING_SIZE => c.ring_size = v32,
+                    CTX_RING_TAIL => {
+                        c.tail = v32;
+                        if c.control & CTX_CONTROL_ENABLE != 0 && c.status & CTX_STATUS_FAULTED == 0
+                        {
+                            return Some(JobKind::Submit(n));
+                        }
+                    }
+                    CTX_TLB_INVALIDATE
+                        if v32 == TLB_INVALIDATE_ALL || v32 == TLB_INVALIDATE_RANGE =>
+                    {
+                        return Some(JobKind::Invalidate(n));
+                    }
+                    CTX_INV_PAGES => c.inv_pages = v32,
+                    CTX_CONTROL => {
+                        c.control = v32 & CTX_CONTROL_ENABLE;
+                        if c.control != 0 {
+                            c.status |= CTX_STATUS_ENABLED;
+                        } else {
+                            c.status &= !CTX_STATUS_ENABLED;
+                        }
+                        if v32 & CTX_CONTROL_CLEAR_FAULT != 0 {
+                            c.status &= !(CTX_STATUS_FAULTED | 0xff00);
+                            c.fault_addr = 0;
+                            c.head = c.tail;
+                        }
+                    }
+                    CTX_MSIX_VECTOR => c.msix_vector = v32 % u32::from(MSIX_VECTORS),
+                    _ => {}
+                },
+            }
+        }
+        o if (SCANOUT_BASE..SCANOUT_BASE + 0x100).contains(&o) => {
+            let s = &mut regs.scanout;
+            match o - SCANOUT_BASE {
+                SCANOUT_FB_ADDR => reg64_write(&mut s.fb_addr, 0, data),
+                0x04 => reg64_write(&mut s.fb_addr, 4, data),
+                SCANOUT_FB_WIDTH => s.width = v32,
+                SCANOUT_FB_HEIGHT => s.height = v32,
+                SCANOUT_FB_STRIDE => s.stride = v32,
+                SCANOUT_FB_FORMAT => s.format = v32,
+                SCANOUT_FB_ENABLE => s.enable = v32 & 1,
+                _ => {}
+            }
+        }
+        _ => {}
+    }
+    None
+}
+
+// ---- the engine --------------------------------------------------------------
+
+fn engine_loop(shared: &Shared, jobs: Receiver<Job>) {
+    for job in jobs {
+        match job {
+            Job::Submit(n, generation) => run_submission(shared, n, generation),
+            Job::Invalidate(n, generation) => {
+                // A missing root only matters to a submission, which reports it.
+                if lock(&shared.regs).generation == generation {
+                    let _ = sync_context(shared, n);
+                }
+            }
+        }
+    }
+}
+
+/// A sync point: the guest's page tables as they are now, and the context's root.
+fn sync_context(shared: &Shared, n: usize) -> Result<Gfn, u8> {
+    shared.ctx.page_tracker.sync();
+    let (root_gpa, attached) = {
+        let regs = lock(&shared.regs);
+        (regs.ctx[n].pt_root, regs.ctx[n].attached_root)
+    };
+    let wanted = root_gpa / PAGE_SIZE;
+    if attached == Some(wanted) && root_gpa != 0 {
+        return Ok(wanted);
+    }
+    let mut shadow = lock(&shared.shadow);
+    let new = shadow.attach_root(root_gpa);
+    if let Some(old) = attached {
+        shadow.detach_root(old);
+    }
+    drop(shadow);
+    let mut regs = lock(&shared.regs);
+    regs.ctx[n].attached_root = new.ok();
+    new
+}
+
+fn fault(shared: &Shared, n: usize, generation: u64, f: Fault) {
+    let mut regs = lock(&shared.regs);
+    if regs.generation != generation {
+        return;
+    }
+    let c = &mut regs.ctx[n];
+    c.status =
+        (c.status & !(0xff00 | CTX_STATUS_BUSY)) | CTX_STATUS_FAULTED | u32::from(f.reason) << 8;
+    c.fault_addr = f.addr;
+    regs.busy &= !(1 << n);
+    info!(
+        context = n,
+        reason = f.reason,
+        addr = format_args!("{:#x}", f.addr),
+        "vgpu: context fault"
+    );
+    shared.raise(&mut regs, Some(n));
+}
+
+fn run_submission(shared: &Shared, n: usize, generation: u64) {
+    let (ring_base, ring_size, head, tail, rings) = {
+        let mut regs = lock(&shared.regs);
+        if regs.generation != generation {
+            return;
+        }
+        let c = regs.ctx[n];
+        if c.control & CTX_CONTROL_ENABLE == 0
+            || c.status & CTX_STATUS_FAULTED != 0
+            || c.head == c.tail
+        {
+            return;
+        }
+        regs.ctx[n].status |= CTX_STATUS_BUSY;
+        regs.busy |= 1 << n;
+        let rings: Vec<(u64, u64)> = regs
+            .ctx
+            .iter()
+            .filter(|c| c.control & CTX_CONTROL_ENABLE != 0 && c.ring_size != 0)
+            .map(|c| (c.ring_base, u64::from(c.ring_size)))
+            .collect();
+        (c.ring_base, c.ring_size, c.head, c.tail, rings)
+    };
+    let bad_ring = !ring_size.is_power_of_two()
+        || !(RING_SIZE_MIN..=RING_SIZE_MAX).contains(&ring_size)
+        || !ring_base.is_multiple_of(PAGE_SIZE)
+        || tail >= ring_size
+        || !tail.is_multiple_of(4)
+        || !shared
+            .ctx
+            .memory
+            .is_host_mapped(ring_base, u64::from(ring_size));
+    if bad_ring {
+        return fault(
+            shared,
+            n,
+            generation,
+            Fault {
+                reason: FAULT_BAD_RING,
+                addr: ring_base,
+            },
+        );
+    }
+    if !shared.ctx.memory.bus_master() {
+        return fault(
+            shared,
+            n,
+            generation,
+            Fault {
+                reason: FAULT_DMA_ERROR,
+                addr: ring_base,
+            },
+        );
+    }
+    let mut cursor = Cursor::new(head, tail);
+    loop {
+        let root = match sync_context(shared, n) {
+            Ok(r) => r,
+            Err(reason) => {
+                let addr = lock(&shared.regs).ctx[n].pt_root;
+                return fault(shared, n, generation, Fault { reason, addr });
+            }
+        };
+        let audited = {
+            let shadow = lock(&shared.shadow);
+            let actx = AuditContext {
+                shadow: &shadow,
+                root,
+                memory: &shared.ctx.memory,
+                vram: &shared.vram,
+                ring_base,
+                ring_size,
+                rings: &rings,
+            };
+            audit_segment(&actx, &mut cursor)
+        };
+        let (plan, more) = match audited {
+            Ok(p) => p,
+            Err(f) => return fault(shared, n, generation, f),
+        };
+        if let Err(f) = execute(shared, n, generation, &plan) {
+            return fault(shared, n, generation, f);
+        }
+        if !more {
+            break;
+        }
+    }
+    let mut regs = lock(&shared.regs);
+    if regs.generation != generation {
+        return;
+    }
+    regs.ctx[n].head = tail;
+    regs.ctx[n].status &= !CTX_STATUS_BUSY;
+    regs.busy &= !(1 << n);
+    // More work may have been rung while this ran.
+    let again = regs.ctx[n].tail != tail;
+    drop(regs);
+    if again {
+        run_submission(shared, n, generation);
+    }
+}
+
+/// Runs an audited plan. Guest memory may still go away under it (DMA_UNMAP): such
+/// an access fails cleanly and faults the context.
+fn execute(shared: &Shared, n: usize, generation: u64, plan: &[Step]) -> Result<(), Fault> {
+    let dma = |va: u64| Fault {
+        reason: FAULT_DMA_ERROR,
+        addr: va,
+    };
+    for step in plan {
+        match step {
+            Step::Store { dst, value, va } => {
+                shared
+                    .write_target(*dst, &value.to_le_bytes())
+                    .map_err(|_| dma(*va))?;
+            }
+            Step::Fill { dst, pattern, va } => {
+                let chunk: Vec<u8> = pattern
+                    .to_le_bytes()
+                    .iter()
+                    .copied()
+                    .cycle()
+                    .take(64 << 10)
+                    .collect();
+                for e in dst {
+                    let mut done = 0u64;
+                    while done < e.len {
+                        let n = (e.len - done).min(chunk.len() as u64) as usize;
+                        shared
+                            .write_target(e.target.offset(done), &chunk[..n])
+                            .map_err(|_| dma(*va))?;
+                        done += n as u64;
+                    }
+                }
+            }
+            Step::Copy { src, dst, va } => copy_extents(shared, src, dst).map_err(|_| dma(*va))?,
+            Step::Fence {
+                dst,
+                seqno,
+                irq,
+                va,
+            } => {
+                shared
+                    .write_target(*dst, &seqno.to_le_bytes())
+                    .map_err(|_| dma(*va))?;
+                {
+                    let mut regs = lock(&shared.regs);
+                    if regs.generation != generation {
+                        return Ok(());
+                    }
+                    regs.ctx[n].fence_seqno = *seqno;
+                    if *irq {
+                        shared.raise(&mut regs, Some(n));
+                    }
+                }
+                shared.write_scanout();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Copies the bytes of `src` extents to `dst` extents (same total) in pieces.
+fn copy_extents(shared: &Shared, src: &[Extent], dst: &[Extent]) -> Result<(), ()> {
+    const PIECE: usize = 64 << 10;
+    let mut buf = vec![0u8; PIECE];
+    let (mut si, mut so, mut di, mut dof) = (0usize, 0u64, 0usize, 0u64);
+    while si < src.len() && di < dst.len() {
+        let n = (src[si].len - so).min(dst[di].len - dof).min(PIECE as u64) as usize;
+        shared.read_target(src[si].target.offset(so), &mut buf[..n])?;
+        shared.write_target(dst[di].target.offset(dof), &buf[..n])?;
+        so += n as u64;
+        dof += n as u64;
+        if so == src[si].len {
+            si += 1;
+            so = 0;
+        }
+        if dof == dst[di].len {
+            di += 1;
+            dof = 0;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,124 @@
+//! `umdev-vgpu`: the umdev mediated GPU (SPEC.md) as a vfio-user backend.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use umdev::cli::{self, ServerArgs};
+use umdev::memory::GuestMemory;
+use umdev::pagetrack::{Policy, SourceKind};
+use umdev_vgpu::{regs, VgpuConfig};
+
+/// Serves a umdev vGPU over vfio-user.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// VRAM size in MiB (a power of two).
+    #[arg(long, default_value_t = regs::DEFAULT_VRAM_MIB)]
+    vram_mib: u32,
+    /// Write the scanout picture here after every FENCE and on SIGUSR1.
+    #[arg(long)]
+    scanout_png: Option<PathBuf>,
+    /// How guest page-table writes are detected: scan, dirty-bitmap or uffd.
+    #[arg(long, default_value = "scan")]
+    page_track: SourceKind,
+    /// uffd policy: strict, out-of-sync or adaptive.
+    #[arg(long, default_value = "adaptive")]
+    policy: String,
+    #[arg(long, value_parser = parse_hex16)]
+    vendor_id: Option<u16>,
+    #[arg(long, value_parser = parse_hex16)]
+    device_id: Option<u16>,
+    #[arg(long, value_parser = parse_hex16)]
+    subsystem_vendor_id: Option<u16>,
+    #[arg(long, value_parser = parse_hex16)]
+    subsystem_id: Option<u16>,
+}
+
+fn parse_hex16(s: &str) -> Result<u16, String> {
+    u16::from_str_radix(s.trim_start_matches("0x"), 16).map_err(|e| format!("{s:?}: {e}"))
+}
+
+fn main() -> std::process::ExitCode {
+    cli::block_termination_signals();
+    block_sigusr1();
+    cli::init_logging();
+    let args = Args::parse();
+    let policy = match args.policy.as_str() {
+        "strict" => Policy::Strict,
+        "out-of-sync" => Policy::OutOfSync { threshold: 4 },
+        "adaptive" => Policy::default(),
+        other => {
+            eprintln!("umdev-vgpu: unknown policy {other:?} (strict, out-of-sync, adaptive)");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let mut config = VgpuConfig {
+        vram_mib: args.vram_mib,
+        scanout_png: args.scanout_png.clone(),
+        page_track: args.page_track,
+        policy,
+        ..VgpuConfig::default()
+    };
+    if let Some(v) = args.vendor_id {
+        config.ids.vendor_id = v;
+    }
+    if let Some(v) = args.device_id {
+        config.ids.device_id = v;
+    }
+    if let Some(v) = args.subsystem_vendor_id {
+        config.ids.subsystem_vendor_id = v;
+    }
+    if let Some(v) = args.subsystem_id {
+        config.ids.subsystem_id = v;
+    }
+    let memory = GuestMemory::new(umdev::vfio_user::ServerConfig::default().max_dma_maps as usize);
+    let (function, handle) = match umdev_vgpu::new_function(memory, config) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!("{e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let _ = std::thread::Builder::new()
+        .name("sigusr1".into())
+        .spawn(move || loop {
+            wait_sigusr1();
+            handle.dump_scanout();
+        });
+    if let Some(kind) = Some(args.page_track).filter(|k| *k != SourceKind::Scan) {
+        tracing::info!(?kind, "page tracking source");
+    }
+    match cli::run(&args.server, function) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn sigusr1_set() -> libc::sigset_t {
+    // SAFETY: builds a signal set in a local.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
+        set
+    }
+}
+
+/// SIGUSR1 is taken synchronously by one thread; block it everywhere first.
+fn block_sigusr1() {
+    let set = sigusr1_set();
+    // SAFETY: changes the calling thread's mask; threads started later inherit it.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+}
+
+fn wait_sigusr1() {
+    let set = sigusr1_set();
+    let mut sig = 0;
+    // SAFETY: waits for a blocked signal of the set, writing its number to a local.
+    unsafe { libc::sigwait(&set, &mut sig) };
+}

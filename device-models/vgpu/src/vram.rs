@@ -1,0 +1,121 @@
+//! VRAM: a memfd of the backend, mapped here for the engine and handed to the
+//! VMM as BAR2's mappable area so the guest reaches it without traps.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::Arc;
+
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestRegionMmap, MemoryRegionAddress};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VramError {
+    #[error("creating VRAM: {0}")]
+    Create(String),
+    #[error("VRAM access {offset:#x}+{len:#x} is out of range")]
+    Range { offset: u64, len: usize },
+}
+
+pub struct Vram {
+    file: Arc<File>,
+    map: GuestRegionMmap<()>,
+    size: u64,
+}
+
+impl Vram {
+    pub fn new(size: u64) -> Result<Self, VramError> {
+        let name = std::ffi::CString::new("umdev-vgpu-vram").unwrap_or_default();
+        // SAFETY: memfd_create with a valid C string; the File takes the new fd.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(VramError::Create(
+                std::io::Error::last_os_error().to_string(),
+            ));
+        }
+        // SAFETY: a fresh fd we own.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size)
+            .map_err(|e| VramError::Create(e.to_string()))?;
+        let mmap = MmapRegion::build(
+            Some(FileOffset::new(
+                file.try_clone()
+                    .map_err(|e| VramError::Create(e.to_string()))?,
+                0,
+            )),
+            size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+        )
+        .map_err(|e| VramError::Create(e.to_string()))?;
+        let map = GuestRegionMmap::new(mmap, GuestAddress(0))
+            .ok_or_else(|| VramError::Create("mapping".into()))?;
+        Ok(Vram {
+            file: Arc::new(file),
+            map,
+            size,
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn file(&self) -> Arc<File> {
+        self.file.clone()
+    }
+
+    fn check(&self, offset: u64, len: usize) -> Result<(), VramError> {
+        if offset
+            .checked_add(len as u64)
+            .is_some_and(|e| e <= self.size)
+        {
+            Ok(())
+        } else {
+            Err(VramError::Range { offset, len })
+        }
+    }
+
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), VramError> {
+        self.check(offset, buf.len())?;
+        self.map
+            .read_slice(buf, MemoryRegionAddress(offset))
+            .map_err(|_| VramError::Range {
+                offset,
+                len: buf.len(),
+            })
+    }
+
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), VramError> {
+        self.check(offset, data.len())?;
+        self.map
+            .write_slice(data, MemoryRegionAddress(offset))
+            .map_err(|_| VramError::Range {
+                offset,
+                len: data.len(),
+            })
+    }
+
+    /// Power-on contents: all zeroes. Punches the pages out rather than changing
+    /// the size, which would SIGBUS a VMM that has the file mapped.
+    pub fn clear(&self) {
+        // SAFETY: fallocate on our own memfd; PUNCH_HOLE|KEEP_SIZE zeroes the range
+        // without changing the file's size.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                0,
+                self.size as libc::off_t,
+            )
+        };
+        if rc != 0 {
+            let zeros = vec![0u8; 1 << 20];
+            let mut off = 0;
+            while off < self.size {
+                let n = (self.size - off).min(zeros.len() as u64) as usize;
+                let _ = self.write(off, &zeros[..n]);
+                off += n as u64;
+            }
+        }
+    }
+}
