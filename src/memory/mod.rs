@@ -73,10 +73,15 @@ pub trait DmaTransport: Send + Sync {
     fn dma_write(&self, gpa: u64, buf: &[u8]) -> Result<(), MemoryError>;
 }
 
+/// Told of every device write to guest memory that succeeded (the write
+/// tracker uses it to see the backend's own writes; dirty logging can too).
+pub type WriteObserver = Arc<dyn Fn(u64, usize) + Send + Sync>;
+
 struct Shared {
     regions: RwLock<DmaRegions>,
     bus_master: AtomicBool,
     transport: RwLock<Option<Arc<dyn DmaTransport>>>,
+    write_observers: RwLock<Vec<WriteObserver>>,
 }
 
 /// A cloneable handle to guest memory, usable from any thread.
@@ -102,6 +107,7 @@ impl GuestMemory {
                 regions: RwLock::new(DmaRegions::new(max_regions)),
                 bus_master: AtomicBool::new(false),
                 transport: RwLock::new(None),
+                write_observers: RwLock::new(Vec::new()),
             }),
         }
     }
@@ -203,8 +209,30 @@ impl GuestMemory {
         )
     }
 
+    /// Adds an observer of device writes.
+    pub fn add_write_observer(&self, observer: WriteObserver) {
+        self.shared
+            .write_observers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(observer);
+    }
+
     /// Writes `buf` to guest memory at `gpa` as the device (gated by bus mastering).
     pub fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), MemoryError> {
+        self.write_unobserved(gpa, buf)?;
+        let observers = self
+            .shared
+            .write_observers
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        for o in observers.iter() {
+            o(gpa, buf.len());
+        }
+        Ok(())
+    }
+
+    fn write_unobserved(&self, gpa: u64, buf: &[u8]) -> Result<(), MemoryError> {
         self.check_bus_master()?;
         self.access(
             gpa,

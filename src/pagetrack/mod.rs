@@ -232,11 +232,18 @@ struct State {
     pages: BTreeMap<Gfn, TrackedPage>,
     source: Box<dyn WriteSource>,
     max_pages: usize,
+    /// Tracked pages the backend itself wrote (through `GuestMemory::write`): no
+    /// VMM hint covers those, so they are compared at the next sync whatever the
+    /// source.
+    self_written: std::collections::BTreeSet<Gfn>,
 }
 
 struct Shared {
     memory: GuestMemory,
     state: Mutex<State>,
+    /// Held from comparing to delivering: a sync cannot return while changes that
+    /// another path (a uffd fault) took are still on their way to the notifiers.
+    delivery: Mutex<()>,
     notifiers: RwLock<Vec<(NotifierId, Arc<dyn TrackNotifier>)>>,
     next_notifier: AtomicU64,
     syncs: AtomicU64,
@@ -265,7 +272,9 @@ impl PageTracker {
                     pages: BTreeMap::new(),
                     source,
                     max_pages: DEFAULT_MAX_TRACKED_PAGES,
+                    self_written: Default::default(),
                 }),
+                delivery: Mutex::new(()),
                 notifiers: RwLock::new(Vec::new()),
                 next_notifier: AtomicU64::new(1),
                 syncs: AtomicU64::new(0),
@@ -282,7 +291,14 @@ impl PageTracker {
             SourceKind::DirtyBitmap => Box::new(DirtyBitmapSource::default()),
             SourceKind::Userfault => Box::new(UserfaultSource::new(policy)),
         };
-        let tracker = Self::new(memory, source);
+        let tracker = Self::new(memory.clone(), source);
+        // The backend's own writes never reach a VMM-side hint: note them.
+        let weak = Arc::downgrade(&tracker.shared);
+        memory.add_write_observer(Arc::new(move |gpa, len| {
+            if let Some(shared) = weak.upgrade() {
+                PageTracker { shared }.note_backend_write(gpa, len as u64);
+            }
+        }));
         if kind == SourceKind::Userfault {
             // Faults are resolved on the uffd reader threads, which must not keep
             // the tracker alive.
@@ -347,6 +363,7 @@ impl PageTracker {
         page.refs -= 1;
         if page.refs == 0 {
             state.pages.remove(&gfn);
+            state.self_written.remove(&gfn);
             state.source.untracked(gfn);
         }
         Ok(())
@@ -387,15 +404,42 @@ impl PageTracker {
         self.sync_range(0, u64::MAX)
     }
 
+    /// The backend wrote `[gpa, gpa+len)`: tracked pages there are compared at the
+    /// next sync.
+    pub fn note_backend_write(&self, gpa: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = gpa / PAGE_SIZE;
+        let last = gpa.saturating_add(len - 1) / PAGE_SIZE;
+        let mut state = self.state();
+        let hit: Vec<Gfn> = state.pages.range(first..=last).map(|(&g, _)| g).collect();
+        state.self_written.extend(hit);
+    }
+
     /// A sync point over tracked gfns in `[first, first+count)`.
     pub fn sync_range(&self, first: Gfn, count: u64) -> usize {
         let end = first.saturating_add(count);
         let mut events: Vec<(u64, [u8; ENTRY_SIZE])> = Vec::new();
+        let _delivery = self
+            .shared
+            .delivery
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         {
             let mut state = self.state();
             let gfns: Vec<Gfn> = state.pages.range(first..end).map(|(&g, _)| g).collect();
             let mut candidates = Vec::with_capacity(gfns.len());
             state.source.candidates(&gfns, &mut candidates);
+            let written: Vec<Gfn> = state.self_written.range(first..end).copied().collect();
+            for g in &written {
+                state.self_written.remove(g);
+            }
+            if !written.is_empty() {
+                candidates.extend(written);
+                candidates.sort_unstable();
+                candidates.dedup();
+            }
             let mut current = [0u8; PAGE_SIZE as usize];
             for gfn in candidates {
                 state.source.prepare_compare(gfn);
@@ -574,6 +618,11 @@ impl PageTracker {
         // Strict: the writer runs again; report its write as soon as it is visible.
         // If it does not show within the spin, the page stays writable and dirty
         // and the next sync point protects and compares it: nothing is lost.
+        let _delivery = self
+            .shared
+            .delivery
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let mut events = Vec::new();
         let mut current = [0u8; PAGE_SIZE as usize];
         for _ in 0..STRICT_SPIN {

@@ -148,8 +148,9 @@ struct Context {
     inv_pages: u32,
     control: u32,
     msix_vector: u32,
-    /// Root table the shadow holds a reference on for this context.
-    attached_root: Option<Gfn>,
+    /// Root table the shadow holds a reference on for this context, and the
+    /// shadow epoch it was taken in.
+    attached_root: Option<(Gfn, u64)>,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -391,6 +392,9 @@ impl Shared {
     fn capture_scanout(&self) -> Option<(Scanout, Vec<u8>)> {
         let sc = lock(&self.regs).scanout;
         if sc.enable == 0 || sc.format != FB_FORMAT_XRGB8888 {
+            return None;
+        }
+        if !sc.stride.is_multiple_of(4) {
             return None;
         }
         let len = scanout::required_len(sc.width, sc.height, sc.stride as usize).ok()?;
@@ -669,7 +673,15 @@ fn write_register(
                 SCANOUT_FB_HEIGHT => s.height = v32,
                 SCANOUT_FB_STRIDE => s.stride = v32,
                 SCANOUT_FB_FORMAT => s.format = v32,
-                SCANOUT_FB_ENABLE => s.enable = v32 & 1,
+                SCANOUT_FB_ENABLE => {
+                    s.enable = v32 & 1;
+                    let valid = s.format == FB_FORMAT_XRGB8888
+                        && s.stride.is_multiple_of(4)
+                        && scanout::required_len(s.width, s.height, s.stride as usize).is_ok();
+                    if s.enable != 0 && !valid {
+                        shared.global_error(regs, GLOBAL_ERROR_BAD_SCANOUT);
+                    }
+                }
                 _ => {}
             }
         }
@@ -702,17 +714,21 @@ fn sync_context(shared: &Shared, n: usize) -> Result<Gfn, u8> {
         (regs.ctx[n].pt_root, regs.ctx[n].attached_root)
     };
     let wanted = root_gpa / PAGE_SIZE;
-    if attached == Some(wanted) && root_gpa != 0 {
+    let mut shadow = lock(&shared.shadow);
+    let epoch = shadow.epoch();
+    // A reference from an older epoch died with the tables it pointed at.
+    let live = attached.filter(|&(_, e)| e == epoch).map(|(g, _)| g);
+    if live == Some(wanted) && root_gpa != 0 {
         return Ok(wanted);
     }
-    let mut shadow = lock(&shared.shadow);
     let new = shadow.attach_root(root_gpa);
-    if let Some(old) = attached {
+    if let Some(old) = live {
         shadow.detach_root(old);
     }
+    let epoch = shadow.epoch();
     drop(shadow);
     let mut regs = lock(&shared.regs);
-    regs.ctx[n].attached_root = new.ok();
+    regs.ctx[n].attached_root = new.ok().map(|g| (g, epoch));
     new
 }
 

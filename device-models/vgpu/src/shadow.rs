@@ -97,6 +97,9 @@ pub struct ShadowPageTables {
     tracker: PageTracker,
     check: TargetCheck,
     max_tables: usize,
+    /// Bumped whenever every table is dropped at once; a context whose root
+    /// reference is from an older epoch attaches afresh.
+    epoch: u64,
 }
 
 impl ShadowPageTables {
@@ -106,6 +109,7 @@ impl ShadowPageTables {
             tracker,
             check,
             max_tables: DEFAULT_MAX_TABLES,
+            epoch: 0,
         }
     }
 
@@ -120,6 +124,10 @@ impl ShadowPageTables {
 
     pub fn is_empty(&self) -> bool {
         self.tables.is_empty()
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// References to the table at (gfn, level), 0 if it does not exist.
@@ -252,38 +260,14 @@ impl ShadowPageTables {
         }
     }
 
-    /// Guest memory under `[gfn, gfn+pages)` is gone: its tables are dropped (their
-    /// tracking is gone already) and every link to them becomes unusable.
+    /// Guest memory under `[gfn, gfn+pages)` is gone (its tracking with it). If any
+    /// table lived there, every shadow is dropped: contexts rebuild theirs from the
+    /// guest's tables at their next sync point, which also covers the memory
+    /// coming back with the same contents (no guest write would re-validate it).
     pub fn on_remove_region(&mut self, gfn: Gfn, pages: u64) {
         let end = gfn.saturating_add(pages);
-        let gone: Vec<(Gfn, u8)> = self
-            .tables
-            .keys()
-            .filter(|(g, _)| *g >= gfn && *g < end)
-            .copied()
-            .collect();
-        if gone.is_empty() {
-            return;
-        }
-        for key in &gone {
-            if let Some(t) = self.tables.remove(key) {
-                for e in t.entries.iter() {
-                    if let Entry::Table(child) = e {
-                        if *child < gfn || *child >= end {
-                            self.detach(*child, key.1 - 1);
-                        }
-                    }
-                }
-            }
-        }
-        for t in self.tables.values_mut() {
-            for e in t.entries.iter_mut() {
-                if let Entry::Table(child) = e {
-                    if *child >= gfn && *child < end {
-                        *e = Entry::Bad(FAULT_BAD_TABLE);
-                    }
-                }
-            }
+        if self.tables.keys().any(|(g, _)| *g >= gfn && *g < end) {
+            self.reset();
         }
     }
 
@@ -319,5 +303,6 @@ impl ShadowPageTables {
         for ((gfn, _), _) in self.tables.drain() {
             let _ = self.tracker.untrack(gfn);
         }
+        self.epoch += 1;
     }
 }

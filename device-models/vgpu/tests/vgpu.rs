@@ -548,13 +548,11 @@ fn gpu_rewrites_its_page_tables_with_scan() {
 }
 
 #[test]
-#[ignore = "device bug (reported): with the dirty-bitmap source the device misses its own writes to page tables at the next doorbell"]
 fn gpu_rewrites_its_page_tables_with_dirty_bitmap() {
     gpu_rewrites_ptes(PageTrack::DirtyBitmap);
 }
 
 #[test]
-#[ignore = "device bug (reported): with the uffd source the device misses its own writes to page tables, even at a TLB_INVALIDATE command"]
 fn gpu_rewrites_its_page_tables_with_uffd() {
     gpu_rewrites_ptes(PageTrack::Uffd);
 }
@@ -655,7 +653,6 @@ fn workload_with_dirty_bitmap() {
 }
 
 #[test]
-#[ignore = "bug (reported): uffd source intermittently misses a PTE write that completed before the doorbell"]
 fn workload_with_uffd() {
     workload_with(PageTrack::Uffd);
 }
@@ -1330,7 +1327,6 @@ fn disabled_context_and_bus_master_off() {
 }
 
 #[test]
-#[ignore = "device bug (reported): after DMA_UNMAP + DMA_MAP of the same memory the tables stay BAD_TABLE"]
 fn guest_memory_unmapped_under_the_device() {
     let mut gpu = Vgpu::start();
     let mut ctx = gpu.context(0);
@@ -1638,7 +1634,6 @@ fn scanout_from_guest_ram_and_bad_configuration() {
 }
 
 #[test]
-#[ignore = "device bug (reported): FB_STRIDE not a multiple of 4 raises no global error 2"]
 fn scanout_stride_not_a_multiple_of_four() {
     scanout_from_guest_ram(&[(SCANOUT_FB_STRIDE, 32 * 4 * 2 + 2)]);
 }
