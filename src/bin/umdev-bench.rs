@@ -22,10 +22,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use umdev::memory::GuestMemory;
+use umdev::pci::{BarDef, BarIndex, PciDevice, PciDeviceDescription, PciFunction, PciIds};
+use umdev::vfio_user::caps::Capabilities;
 use umdev::vfio_user::client::{ClientError, DmaTarget};
-use umdev::vfio_user::socket::{recv_with_fds, send_all, send_small};
+use umdev::vfio_user::socket::{recv_with_fds, send_all, send_small, SMALL_MESSAGE};
 use umdev::vfio_user::wire::{self, *};
-use umdev::vfio_user::Client;
+use umdev::vfio_user::Server;
+use umdev::vfio_user::{Client, ServerConfig};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Round trips, posted writes, DMA map/unmap and server-initiated DMA of a
@@ -41,6 +45,10 @@ struct Args {
     /// next to this program].
     #[arg(long)]
     server_bin: Option<PathBuf>,
+    /// Serve from a thread of this process instead: umdev's server with a small
+    /// register-file device (no DMA engine), the floor's echo a thread too.
+    #[arg(long, conflicts_with_all = ["socket_path", "server_bin"])]
+    in_process: bool,
     /// Extra argument for the started server (repeat for several).
     #[arg(long, allow_hyphen_values = true)]
     server_arg: Vec<String>,
@@ -54,10 +62,10 @@ struct Args {
     /// Short run for CI: few repetitions and iterations (figures are rough).
     #[arg(long)]
     quick: bool,
-    /// Repetitions per figure (the median is reported) [default: 7, quick: 3].
+    /// Repetitions per figure (medians are reported) [default: 11, quick: 3].
     #[arg(long)]
     reps: Option<usize>,
-    /// Round trips per repetition [default: 20000, quick: 300].
+    /// Round trips per repetition [default: 10000, quick: 300].
     #[arg(long)]
     iterations: Option<u64>,
     /// Regions already mapped for the DMA map/unmap figures.
@@ -85,9 +93,14 @@ struct Args {
     /// Only measure the figures whose name contains this text.
     #[arg(long)]
     only: Option<String>,
-    /// Where the floor's echo runs [default: process, as the server is one].
+    /// Where the floor's echo runs [default: process, as the server is one;
+    /// thread with --in-process].
     #[arg(long, value_enum)]
     floor_echo: Option<EchoKind>,
+    /// How the floor reads: into its buffer whatever is there, as a server
+    /// must (buffer), or exactly the bytes it knows come next (exact).
+    #[arg(long, value_enum, default_value = "buffer")]
+    floor_read: FloorRead,
     /// Internal: run as the floor's echo process on this inherited socket fd.
     #[arg(long, hide = true)]
     echo_child: Option<RawFd>,
@@ -171,6 +184,18 @@ enum EchoKind {
     Process,
 }
 
+/// How the floor reads. A server cannot know where the next message ends before
+/// its header is in, so it reads into its buffer whatever the socket holds, and
+/// umdev does so; `buffer` makes the floor read the same way. `exact` lets the
+/// floor read precisely the bytes its script says come next, which no vfio-user
+/// server can do: a kernel read that asks for more than is queued walks the
+/// queue once more, which costs about 3% of a round trip here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum FloorRead {
+    Buffer,
+    Exact,
+}
+
 enum Echo {
     Thread(JoinHandle<()>),
     Process(Child),
@@ -183,8 +208,12 @@ struct Floor {
     script: Vec<Phase>,
     fd: RawFd,
     buf: Vec<u8>,
+    exact: bool,
     echo: Option<Echo>,
 }
+
+/// Buffer the floor's two ends read into (umdev's reader starts with 64 KiB).
+const READ_BUF: usize = 64 * 1024;
 
 /// What the echo does per phase: read this many bytes, then write that many.
 type EchoPlan = Vec<(usize, usize)>;
@@ -208,9 +237,11 @@ impl Floor {
     fn start(
         script: Vec<Phase>,
         kind: EchoKind,
+        read: FloorRead,
         echo_cpu: Option<usize>,
         fd: RawFd,
     ) -> Result<Floor> {
+        let exact = read == FloorRead::Exact;
         let (client, server) = UnixStream::pair()?;
         let plan: EchoPlan = script
             .iter()
@@ -226,7 +257,7 @@ impl Floor {
                                 eprintln!("floor echo: {e}");
                             }
                         }
-                        echo_loop(server, &plan);
+                        echo_loop(server, &plan, exact);
                     })?,
             ),
             EchoKind::Process => {
@@ -239,6 +270,9 @@ impl Floor {
                     .stdin(Stdio::null());
                 if let Some(cpu) = echo_cpu {
                     cmd.arg("--pin").arg(cpu.to_string());
+                }
+                if exact {
+                    cmd.arg("--floor-read").arg("exact");
                 }
                 // SAFETY: runs in the child between fork and exec and makes one
                 // async-signal-safe system call: it clears close-on-exec on the
@@ -265,7 +299,8 @@ impl Floor {
             stream: client,
             script,
             fd,
-            buf: vec![0; biggest.max(64)],
+            buf: vec![0; biggest.max(READ_BUF)],
+            exact,
             echo: Some(echo),
         })
     }
@@ -278,16 +313,17 @@ impl Floor {
             for phase in &self.script {
                 // The system calls umdev's MessageWriter makes for the same message.
                 for &(len, with_fd) in &phase.sends {
-                    if with_fd || len > 256 {
-                        let fds: &[RawFd] = if with_fd { &[self.fd] } else { &[] };
-                        send_all(fd, &mut [IoSlice::new(&self.buf[..len])], fds)?;
-                    } else {
-                        send_small(fd, &self.buf[..len])?;
-                    }
+                    let fds: &[RawFd] = if with_fd { &[self.fd] } else { &[] };
+                    send_message(fd, &self.buf[..len], fds)?;
                 }
                 let mut got = 0;
                 while got < phase.recv {
-                    let (n, _, _) = recv_with_fds(fd, &mut self.buf[got..phase.recv])?;
+                    let until = if self.exact {
+                        phase.recv
+                    } else {
+                        self.buf.len()
+                    };
+                    let (n, _, _) = recv_with_fds(fd, &mut self.buf[got..until])?;
                     if n == 0 {
                         return Err(BenchError::Setup("floor echo went away".into()));
                     }
@@ -316,22 +352,25 @@ impl Drop for Floor {
 
 /// The server side of the floor: reads what each phase sends (closing any fds),
 /// answers with the phase's reply bytes in one write.
-fn echo_loop(mut stream: UnixStream, plan: &EchoPlan) {
-    let mut buf = vec![0u8; 64 * 1024];
+fn echo_loop(mut stream: UnixStream, plan: &EchoPlan, exact: bool) {
+    let mut buf = vec![0u8; READ_BUF];
     let reply_len = plan.iter().map(|p| p.1).max().unwrap_or(0);
     let reply = vec![0u8; reply_len];
     let fd = stream.as_raw_fd();
+    // Bytes read beyond one phase count for the next.
+    let mut carry = 0;
     loop {
         for &(want, recv) in plan {
-            let mut got = 0;
+            let mut got = carry;
             while got < want {
-                let room = (want - got).min(buf.len());
+                let room = if exact { want - got } else { buf.len() }.min(buf.len());
                 // Received fds are dropped (closed) right away.
                 match recv_with_fds(fd, &mut buf[..room]) {
                     Ok((0, _, _)) | Err(_) => return,
                     Ok((n, _, _)) => got += n,
                 }
             }
+            carry = got - want;
             if recv > 0 && stream.write_all(&reply[..recv]).is_err() {
                 return;
             }
@@ -355,13 +394,10 @@ struct Figure {
     /// Median rate (per second) against the server, and against the floor.
     server: Option<f64>,
     floor: Option<f64>,
+    /// Median over the repetitions of server rate / floor rate, each pair
+    /// measured back to back.
+    ratio: Option<f64>,
     note: String,
-}
-
-impl Figure {
-    fn ratio(&self) -> Option<f64> {
-        Some(self.server? / self.floor?)
-    }
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -426,7 +462,15 @@ impl Bench {
             }
         }
         let mut floor = match script
-            .map(|s| Floor::start(s, self.echo_kind, self.echo_cpu, self.memfd.as_raw_fd()))
+            .map(|s| {
+                Floor::start(
+                    s,
+                    self.echo_kind,
+                    self.args.floor_read,
+                    self.echo_cpu,
+                    self.memfd.as_raw_fd(),
+                )
+            })
             .transpose()
         {
             Ok(f) => f,
@@ -443,19 +487,31 @@ impl Bench {
         if let Some(f) = floor.as_mut() {
             let _ = f.run(warm);
         }
-        let (mut srv, mut flr) = (Vec::new(), Vec::new());
-        for _ in 0..self.reps {
-            if let Some(f) = floor.as_mut() {
-                match f.run(n) {
-                    Ok(d) => flr.push(n as f64 * units_per_n / d.as_secs_f64()),
-                    Err(e) => eprintln!("{name}: floor: {e}"),
+        let (mut srv, mut flr, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        let rate = |d: Duration| n as f64 * units_per_n / d.as_secs_f64();
+        for rep in 0..self.reps {
+            // Floor and server back to back, in alternating order, so load that
+            // comes and goes hits both alike; their ratio is taken per pair.
+            let (mut f_rate, mut s_rate) = (None, None);
+            for turn in 0..2 {
+                if (turn == 0) == (rep % 2 == 0) {
+                    if let Some(f) = floor.as_mut() {
+                        match f.run(n) {
+                            Ok(d) => f_rate = Some(rate(d)),
+                            Err(e) => eprintln!("{name}: floor: {e}"),
+                        }
+                    }
+                } else if failed.is_none() {
+                    match run(&mut self.client, n) {
+                        Ok(d) => s_rate = Some(rate(d)),
+                        Err(e) => failed = Some(e.to_string()),
+                    }
                 }
             }
-            if failed.is_none() {
-                match run(&mut self.client, n) {
-                    Ok(d) => srv.push(n as f64 * units_per_n / d.as_secs_f64()),
-                    Err(e) => failed = Some(e.to_string()),
-                }
+            flr.extend(f_rate);
+            srv.extend(s_rate);
+            if let (Some(f), Some(s)) = (f_rate, s_rate) {
+                ratios.push(s / f);
             }
         }
         let mut note = note.to_string();
@@ -463,12 +519,14 @@ impl Bench {
             eprintln!("{name}: {e}");
             note = format!("failed: {e}");
             srv.clear();
+            ratios.clear();
         }
         let fig = Figure {
             name: name.into(),
             unit,
             server: median(srv),
             floor: median(flr),
+            ratio: median(ratios),
             note,
         };
         println!(
@@ -476,7 +534,7 @@ impl Bench {
             fig.name,
             fmt_rate(fig.server, unit),
             fmt_rate(fig.floor, unit),
-            fig.ratio().map_or("-".into(), |r| format!("{r:.2}")),
+            fig.ratio.map_or("-".into(), |r| format!("{r:.2}")),
             fig.note
         );
         let rate = fig.server;
@@ -499,6 +557,83 @@ fn write_sizes(count: usize) -> (usize, usize) {
     (HDR + ACCESS + count, HDR + ACCESS)
 }
 
+/// A request encoded once, as a VMM's vCPU thread sends it; only its id changes.
+fn encode(command: Command, no_reply: bool, parts: &[&[u8]]) -> Vec<u8> {
+    let size = HDR + parts.iter().map(|p| p.len()).sum::<usize>();
+    let header = Header {
+        msg_id: 0,
+        command: command as u16,
+        size: size as u32,
+        flags: FLAGS_TYPE_COMMAND | if no_reply { FLAGS_NO_REPLY } else { 0 },
+        error: 0,
+    };
+    let mut bytes = header.as_bytes().to_vec();
+    for p in parts {
+        bytes.extend_from_slice(p);
+    }
+    bytes
+}
+
+/// Sends one message with the system call umdev's MessageWriter uses for it.
+fn send_message(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> Result<()> {
+    if fds.is_empty() && bytes.len() <= SMALL_MESSAGE {
+        send_small(fd, bytes)?;
+    } else {
+        send_all(fd, &mut [IoSlice::new(bytes)], fds)?;
+    }
+    Ok(())
+}
+
+/// Reads the reply to message `id`, `expect` bytes long, into `buf` with
+/// recvmsg (asking for the whole buffer, as umdev's reader and the floor do),
+/// and checks it.
+fn wire_reply(fd: RawFd, buf: &mut [u8], expect: usize, id: u16) -> Result<()> {
+    let mut got = 0;
+    loop {
+        let (n, _, _) = recv_with_fds(fd, &mut buf[got..])?;
+        if n == 0 {
+            return Err(BenchError::Setup("server closed the connection".into()));
+        }
+        got += n;
+        if got < HDR {
+            continue;
+        }
+        let h = Header::read_from(buf).unwrap_or_default();
+        if h.is_error() || !h.is_reply() || h.msg_id != id {
+            return Err(BenchError::Setup(format!(
+                "unexpected reply: id {} (want {id}), flags {:#x}, errno {}",
+                h.msg_id, h.flags, h.error
+            )));
+        }
+        if h.size as usize != expect || got > expect {
+            return Err(BenchError::Setup(format!(
+                "reply of {} bytes ({got} read), want {expect}",
+                h.size
+            )));
+        }
+        if got == expect {
+            return Ok(());
+        }
+    }
+}
+
+/// `n` round trips of `request`, whose reply is `reply_len` bytes, sent and
+/// received with the same system calls as the floor's client (no client-library
+/// bookkeeping): the server's own cost against the floor's.
+fn wire_round_trips(c: &Client, request: &[u8], reply_len: usize, n: u64) -> Result<Duration> {
+    let fd = c.stream().as_raw_fd();
+    let mut req = request.to_vec();
+    let mut reply = vec![0u8; READ_BUF];
+    let t = Instant::now();
+    for i in 0..n {
+        let id = i as u16;
+        req[..2].copy_from_slice(&id.to_le_bytes());
+        send_message(fd, &req, &[])?;
+        wire_reply(fd, &mut reply, reply_len, id)?;
+    }
+    Ok(t.elapsed())
+}
+
 fn round_trips(b: &mut Bench) {
     let n = b.iterations;
     let bar = b.args.bar;
@@ -508,66 +643,73 @@ fn round_trips(b: &mut Bench) {
     let cfg8 = b.client.region_read(CONFIG, 0x10, 8).unwrap_or(vec![0; 8]);
     let bar4 = b.client.region_read(bar, o4, 4).unwrap_or(vec![0; 4]);
     let bar8 = b.client.region_read(bar, o8, 8).unwrap_or(vec![0; 8]);
-    let reads: [(&str, u32, u64, usize); 4] = [
-        ("REGION_READ 4 B config space @0x00", CONFIG, 0, 4),
-        ("REGION_READ 8 B config space @0x00", CONFIG, 0, 8),
-        ("REGION_READ 4 B BAR", bar, o4, 4),
-        ("REGION_READ 8 B BAR", bar, o8, 8),
-    ];
-    for (name, region, offset, count) in reads {
-        let (rq, rp) = read_sizes(count);
-        let name = if region == CONFIG {
-            name.to_string()
-        } else {
-            format!("{name}{bar} @{offset:#x}")
-        };
-        let mut run = |c: &mut Client, n: u64| -> Result<Duration> {
-            let mut data = [0u8; 8];
-            let t = Instant::now();
-            for _ in 0..n {
-                c.region_read_into(region, offset, &mut data[..count])?;
-            }
-            Ok(t.elapsed())
-        };
-        b.figure(
-            &name,
-            Unit::Ops,
-            n,
-            1.0,
-            Some(vec![Phase::rt(rq, rp)]),
-            &mut run,
-            "",
+    let access = |region, offset, count: usize| RegionAccess {
+        offset,
+        region,
+        count: count as u32,
+    };
+    let mut rows: Vec<(String, Vec<u8>, usize)> = Vec::new();
+    for (region, offset, count) in [(CONFIG, 0, 4), (CONFIG, 0, 8), (bar, o4, 4), (bar, o8, 8)] {
+        let req = encode(
+            Command::RegionRead,
+            false,
+            &[access(region, offset, count).as_bytes()],
         );
+        rows.push((
+            format!("REGION_READ {count} B {}", where_(region, offset)),
+            req,
+            read_sizes(count).1,
+        ));
     }
-    let writes: [(&str, u32, u64, Vec<u8>); 4] = [
-        ("REGION_WRITE 4 B config space @0x3c", CONFIG, 0x3c, cfg4),
-        ("REGION_WRITE 8 B config space @0x10", CONFIG, 0x10, cfg8),
-        ("REGION_WRITE 4 B BAR", bar, o4, bar4),
-        ("REGION_WRITE 8 B BAR", bar, o8, bar8),
-    ];
-    for (name, region, offset, value) in writes {
-        let (rq, rp) = write_sizes(value.len());
-        let name = if region == CONFIG {
-            name.to_string()
-        } else {
-            format!("{name}{bar} @{offset:#x}")
-        };
-        let mut run = |c: &mut Client, n: u64| -> Result<Duration> {
-            let t = Instant::now();
-            for _ in 0..n {
-                c.region_write(region, offset, &value)?;
-            }
-            Ok(t.elapsed())
-        };
-        b.figure(
-            &name,
-            Unit::Ops,
-            n,
-            1.0,
-            Some(vec![Phase::rt(rq, rp)]),
-            &mut run,
-            "",
+    for (region, offset, value) in [
+        (CONFIG, 0x3c, cfg4),
+        (CONFIG, 0x10, cfg8),
+        (bar, o4, bar4),
+        (bar, o8, bar8),
+    ] {
+        let req = encode(
+            Command::RegionWrite,
+            false,
+            &[access(region, offset, value.len()).as_bytes(), &value],
         );
+        rows.push((
+            format!("REGION_WRITE {} B {}", value.len(), where_(region, offset)),
+            req,
+            write_sizes(value.len()).1,
+        ));
+    }
+    for (name, req, reply_len) in rows {
+        let script = vec![Phase::rt(req.len(), reply_len)];
+        let mut run = |c: &mut Client, n: u64| wire_round_trips(c, &req, reply_len, n);
+        b.figure(&name, Unit::Ops, n, 1.0, Some(script), &mut run, "");
+    }
+    // The same read through the client library, for what its bookkeeping costs.
+    let (rq, rp) = read_sizes(4);
+    let mut run = |c: &mut Client, n: u64| -> Result<Duration> {
+        let mut data = [0u8; 4];
+        let t = Instant::now();
+        for _ in 0..n {
+            c.region_read_into(CONFIG, 0, &mut data)?;
+        }
+        Ok(t.elapsed())
+    };
+    b.figure(
+        "REGION_READ 4 B config space @0x0, umdev::Client",
+        Unit::Ops,
+        n,
+        1.0,
+        Some(vec![Phase::rt(rq, rp)]),
+        &mut run,
+        "client library on the client side",
+    );
+}
+
+/// "config space @0x10" or "BAR0 @0x4".
+fn where_(region: u32, offset: u64) -> String {
+    if region == CONFIG {
+        format!("config space @{offset:#x}")
+    } else {
+        format!("BAR{region} @{offset:#x}")
     }
 }
 
@@ -578,27 +720,28 @@ fn posted_writes(b: &mut Bench) {
     let batch: u64 = 1000;
     let rounds = (b.iterations / 10).max(1);
     let value = b.client.region_read(bar, offset, 4).unwrap_or(vec![0; 4]);
-    let (rq, _) = write_sizes(4);
-    let (drq, drp) = read_sizes(4);
-    let mut sends = vec![(rq, false); batch as usize];
-    sends.push((drq, false));
+    let access = |count: usize| RegionAccess {
+        offset,
+        region: bar,
+        count: count as u32,
+    };
+    let posted = encode(Command::RegionWrite, true, &[access(4).as_bytes(), &value]);
+    let drain = encode(Command::RegionRead, false, &[access(4).as_bytes()]);
+    let drain_reply = read_sizes(4).1;
+    let mut sends = vec![(posted.len(), false); batch as usize];
+    sends.push((drain.len(), false));
     let mut run = |c: &mut Client, n: u64| -> Result<Duration> {
-        let mut data = [0u8; 4];
-        let t = Instant::now();
-        for _ in 0..n {
-            for _ in 0..batch {
-                c.region_write_posted(bar, offset, &value)?;
-            }
-            c.region_read_into(bar, offset, &mut data)?;
-        }
-        Ok(t.elapsed())
+        posted_then_drain(c, &posted, batch, &drain, drain_reply, n)
     };
     b.figure(
         &format!("posted REGION_WRITE 4 B BAR{bar} @{offset:#x}"),
         Unit::Ops,
         rounds,
         batch as f64,
-        Some(vec![Phase { sends, recv: drp }]),
+        Some(vec![Phase {
+            sends,
+            recv: drain_reply,
+        }]),
         &mut run,
         "1000 posted, then 1 read",
     );
@@ -626,28 +769,54 @@ fn posted_writes(b: &mut Bench) {
         println!("{name:<44} not offered by the server (caps write_multiple)");
         return;
     }
-    let mut sends = vec![(HDR + body.len(), false); messages as usize];
-    sends.push((drq, false));
+    let multi = encode(Command::RegionWriteMulti, true, &[&body]);
+    let mut sends = vec![(multi.len(), false); messages as usize];
+    sends.push((drain.len(), false));
     let mut run = |c: &mut Client, n: u64| -> Result<Duration> {
-        let mut data = [0u8; 4];
-        let t = Instant::now();
-        for _ in 0..n {
-            for _ in 0..messages {
-                c.send(Command::RegionWriteMulti, &[&body], &[], true)?;
-            }
-            c.region_read_into(bar, offset, &mut data)?;
-        }
-        Ok(t.elapsed())
+        posted_then_drain(c, &multi, messages, &drain, drain_reply, n)
     };
     b.figure(
         &name,
         Unit::Ops,
         rounds,
         (messages as usize * entries) as f64,
-        Some(vec![Phase { sends, recv: drp }]),
+        Some(vec![Phase {
+            sends,
+            recv: drain_reply,
+        }]),
         &mut run,
         "100 messages, then 1 read",
     );
+}
+
+/// `n` times: `count` posted messages, then a read whose reply says the server
+/// has handled them all.
+fn posted_then_drain(
+    c: &Client,
+    posted: &[u8],
+    count: u64,
+    drain: &[u8],
+    drain_reply: usize,
+    n: u64,
+) -> Result<Duration> {
+    let fd = c.stream().as_raw_fd();
+    let mut posted = posted.to_vec();
+    let mut drain = drain.to_vec();
+    let mut reply = vec![0u8; READ_BUF];
+    let mut id = 0u16;
+    let t = Instant::now();
+    for _ in 0..n {
+        for _ in 0..count {
+            posted[..2].copy_from_slice(&id.to_le_bytes());
+            send_message(fd, &posted, &[])?;
+            id = id.wrapping_add(1);
+        }
+        drain[..2].copy_from_slice(&id.to_le_bytes());
+        send_message(fd, &drain, &[])?;
+        wire_reply(fd, &mut reply, drain_reply, id)?;
+        id = id.wrapping_add(1);
+    }
+    Ok(t.elapsed())
 }
 
 const PAGE: u64 = 4096;
@@ -928,6 +1097,92 @@ fn dma_engine(b: &mut Bench) -> Result<()> {
 
 // ---- set-up ----------------------------------------------------------------
 
+/// The device of `--in-process`: a 4 KiB BAR0 of plain registers that keep what
+/// is written, no locks, no threads.
+struct RegisterFile {
+    regs: Box<[u8; 4096]>,
+}
+
+impl PciDevice for RegisterFile {
+    fn bar_read(&mut self, _bar: BarIndex, offset: u64, data: &mut [u8]) {
+        let at = offset as usize;
+        data.copy_from_slice(&self.regs[at..at + data.len()]);
+    }
+
+    fn bar_write(&mut self, _bar: BarIndex, offset: u64, data: &[u8]) {
+        let at = offset as usize;
+        self.regs[at..at + data.len()].copy_from_slice(data);
+    }
+
+    fn reset(&mut self) {
+        self.regs.fill(0);
+    }
+}
+
+/// umdev's server on a thread of this process, serving one end of a socketpair.
+struct InProcess {
+    thread: Option<JoinHandle<()>>,
+}
+
+impl InProcess {
+    fn start(cpu: Option<usize>) -> Result<(InProcess, Client)> {
+        let description = PciDeviceDescription {
+            ids: PciIds {
+                vendor_id: 0x1234,
+                device_id: 0xbe4c,
+                class_code: 0x00ff00,
+                ..Default::default()
+            },
+            bars: [
+                Some(BarDef::memory32(4096, false)),
+                None,
+                None,
+                None,
+                None,
+                None,
+            ],
+            ..Default::default()
+        };
+        let max_maps = ServerConfig::default().max_dma_maps as usize;
+        let function = PciFunction::new(description, GuestMemory::new(max_maps), |_| {
+            Box::new(RegisterFile {
+                regs: Box::new([0; 4096]),
+            })
+        })
+        .map_err(|e| BenchError::Setup(format!("in-process device: {e}")))?;
+        let server = Server::new(function, ServerConfig::default());
+        let (ours, theirs) = UnixStream::pair()?;
+        let thread = std::thread::Builder::new()
+            .name("umdev-session".into())
+            .spawn(move || {
+                if let Some(cpu) = cpu {
+                    if let Err(e) = pin_current_thread(cpu) {
+                        eprintln!("in-process server: {e}");
+                    }
+                }
+                if let Err(e) = server.serve_connection(theirs) {
+                    eprintln!("in-process server: {e}");
+                }
+            })?;
+        let mut client = Client::from_stream(ours)?;
+        client.negotiate(&Capabilities::new(16, 1 << 20, 65535, true))?;
+        Ok((
+            InProcess {
+                thread: Some(thread),
+            },
+            client,
+        ))
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// A device binary started for the run, killed at the end.
 struct Started {
     child: Child,
@@ -1024,23 +1279,25 @@ fn machine() -> String {
 }
 
 fn run(args: Args) -> Result<()> {
-    let reps = args.reps.unwrap_or(if args.quick { 3 } else { 7 }).max(1);
+    let reps = args.reps.unwrap_or(if args.quick { 3 } else { 11 }).max(1);
     let iterations = args
         .iterations
-        .unwrap_or(if args.quick { 300 } else { 20_000 })
+        .unwrap_or(if args.quick { 300 } else { 10_000 })
         .max(10);
     let server_cpu = args.server_pin.or(args.pin);
     if cfg!(debug_assertions) {
         eprintln!("note: a debug build; figures from it say little (cargo build --release)");
     }
     let mut started = None;
-    let (socket, server_desc) = match &args.socket_path {
+    let mut in_process = None;
+    let target = match &args.socket_path {
+        _ if args.in_process => None,
         Some(p) => {
             let desc = format!(
                 "external server at {} (not pinned by umdev-bench: pin it yourself, e.g. taskset)",
                 p.display()
             );
-            (p.clone(), desc)
+            Some((p.clone(), desc))
         }
         None => {
             let bin = match &args.server_bin {
@@ -1059,13 +1316,24 @@ fn run(args: Args) -> Result<()> {
                 server_cpu.map_or(String::new(), |c| format!(", pinned to CPU {c}"))
             );
             started = Some(s);
-            (socket, desc)
+            Some((socket, desc))
         }
     };
     if let Some(cpu) = args.pin {
         pin_current_thread(cpu)?;
     }
-    let mut client = Client::connect(&socket)?;
+    let (mut client, server_desc) = match target {
+        Some((socket, desc)) => (Client::connect(&socket)?, desc),
+        None => {
+            let (server, client) = InProcess::start(server_cpu)?;
+            in_process = Some(server);
+            let desc = format!(
+                "umdev's server on a thread of this process, register-file device{}",
+                server_cpu.map_or(String::new(), |c| format!(", pinned to CPU {c}"))
+            );
+            (client, desc)
+        }
+    };
     let info = client.device_info()?;
     if info.num_regions <= CONFIG {
         return Err(BenchError::Setup("the device has no config region".into()));
@@ -1093,12 +1361,20 @@ fn run(args: Args) -> Result<()> {
         args.pin
             .map_or("not pinned".into(), |c| format!("pinned to CPU {c}"))
     );
-    let echo_kind = args.floor_echo.unwrap_or(EchoKind::Process);
+    let echo_kind = args.floor_echo.unwrap_or(if args.in_process {
+        EchoKind::Thread
+    } else {
+        EchoKind::Process
+    });
     println!(
-        "floor: echo {} on a socketpair, same byte counts and fds; {}",
+        "floor: echo {} on a socketpair, same byte counts and fds, {}; {}",
         match echo_kind {
             EchoKind::Thread => "thread (same process as the client)",
             EchoKind::Process => "process",
+        },
+        match args.floor_read {
+            FloorRead::Buffer => "reads into its buffer as a server must",
+            FloorRead::Exact => "reads exactly the bytes it expects (--floor-read exact)",
         },
         server_cpu.map_or("not pinned".into(), |c| format!("pinned to CPU {c}"))
     );
@@ -1124,7 +1400,7 @@ fn run(args: Args) -> Result<()> {
         println!("DMA map figures failed: {e}");
     }
     if b.args.no_dma_engine || !is_edu {
-        println!("server-initiated DMA figures skipped (need an edu device)");
+        println!("server-initiated DMA figures skipped (they need an edu device)");
     } else if let Err(e) = dma_engine(&mut b) {
         println!("server-initiated DMA figures failed: {e}");
     }
@@ -1132,6 +1408,7 @@ fn run(args: Args) -> Result<()> {
         print_markdown(&b.figures);
     }
     drop(b);
+    drop(in_process);
     drop(started);
     Ok(())
 }
@@ -1146,14 +1423,14 @@ fn print_markdown(figures: &[Figure]) {
             f.name,
             fmt_rate(f.server, f.unit),
             fmt_rate(f.floor, f.unit),
-            f.ratio().map_or("-".into(), |r| format!("{r:.2}")),
+            f.ratio.map_or("-".into(), |r| format!("{r:.2}")),
             f.note
         );
     }
 }
 
 /// The floor's echo as a process of its own (`--echo-child`).
-fn echo_child(fd: RawFd, plan: &str, cpu: Option<usize>) -> Result<()> {
+fn echo_child(fd: RawFd, plan: &str, read: FloorRead, cpu: Option<usize>) -> Result<()> {
     let plan =
         plan_from_arg(plan).ok_or_else(|| BenchError::Setup(format!("bad echo plan {plan:?}")))?;
     if fcntl_getfd(fd) < 0 {
@@ -1165,7 +1442,7 @@ fn echo_child(fd: RawFd, plan: &str, cpu: Option<usize>) -> Result<()> {
     if let Some(cpu) = cpu {
         pin_current_thread(cpu)?;
     }
-    echo_loop(stream, &plan);
+    echo_loop(stream, &plan, read == FloorRead::Exact);
     Ok(())
 }
 
@@ -1178,7 +1455,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(fd) = args.echo_child {
         let plan = args.echo_plan.clone().unwrap_or_default();
-        return match echo_child(fd, &plan, args.pin) {
+        return match echo_child(fd, &plan, args.floor_read, args.pin) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("umdev-bench echo: {e}");

@@ -678,18 +678,29 @@ impl Session<'_> {
         if access.count > self.config.max_data_xfer_size {
             return Err(libc::E2BIG);
         }
-        let mut data = std::mem::take(&mut self.read_buf);
-        data.clear();
-        data.resize(access.count as usize, 0);
-        let read = lock(self.function).region_read(access.region, access.offset, &mut data);
+        let count = access.count as usize;
+        // MMIO-sized reads use the stack; larger ones a buffer kept across reads.
+        let mut small = [0u8; 8];
+        let mut large = Vec::new();
+        let data: &mut [u8] = if count <= small.len() {
+            &mut small[..count]
+        } else {
+            large = std::mem::take(&mut self.read_buf);
+            large.clear();
+            large.resize(count, 0);
+            &mut large
+        };
+        let read = lock(self.function).region_read(access.region, access.offset, data);
         let result = match read {
-            Ok(()) => self.reply(&req.header, &[access.as_bytes(), &data], &[]),
+            Ok(()) => self.reply(&req.header, &[access.as_bytes(), data], &[]),
             Err(e) => {
                 debug!("REGION_READ refused: {e}");
                 Err(e.errno())
             }
         };
-        self.read_buf = data;
+        if large.capacity() > 0 {
+            self.read_buf = large;
+        }
         result
     }
 

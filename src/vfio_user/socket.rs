@@ -257,6 +257,9 @@ impl MessageReader {
     /// rules): they are closed.
     fn take_fds(&mut self, at: u64) -> (Vec<OwnedFd>, bool) {
         let mut fds = Vec::new();
+        if self.pending_fds.is_empty() {
+            return (fds, false);
+        }
         let mut truncated = false;
         while self.pending_fds.front().is_some_and(|p| p.at <= at) {
             let Some(p) = self.pending_fds.pop_front() else {
@@ -329,13 +332,24 @@ impl MessageWriter {
 }
 
 /// Messages up to this size without fds are sent from one contiguous buffer.
-const SMALL_MESSAGE: usize = 256;
+pub const SMALL_MESSAGE: usize = 128;
 
 /// Writes all of `buf` with send(2).
 pub fn send_small(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
-        // SAFETY: send reads `buf.len()` bytes from a live slice.
-        let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
+        // SAFETY: sendto reads `buf.len()` bytes from a live slice; no address.
+        // The raw system call skips the C library's cancellation-point wrapper.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_sendto,
+                fd,
+                buf.as_ptr(),
+                buf.len(),
+                libc::MSG_NOSIGNAL,
+                std::ptr::null::<libc::sockaddr>(),
+                0 as libc::socklen_t,
+            )
+        };
         if n < 0 {
             let err = io::Error::last_os_error();
             if err.kind() == io::ErrorKind::Interrupted {
@@ -366,8 +380,16 @@ pub fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedF
     msg.msg_controllen = CMSG_SPACE as _;
     let n = loop {
         // SAFETY: `msg` points at `iov` (covering `buf`) and at `control`, all live
-        // and writable for the duration of the call.
-        let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        // and writable for the duration of the call. The raw system call skips the
+        // C library's cancellation-point wrapper.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_recvmsg,
+                fd,
+                &mut msg as *mut libc::msghdr,
+                libc::MSG_CMSG_CLOEXEC,
+            )
+        };
         if n >= 0 {
             break n as usize;
         }
