@@ -27,6 +27,10 @@ pub struct ServerArgs {
     /// Serve one client, then exit.
     #[arg(long)]
     pub once: bool,
+    /// Do not confine the running backend with its seccomp filter (see
+    /// `umdev::sandbox`).
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
@@ -50,6 +54,8 @@ pub enum RunError {
     Fd(i32, std::io::Error),
     #[error(transparent)]
     Server(#[from] crate::vfio_user::server::ServerError),
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
 }
 
 /// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread and every thread it
@@ -107,9 +113,11 @@ pub fn run(args: &ServerArgs, function: PciFunction) -> Result<(), RunError> {
         if is_listening(fd).map_err(|e| RunError::Fd(fd, e))? {
             let listener = UnixListener::from(owned);
             info!(fd, "serving on inherited listening socket");
+            crate::sandbox::confine(!args.no_seccomp)?;
             return serve(&server, &listener, args.once);
         }
         info!(fd, "serving the inherited connection");
+        crate::sandbox::confine(!args.no_seccomp)?;
         server.serve_connection(UnixStream::from(owned))?;
         return Ok(());
     }
@@ -120,6 +128,7 @@ pub fn run(args: &ServerArgs, function: PciFunction) -> Result<(), RunError> {
         source,
     })?;
     info!(path = %path.display(), "listening");
+    crate::sandbox::confine(!args.no_seccomp)?;
     let result = serve(&server, &listener, args.once);
     let _ = std::fs::remove_file(&path);
     result

@@ -9,4 +9,5 @@ pub mod cli;
 pub mod memory;
 pub mod pagetrack;
 pub mod pci;
+pub mod sandbox;
 pub mod vfio_user;

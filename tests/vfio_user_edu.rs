@@ -507,7 +507,8 @@ fn spawn_with_fd3(fd: std::os::fd::RawFd) -> std::process::Child {
     // socket the child's fd 3 (without close-on-exec).
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0 {
+            // dup2 onto itself keeps close-on-exec: clear it explicitly.
+            if libc::dup2(fd, 3) < 0 || libc::fcntl(3, libc::F_SETFD, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())

@@ -90,6 +90,10 @@ fn main() -> std::process::ExitCode {
     if let Some(kind) = Some(args.page_track).filter(|k| *k != SourceKind::Scan) {
         tracing::info!(?kind, "page tracking source");
     }
+    if args.scanout_png.is_some() {
+        // Scanout pictures are files written after start-up (seccomp).
+        umdev::sandbox::allow_extra(umdev::sandbox::FILE_OUTPUT);
+    }
     match cli::run(&args.server, function) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

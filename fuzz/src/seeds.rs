@@ -1,0 +1,435 @@
+//! The hand-made seed inputs in `fuzz/corpus/<target>/`, built from the wire
+//! structs so that they are valid sessions. `examples/write_seeds.rs` writes them;
+//! `tests/fuzz_corpus.rs` (root workspace) replays them with everything else.
+
+use umdev::vfio_user::wire::*;
+
+use crate::session::{messages_to_bytes, record};
+
+const BAR0: u32 = 0;
+const CONFIG: u32 = PCI_CONFIG_REGION_INDEX;
+
+fn access(region: u32, offset: u64, data: &[u8]) -> Vec<u8> {
+    let mut p = RegionAccess {
+        offset,
+        region,
+        count: data.len() as u32,
+    }
+    .as_bytes()
+    .to_vec();
+    p.extend_from_slice(data);
+    p
+}
+
+fn read(region: u32, offset: u64, count: u32) -> Vec<u8> {
+    record(
+        Command::RegionRead as u16,
+        0,
+        RegionAccess {
+            offset,
+            region,
+            count,
+        }
+        .as_bytes(),
+    )
+}
+
+fn write(region: u32, offset: u64, data: &[u8]) -> Vec<u8> {
+    record(
+        Command::RegionWrite as u16,
+        0,
+        &access(region, offset, data),
+    )
+}
+
+fn posted(region: u32, offset: u64, data: &[u8]) -> Vec<u8> {
+    record(
+        Command::RegionWrite as u16,
+        1,
+        &access(region, offset, data),
+    )
+}
+
+fn enable() -> Vec<u8> {
+    // Memory space and bus master.
+    write(CONFIG, 4, &0x0006u16.to_le_bytes())
+}
+
+fn dma_map(address: u64, size: u64) -> Vec<u8> {
+    let m = DmaMap {
+        argsz: 32,
+        flags: DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE,
+        offset: 0,
+        address,
+        size,
+    };
+    record(Command::DmaMap as u16, 0, m.as_bytes())
+}
+
+fn dma_unmap(address: u64, size: u64, flags: u32) -> Vec<u8> {
+    let u = DmaUnmap {
+        argsz: 24,
+        flags,
+        address,
+        size,
+    };
+    record(Command::DmaUnmap as u16, 0, u.as_bytes())
+}
+
+fn set_irqs(index: u32, flags: u32, start: u32, count: u32, data: &[u8]) -> Vec<u8> {
+    let mut p = IrqSet {
+        argsz: (20 + data.len()) as u32,
+        flags,
+        index,
+        start,
+        count,
+    }
+    .as_bytes()
+    .to_vec();
+    p.extend_from_slice(data);
+    record(Command::DeviceSetIrqs as u16, 0, &p)
+}
+
+/// Structured records (`vfio_user_messages` inputs), by name.
+pub fn message_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let mut seeds = Vec::new();
+    seeds.push(("empty", Vec::new()));
+
+    let mut discovery = record(
+        Command::DeviceGetInfo as u16,
+        0,
+        DeviceInfo {
+            argsz: 16,
+            ..Default::default()
+        }
+        .as_bytes(),
+    );
+    for index in 0..9 {
+        let ri = RegionInfo {
+            argsz: 32,
+            index,
+            ..Default::default()
+        };
+        discovery.extend(record(
+            Command::DeviceGetRegionInfo as u16,
+            0,
+            ri.as_bytes(),
+        ));
+        let io = RegionIoFds {
+            argsz: 16,
+            index,
+            ..Default::default()
+        };
+        discovery.extend(record(
+            Command::DeviceGetRegionIoFds as u16,
+            0,
+            io.as_bytes(),
+        ));
+    }
+    for index in 0..5 {
+        let ii = IrqInfo {
+            argsz: 16,
+            index,
+            ..Default::default()
+        };
+        discovery.extend(record(Command::DeviceGetIrqInfo as u16, 0, ii.as_bytes()));
+    }
+    discovery.extend(read(CONFIG, 0, 256));
+    seeds.push(("discovery", discovery));
+
+    let mut registers = enable();
+    registers.extend(read(BAR0, 0, 4));
+    registers.extend(write(BAR0, 4, &0x1234_5678u32.to_le_bytes()));
+    registers.extend(read(BAR0, 4, 4));
+    registers.extend(write(BAR0, 0x20, &0x80u32.to_le_bytes()));
+    registers.extend(write(BAR0, 8, &5u32.to_le_bytes()));
+    registers.extend(read(BAR0, 0x20, 4));
+    registers.extend(read(BAR0, 8, 4));
+    registers.extend(posted(BAR0, 0x60, &1u32.to_le_bytes()));
+    registers.extend(posted(BAR0, 0x64, &1u32.to_le_bytes()));
+    registers.extend(read(BAR0, 0x24, 4));
+    let mut multi = (2u64).to_le_bytes().to_vec();
+    for (offset, value) in [(4u64, 7u32), (0x60, 0x100)] {
+        let mut data = [0u8; WRITE_MULTI_DATA];
+        data[..4].copy_from_slice(&value.to_le_bytes());
+        let e = WriteMultiEntry {
+            offset,
+            region: BAR0,
+            count: 4,
+            data,
+        };
+        multi.extend_from_slice(e.as_bytes());
+    }
+    registers.extend(record(Command::RegionWriteMulti as u16, 1, &multi));
+    registers.extend(record(Command::DeviceReset as u16, 0, &[]));
+    registers.extend(read(BAR0, 4, 4));
+    seeds.push(("registers", registers));
+
+    // DMA through message-backed memory: the server sends DMA_WRITE/DMA_READ,
+    // which nobody answers; a reply-typed record answers a request id.
+    let mut dma = enable();
+    dma.extend(dma_map(0x10_0000, 0x10_0000));
+    dma.extend(dma_map(0x30_0000, 0x1000));
+    dma.extend(write(BAR0, 0x80, &0x4_0000u64.to_le_bytes()));
+    dma.extend(write(BAR0, 0x88, &0x10_0000u64.to_le_bytes()));
+    dma.extend(write(BAR0, 0x90, &0x100u64.to_le_bytes()));
+    dma.extend(write(BAR0, 0x98, &7u64.to_le_bytes()));
+    dma.extend(record(Command::DmaWrite as u16, 2, &[0; 16]));
+    dma.extend(read(BAR0, 0x98, 8));
+    dma.extend(dma_unmap(0x30_0000, 0x1000, 0));
+    dma.extend(dma_unmap(0, 0, DMA_UNMAP_FLAG_ALL));
+    seeds.push(("dma", dma));
+
+    let mut irqs = enable();
+    irqs.extend(set_irqs(
+        0,
+        IRQ_SET_DATA_NONE | IRQ_SET_ACTION_UNMASK,
+        0,
+        1,
+        &[],
+    ));
+    irqs.extend(set_irqs(
+        1,
+        IRQ_SET_DATA_BOOL | IRQ_SET_ACTION_TRIGGER,
+        0,
+        1,
+        &[1],
+    ));
+    irqs.extend(set_irqs(
+        1,
+        IRQ_SET_DATA_NONE | IRQ_SET_ACTION_MASK,
+        0,
+        1,
+        &[],
+    ));
+    irqs.extend(set_irqs(
+        1,
+        IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
+        0,
+        0,
+        &[],
+    ));
+    // MSI enable in the capability, then an interrupt raised by the device.
+    irqs.extend(write(CONFIG, 0x42, &0x0001u16.to_le_bytes()));
+    irqs.extend(write(BAR0, 0x60, &1u32.to_le_bytes()));
+    irqs.extend(set_irqs(
+        1,
+        IRQ_SET_DATA_NONE | IRQ_SET_ACTION_UNMASK,
+        0,
+        1,
+        &[],
+    ));
+    seeds.push(("irqs", irqs));
+
+    // Refusals: unknown and server-only commands, short payloads, a second
+    // VERSION, a reply nobody asked for, an invalid type.
+    let mut refused = record(30, 0, &[0xab; 40]);
+    refused.extend(record(14, 0, &[]));
+    refused.extend(record(Command::DmaRead as u16, 0, &[0; 16]));
+    refused.extend(record(Command::RegionRead as u16, 0, &[0; 8]));
+    refused.extend(record(Command::Version as u16, 0, b"\0\0\x01\0{}"));
+    refused.extend(record(Command::RegionRead as u16, 2, &[0; 16]));
+    refused.extend(record(Command::RegionRead as u16, 8, &[0; 16]));
+    refused.extend(read(BAR0, 0, crate::session::MAX_DATA_XFER + 1));
+    refused.extend(record(Command::DeviceFeature as u16, 0, &[0; 8]));
+    seeds.push(("refused", refused));
+    seeds
+}
+
+/// Raw byte streams (`vfio_user_session` inputs): the structured seeds rendered,
+/// plus framing errors the structured format cannot express.
+pub fn session_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let mut seeds: Vec<(&'static str, Vec<u8>)> = message_seeds()
+        .into_iter()
+        .map(|(name, records)| (name, messages_to_bytes(&records)))
+        .collect();
+    let version = crate::session::version_message();
+    // A header announcing less than a header.
+    let mut small = version.clone();
+    small.extend_from_slice(
+        Header {
+            msg_id: 1,
+            command: 4,
+            size: 8,
+            ..Default::default()
+        }
+        .as_bytes(),
+    );
+    seeds.push(("size-below-header", small));
+    // A payload larger than the server keeps, then a command that must still work.
+    let mut big = version.clone();
+    big.extend_from_slice(
+        Header {
+            msg_id: 1,
+            command: Command::RegionWrite as u16,
+            size: (HEADER_SIZE + crate::session::MAX_DATA_XFER as usize + 4097) as u32,
+            ..Default::default()
+        }
+        .as_bytes(),
+    );
+    big.extend(std::iter::repeat_n(
+        0u8,
+        crate::session::MAX_DATA_XFER as usize + 4097,
+    ));
+    big.extend(messages_to_bytes(&read(CONFIG, 0, 4))[version.len()..].iter());
+    seeds.push(("oversized-drained", big));
+    // The stream ends in the middle of a header, and of a payload.
+    let mut cut = version.clone();
+    cut.extend_from_slice(&[1, 0, 4, 0, 32]);
+    seeds.push(("cut-header", cut));
+    let mut cut = version.clone();
+    cut.extend_from_slice(
+        Header {
+            msg_id: 1,
+            command: 4,
+            size: 32,
+            ..Default::default()
+        }
+        .as_bytes(),
+    );
+    cut.extend_from_slice(&[16, 0, 0]);
+    seeds.push(("cut-payload", cut));
+    seeds.push(("no-version", read(CONFIG, 0, 4)));
+    seeds
+}
+
+fn op_cfg_write(offset: u16, data: &[u8]) -> Vec<u8> {
+    let len_code = match data.len() {
+        1 => 0,
+        2 => 1,
+        4 => 2,
+        8 => 3,
+        _ => panic!("seed lengths are 1, 2, 4 or 8"),
+    };
+    let mut v = vec![1];
+    v.extend_from_slice(&offset.to_le_bytes());
+    v.push(len_code);
+    v.extend_from_slice(data);
+    v
+}
+
+fn op_bar(op: u8, region: u8, offset: u32, data: &[u8]) -> Vec<u8> {
+    let len_code = match data.len() {
+        1 => 0,
+        2 => 1,
+        4 => 2,
+        8 => 3,
+        _ => panic!("seed lengths are 1, 2, 4 or 8"),
+    };
+    let mut v = vec![op, region];
+    v.extend_from_slice(&offset.to_le_bytes());
+    v.push(len_code);
+    if op == 3 {
+        v.extend_from_slice(data);
+    }
+    v
+}
+
+/// `pci_config` operation sequences.
+pub fn pci_config_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use crate::pci_config::{MSIX_PBA, MSIX_TABLE};
+    let mut seeds = Vec::new();
+    // Sizing, then programming addresses, then reading the whole header.
+    let mut sizing = vec![6];
+    sizing.extend(op_cfg_write(0x10, &0xfebf_0000u32.to_le_bytes()));
+    sizing.extend(op_cfg_write(0x18, &0xfe00_000cu32.to_le_bytes()));
+    sizing.extend(op_cfg_write(0x1c, &0x0000_0001u32.to_le_bytes()));
+    sizing.extend(op_cfg_write(0x14, &0x0000_c001u32.to_le_bytes()));
+    sizing.extend([0, 0x00, 0x00, 3]);
+    sizing.extend([0, 0x10, 0x00, 0x7 | (5 << 3)]);
+    sizing.push(6);
+    seeds.push(("sizing", sizing));
+
+    // Decoding on, BAR accesses of every kind, MSI-X table and PBA.
+    let mut bars = vec![7, 0x03, 0x00];
+    bars.extend(op_bar(3, 0, 0x10, &[1, 2, 3, 4]));
+    bars.extend(op_bar(2, 0, 0x10, &[0; 4]));
+    bars.extend(op_bar(3, 1, 0xfc, &[9, 9, 9, 9]));
+    bars.extend(op_bar(2, 2, 0xf_fff8, &[0; 8]));
+    bars.extend(op_bar(2, 4, 0x7fff_fffc, &[0; 4]));
+    bars.extend(op_bar(3, 5, 0, &[0xaa; 4]));
+    bars.extend(op_bar(
+        3,
+        0,
+        MSIX_TABLE as u32 + 16 * 3,
+        &0xfee0_0000u32.to_le_bytes(),
+    ));
+    bars.extend(op_bar(
+        3,
+        0,
+        MSIX_TABLE as u32 + 16 * 3 + 12,
+        &0u32.to_le_bytes(),
+    ));
+    bars.extend(op_bar(2, 0, MSIX_TABLE as u32 + 16 * 3, &[0; 8]));
+    bars.extend(op_bar(2, 0, MSIX_PBA as u32, &[0; 8]));
+    bars.extend(op_bar(2, 0, MSIX_TABLE as u32 + 1, &[0; 2]));
+    bars.extend(op_bar(8, 2, 1, &[0; 4]));
+    bars.push(4);
+    seeds.push(("bars", bars));
+
+    // Interrupts: eventfds for MSI-X vectors, MSI-X on, device fires vectors,
+    // masks, PBA, function mask, INTx with an unmask eventfd, MSI.
+    let mut irqs = vec![7, 0x02, 0x00];
+    irqs.extend([
+        5,
+        2,
+        (IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER) as u8,
+        0,
+        8,
+        0xff,
+    ]);
+    // MSI-X capability is the third: PM at 0x40 (8), MSI at 0x48 (14 -> 16).
+    irqs.extend(op_cfg_write(0x5a, &0x8000u16.to_le_bytes()));
+    irqs.extend(op_bar(3, 0, 0, &[3, 0, 0, 0]));
+    irqs.extend([5, 2, (IRQ_SET_DATA_NONE | IRQ_SET_ACTION_MASK) as u8, 3, 1]);
+    irqs.extend(op_bar(3, 0, 0, &[3, 0, 0, 0]));
+    irqs.extend(op_bar(2, 0, MSIX_PBA as u32, &[0; 8]));
+    irqs.extend([
+        5,
+        2,
+        (IRQ_SET_DATA_BOOL | IRQ_SET_ACTION_UNMASK) as u8,
+        3,
+        1,
+        1,
+    ]);
+    irqs.extend(op_cfg_write(0x5a, &0xc000u16.to_le_bytes()));
+    irqs.extend(op_bar(3, 0, 0, &[39, 0, 0, 0]));
+    irqs.extend(op_cfg_write(0x5a, &0x0000u16.to_le_bytes()));
+    irqs.extend([
+        5,
+        0,
+        (IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER) as u8,
+        0,
+        1,
+        1,
+    ]);
+    irqs.extend([
+        5,
+        0,
+        (IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_UNMASK) as u8,
+        0,
+        1,
+        1,
+    ]);
+    irqs.extend(op_bar(3, 0, 4, &[1, 0, 0, 0]));
+    irqs.extend(op_cfg_write(0x04, &0x0402u16.to_le_bytes()));
+    irqs.extend(op_bar(3, 0, 4, &[0, 0, 0, 0]));
+    irqs.extend(op_cfg_write(0x4a, &0x0021u16.to_le_bytes()));
+    irqs.extend(op_bar(3, 0, 0, &[1, 0, 0, 0]));
+    irqs.extend(op_bar(3, 0, 8, &[1, 0, 0, 0]));
+    irqs.push(4);
+    seeds.push(("irqs", irqs));
+
+    // Capability registers: PM state, PCIe device control/status, link control.
+    let mut caps = op_cfg_write(0x44, &0x0003u16.to_le_bytes());
+    // PCIe at 0x64: device control and status, link control.
+    caps.extend(op_cfg_write(0x6c, &0xffffu16.to_le_bytes()));
+    caps.extend(op_cfg_write(0x6e, &0xffffu16.to_le_bytes()));
+    caps.extend(op_cfg_write(0x74, &0xffff_ffffu32.to_le_bytes()));
+    caps.extend(op_cfg_write(0x06, &0xffffu16.to_le_bytes()));
+    caps.extend(op_cfg_write(0x100, &0xffff_ffffu32.to_le_bytes()));
+    caps.extend([0, 0xfc, 0x0f, 2]);
+    caps.extend([0, 0xfe, 0x0f, 2]);
+    seeds.push(("caps", caps));
+    seeds
+}

@@ -1,0 +1,382 @@
+//! Confinement of a running backend: a seccomp filter that allows only the
+//! system calls the backend makes after start-up.
+//!
+//! [`confine`] is called by [`cli::run`](crate::cli::run) once the socket is bound
+//! (or inherited) and the threads that exist at start-up are running; it applies
+//! to every thread of the process at once (`SECCOMP_FILTER_FLAG_TSYNC`), and to
+//! every thread started later. `--no-seccomp` turns it off.
+//!
+//! What a denied call does:
+//! - most: the process logs `seccomp: system call N denied` on stderr and exits
+//!   with status 159 (128 + SIGSYS) — a backend doing something it never does is
+//!   treated as compromised;
+//! - `clone3`: fails with ENOSYS, so that the C library falls back to `clone`,
+//!   whose flags the filter can check (threads only, never a new process);
+//! - `prctl` other than naming a thread: fails with EPERM;
+//! - opening a file: fails with EACCES (unless the model asked for
+//!   [`FILE_OUTPUT`]).
+//!
+//! The allow-list, in [`ALLOWED`], was taken from `strace -f` of the backend
+//! under the whole test suite (sessions, fd and message DMA, interrupts, INTx
+//! resample threads, reconnects, signals); docs/robustness.md lists it with the
+//! reason for each call. A device model that needs more registers them with
+//! [`allow_extra`] before `cli::run`.
+
+use std::io;
+
+use tracing::info;
+
+/// Exit status of a process that made a denied system call (128 + SIGSYS).
+pub const DENIED_EXIT_STATUS: i32 = 128 + libc::SIGSYS;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("seccomp filters are not implemented for this architecture; run with --no-seccomp")]
+    UnsupportedArch,
+    #[error("prctl(PR_SET_NO_NEW_PRIVS): {0}")]
+    NoNewPrivs(io::Error),
+    #[error("installing the SIGSYS handler: {0}")]
+    Handler(io::Error),
+    #[error("installing the seccomp filter: {0}")]
+    Install(io::Error),
+    #[error("thread {0} could not take the seccomp filter")]
+    Tsync(i64),
+}
+
+/// System calls every backend thread may make after start-up.
+pub const ALLOWED: &[(&str, libc::c_long)] = &[
+    // Socket traffic: framing, SCM_RIGHTS, the next client, ending a session.
+    ("read", libc::SYS_read),
+    ("write", libc::SYS_write),
+    ("readv", libc::SYS_readv),
+    ("writev", libc::SYS_writev),
+    ("recvmsg", libc::SYS_recvmsg),
+    ("recvfrom", libc::SYS_recvfrom),
+    ("sendmsg", libc::SYS_sendmsg),
+    ("sendto", libc::SYS_sendto),
+    ("accept4", libc::SYS_accept4),
+    ("shutdown", libc::SYS_shutdown),
+    ("close", libc::SYS_close),
+    // DMA regions: size checks, sealing, mapping; the allocator.
+    ("fstat", libc::SYS_fstat),
+    ("newfstatat", libc::SYS_newfstatat),
+    ("statx", libc::SYS_statx),
+    ("fcntl", libc::SYS_fcntl),
+    ("lseek", libc::SYS_lseek),
+    ("mmap", libc::SYS_mmap),
+    ("munmap", libc::SYS_munmap),
+    ("mprotect", libc::SYS_mprotect),
+    ("madvise", libc::SYS_madvise),
+    ("mremap", libc::SYS_mremap),
+    ("brk", libc::SYS_brk),
+    // Backend memory a model owns (zeroing VRAM ranges of a memfd).
+    ("fallocate", libc::SYS_fallocate),
+    // Interrupts: eventfds, the INTx resample thread's poll.
+    ("eventfd2", libc::SYS_eventfd2),
+    ("ppoll", libc::SYS_ppoll),
+    // Threads: locks, waits, time, thread start and exit.
+    ("futex", libc::SYS_futex),
+    ("sched_yield", libc::SYS_sched_yield),
+    ("nanosleep", libc::SYS_nanosleep),
+    ("clock_nanosleep", libc::SYS_clock_nanosleep),
+    ("clock_gettime", libc::SYS_clock_gettime),
+    ("getrandom", libc::SYS_getrandom),
+    ("set_robust_list", libc::SYS_set_robust_list),
+    ("sched_getaffinity", libc::SYS_sched_getaffinity),
+    ("rseq", libc::SYS_rseq),
+    ("sigaltstack", libc::SYS_sigaltstack),
+    ("rt_sigprocmask", libc::SYS_rt_sigprocmask),
+    ("rt_sigreturn", libc::SYS_rt_sigreturn),
+    ("rt_sigtimedwait", libc::SYS_rt_sigtimedwait),
+    ("restart_syscall", libc::SYS_restart_syscall),
+    ("gettid", libc::SYS_gettid),
+    ("getpid", libc::SYS_getpid),
+    ("exit", libc::SYS_exit),
+    ("exit_group", libc::SYS_exit_group),
+    // Removing the socket file when the backend ends.
+    ("unlinkat", libc::SYS_unlinkat),
+    // Checking that an fd the client sent is a userfaultfd (/proc/self/fd).
+    ("readlinkat", libc::SYS_readlinkat),
+    #[cfg(target_arch = "x86_64")]
+    ("poll", libc::SYS_poll),
+    #[cfg(target_arch = "x86_64")]
+    ("unlink", libc::SYS_unlink),
+    #[cfg(target_arch = "x86_64")]
+    ("readlink", libc::SYS_readlink),
+];
+
+/// For a model that writes files after start-up (the vGPU's `--scanout-png`):
+/// creating, renaming and removing files. Pass to [`allow_extra`].
+pub const FILE_OUTPUT: &[libc::c_long] = &[
+    libc::SYS_openat,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_open,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_rename,
+];
+
+static EXTRA: std::sync::Mutex<Vec<libc::c_long>> = std::sync::Mutex::new(Vec::new());
+
+/// Adds system calls to the filter [`confine`] installs later: for a device
+/// model (or one of its options) that needs more than [`ALLOWED`]. Call from
+/// `main` before [`cli::run`](crate::cli::run).
+pub fn allow_extra(syscalls: &[libc::c_long]) {
+    EXTRA
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .extend_from_slice(syscalls);
+}
+
+/// The one ioctl the backend makes: write-protecting pages of the VMM's
+/// mapping through a userfaultfd it was handed (`UFFDIO_WRITEPROTECT`).
+const UFFDIO_WRITEPROTECT: u32 = 0xc018_aa06;
+
+/// Allowed with a condition on their arguments (see [`build_program`]).
+pub const CONDITIONAL: &[&str] = &[
+    "clone (CLONE_THREAD set: threads only)",
+    "clone3 (ENOSYS: the C library falls back to clone)",
+    "prctl (PR_SET_NAME / PR_GET_NAME; anything else EPERM)",
+    "tgkill (this process only: abort, thread signals)",
+    "ioctl (UFFDIO_WRITEPROTECT only)",
+    "openat, open (EACCES unless allowed with FILE_OUTPUT)",
+];
+
+#[cfg(target_arch = "x86_64")]
+const AUDIT_ARCH: u32 = 0xc000_003e;
+#[cfg(target_arch = "aarch64")]
+const AUDIT_ARCH: u32 = 0xc000_00b7;
+
+// Classic BPF opcodes.
+const LD_W_ABS: u16 = 0x20;
+const JEQ_K: u16 = 0x15;
+const JSET_K: u16 = 0x45;
+const RET_K: u16 = 0x06;
+
+// Offsets in struct seccomp_data.
+const NR: u32 = 0;
+const ARCH: u32 = 4;
+/// Low 32 bits of args[0] and args[1] (little-endian).
+const ARG0_LO: u32 = 16;
+const ARG1_LO: u32 = 24;
+
+fn stmt(code: u16, k: u32) -> libc::sock_filter {
+    libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    }
+}
+
+fn jump(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
+    libc::sock_filter { code, jt, jf, k }
+}
+
+const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
+const DENY: u32 = libc::SECCOMP_RET_TRAP;
+fn errno(e: i32) -> u32 {
+    libc::SECCOMP_RET_ERRNO | (e as u32 & libc::SECCOMP_RET_DATA)
+}
+
+/// The filter program: the default allow-list plus `extra` system calls.
+pub fn build_program(extra: &[libc::c_long]) -> Vec<libc::sock_filter> {
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() } as u32;
+    let mut p = vec![
+        // Another architecture's system call numbers mean other calls: deny.
+        stmt(LD_W_ABS, ARCH),
+        jump(JEQ_K, AUDIT_ARCH, 1, 0),
+        stmt(RET_K, libc::SECCOMP_RET_KILL_PROCESS),
+        stmt(LD_W_ABS, NR),
+    ];
+    #[cfg(target_arch = "x86_64")]
+    {
+        // x32 system calls (bit 30) are another table.
+        p.push(jump(JSET_K, 0x4000_0000, 0, 1));
+        p.push(stmt(RET_K, DENY));
+    }
+    for nr in ALLOWED
+        .iter()
+        .map(|&(_, nr)| nr)
+        .chain(extra.iter().copied())
+    {
+        p.push(jump(JEQ_K, nr as u32, 0, 1));
+        p.push(stmt(RET_K, ALLOW));
+    }
+    // clone: threads only (CLONE_THREAD in the flags, args[0] on both arches).
+    p.extend([
+        jump(JEQ_K, libc::SYS_clone as u32, 0, 4),
+        stmt(LD_W_ABS, ARG0_LO),
+        jump(JSET_K, libc::CLONE_THREAD as u32, 0, 1),
+        stmt(RET_K, ALLOW),
+        stmt(RET_K, DENY),
+    ]);
+    // clone3's flags are behind a pointer: make the C library use clone.
+    p.extend([
+        jump(JEQ_K, libc::SYS_clone3 as u32, 0, 1),
+        stmt(RET_K, errno(libc::ENOSYS)),
+    ]);
+    // prctl: naming threads.
+    p.extend([
+        jump(JEQ_K, libc::SYS_prctl as u32, 0, 5),
+        stmt(LD_W_ABS, ARG0_LO),
+        jump(JEQ_K, libc::PR_SET_NAME as u32, 1, 0),
+        jump(JEQ_K, libc::PR_GET_NAME as u32, 0, 1),
+        stmt(RET_K, ALLOW),
+        stmt(RET_K, errno(libc::EPERM)),
+    ]);
+    // tgkill: signals to our own threads (abort(), a panicking thread).
+    p.extend([
+        jump(JEQ_K, libc::SYS_tgkill as u32, 0, 4),
+        stmt(LD_W_ABS, ARG0_LO),
+        jump(JEQ_K, pid, 0, 1),
+        stmt(RET_K, ALLOW),
+        stmt(RET_K, DENY),
+    ]);
+    // Opening files fails softly (the C library's malloc reads
+    // /proc/sys/vm/overcommit_memory when it first shrinks a heap, and copes).
+    p.extend([
+        jump(JEQ_K, libc::SYS_openat as u32, 0, 1),
+        stmt(RET_K, errno(libc::EACCES)),
+    ]);
+    #[cfg(target_arch = "x86_64")]
+    p.extend([
+        jump(JEQ_K, libc::SYS_open as u32, 0, 1),
+        stmt(RET_K, errno(libc::EACCES)),
+    ]);
+    // ioctl: userfaultfd write protection, nothing else.
+    p.extend([
+        jump(JEQ_K, libc::SYS_ioctl as u32, 0, 4),
+        stmt(LD_W_ABS, ARG1_LO),
+        jump(JEQ_K, UFFDIO_WRITEPROTECT, 0, 1),
+        stmt(RET_K, ALLOW),
+        stmt(RET_K, DENY),
+    ]);
+    p.push(stmt(RET_K, DENY));
+    p
+}
+
+/// Writes "seccomp: system call N denied" and ends the process: a denied call
+/// means the backend does something it never does.
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: the kernel hands the handler a valid siginfo_t. For SIGSYS from
+    // seccomp the union holds { void *call_addr; int syscall; unsigned arch; }
+    // right after the three ints and their padding, i.e. the syscall at byte 24.
+    let nr = unsafe { std::ptr::read_unaligned((info as *const u8).add(24).cast::<i32>()) };
+    let mut msg = [0u8; 128];
+    let mut len = 0;
+    let mut put = |bytes: &[u8]| {
+        let n = bytes.len().min(msg.len() - len);
+        msg[len..len + n].copy_from_slice(&bytes[..n]);
+        len += n;
+    };
+    put(b"umdev: seccomp: system call ");
+    let mut digits = [0u8; 12];
+    let mut i = digits.len();
+    let mut v = nr.unsigned_abs();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    put(&digits[i..]);
+    put(b" denied; exiting (run with --no-seccomp to allow it)\n");
+    // SAFETY: write(2) and exit_group are async-signal-safe and allowed by the
+    // filter; the buffer is live.
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), len);
+        libc::syscall(libc::SYS_exit_group, DENIED_EXIT_STATUS);
+    }
+}
+
+/// Installs the filter for every thread of the process: the default allow-list
+/// plus `extra` system calls a device model needs.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+pub fn confine_with(extra: &[libc::c_long]) -> Result<(), SandboxError> {
+    let program = build_program(extra);
+    // SAFETY: sigaction with a zeroed struct, our handler and SA_SIGINFO; the
+    // handler only uses async-signal-safe calls.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigsys as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut sa.sa_mask);
+        if libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()) != 0 {
+            return Err(SandboxError::Handler(io::Error::last_os_error()));
+        }
+    }
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(SandboxError::NoNewPrivs(io::Error::last_os_error()));
+    }
+    let prog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: seccomp(2) reads `prog`, which points at `program`, both alive for
+    // the call; the kernel copies the program.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            libc::SECCOMP_FILTER_FLAG_TSYNC,
+            &prog as *const libc::sock_fprog,
+        )
+    };
+    if rc < 0 {
+        return Err(SandboxError::Install(io::Error::last_os_error()));
+    }
+    if rc > 0 {
+        return Err(SandboxError::Tsync(rc));
+    }
+    Ok(())
+}
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+pub fn confine_with(_extra: &[libc::c_long]) -> Result<(), SandboxError> {
+    Err(SandboxError::UnsupportedArch)
+}
+
+/// Installs the default filter, unless `enabled` is false.
+pub fn confine(enabled: bool) -> Result<(), SandboxError> {
+    if !enabled {
+        info!("seccomp filter disabled (--no-seccomp)");
+        return Ok(());
+    }
+    let extra = EXTRA.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    confine_with(&extra)?;
+    info!(
+        extra = extra.len(),
+        syscalls = ALLOWED.len() + CONDITIONAL.len(),
+        "seccomp filter installed for all threads"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn program_fits_and_ends_in_deny() {
+        let p = build_program(&[]);
+        assert!(p.len() < u16::MAX as usize && p.len() < 4096);
+        let last = p.last().unwrap();
+        assert_eq!((last.code, last.k), (RET_K, DENY));
+        // No forbidden call sneaked into the list.
+        for bad in [
+            libc::SYS_execve,
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_ptrace,
+            libc::SYS_process_vm_writev,
+        ] {
+            assert!(ALLOWED.iter().all(|&(_, nr)| nr != bad), "{bad}");
+        }
+    }
+}
