@@ -66,6 +66,6 @@ fn quick_run_against_edu_prints_every_figure() {
             "figure {name:?} not measured: {line}\n{stderr}"
         );
     }
-    assert!(stdout.contains("the rate at 1 region"), "{stdout}");
+    assert!(stdout.contains("map+unmap at 10000 regions:"), "{stdout}");
     assert!(!stdout.contains("figures failed"), "{stdout}\n{stderr}");
 }

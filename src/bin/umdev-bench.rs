@@ -534,7 +534,7 @@ impl Bench {
             fig.name,
             fmt_rate(fig.server, unit),
             fmt_rate(fig.floor, unit),
-            fig.ratio.map_or("-".into(), |r| format!("{r:.2}")),
+            fig.ratio.map_or("-".into(), |r| format!("{r:.3}")),
             fig.note
         );
         let rate = fig.server;
@@ -868,7 +868,7 @@ fn dma_maps(b: &mut Bench) -> Result<()> {
             }
             Ok(t.elapsed())
         };
-        let rate = b.figure(
+        b.figure(
             &name,
             Unit::Ops,
             n,
@@ -877,17 +877,21 @@ fn dma_maps(b: &mut Bench) -> Result<()> {
             &mut run,
             &format!("4 KiB memfd regions; set-up {:.2} s", setup.as_secs_f64()),
         );
-        if let Some(r) = rate {
-            rates.push((count, r));
+        if let Some(f) = b.figures.last().filter(|f| f.name == name) {
+            if let (Some(rate), Some(ratio)) = (f.server, f.ratio) {
+                rates.push((count, rate, ratio));
+            }
         }
     }
     if let (Some(first), Some(last)) = (rates.first(), rates.last()) {
         if rates.len() > 1 {
+            // The second figure divides out load that changed between the two.
             println!(
-                "{:<44} {:.2}x the rate at {} region(s)",
-                format!("  map+unmap rate at {} regions", last.0),
+                "  map+unmap at {} regions: {:.2}x the rate at {}; {:.2}x against the floor measured alongside",
+                last.0,
                 last.1 / first.1,
-                first.0
+                first.0,
+                last.2 / first.2
             );
         }
     }
@@ -1423,7 +1427,7 @@ fn print_markdown(figures: &[Figure]) {
             f.name,
             fmt_rate(f.server, f.unit),
             fmt_rate(f.floor, f.unit),
-            f.ratio.map_or("-".into(), |r| format!("{r:.2}")),
+            f.ratio.map_or("-".into(), |r| format!("{r:.3}")),
             f.note
         );
     }
