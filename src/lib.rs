@@ -11,3 +11,4 @@ pub mod pagetrack;
 pub mod pci;
 pub mod sandbox;
 pub mod vfio_user;
+pub mod wait;

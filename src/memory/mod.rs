@@ -145,6 +145,17 @@ impl GuestMemory {
     /// tracking, shadowing): not device DMA, so not gated by bus mastering, and
     /// never a message, so it may run on any thread, the session's included.
     pub fn peek(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        self.read_with(gpa, buf, |_, gpa, _| Err(MemoryError::NoHostMapping(gpa)))
+    }
+
+    /// Reads, copying fd-mapped parts directly and handing fd-less parts to
+    /// `by_message`.
+    fn read_with(
+        &self,
+        gpa: u64,
+        buf: &mut [u8],
+        by_message: impl Fn(&dyn DmaTransport, u64, &mut [u8]) -> Result<(), MemoryError>,
+    ) -> Result<(), MemoryError> {
         self.access(
             gpa,
             buf.len(),
@@ -155,7 +166,7 @@ impl GuestMemory {
                     Backing::Mapped(m) => m
                         .read_slice(dst, MemoryRegionAddress(region_off))
                         .map_err(|e| MemoryError::Access(e.to_string())),
-                    Backing::Message(_, gpa) => Err(MemoryError::NoHostMapping(gpa)),
+                    Backing::Message(t, gpa) => by_message(t, gpa, dst),
                 }
             },
         )
@@ -193,20 +204,7 @@ impl GuestMemory {
     /// Reads guest memory at `gpa` into `buf` as the device (gated by bus mastering).
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         self.check_bus_master()?;
-        self.access(
-            gpa,
-            buf.len(),
-            Direction::Read,
-            |region_off, backing, range| {
-                let dst = &mut buf[range];
-                match backing {
-                    Backing::Mapped(m) => m
-                        .read_slice(dst, MemoryRegionAddress(region_off))
-                        .map_err(|e| MemoryError::Access(e.to_string())),
-                    Backing::Message(t, gpa) => t.dma_read(gpa, dst),
-                }
-            },
-        )
+        self.read_with(gpa, buf, |t, gpa, dst| t.dma_read(gpa, dst))
     }
 
     /// Adds an observer of device writes.

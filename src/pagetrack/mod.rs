@@ -496,16 +496,19 @@ impl PageTracker {
         true
     }
 
+    fn notifiers(&self) -> Vec<(NotifierId, Arc<dyn TrackNotifier>)> {
+        self.shared
+            .notifiers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn deliver(&self, events: &[(u64, [u8; ENTRY_SIZE])]) {
         if events.is_empty() {
             return;
         }
-        let notifiers = self
-            .shared
-            .notifiers
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let notifiers = self.notifiers();
         for (gpa, entry) in events {
             for (_, n) in &notifiers {
                 n.track_write(*gpa, entry);
@@ -558,30 +561,26 @@ impl PageTracker {
         state.source.region_removed(0, u64::MAX);
     }
 
+    /// Hints cover fd-mapped DMA regions only (the tracker compares through them).
+    fn require_host_mapped(&self, gpa: u64, size: u64) -> Result<(), TrackError> {
+        if self.shared.memory.is_host_mapped(gpa, size) {
+            Ok(())
+        } else {
+            Err(TrackError::Source(format!(
+                "no fd-mapped DMA region covers {gpa:#x}+{size:#x}"
+            )))
+        }
+    }
+
     /// Registers a VMM-shared dirty bitmap (dirty-bitmap source only).
     pub fn add_dirty_bitmap(&self, bitmap: DirtyBitmap) -> Result<(), TrackError> {
-        if !self
-            .shared
-            .memory
-            .is_host_mapped(bitmap.gpa(), bitmap.size())
-        {
-            return Err(TrackError::Source(format!(
-                "no fd-mapped DMA region covers {:#x}+{:#x}",
-                bitmap.gpa(),
-                bitmap.size()
-            )));
-        }
+        self.require_host_mapped(bitmap.gpa(), bitmap.size())?;
         self.state().source.add_bitmap(bitmap)
     }
 
     /// Registers a VMM-shared userfaultfd (uffd source only).
     pub fn add_uffd(&self, reg: UffdRegistration) -> Result<(), TrackError> {
-        if !self.shared.memory.is_host_mapped(reg.gpa, reg.size) {
-            return Err(TrackError::Source(format!(
-                "no fd-mapped DMA region covers {:#x}+{:#x}",
-                reg.gpa, reg.size
-            )));
-        }
+        self.require_host_mapped(reg.gpa, reg.size)?;
         let mut state = self.state();
         let tracked: Vec<Gfn> = state.pages.keys().copied().collect();
         state.source.add_uffd(reg)?;

@@ -330,28 +330,7 @@ impl WriteSource for UserfaultSource {
 /// Reads fault messages from `uffd` until `stop` fires or the fd fails.
 fn read_faults(id: u64, uffd: &OwnedFd, stop: &EventFd, sink: &(dyn Fn(FaultEvent) + Send + Sync)) {
     loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: uffd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: polls two pollfds on this stack frame.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if n < 0 {
-            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return;
-        }
-        if fds[1].revents != 0
-            || fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0
+        if crate::wait::wait_readable(uffd.as_raw_fd(), stop.as_raw_fd()) == crate::wait::Wake::Stop
         {
             return;
         }

@@ -126,28 +126,8 @@ impl Resampler {
         let thread = std::thread::Builder::new()
             .name("intx-resample".into())
             .spawn(move || loop {
-                let mut fds = [
-                    libc::pollfd {
-                        fd: fd.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    },
-                    libc::pollfd {
-                        fd: stop_fd.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    },
-                ];
-                // SAFETY: polls two pollfds that live on this stack frame.
-                let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-                if n < 0 {
-                    if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    return;
-                }
-                if fds[1].revents != 0
-                    || fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0
+                if crate::wait::wait_readable(fd.as_raw_fd(), stop_fd.as_raw_fd())
+                    == crate::wait::Wake::Stop
                 {
                     return;
                 }
