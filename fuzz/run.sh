@@ -23,12 +23,15 @@ for t in "${TARGETS[@]}"; do
     work="$FUZZ/target/work-corpus/$t"
     mkdir -p "$work" "$FUZZ/artifacts/$t" "$FUZZ/regressions/$t"
     echo "== $t: ${SECONDS_EACH}s"
+    log="$FUZZ/target/$t.log"
+    status=0
     "$FUZZ/target/$TRIPLE/release/$t" "$work" "$FUZZ/corpus/$t" "$FUZZ/regressions/$t" \
         -artifact_prefix="$FUZZ/artifacts/$t/" -max_total_time="$SECONDS_EACH" \
-        -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 2>&1 |
-        grep -E '^(stat::|Done|==[0-9]+==|SUMMARY|thread .* panicked)|INITED|DONE' || true
-    if [ -n "$(ls -A "$FUZZ/artifacts/$t")" ]; then
-        echo "!! $t: failing inputs in fuzz/artifacts/$t" >&2
+        -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1 || status=$?
+    grep -E '^(stat::|Done|==[0-9]+==|SUMMARY)|INITED|DONE|panicked' "$log" || true
+    if [ "$status" -ne 0 ] || [ -n "$(ls -A "$FUZZ/artifacts/$t")" ]; then
+        tail -40 "$log" >&2
+        echo "!! $t failed (status $status); inputs in fuzz/artifacts/$t" >&2
         exit 1
     fi
 done

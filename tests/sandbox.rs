@@ -213,9 +213,16 @@ fn a_denied_call_ends_the_process_with_a_message() {
 /// Starts umdev-edu as `nobody` with only `fd` (as its fd 3), /dev/null and a
 /// log file, and no environment: whatever else this test process has open
 /// (cargo's jobserver pipe, other tests' descriptors) is closed before exec.
-fn spawn_unprivileged(fd: RawFd, log: &Path) -> Child {
+fn spawn_unprivileged(fd: RawFd, dir: &Path, log: &Path) -> Child {
     use std::os::unix::process::CommandExt;
-    let mut cmd = Command::new(common::workspace_bin("umdev-edu"));
+    // A copy in the (world-readable) test directory: the checkout itself may sit
+    // where `nobody` cannot reach it.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.join("umdev-edu");
+    std::fs::copy(common::workspace_bin("umdev-edu"), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut cmd = Command::new(&bin);
     cmd.args(["--fd", "3"])
         .env_clear()
         .env("RUST_LOG", "info")
@@ -238,7 +245,17 @@ fn spawn_unprivileged(fd: RawFd, log: &Path) -> Child {
             Ok(())
         });
     }
-    cmd.spawn().unwrap()
+    // Another test thread forking while the copy was open for writing makes
+    // exec fail with ETXTBSY until that child has exec'd: retry briefly.
+    for _ in 0..50 {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            r => return r.unwrap(),
+        }
+    }
+    panic!("{} stayed busy", bin.display());
 }
 
 /// What each open fd of `pid` is.
@@ -266,7 +283,7 @@ fn runs_as_an_unprivileged_user_with_only_its_socket_and_memory() {
     let dir = common::TempDir::new();
     let log = dir.path().join("backend.log");
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-    let mut child = spawn_unprivileged(theirs.as_raw_fd(), &log);
+    let mut child = spawn_unprivileged(theirs.as_raw_fd(), dir.path(), &log);
     drop(theirs);
     let pid = child.id();
     let mut c = Client::from_stream(ours).unwrap();
