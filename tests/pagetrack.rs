@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::sync::{Arc, Mutex};
 
@@ -168,7 +168,11 @@ fn start(source: SourceKind, policy: Policy) -> Rig {
             bitmap = Some(b);
         }
         SourceKind::Userfault => {
-            let fd = uffd_wp_register(ram.bytes().as_ptr() as u64, RAM_SIZE as u64);
+            let fd = umdev::pagetrack::register_write_protect(
+                ram.bytes().as_ptr() as u64,
+                RAM_SIZE as u64,
+            )
+            .expect("userfaultfd in write-protect mode");
             client
                 .share_uffd(
                     RAM_GPA,
@@ -221,35 +225,6 @@ impl Rig {
             word.copy_from_slice(&v.to_le_bytes());
         }
     }
-}
-
-/// A userfaultfd with write-protect faults, registered on `[addr, addr+len)`.
-fn uffd_wp_register(addr: u64, len: u64) -> OwnedFd {
-    const UFFD_API: u64 = 0xAA;
-    const UFFDIO_API: u64 = (3 << 30) | (24 << 16) | (0xAA << 8) | 0x3F;
-    const UFFDIO_REGISTER: u64 = (3 << 30) | (32 << 16) | (0xAA << 8);
-    const FEATURE_WP_SHMEM: u64 = 1 << 12;
-    const MODE_WP: u64 = 2;
-    // SAFETY: userfaultfd(2) returns a new fd that the OwnedFd takes over.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-    assert!(fd >= 0, "userfaultfd: {}", std::io::Error::last_os_error());
-    // SAFETY: fresh fd we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let mut api = [UFFD_API, FEATURE_WP_SHMEM, 0u64];
-    // SAFETY: UFFDIO_API reads and writes the 24-byte struct uffdio_api above.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, api.as_mut_ptr()) };
-    assert_eq!(rc, 0, "UFFDIO_API: {}", std::io::Error::last_os_error());
-    let mut reg = [addr, len, MODE_WP, 0u64];
-    // SAFETY: UFFDIO_REGISTER reads and writes the 32-byte struct uffdio_register
-    // above, for our own mapping of the memfd.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_REGISTER as _, reg.as_mut_ptr()) };
-    assert_eq!(
-        rc,
-        0,
-        "UFFDIO_REGISTER: {}",
-        std::io::Error::last_os_error()
-    );
-    fd
 }
 
 const SOURCES: [SourceKind; 3] = [

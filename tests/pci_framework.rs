@@ -5,7 +5,7 @@
 mod common;
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 
@@ -111,10 +111,7 @@ impl Drop for Running {
 }
 
 fn start() -> Running {
-    let name = std::ffi::CString::new("vram").unwrap();
-    // SAFETY: memfd_create with a valid name; the File owns the fd.
-    let vram = unsafe { File::from_raw_fd(libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC)) };
-    vram.set_len(0x10_0000).unwrap();
+    let vram = umdev::memory::memfd("vram", 0x10_0000).unwrap();
     let vram = Arc::new(vram);
     let function = PciFunction::new(description(), GuestMemory::new(16), |ctx| {
         Box::new(TestDevice {

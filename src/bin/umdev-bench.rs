@@ -1254,14 +1254,7 @@ fn start_server(bin: &Path, extra: &[String], cpu: Option<usize>) -> Result<(Sta
 }
 
 fn memfd() -> Result<File> {
-    let name = c"umdev-bench";
-    // SAFETY: memfd_create with a valid C string; the new fd is owned by the File.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    // SAFETY: fd is a fresh fd nothing else owns.
-    Ok(unsafe { File::from_raw_fd(fd) })
+    Ok(umdev::memory::memfd("umdev-bench", 0)?)
 }
 
 fn machine() -> String {

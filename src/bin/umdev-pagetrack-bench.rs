@@ -10,7 +10,7 @@
 //! - notifier: the cost per reported entry, against the empty sync.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,7 +47,7 @@ struct Ram {
 
 impl Ram {
     fn new(len: usize) -> Ram {
-        let file = memfd("bench-ram", len as u64);
+        let file = umdev::memory::memfd("bench-ram", len as u64).expect("memfd");
         // SAFETY: maps `len` bytes of a memfd of that size, shared; unmapped in Drop.
         let ptr = unsafe {
             libc::mmap(
@@ -79,17 +79,6 @@ impl Drop for Ram {
         // SAFETY: unmaps exactly the mapping made in new().
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
-}
-
-fn memfd(name: &str, len: u64) -> File {
-    let name = std::ffi::CString::new(name).unwrap_or_default();
-    // SAFETY: memfd_create with a valid C string; the File takes the new fd.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: a fresh fd we own.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(len).expect("size memfd");
-    file
 }
 
 fn guest_memory(ram: &Ram) -> GuestMemory {
@@ -221,7 +210,8 @@ fn main() {
     drop(scan);
 
     // Dirty bitmap at 0.1 %, 1 %, 10 % dirty, against the full scan.
-    let bitmap_file = memfd("bench-bitmap", DirtyBitmap::bytes_for(bytes as u64));
+    let bitmap_file =
+        umdev::memory::memfd("bench-bitmap", DirtyBitmap::bytes_for(bytes as u64)).expect("memfd");
     let bitmap_map = Ram {
         ptr: {
             // SAFETY: maps the bitmap memfd shared, as the VMM would.
@@ -289,7 +279,8 @@ fn main() {
 /// Median latency of a write to a write-protected tracked page, and of a write to
 /// the same page once it is writable.
 fn uffd_latency(ram: &Ram, reps: usize, pages: usize) -> Result<(Duration, Duration), String> {
-    let uffd = uffd_register(ram.ptr as u64, ram.len as u64)?;
+    let uffd = umdev::pagetrack::register_write_protect(ram.ptr as u64, ram.len as u64)
+        .map_err(|e| format!("userfaultfd: {e}"))?;
     let tracker =
         PageTracker::with_source(guest_memory(ram), SourceKind::Userfault, Policy::Strict);
     tracker
@@ -316,33 +307,4 @@ fn uffd_latency(ram: &Ram, reps: usize, pages: usize) -> Result<(Duration, Durat
         }
     }
     Ok((median(first), median(second)))
-}
-
-fn uffd_register(addr: u64, len: u64) -> Result<OwnedFd, String> {
-    const UFFDIO_API: u64 = (3 << 30) | (24 << 16) | (0xAA << 8) | 0x3F;
-    const UFFDIO_REGISTER: u64 = (3 << 30) | (32 << 16) | (0xAA << 8);
-    const FEATURE_WP_SHMEM: u64 = 1 << 12;
-    const MODE_WP: u64 = 2;
-    // SAFETY: userfaultfd(2) returns a new fd that the OwnedFd takes over.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-    if fd < 0 {
-        return Err(format!("userfaultfd: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: a fresh fd we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let mut api = [0xAAu64, FEATURE_WP_SHMEM, 0];
-    // SAFETY: UFFDIO_API reads and writes the 24-byte struct above.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, api.as_mut_ptr()) } != 0 {
-        return Err(format!("UFFDIO_API: {}", std::io::Error::last_os_error()));
-    }
-    let mut reg = [addr, len, MODE_WP, 0];
-    // SAFETY: UFFDIO_REGISTER reads and writes the 32-byte struct above, for our
-    // own mapping.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_REGISTER as _, reg.as_mut_ptr()) } != 0 {
-        return Err(format!(
-            "UFFDIO_REGISTER: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(fd)
 }

@@ -14,6 +14,24 @@ use std::sync::{Arc, RwLock};
 
 use vm_memory::{Bytes, MemoryRegionAddress};
 
+/// A new memfd of `len` bytes (close-on-exec, sealable): guest RAM, VRAM,
+/// bitmaps — every piece of shared memory the project makes.
+pub fn memfd(name: &str, len: u64) -> std::io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    let name = std::ffi::CString::new(name)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: memfd_create with a valid C string; the File takes the new fd.
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd we own.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(len)?;
+    Ok(file)
+}
+
 /// Errors of guest-memory accesses and of the region table.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {

@@ -20,7 +20,7 @@ mod bitmap;
 mod uffd;
 
 pub use bitmap::DirtyBitmap;
-pub use uffd::{UffdRegistration, UserfaultSource};
+pub use uffd::{register_write_protect, UffdRegistration, UserfaultSource};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -653,15 +653,10 @@ impl PageTracker {
 mod tests {
     use super::*;
     use crate::memory::DmaRegion;
-    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::fd::OwnedFd;
 
     fn tracker_over_one_page() -> PageTracker {
-        let name = std::ffi::CString::new("pt").unwrap();
-        // SAFETY: memfd_create with a valid name; the OwnedFd takes the new fd.
-        let fd = unsafe { OwnedFd::from_raw_fd(libc::memfd_create(name.as_ptr(), 0)) };
-        std::fs::File::from(fd.try_clone().unwrap())
-            .set_len(PAGE_SIZE)
-            .unwrap();
+        let fd = OwnedFd::from(crate::memory::memfd("pt", PAGE_SIZE).unwrap());
         let memory = GuestMemory::new(4);
         let region = DmaRegion::mapped(0x1000, PAGE_SIZE, fd, 0, true, true).unwrap();
         memory.with_regions(|r| r.insert(region)).unwrap();

@@ -36,6 +36,39 @@ struct UffdioWriteprotect {
     mode: u64,
 }
 
+const UFFDIO_API: u64 = (3 << 30) | (24 << 16) | (UFFDIO << 8) | 0x3F;
+const UFFDIO_REGISTER: u64 = (3 << 30) | (32 << 16) | (UFFDIO << 8);
+const UFFD_API: u64 = 0xAA;
+const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+const UFFDIO_REGISTER_MODE_WP: u64 = 2;
+
+/// The VMM's side of the uffd extension: a userfaultfd registered in
+/// write-protect mode on `[addr, addr+len)` of the *calling* process's mapping of
+/// guest memory (shared memory), ready to hand to the backend.
+pub fn register_write_protect(addr: u64, len: u64) -> std::io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let last = std::io::Error::last_os_error;
+    // SAFETY: userfaultfd(2) returns a new fd that the OwnedFd takes over.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    if fd < 0 {
+        return Err(last());
+    }
+    // SAFETY: a fresh fd we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut api = [UFFD_API, UFFD_FEATURE_WP_HUGETLBFS_SHMEM, 0u64];
+    // SAFETY: UFFDIO_API reads and writes the 24-byte struct uffdio_api above.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, api.as_mut_ptr()) } != 0 {
+        return Err(last());
+    }
+    let mut reg = [addr, len, UFFDIO_REGISTER_MODE_WP, 0u64];
+    // SAFETY: UFFDIO_REGISTER reads and writes the 32-byte struct uffdio_register
+    // above; it registers the caller's own mapping.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_REGISTER as _, reg.as_mut_ptr()) } != 0 {
+        return Err(last());
+    }
+    Ok(fd)
+}
+
 /// What the VMM shares: its mapping of DMA region `[gpa, gpa+size)` starts at
 /// `vmm_address` in its address space, registered in WP mode with `uffd`.
 pub struct UffdRegistration {

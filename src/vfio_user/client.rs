@@ -600,10 +600,7 @@ impl Client {
             size,
             offset,
         };
-        let id = self.alloc_id();
-        self.send_numbered(id, UMDEV_CMD_DIRTY_BITMAP, m.as_bytes(), &[fd])?;
-        self.wait_reply(id)?;
-        Ok(())
+        self.request_with_fd(UMDEV_CMD_DIRTY_BITMAP, m.as_bytes(), fd)
     }
 
     /// umdev extension: shares a userfaultfd registered in write-protect mode on
@@ -616,8 +613,13 @@ impl Client {
             size,
             vmm_address,
         };
+        self.request_with_fd(UMDEV_CMD_UFFD, m.as_bytes(), uffd)
+    }
+
+    /// A umdev extension request carrying one fd; the reply's payload is an echo.
+    fn request_with_fd(&mut self, command: u16, payload: &[u8], fd: RawFd) -> Result<()> {
         let id = self.alloc_id();
-        self.send_numbered(id, UMDEV_CMD_UFFD, m.as_bytes(), &[uffd])?;
+        self.send_numbered(id, command, payload, &[fd])?;
         self.wait_reply(id)?;
         Ok(())
     }

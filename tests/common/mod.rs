@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -139,15 +139,8 @@ unsafe impl Send for MemfdRam {}
 
 impl MemfdRam {
     pub fn new(size: usize) -> MemfdRam {
-        let name = std::ffi::CString::new("guest-ram").unwrap();
-        // SAFETY: memfd_create with a valid name; the fd is owned by the File below.
-        let fd = unsafe {
-            libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
-        };
-        assert!(fd >= 0);
-        // SAFETY: fresh fd we own.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(size as u64).unwrap();
+        let file = umdev::memory::memfd("guest-ram", size as u64).expect("memfd");
+        let fd = file.as_raw_fd();
         // SAFETY: maps `size` bytes of the memfd we just sized; unmapped in Drop.
         let ptr = unsafe {
             libc::mmap(

@@ -2,7 +2,7 @@
 //! VMM as BAR2's mappable area so the guest reaches it without traps.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use vm_memory::mmap::MmapRegion;
@@ -24,17 +24,7 @@ pub struct Vram {
 
 impl Vram {
     pub fn new(size: u64) -> Result<Self, VramError> {
-        let name = std::ffi::CString::new("umdev-vgpu-vram").unwrap_or_default();
-        // SAFETY: memfd_create with a valid C string; the File takes the new fd.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(VramError::Create(
-                std::io::Error::last_os_error().to_string(),
-            ));
-        }
-        // SAFETY: a fresh fd we own.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(size)
+        let file = umdev::memory::memfd("umdev-vgpu-vram", size)
             .map_err(|e| VramError::Create(e.to_string()))?;
         let mmap = MmapRegion::build(
             Some(FileOffset::new(

@@ -7,7 +7,7 @@
 #![allow(dead_code)]
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -222,13 +222,8 @@ unsafe impl Send for Memfd {}
 
 impl Memfd {
     pub fn new(size: usize) -> Memfd {
-        let name = std::ffi::CString::new("vgpu-test").unwrap();
-        // SAFETY: memfd_create with a valid name; the File below owns the fd.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-        // SAFETY: a fresh fd we own.
-        let file = unsafe { File::from_raw_fd(fd) };
-        file.set_len(size as u64).unwrap();
+        let file = umdev::memory::memfd("vgpu-test", size as u64).expect("memfd");
+        let fd = file.as_raw_fd();
         // SAFETY: maps `size` bytes of the memfd just sized; unmapped in Drop.
         let ptr = unsafe {
             libc::mmap(
@@ -434,36 +429,6 @@ impl PageAllocator {
     }
 }
 
-/// A userfaultfd with write-protect faults, registered on `[addr, addr+len)` of
-/// our own mapping (what a VMM does for its guest RAM).
-fn uffd_wp_register(addr: u64, len: u64) -> OwnedFd {
-    const UFFD_API: u64 = 0xAA;
-    const UFFDIO_API: u64 = (3 << 30) | (24 << 16) | (0xAA << 8) | 0x3F;
-    const UFFDIO_REGISTER: u64 = (3 << 30) | (32 << 16) | (0xAA << 8);
-    const FEATURE_WP_SHMEM: u64 = 1 << 12;
-    const MODE_WP: u64 = 2;
-    // SAFETY: userfaultfd(2) returns a new fd that the OwnedFd takes over.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-    assert!(fd >= 0, "userfaultfd: {}", std::io::Error::last_os_error());
-    // SAFETY: fresh fd we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let mut api = [UFFD_API, FEATURE_WP_SHMEM, 0u64];
-    // SAFETY: UFFDIO_API reads and writes the 24-byte struct uffdio_api above.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, api.as_mut_ptr()) };
-    assert_eq!(rc, 0, "UFFDIO_API: {}", std::io::Error::last_os_error());
-    let mut reg = [addr, len, MODE_WP, 0u64];
-    // SAFETY: UFFDIO_REGISTER reads and writes the 32-byte struct uffdio_register
-    // above, for our own mapping of the memfd.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_REGISTER as _, reg.as_mut_ptr()) };
-    assert_eq!(
-        rc,
-        0,
-        "UFFDIO_REGISTER: {}",
-        std::io::Error::last_os_error()
-    );
-    fd
-}
-
 // ---- guest memory without an fd ---------------------------------------------
 
 /// Guest memory the VMM does not share: the backend reaches it only by
@@ -646,7 +611,8 @@ impl Vgpu {
                 bitmap = Some(b);
             }
             PageTrack::Uffd => {
-                let uffd = uffd_wp_register(mem.addr(), ram_size as u64);
+                let uffd = umdev::pagetrack::register_write_protect(mem.addr(), ram_size as u64)
+                    .expect("userfaultfd in write-protect mode");
                 client
                     .share_uffd(RAM_GPA, ram_size as u64, mem.addr(), uffd.as_raw_fd())
                     .expect("share userfaultfd");
