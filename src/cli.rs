@@ -74,7 +74,8 @@ pub fn block_termination_signals() {
     }
 }
 
-fn wait_for_termination_signal() -> i32 {
+/// Waits for SIGTERM, SIGINT or SIGHUP (blocked by [`block_termination_signals`]).
+pub fn wait_for_termination_signal() -> i32 {
     // SAFETY: as above; sigwait writes the signal number to a local.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();

@@ -11,4 +11,5 @@ pub mod pagetrack;
 pub mod pci;
 pub mod sandbox;
 pub mod vfio_user;
+pub mod vhost_user;
 pub mod wait;

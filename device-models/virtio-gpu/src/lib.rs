@@ -1,0 +1,1 @@
+//! virtio-gpu 2D over vhost-user (in progress).

@@ -1,0 +1,183 @@
+//! Serving a [`VirtioDevice`] on a vhost-user socket, one front-end at a time,
+//! for as long as the process runs: when a front-end goes away (QEMU quits,
+//! or restarts its chardev with `reconnect-ms`), the model is reset and the next
+//! front-end on the same socket gets a power-on device.
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tracing::{error, info, warn};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+
+use super::backend::{BackendStats, DeviceBackend};
+use super::device::VirtioDevice;
+
+/// Socket options of a vhost-user device binary.
+#[derive(clap::Args, Debug, Clone)]
+pub struct VhostUserArgs {
+    /// UNIX socket to listen on (a stale socket file there is replaced); QEMU
+    /// connects with `-chardev socket,id=ID,path=PATH`.
+    #[arg(long)]
+    pub socket_path: PathBuf,
+    /// Serve one front-end, then exit.
+    #[arg(long)]
+    pub once: bool,
+    /// Do not confine the running backend with its seccomp filter (see
+    /// `umdev::sandbox`).
+    #[arg(long)]
+    pub no_seccomp: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VhostUserRunError {
+    #[error("socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        source: vhost::vhost_user::Error,
+    },
+    #[error("vhost-user daemon: {0}")]
+    Daemon(String),
+    #[error("signal thread: {0}")]
+    Signals(std::io::Error),
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
+}
+
+/// System calls a vhost-user backend makes beyond [`crate::sandbox::ALLOWED`]:
+/// the crate's vring threads wait on epoll.
+pub const VHOST_USER_SYSCALLS: &[libc::c_long] = &[
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_pwait,
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_epoll_wait,
+];
+
+/// Stops a running [`serve`] from another thread (a signal handler thread, a
+/// test).
+#[derive(Clone, Default)]
+pub struct StopHandle {
+    inner: Arc<StopState>,
+}
+
+#[derive(Default)]
+struct StopState {
+    stop: AtomicBool,
+    listener_fd: Mutex<Option<i32>>,
+    connection: Mutex<Option<ShutdownHandle>>,
+}
+
+impl StopHandle {
+    /// Ends the current connection and the accept loop.
+    pub fn stop(&self) {
+        self.inner.stop.store(true, Ordering::SeqCst);
+        if let Some(conn) = self.inner.connection.lock().unwrap().as_ref() {
+            conn.shutdown();
+        }
+        if let Some(fd) = *self.inner.listener_fd.lock().unwrap() {
+            // shutdown() on a listening socket makes a blocked accept() fail
+            // (EINVAL), which is how the loop learns that it must end.
+            // SAFETY: `fd` is the listener's, alive while `serve` runs (it clears
+            // the slot before the listener is dropped); shutdown takes no memory.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.inner.stop.load(Ordering::SeqCst)
+    }
+}
+
+/// Serves `device` on `listener` until `stop` (or, with `once`, until the first
+/// front-end leaves). The model is reset after each front-end.
+pub fn serve<D: VirtioDevice>(
+    device: Arc<D>,
+    mut listener: Listener,
+    once: bool,
+    stop: &StopHandle,
+) -> Result<(), VhostUserRunError> {
+    *stop.inner.listener_fd.lock().unwrap() = Some(listener.as_raw_fd());
+    let result = serve_connections(&device, &mut listener, once, stop);
+    *stop.inner.listener_fd.lock().unwrap() = None;
+    result
+}
+
+fn serve_connections<D: VirtioDevice>(
+    device: &Arc<D>,
+    listener: &mut Listener,
+    once: bool,
+    stop: &StopHandle,
+) -> Result<(), VhostUserRunError> {
+    let stats = Arc::new(BackendStats::default());
+    while !stop.stopped() {
+        let mem = DeviceBackend::<D>::empty_memory();
+        let backend = Arc::new(DeviceBackend::new(
+            device.clone(),
+            mem.clone(),
+            stats.clone(),
+        ));
+        let mut daemon = VhostUserDaemon::new(device.name().to_string(), backend, mem)
+            .map_err(|e| VhostUserRunError::Daemon(e.to_string()))?;
+        if let Err(e) = daemon.start(listener) {
+            if stop.stopped() {
+                break;
+            }
+            return Err(VhostUserRunError::Daemon(e.to_string()));
+        }
+        info!("front-end connected");
+        *stop.inner.connection.lock().unwrap() = daemon.shutdown_handle();
+        if stop.stopped() {
+            daemon.request_shutdown();
+        }
+        match daemon.wait() {
+            Ok(()) => info!("front-end disconnected"),
+            Err(e) => warn!("front-end connection ended: {e}"),
+        }
+        *stop.inner.connection.lock().unwrap() = None;
+        // Dropping the daemon stops its vring threads before the model resets.
+        drop(daemon);
+        device.reset();
+        info!(
+            requests = stats.requests.load(Ordering::Relaxed),
+            bad_chains = stats.bad_chains.load(Ordering::Relaxed),
+            "device reset for the next front-end"
+        );
+        if once {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Serves `device` as the arguments say until a termination signal (call
+/// [`crate::cli::block_termination_signals`] first in `main`).
+pub fn run<D: VirtioDevice>(args: &VhostUserArgs, device: Arc<D>) -> Result<(), VhostUserRunError> {
+    let stop = StopHandle::default();
+    let signal_stop = stop.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let sig = crate::cli::wait_for_termination_signal();
+            info!(sig, "termination signal: stopping");
+            signal_stop.stop();
+        })
+        .map_err(VhostUserRunError::Signals)?;
+
+    let listener =
+        Listener::new(&args.socket_path, true).map_err(|source| VhostUserRunError::Bind {
+            path: args.socket_path.clone(),
+            source,
+        })?;
+    info!(path = %args.socket_path.display(), "listening (vhost-user)");
+    crate::sandbox::allow_extra(VHOST_USER_SYSCALLS);
+    crate::sandbox::confine(!args.no_seccomp)?;
+    let result = serve(device, listener, args.once, &stop);
+    if let Err(e) = &result {
+        error!("{e}");
+    }
+    let _ = std::fs::remove_file(&args.socket_path);
+    result
+}
