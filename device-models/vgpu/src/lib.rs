@@ -9,6 +9,7 @@
 //! doorbell and TLB invalidation post a job to the engine thread.
 
 pub mod command;
+pub mod picture;
 pub mod regs;
 pub mod scanout;
 pub mod shadow;
@@ -893,20 +894,20 @@ fn execute(shared: &Shared, n: usize, generation: u64, plan: &[Step]) -> Result<
                 irq,
                 va,
             } => {
+                // The picture first: once the guest sees the fence, the PNG of
+                // everything before it is in place.
+                shared.write_scanout();
                 shared
                     .write_target(*dst, &seqno.to_le_bytes())
                     .map_err(|_| dma(*va))?;
-                {
-                    let mut regs = lock(&shared.regs);
-                    if regs.generation != generation {
-                        return Ok(());
-                    }
-                    regs.ctx[n].fence_seqno = *seqno;
-                    if *irq {
-                        shared.raise(&mut regs, Some(n));
-                    }
+                let mut regs = lock(&shared.regs);
+                if regs.generation != generation {
+                    return Ok(());
                 }
-                shared.write_scanout();
+                regs.ctx[n].fence_seqno = *seqno;
+                if *irq {
+                    shared.raise(&mut regs, Some(n));
+                }
             }
         }
     }

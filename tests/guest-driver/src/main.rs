@@ -16,6 +16,7 @@
 //! Settings come from the environment (the kernel passes unknown `key=value`
 //! command-line parameters to init as environment variables):
 //!   `UMDEV_DEV=vvvv:dddd`   PCI vendor:device to look for (default 1234:11e8)
+//!                           (1234:5547, the umdev vGPU: its tests, src/vgpu.rs)
 //!   `UMDEV_TESTS=a,b*,...`  run only these tests (`b*`: names starting with b);
 //!                           device set-up (enable, bus master) always runs
 //!   `UMDEV_ROUNDS=n`        rounds of the irq-then-DMA test (default 8)
@@ -36,6 +37,8 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{fence, AtomicPtr, Ordering};
 use std::time::{Duration, Instant};
+
+mod vgpu;
 
 const PAGE: usize = 4096;
 
@@ -1013,7 +1016,11 @@ fn main() {
                 dev.display()
             ));
             rep.result("find_device", Ok(format!("{vendor:04x}:{device:04x}")));
-            run_edu_tests(&mut rep, &dev)
+            if (vendor, device) == vgpu::IDS {
+                vgpu::run_tests(&mut rep, &dev)
+            } else {
+                run_edu_tests(&mut rep, &dev)
+            }
         }));
     match outcome {
         Ok(Ok(())) => {}
