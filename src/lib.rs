@@ -10,6 +10,7 @@ pub mod memory;
 pub mod pagetrack;
 pub mod pci;
 pub mod sandbox;
+pub mod scanout;
 pub mod vfio_user;
 pub mod vhost_user;
 pub mod wait;

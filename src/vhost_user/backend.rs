@@ -9,9 +9,9 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::GpuBackend;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -55,6 +55,8 @@ pub struct DeviceBackend<D: VirtioDevice> {
     event_idx: AtomicBool,
     log_all: AtomicBool,
     stats: Arc<BackendStats>,
+    /// Where each queue's next pass should start: where the last one ended.
+    ring_positions: Mutex<Vec<Option<u16>>>,
 }
 
 impl<D: VirtioDevice> DeviceBackend<D> {
@@ -67,6 +69,7 @@ impl<D: VirtioDevice> DeviceBackend<D> {
             event_idx: AtomicBool::new(false),
             log_all: AtomicBool::new(false),
             stats,
+            ring_positions: Mutex::new(Vec::new()),
         }
     }
 
@@ -75,8 +78,45 @@ impl<D: VirtioDevice> DeviceBackend<D> {
         GuestMemoryAtomic::new(vm_memory::GuestMemoryMmap::new())
     }
 
+    /// Notices a driver reset. vhost-user tells the backend nothing when the
+    /// driver resets the device (QEMU stops the rings, and restarts them from
+    /// index 0 once the driver is back), while a VM stop/cont restarts them
+    /// where they stopped. So a queue whose pass starts at 0, away from where the
+    /// last pass ended, belongs to a new driver: the model is reset, and every
+    /// queue is expected at 0.
+    fn note_ring_start(&self, index: u16, start: u16) {
+        let mut positions = self
+            .ring_positions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let index = index as usize;
+        if positions.len() <= index {
+            positions.resize(index + 1, None);
+        }
+        if start == 0 && positions[index].is_some_and(|p| p != 0) {
+            info!(
+                queue = index,
+                "{}: ring restarted from 0: the driver reset the device",
+                self.device.name()
+            );
+            self.device.reset();
+            positions.iter_mut().for_each(|p| *p = Some(0));
+        }
+    }
+
+    fn note_ring_end(&self, index: u16, end: u16) {
+        let mut positions = self
+            .ring_positions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = positions.get_mut(index as usize) {
+            *p = Some(end);
+        }
+    }
+
     fn process_queue(&self, index: u16, vring: &VringRwLock<VhostMemoryAtomic>) -> io::Result<()> {
         let mem = self.mem.memory();
+        self.note_ring_start(index, vring.queue_next_avail());
         loop {
             if self.event_idx.load(Ordering::Relaxed) {
                 vring.disable_notification().map_err(io::Error::other)?;
@@ -106,6 +146,7 @@ impl<D: VirtioDevice> DeviceBackend<D> {
                 };
                 vring.add_used(head, used_len).map_err(io::Error::other)?;
             }
+            self.note_ring_end(index, vring.queue_next_avail());
             if vring.needs_notification().map_err(io::Error::other)? {
                 vring.signal_used_queue()?;
             }
