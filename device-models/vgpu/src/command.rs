@@ -185,7 +185,7 @@ pub fn audit_segment(
         let at = command_addr(cursor);
         cursor.commands += 1;
         if cursor.commands > MAX_COMMANDS_PER_SUBMISSION {
-            return Err(ctx.fault(FAULT_BUDGET, u64::from(cursor.ring_pos)));
+            return Err(ctx.fault(FAULT_BUDGET, at));
         }
         // Fetch the header, then the rest of the command.
         let read = |i: usize| -> Result<u32, Fault> {
@@ -232,7 +232,7 @@ pub fn audit_segment(
         let charge = |bytes: u64, cursor: &mut Cursor| -> Result<(), Fault> {
             cursor.bytes = cursor.bytes.saturating_add(bytes);
             if cursor.bytes > MAX_BYTES_PER_SUBMISSION {
-                return Err(ctx.fault(FAULT_BUDGET, u64::from(cursor.ring_pos)));
+                return Err(ctx.fault(FAULT_BUDGET, at));
             }
             Ok(())
         };
@@ -283,7 +283,17 @@ pub fn audit_segment(
                 let (src_va, src_pitch) = (addr(d[1], d[2]), u64::from(d[3]));
                 let (dst_va, dst_pitch) = (addr(d[4], d[5]), u64::from(d[6]));
                 let (width, height) = (u64::from(d[7]), u64::from(d[8]));
+                if width == 0 || height == 0 {
+                    // Nothing to move: nothing is translated (SPEC.md).
+                    continue;
+                }
                 charge(width.saturating_mul(height), cursor)?;
+                // Every line after the first counts as one more command, which
+                // also bounds the plan (one step per line).
+                cursor.commands = cursor.commands.saturating_add(height as usize - 1);
+                if cursor.commands > MAX_COMMANDS_PER_SUBMISSION {
+                    return Err(ctx.fault(FAULT_BUDGET, at));
+                }
                 for row in 0..height {
                     let s = row
                         .checked_mul(src_pitch)
@@ -293,11 +303,9 @@ pub fn audit_segment(
                         .checked_mul(dst_pitch)
                         .and_then(|o| dst_va.checked_add(o))
                         .ok_or_else(|| ctx.fault(FAULT_NOT_PRESENT, dst_va))?;
-                    if width > 0 {
-                        let src = ctx.range(s, width, false)?;
-                        let dst = ctx.range(t, width, true)?;
-                        plan.push(Step::Copy { src, dst, va: t });
-                    }
+                    let src = ctx.range(s, width, false)?;
+                    let dst = ctx.range(t, width, true)?;
+                    plan.push(Step::Copy { src, dst, va: t });
                 }
             }
             OP_FENCE => {

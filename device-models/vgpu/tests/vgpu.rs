@@ -187,8 +187,8 @@ fn basic_commands(gpu: &mut Vgpu) {
 
 #[test]
 fn zero_sized_operations_do_nothing() {
-    // SPEC.md does not say whether a zero size is allowed: either nothing
-    // happens, or a MALFORMED fault; never a write.
+    // SPEC.md: moving 0 bytes does nothing and translates nothing (the
+    // addresses here are unaligned or even unmapped).
     let mut gpu = Vgpu::start();
     let mut ctx = gpu.context(0);
     let a = ctx.pt.map_new(&mut gpu, A_VA, 1, true);
@@ -198,17 +198,20 @@ fn zero_sized_operations_do_nothing() {
         cmd::blit(A_VA + 4, 0, A_VA, 0, 0, 0),
         cmd::blit(A_VA + 4, 16, A_VA, 16, 0, 4),
         cmd::blit(A_VA + 4, 16, A_VA, 16, 4, 0),
+        cmd::copy(0x7777_0001, 0x7777_1003, 0),
+        cmd::blit(0x7777_0001, u32::MAX, 0x7777_1003, u32::MAX, 0, u32::MAX),
+        cmd::blit(0x7777_0001, u32::MAX, 0x7777_1003, u32::MAX, u32::MAX, 0),
     ] {
         gpu.ram.write_u32(a + 4, 0x1111);
-        match ctx.run(&mut gpu, std::slice::from_ref(&c)) {
-            Ok(()) => {}
-            Err(f) => {
-                assert_eq!(f.reason, FAULT_MALFORMED, "{c:x?}: {f}");
-                ctx.clear_fault(&mut gpu);
-            }
+        if let Err(f) = ctx.run(&mut gpu, std::slice::from_ref(&c)) {
+            panic!("{c:x?}: {f}");
         }
         assert_eq!(gpu.ram.read_u32(a), 0, "{c:x?} wrote");
     }
+    // A FILL's address and size must be multiples of 4 even when it is empty.
+    let f = ctx.run_fault(&mut gpu, &[cmd::fill(A_VA + 2, 0, 1)]);
+    assert_eq!(f.reason, FAULT_MALFORMED, "{f}");
+    ctx.clear_fault(&mut gpu);
     ctx.run_ok(&mut gpu, &[cmd::store_dword(A_VA, 1)]);
 }
 
@@ -829,13 +832,9 @@ fn a_tlb_invalidate_command_splits_the_audit() {
         1,
         "the part before the TLB_INVALIDATE ran"
     );
-    // Where HEAD stands is the start of the faulting part (SPEC: "RING_HEAD left
-    // at the start of the submission"; each part is audited on its own).
-    assert!(
-        f.head == start || f.head == start + 16 || f.head == start + 20,
-        "head {:#x} (submission at {start:#x})",
-        f.head
-    );
+    // SPEC: RING_HEAD stays at the start of the submission, also when a part
+    // before the faulting one ran.
+    assert_eq!(f.head, start, "head (submission at {start:#x})");
 }
 
 #[test]
@@ -1109,25 +1108,16 @@ fn malformed_commands() {
     let f = ctx.run_fault(&mut gpu, &[cmd::batch_start(C_VA)]);
     expect_fault(f, FAULT_MALFORMED, C_VA + 20);
     ctx.clear_fault(&mut gpu);
-    // A command cut off by the doorbell's TAIL (SPEC.md does not say): a
-    // MALFORMED fault at its offset, or the engine waits for the rest.
+    // A command cut off by the doorbell's TAIL: MALFORMED at its ring offset,
+    // and nothing of it ran.
     let at = ctx.ring.tail;
     ctx.ring.emit(&mut gpu, &cmd::store_dword(A_VA, 0x55));
     gpu.ctx_write(0, CTX_RING_TAIL, at + 8);
-    std::thread::sleep(Duration::from_millis(100));
-    match gpu.fault(0) {
-        Some(f) => {
-            expect_fault(f, FAULT_MALFORMED, at as u64);
-            ctx.clear_fault(&mut gpu);
-        }
-        None => {
-            gpu.ctx_write(0, CTX_RING_TAIL, at + 16);
-            if let Err(f) = gpu.wait_idle(0, TIMEOUT) {
-                panic!("the completed command faulted: {f}");
-            }
-            ctx.ring.resync(&mut gpu);
-        }
-    }
+    let f = gpu.wait_fault(0);
+    expect_fault(f, FAULT_MALFORMED, at as u64);
+    assert_eq!(f.head, at, "{f}");
+    assert_ne!(gpu.ram.read_u32(x), 0x55, "the cut command ran");
+    ctx.clear_fault(&mut gpu);
     // TAIL not a multiple of 4: BAD_RING or MALFORMED, or ignored; not a crash.
     let at = ctx.ring.tail;
     gpu.ctx_write(0, CTX_RING_TAIL, at + 2);
@@ -1213,11 +1203,11 @@ fn budgets_of_one_submission() {
         &[cmd::fill(A_VA, 200 << 20, 1), cmd::fill(A_VA, 200 << 20, 2)],
     );
     assert_eq!(fault_name(f.reason), "BUDGET", "{f}");
-    assert!(
-        f.addr < RING_SIZE_MAX as u64,
-        "FAULT_ADDR is a ring offset: {f}"
+    assert_eq!(
+        f.addr,
+        u64::from(at) + 20,
+        "the second FILL's ring offset: {f}"
     );
-    let _ = at;
     assert_eq!(gpu.ram.read_u32(x), 0, "nothing ran");
     ctx.clear_fault(&mut gpu);
     // A BLIT larger than memory: BUDGET or NOT_PRESENT, never a run.
@@ -1252,10 +1242,36 @@ fn budgets_of_one_submission() {
     // 65 536 commands are allowed (65 535 NOPs and the FENCE) ...
     let nops = vec![cmd::nop(); 65535];
     ctx.run_ok(&mut gpu, &nops);
-    // ... one more is not.
+    // ... one more is not: the 65 537th is where it went over.
+    let at = ctx.ring.tail;
     let nops = vec![cmd::nop(); 65537];
     let f = ctx.run_fault(&mut gpu, &nops);
     assert_eq!(fault_name(f.reason), "BUDGET", "{f}");
+    assert_eq!(f.addr, u64::from((at + 4 * 65536) % RING_SIZE_MAX), "{f}");
+    ctx.clear_fault(&mut gpu);
+    // A BLIT counts one command per line: 65 536 lines of 4 bytes are over
+    // the budget with the FENCE, fewer are not.
+    let f = ctx.run_fault(
+        &mut gpu,
+        &[cmd::blit(A_VA, 0, A_VA + 4, 0, 4, 65536), cmd::nop()],
+    );
+    assert_eq!(fault_name(f.reason), "BUDGET", "{f}");
+    ctx.clear_fault(&mut gpu);
+    ctx.run_ok(&mut gpu, &[cmd::blit(A_VA, 0, A_VA + 4, 0, 4, 65534)]);
+    // In a batch buffer, FAULT_ADDR is the GPU address of the command.
+    let batch = ctx.pt.map_new(&mut gpu, C_VA, 1, false);
+    write_batch(
+        &mut gpu,
+        batch,
+        &[
+            cmd::nop(),
+            cmd::blit(A_VA, 0, A_VA + 4, 0, 4, 70000),
+            cmd::batch_end(),
+        ],
+    );
+    let f = ctx.run_fault(&mut gpu, &[cmd::batch_start(C_VA)]);
+    assert_eq!(fault_name(f.reason), "BUDGET", "{f}");
+    assert_eq!(f.addr, C_VA + 4, "{f}");
     ctx.clear_fault(&mut gpu);
     ctx.run_ok(&mut gpu, &[cmd::store_dword(A_VA, 5)]);
     assert_eq!(gpu.ram.read_u32(x), 5);

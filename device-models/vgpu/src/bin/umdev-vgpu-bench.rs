@@ -1,0 +1,562 @@
+//! `umdev-vgpu-bench`: what the vGPU's mediation costs, each figure beside a
+//! baseline measured in the same run.
+//!
+//! It starts `umdev-vgpu` (the real binary, seccomp on) on a private socket and
+//! plays VMM and guest driver over vfio-user with umdev's client: memfd guest
+//! RAM shared by DMA_MAP, page tables and a ring written straight into that
+//! memory, doorbells as REGION_WRITEs, fences polled in guest memory.
+//!
+//! - **PTE updates at a sync point**: K leaf entries rewritten in guest memory,
+//!   then one doorbell (a sync point: the scan source compares every tracked
+//!   table page and the shadow re-validates each changed entry) with a FENCE.
+//!   Updates/s = K / (time - time of the same submission with no entry
+//!   changed); the ratio is that time over the empty submission's.
+//! - **BLIT / COPY throughput**: one BLIT (4 KiB lines) or COPY of N bytes from
+//!   guest RAM to guest RAM, doorbell to fence, against `memcpy` of the same
+//!   bytes between the same pages in this process.
+//! - **Submission-to-fence latency**: a FENCE alone, from the doorbell's
+//!   REGION_WRITE to the sequence number in memory, median of repetitions,
+//!   against a plain trapped register write (a REGION_WRITE round trip).
+//!
+//! Each figure is the median over `--reps` repetitions. Ratios, not absolute
+//! numbers, are what carries from one machine to another.
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use umdev::vfio_user::wire::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, PCI_CONFIG_REGION_INDEX};
+use umdev::vfio_user::Client;
+use umdev_vgpu::regs::*;
+
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// The device binary [default: umdev-vgpu next to this program].
+    #[arg(long)]
+    server_bin: Option<PathBuf>,
+    /// Extra argument for the server (repeat for several).
+    #[arg(long, allow_hyphen_values = true)]
+    server_arg: Vec<String>,
+    /// Small sizes and few repetitions (a smoke test, not figures).
+    #[arg(long)]
+    quick: bool,
+    /// Repetitions of each measurement (the median is printed).
+    #[arg(long)]
+    reps: Option<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum BenchError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("vfio-user: {0}")]
+    Client(#[from] umdev::vfio_user::client::ClientError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("context fault: status {status:#x} address {addr:#x}")]
+    Fault { status: u32, addr: u64 },
+    #[error("fence {0} not retired within 30 s")]
+    Timeout(u32),
+}
+
+type Result<T> = std::result::Result<T, BenchError>;
+
+const RAM_GPA: u64 = 0x4000_0000;
+const PAGE: u64 = PAGE_SIZE;
+const BAR0: u32 = MMIO_BAR as u32;
+const CTX: usize = 0;
+const RING_SIZE: u32 = 64 << 10;
+const FENCE_VA: u64 = 0x7f00_0000_0000;
+const SRC_VA: u64 = 0x1_0000_0000;
+const DST_VA: u64 = 0x2_0000_0000;
+const PTE_VA: u64 = 0x3_0000_0000;
+
+// ---------------------------------------------------------------- memory --
+
+/// Guest RAM: a memfd mapped here and given to the device by DMA_MAP.
+struct Ram {
+    file: std::fs::File,
+    ptr: *mut u8,
+    size: usize,
+}
+
+impl Ram {
+    fn new(size: usize) -> Result<Ram> {
+        let file = umdev::memory::memfd("umdev-vgpu-bench", size as u64)?;
+        // SAFETY: maps `size` bytes of the memfd just sized; unmapped in Drop.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(Ram {
+            file,
+            ptr: ptr.cast(),
+            size,
+        })
+    }
+
+    /// Pointer to `len` bytes at guest-physical `gpa`, aligned to `align`.
+    fn at(&self, gpa: u64, len: usize, align: usize) -> *mut u8 {
+        let off = gpa
+            .checked_sub(RAM_GPA)
+            .map(|o| o as usize)
+            .filter(|o| o.checked_add(len).is_some_and(|e| e <= self.size))
+            .filter(|o| o % align == 0);
+        let Some(off) = off else {
+            panic!("guest access {gpa:#x}+{len} outside RAM or misaligned")
+        };
+        // SAFETY: in bounds of the mapping (checked above).
+        unsafe { self.ptr.add(off) }
+    }
+
+    fn write_u32(&self, gpa: u64, v: u32) {
+        // SAFETY: in bounds and aligned (checked by `at`); the device may read
+        // concurrently, hence volatile.
+        unsafe { std::ptr::write_volatile(self.at(gpa, 4, 4).cast::<u32>(), v) }
+    }
+
+    fn read_u32(&self, gpa: u64) -> u32 {
+        // SAFETY: as above; the device writes it behind our back.
+        unsafe { std::ptr::read_volatile(self.at(gpa, 4, 4).cast::<u32>()) }
+    }
+
+    /// One 8-byte store, as a guest writes a page-table entry.
+    fn write_u64(&self, gpa: u64, v: u64) {
+        // SAFETY: as above.
+        unsafe { std::ptr::write_volatile(self.at(gpa, 8, 8).cast::<u64>(), v) }
+    }
+
+    fn read_u64(&self, gpa: u64) -> u64 {
+        // SAFETY: as above.
+        unsafe { std::ptr::read_volatile(self.at(gpa, 8, 8).cast::<u64>()) }
+    }
+
+    /// memcpy between two guest ranges (the baseline for BLIT/COPY).
+    fn memcpy(&self, src: u64, dst: u64, len: usize) {
+        let (s, d) = (self.at(src, len, 1), self.at(dst, len, 1));
+        assert!(src + len as u64 <= dst || dst + len as u64 <= src);
+        // SAFETY: both ranges are in the mapping and do not overlap (checked).
+        unsafe { std::ptr::copy_nonoverlapping(s, d, len) }
+    }
+
+    fn fill(&self, gpa: u64, len: usize, byte: u8) {
+        // SAFETY: in bounds (checked by `at`).
+        unsafe { std::ptr::write_bytes(self.at(gpa, len, 1), byte, len) }
+    }
+}
+
+impl Drop for Ram {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in new().
+        unsafe { libc::munmap(self.ptr.cast(), self.size) };
+    }
+}
+
+// ---------------------------------------------------------------- device --
+
+struct Server {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn start_server(bin: &Path, extra: &[String]) -> Result<(Server, PathBuf)> {
+    let dir = std::env::temp_dir().join(format!("umdev-vgpu-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let socket = dir.join("vgpu.sock");
+    let child = std::process::Command::new(bin)
+        .arg("--socket-path")
+        .arg(&socket)
+        .args(extra)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| BenchError::Setup(format!("starting {}: {e}", bin.display())))?;
+    let mut server = Server { child, dir };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = server.child.try_wait()? {
+            return Err(BenchError::Setup(format!(
+                "{} exited: {status}",
+                bin.display()
+            )));
+        }
+        if socket.exists() {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(BenchError::Setup(format!(
+                "{} made no socket in 10 s",
+                bin.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok((server, socket))
+}
+
+/// Driver state: the client, guest RAM, page tables, the ring.
+struct Gpu {
+    client: Client,
+    ram: Ram,
+    next_page: u64,
+    root: u64,
+    ring: u64,
+    tail: u32,
+    fence_gpa: u64,
+    seq: u32,
+}
+
+impl Gpu {
+    fn new(socket: &Path, ram_mib: usize) -> Result<Gpu> {
+        // The socket file exists a moment before listen(): retry a refusal.
+        let mut client = None;
+        for _ in 0..200 {
+            match Client::connect(socket) {
+                Ok(c) => {
+                    client = Some(c);
+                    break;
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        let mut client = client.ok_or_else(|| BenchError::Setup("cannot connect".into()))?;
+        let ram = Ram::new(ram_mib << 20)?;
+        client.dma_map(
+            RAM_GPA,
+            ram.size as u64,
+            Some(ram.file.as_raw_fd()),
+            0,
+            DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE,
+        )?;
+        // Memory decoding and bus mastering on (one 2-byte access, as QEMU).
+        client.region_write(PCI_CONFIG_REGION_INDEX, 4, &6u16.to_le_bytes())?;
+        let mut gpu = Gpu {
+            client,
+            ram,
+            next_page: RAM_GPA + PAGE,
+            root: 0,
+            ring: 0,
+            tail: 0,
+            fence_gpa: 0,
+            seq: 0,
+        };
+        gpu.root = gpu.pages(1);
+        gpu.ring = gpu.pages(u64::from(RING_SIZE) / PAGE);
+        gpu.fence_gpa = gpu.pages(1);
+        gpu.map(FENCE_VA, gpu.fence_gpa, true);
+        let c = |r| ctx_reg(CTX, r);
+        gpu.client.write_u64(BAR0, c(CTX_PT_ROOT), gpu.root)?;
+        gpu.client.write_u64(BAR0, c(CTX_RING_BASE), gpu.ring)?;
+        gpu.client.write_u32(BAR0, c(CTX_RING_SIZE), RING_SIZE)?;
+        gpu.client
+            .write_u32(BAR0, c(CTX_CONTROL), CTX_CONTROL_ENABLE)?;
+        Ok(gpu)
+    }
+
+    /// `n` zeroed pages of guest RAM.
+    fn pages(&mut self, n: u64) -> u64 {
+        let gpa = self.next_page;
+        self.next_page += n * PAGE;
+        self.ram.fill(gpa, (n * PAGE) as usize, 0);
+        gpa
+    }
+
+    /// Guest-physical address of the leaf entry for `va`, tables made as needed.
+    fn leaf_slot(&mut self, va: u64) -> u64 {
+        let mut table = self.root;
+        for level in (2..=PT_LEVELS).rev() {
+            let slot = table + 8 * pt_index(va, level) as u64;
+            let e = self.ram.read_u64(slot);
+            table = if e & PTE_PRESENT != 0 {
+                e & PTE_ADDR_MASK
+            } else {
+                let t = self.pages(1);
+                self.ram.write_u64(slot, t | PTE_PRESENT);
+                t
+            };
+        }
+        table + 8 * pt_index(va, 1) as u64
+    }
+
+    fn map(&mut self, va: u64, gpa: u64, writable: bool) {
+        let slot = self.leaf_slot(va);
+        let w = if writable { PTE_WRITABLE } else { 0 };
+        self.ram.write_u64(slot, gpa | PTE_PRESENT | w);
+    }
+
+    /// Maps `n` fresh pages at `va`; their first gpa (contiguous).
+    fn map_new(&mut self, va: u64, n: u64, writable: bool) -> u64 {
+        let gpa = self.pages(n);
+        for i in 0..n {
+            self.map(va + i * PAGE, gpa + i * PAGE, writable);
+        }
+        gpa
+    }
+
+    fn emit(&mut self, dwords: &[u32]) {
+        for &d in dwords {
+            self.ram.write_u32(self.ring + u64::from(self.tail), d);
+            self.tail = (self.tail + 4) % RING_SIZE;
+        }
+    }
+
+    /// `cmds` + FENCE, doorbell, spin until the fence is in memory. The time
+    /// from the doorbell to the fence.
+    fn run(&mut self, cmds: &[u32]) -> Result<Duration> {
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        self.emit(cmds);
+        self.emit(&[
+            header(OP_FENCE, 0),
+            FENCE_VA as u32,
+            (FENCE_VA >> 32) as u32,
+            seq,
+        ]);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let start = Instant::now();
+        self.client
+            .write_u32(BAR0, ctx_reg(CTX, CTX_RING_TAIL), self.tail)?;
+        let mut spins = 0u64;
+        while self.ram.read_u32(self.fence_gpa) != seq {
+            spins += 1;
+            if spins.is_multiple_of(4096) {
+                let status = self.client.read_u32(BAR0, ctx_reg(CTX, CTX_STATUS))?;
+                if status & CTX_STATUS_FAULTED != 0 {
+                    let addr = self.client.read_u64(BAR0, ctx_reg(CTX, CTX_FAULT_ADDR))?;
+                    return Err(BenchError::Fault { status, addr });
+                }
+                if start.elapsed() > Duration::from_secs(30) {
+                    return Err(BenchError::Timeout(seq));
+                }
+                std::thread::yield_now();
+            }
+            std::hint::spin_loop();
+        }
+        Ok(start.elapsed())
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn machine() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    // SAFETY: sysconf only reads a system value.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    format!("{model}, {cpus} CPUs, Linux {kernel}")
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn cmd64(lo_hi: u64) -> [u32; 2] {
+    [lo_hi as u32, (lo_hi >> 32) as u32]
+}
+
+fn bench(args: &Args) -> Result<()> {
+    let reps = args.reps.unwrap_or(if args.quick { 3 } else { 15 }).max(1);
+    let ptes: u64 = if args.quick { 512 } else { 4096 };
+    let copy_bytes: u64 = if args.quick { 1 << 20 } else { 16 << 20 };
+    let bin = match &args.server_bin {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .map(|d| d.join("umdev-vgpu"))
+            .ok_or_else(|| BenchError::Setup("no directory for umdev-vgpu".into()))?,
+    };
+    if cfg!(debug_assertions) {
+        println!("note: a debug build; figures from it say little (cargo build --release)");
+    }
+    println!("machine: {}", machine());
+    println!("server: {} {}", bin.display(), args.server_arg.join(" "));
+    println!(
+        "reps: {reps} (median), PTEs per sync: {ptes}, copy size: {} KiB",
+        copy_bytes >> 10
+    );
+    let (_server, socket) = start_server(&bin, &args.server_arg)?;
+    let ram_mib = ((2 * copy_bytes as usize) >> 20) + 16;
+    let mut gpu = Gpu::new(&socket, ram_mib)?;
+
+    // --- Set-up: source and destination for copies, the PTEs to rewrite.
+    let pages = copy_bytes / PAGE;
+    let src = gpu.map_new(SRC_VA, pages, false);
+    let dst = gpu.map_new(DST_VA, pages, true);
+    for i in 0..copy_bytes / 4 {
+        gpu.ram
+            .write_u32(src + 4 * i, (i as u32).wrapping_mul(2654435761));
+    }
+    let (x, y) = (gpu.pages(1), gpu.pages(1));
+    let slots: Vec<u64> = (0..ptes)
+        .map(|i| {
+            let va = PTE_VA + i * PAGE;
+            gpu.map(va, x, false);
+            gpu.leaf_slot(va)
+        })
+        .collect();
+    // Warm up: the first submission shadows every table.
+    gpu.run(&[])?;
+
+    // --- Submission-to-fence latency, and a register write round trip.
+    let mut fence = Vec::new();
+    let mut reg = Vec::new();
+    let rounds = if args.quick { 20 } else { 200 };
+    for _ in 0..reps {
+        for _ in 0..rounds {
+            fence.push(gpu.run(&[])?);
+            let t = Instant::now();
+            gpu.client
+                .write_u32(BAR0, ctx_reg(CTX, CTX_MSIX_VECTOR), 0)?;
+            reg.push(t.elapsed());
+        }
+    }
+    let (fence, reg) = (median(fence), median(reg));
+    println!(
+        "submission-to-fence latency: {:.1} us; trapped register write {:.1} us; ratio {:.2}",
+        us(fence),
+        us(reg),
+        us(fence) / us(reg)
+    );
+
+    // --- Shadowed PTE updates at a sync point.
+    let mut empty = Vec::new();
+    let mut full = Vec::new();
+    for r in 0..reps {
+        empty.push(gpu.run(&[])?);
+        let target = if r.is_multiple_of(2) { y } else { x };
+        for &slot in &slots {
+            gpu.ram.write_u64(slot, target | PTE_PRESENT);
+        }
+        full.push(gpu.run(&[])?);
+    }
+    // The last rewrite took effect: a COPY from the last PTE's page reads it.
+    let probe = gpu.map_new(0x4_0000_0000, 1, true);
+    let last_target = if (reps - 1).is_multiple_of(2) { y } else { x };
+    gpu.ram.write_u32(last_target, 0x5eed_0001);
+    gpu.run(&[
+        header(OP_COPY, 0),
+        cmd64(PTE_VA + (ptes - 1) * PAGE)[0],
+        cmd64(PTE_VA + (ptes - 1) * PAGE)[1],
+        cmd64(0x4_0000_0000)[0],
+        cmd64(0x4_0000_0000)[1],
+        4,
+    ])?;
+    if gpu.ram.read_u32(probe) != 0x5eed_0001 {
+        return Err(BenchError::Setup(
+            "the rewritten PTEs did not take effect".into(),
+        ));
+    }
+    let (empty, full) = (median(empty), median(full));
+    let per = full.saturating_sub(empty);
+    let rate = ptes as f64 / per.as_secs_f64().max(1e-9);
+    println!(
+        "shadowed PTE updates at a sync point: {:.2} M/s ({:.0} ns each; {ptes} per sync: {:.1} us, empty sync {:.1} us, ratio {:.2})",
+        rate / 1e6,
+        1e9 / rate,
+        us(full),
+        us(empty),
+        us(full) / us(empty)
+    );
+
+    // --- BLIT and COPY throughput against memcpy.
+    let line = 4096u64;
+    let lines = copy_bytes / line;
+    let blit = {
+        let [sl, sh] = cmd64(SRC_VA);
+        let [dl, dh] = cmd64(DST_VA);
+        [
+            header(OP_BLIT, 0),
+            sl,
+            sh,
+            line as u32,
+            dl,
+            dh,
+            line as u32,
+            line as u32,
+            lines as u32,
+        ]
+    };
+    let copy = {
+        let [sl, sh] = cmd64(SRC_VA);
+        let [dl, dh] = cmd64(DST_VA);
+        [header(OP_COPY, 0), sl, sh, dl, dh, copy_bytes as u32]
+    };
+    let (mut tb, mut tc, mut tm) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..reps {
+        tb.push(gpu.run(&blit)?);
+        tc.push(gpu.run(&copy)?);
+        let t = Instant::now();
+        gpu.ram.memcpy(src, dst, copy_bytes as usize);
+        tm.push(t.elapsed());
+    }
+    // The copies arrived.
+    for i in [0, copy_bytes / 8, copy_bytes / 4 - 1] {
+        if gpu.ram.read_u32(dst + 4 * i) != (i as u32).wrapping_mul(2654435761) {
+            return Err(BenchError::Setup(format!("copy wrong at dword {i}")));
+        }
+    }
+    let gbps = |d: Duration| copy_bytes as f64 / d.as_secs_f64().max(1e-9) / 1e9;
+    let (tb, tc, tm) = (median(tb), median(tc), median(tm));
+    println!(
+        "BLIT {lines} lines x {line} B: {:.2} GB/s; memcpy {:.2} GB/s; ratio {:.3}",
+        gbps(tb),
+        gbps(tm),
+        gbps(tb) / gbps(tm)
+    );
+    println!(
+        "COPY {} KiB: {:.2} GB/s; memcpy {:.2} GB/s; ratio {:.3}",
+        copy_bytes >> 10,
+        gbps(tc),
+        gbps(tm),
+        gbps(tc) / gbps(tm)
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match bench(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("umdev-vgpu-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

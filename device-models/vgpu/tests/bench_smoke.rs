@@ -1,0 +1,34 @@
+//! `umdev-vgpu-bench --quick` against the real `umdev-vgpu`: it must complete and
+//! print every figure. No timing is checked (the figures belong in
+//! docs/performance.md, not in assertions).
+
+use std::process::Command;
+
+#[test]
+fn quick_run_prints_every_figure() {
+    let out = Command::new(env!("CARGO_BIN_EXE_umdev-vgpu-bench"))
+        .arg("--quick")
+        .arg("--server-bin")
+        .arg(env!("CARGO_BIN_EXE_umdev-vgpu"))
+        .output()
+        .expect("run umdev-vgpu-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "umdev-vgpu-bench failed: {}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        out.status
+    );
+    for figure in [
+        "submission-to-fence latency:",
+        "shadowed PTE updates at a sync point:",
+        "BLIT ",
+        "COPY ",
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(figure))
+            .unwrap_or_else(|| panic!("no {figure:?} line:\n{stdout}"));
+        assert!(line.contains("ratio "), "no ratio in {line:?}");
+    }
+}
