@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Build the e2e guest's initramfs: static busybox + the umdev guest driver
 # (tests/guest-driver, built statically) + an /init script that mounts proc,
-# sysfs and devtmpfs and runs the driver on the serial console.
+# sysfs and devtmpfs and runs the driver on the serial console; and the guest
+# kernel modules setup-e2e.sh extracted (virtio_gpu and its dependencies) in
+# /lib/modules/umdev with their load.list, which the driver loads only in the
+# modes that need them (UMDEV_MODE=fb).
 #
-# Idempotent: the archive is rebuilt only when the driver binary, busybox or
-# the init script changed (a content hash is kept next to the archive).
+# Idempotent: the archive is rebuilt only when the driver binary, busybox, the
+# modules or the init script changed (a content hash is kept next to the archive).
 #
 # Usage: scripts/build-initramfs.sh [--quiet]
 # Prints the path of the archive on its last line.
@@ -12,6 +15,8 @@
 # Environment:
 #   UMDEV_CACHE         setup-e2e.sh's cache (for busybox), default $HOME/.cache/umdev
 #   UMDEV_BUSYBOX       static busybox to use (default $UMDEV_CACHE/guest/busybox)
+#   UMDEV_MODULES       directory of <name>.ko files and load.list (default
+#                       $UMDEV_CACHE/guest/modules; left out when missing)
 #   UMDEV_GUEST_DRIVER  use this driver binary instead of building tests/guest-driver
 #   UMDEV_INITRAMFS     output path (default <repo>/target/e2e/initramfs.cpio.gz)
 set -euo pipefail
@@ -19,6 +24,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${UMDEV_CACHE:-$HOME/.cache/umdev}
 BUSYBOX=${UMDEV_BUSYBOX:-$CACHE/guest/busybox}
+MODULES=${UMDEV_MODULES:-$CACHE/guest/modules}
 OUT=${UMDEV_INITRAMFS:-$REPO/target/e2e/initramfs.cpio.gz}
 QUIET=0
 for arg in "$@"; do
@@ -81,7 +87,17 @@ EOF
 )
 
 # 3. Rebuild only when something changed.
-HASH=$( { sha256sum "$DRIVER" "$BUSYBOX" | cut -d' ' -f1; printf '%s\n' "$INIT_SCRIPT" | sha256sum | cut -d' ' -f1; } | sha256sum | cut -d' ' -f1)
+MODFILES=()
+if [ -s "$MODULES/load.list" ]; then
+    MODFILES=("$MODULES/load.list")
+    while read -r m; do
+        [ -f "$MODULES/$m.ko" ] || die "$MODULES/load.list names $m, but $MODULES/$m.ko is missing"
+        MODFILES+=("$MODULES/$m.ko")
+    done < "$MODULES/load.list"
+else
+    say "no kernel modules at $MODULES (run scripts/setup-e2e.sh): left out"
+fi
+HASH=$( { sha256sum "$DRIVER" "$BUSYBOX" "${MODFILES[@]}" | cut -d' ' -f1; printf '%s\n' "$INIT_SCRIPT" | sha256sum | cut -d' ' -f1; } | sha256sum | cut -d' ' -f1)
 if [ -s "$OUT" ] && [ "$(cat "$OUT.hash" 2>/dev/null)" = "$HASH" ]; then
     say "up to date: $OUT"
     echo "$OUT"
@@ -96,6 +112,10 @@ cp "$BUSYBOX" "$STAGE/bin/busybox"
 ln -s busybox "$STAGE/bin/sh"
 cp "$DRIVER" "$STAGE/bin/umdev-guest-driver"
 printf '%s\n' "$INIT_SCRIPT" > "$STAGE/init"
+if [ "${#MODFILES[@]}" -gt 0 ]; then
+    mkdir -p "$STAGE/lib/modules/umdev"
+    cp "${MODFILES[@]}" "$STAGE/lib/modules/umdev/"
+fi
 chmod 755 "$STAGE/init" "$STAGE/bin/busybox" "$STAGE/bin/umdev-guest-driver"
 ( cd "$STAGE" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 ) | gzip -6 -n > "$OUT.tmp"
 mv "$OUT.tmp" "$OUT"

@@ -4,8 +4,10 @@
 #   - QEMU >= 10.1 with vfio-user-pci (Debian trixie-backports qemu-system-x86 and
 #     its dependencies, unpacked into a private root and started through that
 #     root's own dynamic loader),
-#   - a Debian guest kernel (linux-image-*-cloud-amd64: PCI, 8250 serial,
-#     devtmpfs and ACPI built in),
+#   - a Debian guest kernel (linux-image-*-amd64, the generic flavour: PCI,
+#     8250 serial, devtmpfs and ACPI built in) and, from its package, the
+#     modules virtio-gpu needs (virtio_gpu and what it depends on, resolved from
+#     each module's own depends= and decompressed) with the order to load them,
 #   - a static busybox for the guest's initramfs.
 #
 # Everything is cached under ${UMDEV_CACHE:-$HOME/.cache/umdev}. A second run
@@ -28,6 +30,7 @@
 #   $CACHE/bin/qemu-system-x86_64   wrapper that runs the private QEMU
 #   $CACHE/guest/vmlinuz            guest kernel
 #   $CACHE/guest/busybox            static busybox
+#   $CACHE/guest/modules/           <name>.ko files and load.list (names, load order)
 set -euo pipefail
 
 CACHE=${UMDEV_CACHE:-$HOME/.cache/umdev}
@@ -37,7 +40,7 @@ SUITE=${UMDEV_DEBIAN_SUITE:-trixie}
 QEMU_SUITE=${UMDEV_QEMU_SUITE:-trixie-backports}
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 # Bump when the layout of the cache changes.
-LAYOUT=1
+LAYOUT=2
 
 REFRESH=0
 QUIET=0
@@ -60,6 +63,9 @@ APTROOT=$CACHE/apt
 DEBS=$CACHE/debs
 QROOT=$CACHE/qemu-root
 GUEST=$CACHE/guest
+# Modules copied into the initramfs (with their dependencies), loaded by the
+# guest driver only in the modes that need them.
+GUEST_MODULES="virtio_gpu"
 BIN=$CACHE/bin
 WRAPPER=$BIN/qemu-system-x86_64
 STAMP=$CACHE/setup.stamp
@@ -78,7 +84,8 @@ export UMDEV_SETUP_REQUEST=${UMDEV_SETUP_REQUEST:-${UMDEV_DEBIAN_SUITE:-}/${UMDE
 cache_complete() {
     [ -f "$STAMP" ] && [ "$(sed -n 's/^layout=//p' "$STAMP")" = "$LAYOUT" ] &&
         [ "$(sed -n 's/^request=//p' "$STAMP")" = "$UMDEV_SETUP_REQUEST" ] &&
-        [ -s "$GUEST/vmlinuz" ] && [ -x "$GUEST/busybox" ] && wrapper_ok
+        [ -s "$GUEST/vmlinuz" ] && [ -x "$GUEST/busybox" ] &&
+        [ -s "$GUEST/modules/load.list" ] && wrapper_ok
 }
 
 ensure_host_tool() { # tool package
@@ -159,6 +166,7 @@ done
 [ -r "$KEYRING" ] || die "$KEYRING missing: install debian-archive-keyring"
 ensure_host_tool cpio cpio
 ensure_host_tool gzip gzip
+ensure_host_tool xz xz-utils
 
 mkdir -p "$CACHE" "$BIN" "$GUEST"
 setup_private_apt
@@ -198,22 +206,25 @@ if ! dpkg --compare-versions "$QVER" ge 1:10.1~; then
 fi
 say "qemu-system-x86 $QVER, $(wc -l < "$CACHE/qemu-packages.list") packages"
 
-# Guest kernel: the image package the cloud flavour points at (the candidate is
-# the newest of $SUITE and $SUITE-security; $QEMU_SUITE is not preferred).
-KPKG=$(papt_cache depends linux-image-cloud-amd64 2>/dev/null |
-    sed -n 's/^ *Depends: \(linux-image-[^ ]*-cloud-amd64\(-unsigned\)\{0,1\}\)$/\1/p' | head -n1)
-[ -n "$KPKG" ] || die "cannot find the cloud kernel image package in $SUITE"
+# Guest kernel: the image package the generic flavour points at (the candidate
+# is the newest of $SUITE and $SUITE-security; $QEMU_SUITE is not preferred).
+# Not the cloud flavour: it has no DRM at all (no virtio_gpu, no fbdev
+# emulation). The generic image (~110 MB, modules included) boots as fast.
+KPKG=$(papt_cache depends linux-image-amd64 2>/dev/null |
+    sed -n 's/^ *Depends: \(linux-image-[0-9][^ ]*-amd64\(-unsigned\)\{0,1\}\)$/\1/p' | head -n1)
+[ -n "$KPKG" ] || die "cannot find the generic kernel image package in $SUITE"
 # Newer Debian kernels (7.x) split the image package: vmlinuz is in
-# linux-binary-<version>, the config in linux-base-<version>.
+# linux-binary-<version>, the config in linux-base-<version> (and the
+# modules, if split off too, in linux-modules-<version>).
 KPKGS=$KPKG
 for dep in $(papt_cache depends "$KPKG" 2>/dev/null |
-        sed -n 's/^ *Depends: \(linux-\(binary\|base\)-[^ ]*\)$/\1/p'); do
+        sed -n 's/^ *Depends: \(linux-\(binary\|base\|modules\)-[^ ]*\)$/\1/p'); do
     KPKGS="$KPKGS $dep"
 done
 say "guest kernel packages: $KPKGS"
 
 # 3. Download (apt reuses what is already in $DEBS).
-say "downloading packages into $DEBS (QEMU root ~40 MB, kernel ~35 MB, busybox ~1 MB; cached ones are skipped)"
+say "downloading packages into $DEBS (QEMU root ~40 MB, kernel ~110 MB, busybox ~1 MB; cached ones are skipped)"
 papt_get install -d -y -t "$QEMU_SUITE" qemu-system-x86 >"$CACHE/download.log" 2>&1 ||
     { cat "$CACHE/download.log" >&2; die "download of QEMU packages failed"; }
 # shellcheck disable=SC2086 # word splitting of the package list is intended
@@ -260,25 +271,71 @@ done
 KID=$(for f in $KDEBS; do basename "$f"; done | tr '\n' ' ')
 BDEB=$(ls -t "$DEBS"/busybox-static_*.deb 2>/dev/null | head -n1 || true)
 [ -n "$BDEB" ] || die "missing the busybox-static .deb after download"
-if [ ! -s "$GUEST/vmlinuz" ] || [ "$(cat "$GUEST/.kernel-deb" 2>/dev/null)" != "$KID" ]; then
-    say "extracting guest kernel from $KID"
+# A module's field (depends, ...) from its .modinfo strings; plain, .xz, .zst or .gz.
+module_cat() {
+    case $1 in
+        *.xz) xz -dc "$1" ;;
+        *.zst) zstd -qdc "$1" ;;
+        *.gz) gzip -dc "$1" ;;
+        *) cat "$1" ;;
+    esac
+}
+# Copies the modules named in $GUEST_MODULES and everything they depend on
+# from the module tree $1 into $2 as plain <name>.ko, and writes $2/load.list:
+# the names, dependencies first. The package has no modules.dep (depmod runs
+# at install time), so the closure comes from each module's depends= field.
+extract_modules() { # moddir dest
+    local moddir=$1 dest=$2 f n
+    declare -A path=() seen=()
+    while read -r f; do
+        n=$(basename "$f"); n=${n%%.ko*}; path[${n//-/_}]=$f
+    done < <(find "$moddir" -name '*.ko' -o -name '*.ko.xz' -o -name '*.ko.zst' -o -name '*.ko.gz')
+    [ "${#path[@]}" -gt 0 ] || die "no modules under $moddir"
+    : > "$dest/load.list"
+    visit() {
+        local m=$1 d deps
+        [ -z "${seen[$m]:-}" ] || return 0
+        seen[$m]=1
+        [ -n "${path[$m]:-}" ] || die "module $m is not in the kernel package"
+        deps=$(module_cat "${path[$m]}" | tr '\0' '\n' | sed -n 's/^depends=//p' | head -n1)
+        for d in ${deps//,/ }; do visit "$d"; done
+        module_cat "${path[$m]}" > "$dest/$m.ko" || die "cannot decompress ${path[$m]}"
+        echo "$m" >> "$dest/load.list"
+    }
+    for n in $GUEST_MODULES; do visit "$n"; done
+}
+if [ ! -s "$GUEST/vmlinuz" ] || [ "$(cat "$GUEST/.kernel-deb" 2>/dev/null)" != "$KID" ] ||
+    [ ! -s "$GUEST/modules/load.list" ] ||
+    [ "$(cat "$GUEST/modules/.wanted" 2>/dev/null)" != "$GUEST_MODULES" ]; then
+    say "extracting guest kernel and modules ($GUEST_MODULES and dependencies) from $KID"
     tmp=$(mktemp -d "$CACHE/kx.XXXXXX")
     for f in $KDEBS; do dpkg-deb -x "$f" "$tmp"; done
     # /boot/vmlinuz-<v> (up to 6.x) or /usr/lib/modules/<v>/vmlinuz (7.x)
     vmlinuz=$(find "$tmp/boot" "$tmp/usr/lib/modules" -maxdepth 2 \( -name 'vmlinuz-*' -o -name vmlinuz \) -type f 2>/dev/null | head -n1 || true)
     kconfig=$(find "$tmp/boot" "$tmp/usr/lib/modules" -maxdepth 2 \( -name 'config-*' -o -name config \) -type f 2>/dev/null | head -n1 || true)
+    moddir=$(find "$tmp/lib/modules" "$tmp/usr/lib/modules" -mindepth 2 -maxdepth 2 -name kernel -type d 2>/dev/null | head -n1 || true)
     [ -n "$vmlinuz" ] || die "no vmlinuz in $KID"
     [ -n "$kconfig" ] || die "no kernel config in $KID"
+    [ -n "$moddir" ] || die "no modules (lib/modules/<version>/kernel) in $KID"
+    rm -rf "$GUEST/modules.new"
+    mkdir -p "$GUEST/modules.new"
+    extract_modules "$moddir" "$GUEST/modules.new"
+    echo "$GUEST_MODULES" > "$GUEST/modules.new/.wanted"
     cp "$vmlinuz" "$GUEST/vmlinuz.new"
     cp "$kconfig" "$GUEST/config"
-    rm -rf "$tmp"
+    rm -rf "$tmp" "$GUEST/modules.old"
+    if [ -d "$GUEST/modules" ]; then mv "$GUEST/modules" "$GUEST/modules.old"; fi
+    mv "$GUEST/modules.new" "$GUEST/modules"
+    rm -rf "$GUEST/modules.old"
     mv "$GUEST/vmlinuz.new" "$GUEST/vmlinuz"
     echo "$KID" > "$GUEST/.kernel-deb"
 fi
 for opt in CONFIG_PCI CONFIG_SERIAL_8250 CONFIG_SERIAL_8250_CONSOLE CONFIG_DEVTMPFS \
-           CONFIG_BLK_DEV_INITRD CONFIG_RD_GZIP CONFIG_PROC_PAGE_MONITOR CONFIG_ACPI; do
+           CONFIG_BLK_DEV_INITRD CONFIG_RD_GZIP CONFIG_PROC_PAGE_MONITOR CONFIG_ACPI \
+           CONFIG_MODULES CONFIG_DRM_FBDEV_EMULATION CONFIG_FB_DEVICE; do
     grep -q "^$opt=y" "$GUEST/config" || die "guest kernel lacks $opt=y"
 done
+grep -Eq '^CONFIG_DRM_VIRTIO_GPU=(y|m)$' "$GUEST/config" || die "guest kernel lacks CONFIG_DRM_VIRTIO_GPU"
 if [ ! -x "$GUEST/busybox" ] || [ "$(cat "$GUEST/.busybox-deb" 2>/dev/null)" != "$(basename "$BDEB")" ]; then
     say "extracting busybox from $(basename "$BDEB")"
     tmp=$(mktemp -d "$CACHE/bx.XXXXXX")
