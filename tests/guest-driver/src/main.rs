@@ -23,6 +23,8 @@
 //!   `UMDEV_GONE_TIMEOUT=s`  how long `device_gone_all_ones` waits (default 60)
 //!   `UMDEV_GONE_PAUSE_MS=n` its pause between checks (default 500)
 //!   `UMDEV_NO_POWEROFF=1`   do not power off at the end
+//!   `UMDEV_MODE=fb`         no PCI device tests: draw a known picture on a
+//!                           virtio-gpu's /dev/fb0 instead (src/fb.rs)
 //!
 //! `device_gone_all_ones` runs only when UMDEV_TESTS names it exactly: it
 //! exercises the device, prints `INFO device_gone: idle ...; kill the backend
@@ -38,6 +40,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{fence, AtomicPtr, Ordering};
 use std::time::{Duration, Instant};
 
+mod fb;
 mod vgpu;
 
 const PAGE: usize = 4096;
@@ -1008,6 +1011,9 @@ fn main() {
     let started = Instant::now();
     let outcome =
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<(), String> {
+            if fb::selected() {
+                return fb::run(&mut rep);
+            }
             let (vendor, device) =
                 parse_dev(&devspec).ok_or_else(|| format!("bad UMDEV_DEV={devspec}"))?;
             let dev = find_device(vendor, device)?;
@@ -1036,6 +1042,7 @@ fn main() {
     }
     info(&format!("tests took {} ms", started.elapsed().as_millis()));
     emit(&format!("DONE passed={} failed={}", rep.passed, rep.failed));
+    fb::hold();
     if pid1 && !no_poweroff {
         power_off();
     }
