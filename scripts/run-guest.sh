@@ -8,6 +8,10 @@
 #   --memfd          back guest RAM with a shared memfd, so a vfio-user server gets
 #                    an fd for it (-object memory-backend-memfd,...,share=on
 #                    -machine q35,memory-backend=mem)
+#   --virtio-gpu     add QEMU's built-in virtio-gpu (-device virtio-gpu-pci): the
+#                    reference display; the guest draws on it with --append UMDEV_MODE=fb
+#   --qmp PATH       QMP monitor on the UNIX socket PATH (server, not waited for);
+#                    e.g. for screendump: the display is -display none
 #   --mem SIZE       guest RAM (default 256M; edu's DMA reaches only the low 256 MiB)
 #   --log FILE       serial console log (default <repo>/target/e2e/guest-serial.log);
 #                    QEMU's own output goes to FILE with .log replaced by .qemu.log
@@ -46,6 +50,7 @@ BUILD=1
 MEMFD=0
 RESULTS=
 INTERACTIVE=0
+QMP=
 EXTRA=()
 
 die() { echo "run-guest: error: $*" >&2; exit 3; }
@@ -53,6 +58,8 @@ while [ $# -gt 0 ]; do
     case $1 in
         --edu) EXTRA+=(-device edu) ;;
         --memfd) MEMFD=1 ;;
+        --virtio-gpu) EXTRA+=(-device virtio-gpu-pci) ;;
+        --qmp) QMP=${2:?--qmp needs a socket path}; shift ;;
         --mem) MEM=${2:?--mem needs a size}; shift ;;
         --log) LOG=${2:?--log needs a file}; shift ;;
         --results) RESULTS=${2:?--results needs a file}; shift ;;
@@ -113,6 +120,10 @@ ARGS=(
     -kernel "$KERNEL" -initrd "$INITRD" -append "$CMDLINE"
     "${EXTRA[@]}"
 )
+if [ -n "$QMP" ]; then
+    case $QMP in *,*) die "the QMP socket path must not contain a comma: $QMP" ;; esac
+    ARGS+=(-qmp "unix:$QMP,server=on,wait=off")
+fi
 if [ "$INTERACTIVE" = 1 ]; then
     for i in "${!ARGS[@]}"; do
         case ${ARGS[$i]} in

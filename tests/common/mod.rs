@@ -2,6 +2,8 @@
 //! memfd guest memory.
 #![allow(dead_code)]
 
+pub mod e2e;
+
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
