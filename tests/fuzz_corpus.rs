@@ -11,6 +11,9 @@ mod seeds;
 #[path = "../fuzz/src/session.rs"]
 #[allow(dead_code)]
 mod session;
+#[path = "../fuzz/src/vgpu.rs"]
+#[allow(dead_code)]
+mod vgpu;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -75,6 +78,56 @@ fn pci_config_corpus() {
 }
 
 #[test]
+fn vgpu_page_tables_corpus() {
+    replay("vgpu_page_tables", 3, Duration::from_secs(5), |d| {
+        vgpu::run_page_tables(d);
+    });
+}
+
+#[test]
+fn vgpu_audit_corpus() {
+    replay("vgpu_audit", 3, Duration::from_secs(5), |d| {
+        vgpu::run_audit(d);
+    });
+}
+
+#[test]
+fn vgpu_seeds_reach_what_they_are_for() {
+    // The page-table seeds compare translations; the audit seeds audit steps
+    // that are checked against the tables (not only faults).
+    for (name, ops) in seeds::vgpu_page_table_seeds() {
+        let env = vgpu::run_page_tables(&ops);
+        assert!(
+            env.checks >= 20,
+            "{name}: {} translations checked",
+            env.checks
+        );
+    }
+    for (name, ops) in seeds::vgpu_audit_seeds() {
+        let env = vgpu::run_audit(&ops);
+        if name == "faults" {
+            // Read-only, ring write, bad target, malformed header, command cut
+            // by TAIL, nesting, misaligned store, batch end outside a batch.
+            let reasons: Vec<u8> = env.faults.iter().map(|f| f.0).collect();
+            assert_eq!(
+                reasons,
+                [2, 5, 4, 6, 6, 7, 6, 6],
+                "{name}: {:?}",
+                env.faults
+            );
+        } else {
+            assert!(
+                env.steps >= 3,
+                "{name}: {} steps; faults {:?}",
+                env.steps,
+                env.faults
+            );
+            assert!(env.faults.is_empty(), "{name}: {:?}", env.faults);
+        }
+    }
+}
+
+#[test]
 fn seeds_as_built_are_valid_sessions() {
     // A fully valid structured seed is read to its end and answered.
     for (name, records) in seeds::message_seeds() {
@@ -100,6 +153,8 @@ fn committed_seeds_match_the_builders() {
         ("vfio_user_session", seeds::session_seeds()),
         ("vfio_user_messages", seeds::message_seeds()),
         ("pci_config", seeds::pci_config_seeds()),
+        ("vgpu_page_tables", seeds::vgpu_page_table_seeds()),
+        ("vgpu_audit", seeds::vgpu_audit_seeds()),
     ];
     for (target, list) in sets {
         for (name, bytes) in list {

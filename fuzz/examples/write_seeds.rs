@@ -8,6 +8,11 @@ fn main() -> std::io::Result<()> {
         ("vfio_user_session", umdev_fuzz::seeds::session_seeds()),
         ("vfio_user_messages", umdev_fuzz::seeds::message_seeds()),
         ("pci_config", umdev_fuzz::seeds::pci_config_seeds()),
+        (
+            "vgpu_page_tables",
+            umdev_fuzz::seeds::vgpu_page_table_seeds(),
+        ),
+        ("vgpu_audit", umdev_fuzz::seeds::vgpu_audit_seeds()),
     ];
     for (target, seeds) in sets {
         let dir = root.join(target);

@@ -6,3 +6,4 @@
 pub mod pci_config;
 pub mod seeds;
 pub mod session;
+pub mod vgpu;

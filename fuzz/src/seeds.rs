@@ -433,3 +433,186 @@ pub fn pci_config_seeds() -> Vec<(&'static str, Vec<u8>)> {
     seeds.push(("caps", caps));
     seeds
 }
+
+// ---- vGPU ------------------------------------------------------------------
+
+/// Page selectors of the vGPU seeds (see `vgpu::page_gpa`): the root and one
+/// table per level below it, a second leaf table, a ring, a batch buffer and
+/// eight data pages.
+mod vgpu_pages {
+    pub const ROOT: u8 = 0;
+    pub const L3: u8 = 1;
+    pub const L2: u8 = 2;
+    pub const L1: u8 = 3;
+    pub const RING: u8 = 4;
+    pub const L1B: u8 = 5;
+    pub const BATCH: u8 = 6;
+    pub const DATA: u8 = 8;
+    pub const MSG: u8 = 16;
+    pub const UNMAPPED: u8 = 19;
+}
+
+const P: u8 = 1;
+const PW: u8 = 3;
+const PWV: u8 = 7;
+
+/// A four-level tree: VA `i << 12` (i < 16) is leaf entry i of `L1`: RAM data
+/// pages (0-5 writable, 6-7 read-only), VRAM page 1, VRAM past its end, the
+/// message-only region, unmapped memory, the batch page (read-only), the ring
+/// (writable: the auditor must refuse writes there). Plus a VRAM "table", a
+/// message-region "table", a leaf table shared by two entries and an entry of
+/// the root pointing back at the root.
+fn vgpu_tree() -> crate::vgpu::Ops {
+    use vgpu_pages::*;
+    let mut o = crate::vgpu::Ops::default()
+        .link(ROOT, 0, L3, PW)
+        .link(L3, 0, L2, PW)
+        .link(L2, 0, L1, PW);
+    for i in 0..8u8 {
+        o = o.link(L1, u16::from(i), DATA + i, if i < 6 { PW } else { P });
+    }
+    o.link(L1, 8, 1, PWV)
+        .link(L1, 9, 16, PWV)
+        .link(L1, 10, MSG, PW)
+        .link(L1, 11, UNMAPPED, PW)
+        .link(L1, 12, BATCH, P)
+        .link(L1, 13, RING, PW)
+        .link(L2, 1, L1B, PWV)
+        .link(L2, 2, MSG, PW)
+        .link(L2, 3, L1, PW)
+        .link(L1B, 0, DATA, PW)
+        .link(ROOT, 1, ROOT, PW)
+        .with(crate::vgpu::OP_ROOT, ROOT)
+        .op(crate::vgpu::OP_SYNC)
+}
+
+fn vgpu_check_all(mut o: crate::vgpu::Ops) -> crate::vgpu::Ops {
+    for i in 0..16u16 {
+        o = o.check([0, 0, 0, i], 0x10, i % 2 == 1);
+    }
+    o.check([0, 0, 1, 0], 0, false)
+        .check([0, 0, 2, 0], 0, false)
+        .check([0, 0, 3, 5], 4, true)
+        .check([1, 0, 0, 0], 0, false)
+        .check([1, 1, 0, 0], 8, false)
+        .check([2, 0, 0, 0], 0, false)
+        .check_va(1 << 48, false)
+        .check_va(u64::MAX, true)
+}
+
+/// `vgpu_page_tables` inputs.
+pub fn vgpu_page_table_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use crate::vgpu::*;
+    use vgpu_pages::*;
+    let mut seeds = Vec::new();
+    seeds.push(("tree", vgpu_check_all(vgpu_tree()).0));
+
+    // Entries rewritten after the shadow exists: unlinks, relinks, a table moved
+    // between levels, bits flipped, then sync points and checks.
+    let o = vgpu_check_all(vgpu_tree())
+        .link(L2, 0, L1B, PW)
+        .raw(L1, 0, 0)
+        .link(L1, 1, DATA + 7, P)
+        .link(L3, 0, L1, PW)
+        .raw(L1B, 3, u64::MAX)
+        .op(OP_SYNC);
+    let o = vgpu_check_all(o)
+        .link(L3, 0, L2, PW)
+        .link(L2, 0, L1, PW)
+        .bytes(L1, 4 * 8 + 3, &[0xff, 0xff, 0x0f])
+        .op(OP_SYNC);
+    seeds.push(("rewrite", vgpu_check_all(o).0));
+
+    // The memory under the tables goes away and comes back (QEMU's remaps), the
+    // shadow is reset, the root moves, a table budget is set.
+    let o = vgpu_check_all(vgpu_tree()).with(OP_REMAP, 0).op(OP_SYNC);
+    let o = vgpu_check_all(o).with(OP_REMAP, 1);
+    let o = vgpu_check_all(o).op(OP_RESET);
+    let o = vgpu_check_all(o).with(OP_ROOT, L3).op(OP_SYNC);
+    let o = vgpu_check_all(o)
+        .with(OP_ROOT, MSG)
+        .op(OP_SYNC)
+        .with(OP_ROOT, ROOT);
+    let o = vgpu_check_all(o).with(OP_MAX_TABLES, 3).op(OP_RESET);
+    seeds.push(("remap-reset-budget", vgpu_check_all(o).0));
+    seeds
+}
+
+fn dwords(cmds: &[Vec<u32>]) -> Vec<u32> {
+    cmds.concat()
+}
+
+fn le_bytes(d: &[u32]) -> Vec<u8> {
+    d.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// `vgpu_audit` inputs.
+pub fn vgpu_audit_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use crate::vgpu::cmd::*;
+    use crate::vgpu::*;
+    use vgpu_pages::*;
+    let page = |i: u64| i << 12;
+    let mut seeds = Vec::new();
+
+    // Every command that moves data, a batch, a TLB invalidate mid-submission
+    // with the tables changed before it takes effect.
+    let batch = dwords(&[store(page(2), 0xb), fill(page(3), 64, 0xc), batch_end()]);
+    let ring = dwords(&[
+        nop(),
+        store(page(0) + 8, 0x1234),
+        fill(page(1) - 8, 16, 0xa5a5_a5a5),
+        copy(page(2), page(8) + 0x100, 0xe00),
+        copy(page(10), page(4), 64),
+        blit(page(0), 256, page(3), 512, 64, 8),
+        fence(page(5) + 0xff0, 7, true),
+        batch_start(page(12)),
+        tlb_invalidate(),
+        store(page(1), 2),
+        fence(page(0), 8, false),
+    ]);
+    let o = vgpu_tree()
+        .bytes(BATCH, 0, &le_bytes(&batch))
+        .ring(RING, 0, 0)
+        .commands(&ring)
+        .op(OP_AUDIT)
+        .link(L1, 1, DATA + 7, PW)
+        .ring(RING, 0, 20)
+        .commands(&ring)
+        .op(OP_AUDIT);
+    seeds.push(("commands", o.0));
+
+    // Submissions that fault: a write through a read-only entry, over the ring,
+    // to unmapped memory, a malformed header, a command cut by TAIL, a batch
+    // calling itself, a misaligned store, a missing batch end, a bad ring.
+    let self_batch = dwords(&[batch_start(page(12)), nop()]);
+    let mut o = vgpu_tree().bytes(BATCH, 0, &le_bytes(&self_batch));
+    let cases: [Vec<u32>; 8] = [
+        store(page(6), 1),
+        fill(page(13), 16, 0),
+        store(page(11), 1),
+        vec![0xff00_0001],
+        vec![umdev_vgpu::regs::header(umdev_vgpu::regs::OP_COPY, 0), 0, 0],
+        batch_start(page(12)),
+        store(2, 0),
+        batch_end(),
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        o = o.ring(RING, 0, 64 * i as u16).commands(case).op(OP_AUDIT);
+    }
+    o = o.ring(RING, 2, 0).commands(&nop()).op(OP_AUDIT);
+    o = o.ring(MSG, 0, 0).commands(&nop()).op(OP_AUDIT);
+    seeds.push(("faults", o.0));
+
+    // A ring of two pages that wraps, commands across the wrap, VRAM targets.
+    let o = vgpu_tree()
+        .ring(RING, 1, 2040)
+        .commands(&dwords(&[
+            copy(page(8), page(0), 256),
+            fill(page(8) + 4, 32, 1),
+            store(page(8) + 0x40, 3),
+            nop(),
+        ]))
+        .op(OP_AUDIT);
+    seeds.push(("wrap-vram", o.0));
+    seeds
+}
