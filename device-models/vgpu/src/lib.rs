@@ -861,6 +861,8 @@ fn execute(shared: &Shared, n: usize, generation: u64, plan: &[Step]) -> Result<
         reason: FAULT_DMA_ERROR,
         addr: va,
     };
+    // One bounce buffer for every COPY/BLIT line of the plan.
+    let mut buf = Vec::new();
     for step in plan {
         match step {
             Step::Store { dst, value, va } => {
@@ -887,7 +889,9 @@ fn execute(shared: &Shared, n: usize, generation: u64, plan: &[Step]) -> Result<
                     }
                 }
             }
-            Step::Copy { src, dst, va } => copy_extents(shared, src, dst).map_err(|_| dma(*va))?,
+            Step::Copy { src, dst, va } => {
+                copy_extents(shared, src, dst, &mut buf).map_err(|_| dma(*va))?
+            }
             Step::Fence {
                 dst,
                 seqno,
@@ -914,10 +918,18 @@ fn execute(shared: &Shared, n: usize, generation: u64, plan: &[Step]) -> Result<
     Ok(())
 }
 
-/// Copies the bytes of `src` extents to `dst` extents (same total) in pieces.
-fn copy_extents(shared: &Shared, src: &[Extent], dst: &[Extent]) -> Result<(), ()> {
+/// Copies the bytes of `src` extents to `dst` extents (same total) in pieces,
+/// through `buf` (grown to one piece on first use).
+fn copy_extents(
+    shared: &Shared,
+    src: &[Extent],
+    dst: &[Extent],
+    buf: &mut Vec<u8>,
+) -> Result<(), ()> {
     const PIECE: usize = 64 << 10;
-    let mut buf = vec![0u8; PIECE];
+    if buf.len() < PIECE {
+        buf.resize(PIECE, 0);
+    }
     let (mut si, mut so, mut di, mut dof) = (0usize, 0u64, 0usize, 0u64);
     while si < src.len() && di < dst.len() {
         let n = (src[si].len - so).min(dst[di].len - dof).min(PIECE as u64) as usize;
