@@ -20,6 +20,9 @@ use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{QueueOwnedT, Reader, Writer};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use super::device::VirtioDevice;
 use super::dirty_log::{set_logging, LogBitmap, VhostMemoryAtomic};
@@ -210,6 +213,19 @@ impl<D: VirtioDevice> VhostUserBackend for DeviceBackend<D> {
     fn update_memory(&self, mem: VhostMemoryAtomic) -> io::Result<()> {
         set_logging(&mem.memory(), self.log_all.load(Ordering::Acquire));
         Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Without an exit event the crate's vring threads never leave their
+        // epoll loop, and dropping the daemon after a front-end leaves (to
+        // serve the next one) would wait for them forever.
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                warn!("exit event for a vring thread: {e}");
+                None
+            }
+        }
     }
 
     fn set_gpu_socket(&self, gpu: GpuBackend) -> io::Result<()> {

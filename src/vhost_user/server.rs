@@ -49,6 +49,8 @@ pub enum VhostUserRunError {
 /// System calls a vhost-user backend makes beyond [`crate::sandbox::ALLOWED`]:
 /// the crate's vring threads wait on epoll.
 pub const VHOST_USER_SYSCALLS: &[libc::c_long] = &[
+    // The vhost crate checks each new connection's socket options.
+    libc::SYS_getsockopt,
     libc::SYS_epoll_create1,
     libc::SYS_epoll_ctl,
     libc::SYS_epoll_pwait,
