@@ -244,7 +244,6 @@ fn virtio_gpu_builtin_screendump() {
 /// umdev-virtio-gpu over vhost-user: QEMU's screendump and umdev's own
 /// scanout PNG both show the guest's picture.
 #[test]
-#[ignore = "umdev-virtio-gpu is unfinished: QEMU 11.1.3 loses it at start (after VHOST_USER_GPU_SET_SOCKET the next request fails with invalid parameters); un-ignore when this passes"]
 fn vhost_user_gpu_umdev() {
     let test = "vhost_user_gpu_umdev";
     let Some(env) = env(test) else { return };

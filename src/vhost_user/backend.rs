@@ -15,8 +15,10 @@ use tracing::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::GpuBackend;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_bindings::virtio_config::{
+    VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_RING_RESET, VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{QueueOwnedT, Reader, Writer};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
@@ -175,13 +177,23 @@ impl<D: VirtioDevice> VhostUserBackend for DeviceBackend<D> {
     }
 
     fn features(&self) -> u64 {
+        // The transport features the glue and virtio-queue handle for every
+        // model. QEMU's vhost-user-gpu forwards every feature the guest acked
+        // (not only the backend's), and the crate refuses SET_FEATURES with a
+        // bit the backend did not offer: offer what libvhost-user offers.
         self.device.features()
             | 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_F_NOTIFY_ON_EMPTY
+            // Seen forwarded by QEMU 11.1 for a Linux 6.12 guest. No queue is
+            // ever reset alone here: QEMU's vhost-user-gpu has no queue_reset.
+            | 1 << VIRTIO_F_RING_RESET
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
             | VHOST_F_LOG_ALL
     }
 
     fn acked_features(&self, features: u64) {
+        debug!(features = format_args!("{features:#x}"), "features acked");
         let log_all = features & VHOST_F_LOG_ALL != 0;
         if self.log_all.swap(log_all, Ordering::AcqRel) != log_all {
             debug!(log_all, "dirty logging");
