@@ -18,6 +18,8 @@ pub enum ScanoutError {
     ShortBuffer { len: usize, needed: usize },
     #[error("PNG encoding: {0}")]
     Encode(#[from] png::EncodingError),
+    #[error("PNG decoding: {0}")]
+    Decode(String),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -85,6 +87,37 @@ pub fn encode_png(
         writer.finish()?;
     }
     Ok(out)
+}
+
+/// A decoded scanout picture: 8-bit RGB, `3 * width` bytes per line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RgbPicture {
+    pub width: u32,
+    pub height: u32,
+    pub rgb: Vec<u8>,
+}
+
+/// Decodes a PNG as [`encode_png`] writes it (8-bit RGB); anything else is an
+/// error, never a panic.
+pub fn decode_png(bytes: &[u8]) -> Result<RgbPicture, ScanoutError> {
+    let reader = png::Decoder::new(bytes).read_info();
+    let mut reader = reader.map_err(|e| ScanoutError::Decode(e.to_string()))?;
+    let (color, depth) = reader.output_color_type();
+    if color != png::ColorType::Rgb || depth != png::BitDepth::Eight {
+        return Err(ScanoutError::Decode(format!(
+            "{color:?} {depth:?}, not 8-bit RGB"
+        )));
+    }
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader
+        .next_frame(&mut buf)
+        .map_err(|e| ScanoutError::Decode(e.to_string()))?;
+    buf.truncate(info.buffer_size());
+    Ok(RgbPicture {
+        width: info.width,
+        height: info.height,
+        rgb: buf,
+    })
 }
 
 /// Encodes the picture (as [`encode_png`]) and writes it to `path` atomically: a
@@ -204,6 +237,21 @@ mod tests {
             encode_png(w, h, stride, &fb),
             Err(ScanoutError::ShortBuffer { len, needed }) if len + 1 == needed
         ));
+    }
+
+    #[test]
+    fn decode_png_round_trips_and_refuses_garbage() {
+        let (w, h, stride) = (5, 3, 4 * 5 + 4);
+        let fb = picture(w, h, stride);
+        let png = encode_png(w, h, stride, &fb).unwrap();
+        let pic = decode_png(&png).unwrap();
+        assert_eq!((pic.width, pic.height), (w, h));
+        assert_eq!(pic.rgb, expected_rgb(w, h));
+        assert!(matches!(
+            decode_png(b"not a png"),
+            Err(ScanoutError::Decode(_))
+        ));
+        assert!(decode_png(&png[..png.len() / 2]).is_err());
     }
 
     #[test]

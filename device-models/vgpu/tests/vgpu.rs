@@ -1510,15 +1510,8 @@ fn ggtt_entries_and_hostile_writes() {
 // ---- scanout ---------------------------------------------------------------------------
 
 fn decode_png(bytes: &[u8]) -> Option<(u32, u32, Vec<u8>)> {
-    let decoder = png::Decoder::new(bytes);
-    let mut reader = decoder.read_info().ok()?;
-    let mut buf = vec![0; reader.output_buffer_size()];
-    let info = reader.next_frame(&mut buf).ok()?;
-    if info.color_type != png::ColorType::Rgb || info.bit_depth != png::BitDepth::Eight {
-        return None;
-    }
-    buf.truncate(info.buffer_size());
-    Some((info.width, info.height, buf))
+    let pic = umdev::scanout::decode_png(bytes).ok()?;
+    Some((pic.width, pic.height, pic.rgb))
 }
 
 /// Waits until the PNG at `path` shows `want` (w, h, RGB); panics on timeout with

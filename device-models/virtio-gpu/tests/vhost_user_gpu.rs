@@ -58,12 +58,8 @@ fn draw(gpu: &mut Gpu, id: u32, w: u32, h: u32) {
 }
 
 fn decode_png(path: &std::path::Path) -> (u32, u32, Vec<u8>) {
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
-    let mut reader = decoder.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    buf.truncate(info.buffer_size());
-    (info.width, info.height, buf)
+    let pic = umdev::scanout::decode_png(&std::fs::read(path).unwrap()).unwrap();
+    (pic.width, pic.height, pic.rgb)
 }
 
 fn rgb_of(bgrx: &[u8]) -> Vec<u8> {
