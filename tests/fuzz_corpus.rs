@@ -14,6 +14,8 @@ mod session;
 #[path = "../fuzz/src/vgpu.rs"]
 #[allow(dead_code)]
 mod vgpu;
+#[path = "../fuzz/src/virtio_gpu.rs"]
+mod virtio_gpu;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -89,6 +91,28 @@ fn vgpu_audit_corpus() {
     replay("vgpu_audit", 3, Duration::from_secs(5), |d| {
         vgpu::run_audit(d);
     });
+}
+
+#[test]
+fn virtio_gpu_corpus() {
+    replay("virtio_gpu", 4, Duration::from_secs(5), |d| {
+        virtio_gpu::run(d);
+    });
+}
+
+#[test]
+fn virtio_gpu_seeds_reach_the_handlers() {
+    for (name, input) in virtio_gpu::virtio_gpu_seeds() {
+        let out = virtio_gpu::run(&input);
+        match name {
+            "draw" => {
+                assert_eq!((out.ok, out.errors), (8, 0), "{name}: {out:?}");
+                assert_eq!(out.flushes, 1, "{name}");
+            }
+            "errors" => assert_eq!(out.ok, 1, "{name}: {out:?}"),
+            _ => assert!(out.requests > 0, "{name}: {out:?}"),
+        }
+    }
 }
 
 #[test]

@@ -13,6 +13,7 @@ fn main() -> std::io::Result<()> {
             umdev_fuzz::seeds::vgpu_page_table_seeds(),
         ),
         ("vgpu_audit", umdev_fuzz::seeds::vgpu_audit_seeds()),
+        ("virtio_gpu", umdev_fuzz::virtio_gpu::virtio_gpu_seeds()),
     ];
     for (target, seeds) in sets {
         let dir = root.join(target);

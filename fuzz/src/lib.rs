@@ -7,3 +7,4 @@ pub mod pci_config;
 pub mod seeds;
 pub mod session;
 pub mod vgpu;
+pub mod virtio_gpu;
