@@ -238,44 +238,34 @@ impl VirtioGpu {
                 offset,
                 resource_id,
             } => {
-                let mut state = self.state();
-                let res = state
-                    .resources
-                    .get_mut(&resource_id)
-                    .ok_or(ResourceError::NoSuchResource(resource_id))
-                    .map_err(logged)?;
-                res.transfer_to_host(mem, resource_id, rect, offset)
-                    .map_err(logged)?;
+                self.with_resource(resource_id, |res| {
+                    res.transfer_to_host(mem, resource_id, rect, offset)
+                })
+                .map_err(logged)?;
                 ok()
             }
             Command::AttachBacking {
                 resource_id,
                 entries,
             } => {
-                let mut state = self.state();
-                let res = state
-                    .resources
-                    .get_mut(&resource_id)
-                    .ok_or(ResourceError::NoSuchResource(resource_id))
-                    .map_err(logged)?;
-                if res.backing.is_some() {
-                    warn!(resource_id, "ATTACH_BACKING: resource already has backing");
-                    return Err(resp::ERR_UNSPEC);
-                }
-                res.backing = Some(Backing::new(mem, entries).map_err(logged)?);
+                self.with_resource(resource_id, |res| {
+                    if res.backing.is_some() {
+                        return Err(ResourceError::AlreadyBacked(resource_id));
+                    }
+                    res.backing = Some(Backing::new(mem, entries)?);
+                    Ok(())
+                })
+                .map_err(logged)?;
                 ok()
             }
             Command::DetachBacking { resource_id } => {
-                let mut state = self.state();
-                let res = state
-                    .resources
-                    .get_mut(&resource_id)
-                    .ok_or(ResourceError::NoSuchResource(resource_id))
-                    .map_err(logged)?;
-                if res.backing.take().is_none() {
-                    warn!(resource_id, "DETACH_BACKING: resource has no backing");
-                    return Err(resp::ERR_UNSPEC);
-                }
+                self.with_resource(resource_id, |res| {
+                    res.backing
+                        .take()
+                        .map(drop)
+                        .ok_or(ResourceError::NoBacking(resource_id))
+                })
+                .map_err(logged)?;
                 ok()
             }
             Command::Cursor { .. } => {
@@ -287,6 +277,20 @@ impl VirtioGpu {
                 Err(resp::ERR_UNSPEC)
             }
         }
+    }
+
+    /// Runs `f` on resource `id` under the state lock.
+    fn with_resource<R>(
+        &self,
+        id: u32,
+        f: impl FnOnce(&mut Resource2d) -> Result<R, ResourceError>,
+    ) -> Result<R, ResourceError> {
+        let mut state = self.state();
+        let res = state
+            .resources
+            .get_mut(&id)
+            .ok_or(ResourceError::NoSuchResource(id))?;
+        f(res)
     }
 
     fn create_2d(

@@ -81,6 +81,8 @@ pub enum ResourceError {
     },
     #[error("resource {0} has no backing")]
     NoBacking(u32),
+    #[error("resource {0} already has backing")]
+    AlreadyBacked(u32),
     #[error("transfer reads {end:#x} bytes into a backing of {len:#x}")]
     TransferOutside { end: u64, len: u64 },
     #[error("guest memory of the backing went away: {0}")]
@@ -97,7 +99,7 @@ impl ResourceError {
             ResourceError::OutOfMemory(_) | ResourceError::TooManyResources(_) => {
                 resp::ERR_OUT_OF_MEMORY
             }
-            ResourceError::Memory(_) => resp::ERR_UNSPEC,
+            ResourceError::Memory(_) | ResourceError::AlreadyBacked(_) => resp::ERR_UNSPEC,
             _ => resp::ERR_INVALID_PARAMETER,
         }
     }

@@ -485,6 +485,10 @@ impl Gpu {
             self.features & !log_all
         };
         self.frontend.set_features(features).unwrap();
+        // SET_FEATURES has no reply; QEMU waits for the backend to have
+        // taken a logging change (REPLY_ACK or a GET_FEATURES round trip)
+        // before it relies on it, and so does this front-end.
+        self.frontend.get_features().unwrap();
     }
 
     fn alloc(&mut self, len: usize) -> u64 {
