@@ -162,6 +162,11 @@ impl Backing {
         if end > self.len {
             return Err(ResourceError::TransferOutside { end, len: self.len });
         }
+        if buf.is_empty() {
+            // Nothing to read, and a backing of no entries has no entry to
+            // start from.
+            return Ok(());
+        }
         // The entry holding `offset`: the last one starting at or before it.
         let mut index = self.starts.partition_point(|&s| s <= offset) - 1;
         let mut within = offset - self.starts[index];
@@ -294,6 +299,11 @@ mod tests {
         b.read_at(&mem, 1, &mut buf).unwrap();
         assert_eq!(buf, [2, 9, 8]);
         assert!(b.read_at(&mem, 2, &mut buf).is_err());
+        // Found by the virtio_gpu fuzz target: an empty read of an empty
+        // backing (a zero-width transfer) underflowed the entry search.
+        let empty = Backing::new(&mem, Vec::new()).unwrap();
+        empty.read_at(&mem, 0, &mut []).unwrap();
+        assert!(empty.read_at(&mem, 0, &mut [0]).is_err());
         assert!(matches!(
             Backing::new(
                 &mem,
