@@ -342,6 +342,7 @@ impl Session<'_> {
 
     // ---- replies ---------------------------------------------------------
 
+    #[inline]
     fn reply(&self, req: &Header, parts: &[&[u8]], fds: &[RawFd]) -> HandlerResult {
         if req.no_reply() {
             return Ok(());

@@ -175,6 +175,7 @@ impl MessageReader {
 
     /// One `recvmsg` of whatever the socket holds, with room for a message of
     /// `want` bytes at `start`.
+    #[inline]
     fn fill(&mut self, want: usize) -> Result<(), FrameError> {
         if self.buf.len() - self.end < MIN_ROOM || self.buf.len() - self.start < want {
             self.compact();
@@ -255,11 +256,18 @@ impl MessageReader {
     /// The fds filed under the message at stream offset `at`. Any filed under an
     /// earlier offset belonged to no message we handed out (the peer broke the
     /// rules): they are closed.
+    #[inline]
     fn take_fds(&mut self, at: u64) -> (Vec<OwnedFd>, bool) {
-        let mut fds = Vec::new();
         if self.pending_fds.is_empty() {
-            return (fds, false);
+            return (Vec::new(), false);
         }
+        self.take_pending_fds(at)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn take_pending_fds(&mut self, at: u64) -> (Vec<OwnedFd>, bool) {
+        let mut fds = Vec::new();
         let mut truncated = false;
         while self.pending_fds.front().is_some_and(|p| p.at <= at) {
             let Some(p) = self.pending_fds.pop_front() else {
@@ -293,19 +301,14 @@ impl MessageWriter {
 
     /// Sends `header` followed by `parts`, with `fds` attached to the first byte.
     /// `header.size` must already be the total size.
+    #[inline]
     pub fn send(&self, header: &Header, parts: &[&[u8]], fds: &[RawFd]) -> io::Result<()> {
-        let mut iov: [IoSlice<'_>; 4] = [IoSlice::new(&[]); 4];
-        if parts.len() >= iov.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "too many message parts",
-            ));
-        }
         let total = HEADER_SIZE + parts.iter().map(|p| p.len()).sum::<usize>();
         if fds.is_empty() && total <= SMALL_MESSAGE {
             // Small and fd-less (every MMIO access and its reply): gathered into
             // one buffer and sent with send(2), which skips sendmsg's msghdr and
-            // iovec copies.
+            // iovec copies. Inlined into its callers, the copies of fixed-size
+            // parts become plain moves.
             let mut buf = [0u8; SMALL_MESSAGE];
             buf[..HEADER_SIZE].copy_from_slice(header.as_bytes());
             let mut at = HEADER_SIZE;
@@ -315,6 +318,19 @@ impl MessageWriter {
             }
             let stream = self.stream.lock().unwrap_or_else(|p| p.into_inner());
             return send_small(stream.as_raw_fd(), &buf[..total]);
+        }
+        self.send_gathered(header, parts, fds)
+    }
+
+    /// Large messages and messages with fds: `sendmsg` of the parts in place.
+    #[inline(never)]
+    fn send_gathered(&self, header: &Header, parts: &[&[u8]], fds: &[RawFd]) -> io::Result<()> {
+        let mut iov: [IoSlice<'_>; 4] = [IoSlice::new(&[]); 4];
+        if parts.len() >= iov.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "too many message parts",
+            ));
         }
         iov[0] = IoSlice::new(header.as_bytes());
         for (slot, part) in iov[1..].iter_mut().zip(parts) {
@@ -335,6 +351,7 @@ impl MessageWriter {
 pub const SMALL_MESSAGE: usize = 128;
 
 /// Writes all of `buf` with send(2).
+#[inline]
 pub fn send_small(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
         // SAFETY: sendto reads `buf.len()` bytes from a live slice; no address.
@@ -364,6 +381,7 @@ pub fn send_small(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
 
 /// `recvmsg` into `buf`, collecting up to [`MAX_FDS_PER_MESSAGE`] fds (close-on-exec).
 /// Returns bytes read, the fds, and whether the kernel truncated the fd list.
+#[inline]
 pub fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>, bool)> {
     const CMSG_SPACE: usize = cmsg_space(MAX_FDS_PER_MESSAGE * size_of::<RawFd>());
     // u64 elements keep the control buffer aligned for cmsghdr.
@@ -398,6 +416,11 @@ pub fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedF
             return Err(err);
         }
     };
+    let truncated = msg.msg_flags & libc::MSG_CTRUNC != 0;
+    if msg.msg_controllen == 0 {
+        // No control message: the common case, nothing to walk.
+        return Ok((n, Vec::new(), truncated));
+    }
     let mut fds = Vec::new();
     // SAFETY: the CMSG_* macros walk the control buffer the kernel filled in, bounded
     // by msg_controllen; each SCM_RIGHTS payload is an array of fds the kernel
@@ -416,7 +439,6 @@ pub fn recv_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedF
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
         }
     }
-    let truncated = msg.msg_flags & libc::MSG_CTRUNC != 0;
     Ok((n, fds, truncated))
 }
 
