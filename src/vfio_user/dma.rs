@@ -1,15 +1,15 @@
 //! Server-initiated DMA_READ/DMA_WRITE: how fd-less guest memory is reached.
 //!
 //! The thread that needs guest memory (a device worker) writes the request on the
-//! shared writer and waits on its own channel; the session thread, which is the
-//! only reader of the socket, hands it the reply when it arrives and meanwhile
-//! keeps serving the client's commands (QEMU may unmap/remap BAR pages before it
-//! answers).
+//! shared writer and waits on its slot; the session thread, which is the only
+//! reader of the socket, copies the reply into the slot when it arrives and
+//! meanwhile keeps serving the client's commands (QEMU may unmap/remap BAR pages
+//! before it answers). Slots and their buffers are reused: no allocation per
+//! request once the connection is warm.
 
 use std::collections::HashMap;
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
@@ -20,16 +20,40 @@ use crate::memory::{DmaTransport, MemoryError};
 /// Most server-initiated requests waiting for replies at once.
 pub const MAX_PENDING_REQUESTS: usize = 64;
 
-/// A reply to one of our requests.
-pub struct PendingReply {
-    pub error: Option<u32>,
-    pub payload: Vec<u8>,
+/// Where one request's reply lands. Slots (and their payload buffers) are reused
+/// from one request to the next: a DMA by message allocates nothing once the
+/// connection has seen as many requests in flight, and replies as large.
+#[derive(Default)]
+struct Slot {
+    state: Mutex<SlotState>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct SlotState {
+    /// The request the slot serves now; a reply that was on its way to an
+    /// earlier one (given up on) must not land here.
+    ticket: u64,
+    /// A reply arrived (`error`, `payload` hold it) or the connection closed.
+    done: bool,
+    closed: bool,
+    error: Option<u32>,
+    payload: Vec<u8>,
+}
+
+impl Slot {
+    fn lock(&self) -> MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 #[derive(Default)]
 struct PendingInner {
     next_id: u16,
-    waiting: HashMap<u16, SyncSender<PendingReply>>,
+    next_ticket: u64,
+    waiting: HashMap<u16, (Arc<Slot>, u64)>,
+    /// Slots no request uses, for the next ones.
+    free: Vec<Arc<Slot>>,
     closed: bool,
 }
 
@@ -40,11 +64,11 @@ pub struct PendingRequests {
 }
 
 impl PendingRequests {
-    fn lock(&self) -> std::sync::MutexGuard<'_, PendingInner> {
+    fn lock(&self) -> MutexGuard<'_, PendingInner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn register(&self) -> Result<(u16, Receiver<PendingReply>), MemoryError> {
+    fn register(&self) -> Result<(u16, Arc<Slot>), MemoryError> {
         let mut p = self.lock();
         if p.closed {
             return Err(MemoryError::NoTransport);
@@ -59,36 +83,67 @@ impl PendingRequests {
             id = id.wrapping_add(1);
         }
         p.next_id = id.wrapping_add(1);
-        let (tx, rx) = sync_channel(1);
-        p.waiting.insert(id, tx);
-        Ok((id, rx))
+        p.next_ticket += 1;
+        let ticket = p.next_ticket;
+        let slot = p.free.pop().unwrap_or_default();
+        {
+            let mut st = slot.lock();
+            st.ticket = ticket;
+            st.done = false;
+            st.closed = false;
+            st.error = None;
+        }
+        p.waiting.insert(id, (slot.clone(), ticket));
+        Ok((id, slot))
     }
 
-    fn cancel(&self, id: u16) {
-        self.lock().waiting.remove(&id);
+    /// Gives a slot back once its request is over (answered, failed or given up).
+    fn release(&self, id: u16, slot: Arc<Slot>) {
+        let mut p = self.lock();
+        // Still waiting means given up: a late reply finds no request. (The id
+        // may serve another request by now only if that one has another slot.)
+        if p.waiting
+            .get(&id)
+            .is_some_and(|(s, _)| Arc::ptr_eq(s, &slot))
+        {
+            p.waiting.remove(&id);
+        }
+        if !p.closed {
+            p.free.push(slot);
+        }
     }
 
     /// Called by the session thread for every reply the client sends.
     pub fn complete(&self, header: &Header, payload: &[u8]) {
-        let Some(tx) = self.lock().waiting.remove(&header.msg_id) else {
+        let Some((slot, ticket)) = self.lock().waiting.remove(&header.msg_id) else {
             warn!(
                 msg_id = header.msg_id,
                 "reply to no request of ours; dropped"
             );
             return;
         };
-        let reply = PendingReply {
-            error: header.is_error().then_some(header.error),
-            payload: payload.to_vec(),
-        };
-        let _ = tx.send(reply);
+        let mut st = slot.lock();
+        if st.ticket != ticket {
+            // Its request timed out meanwhile and the slot serves another.
+            return;
+        }
+        st.error = header.is_error().then_some(header.error);
+        st.payload.clear();
+        st.payload.extend_from_slice(payload);
+        st.done = true;
+        drop(st);
+        slot.ready.notify_one();
     }
 
     /// The connection is gone: every waiter fails, and no new request starts.
     pub fn close(&self) {
         let mut p = self.lock();
         p.closed = true;
-        p.waiting.clear();
+        p.free.clear();
+        for (_, (slot, _)) in p.waiting.drain() {
+            slot.lock().closed = true;
+            slot.ready.notify_one();
+        }
     }
 }
 
@@ -118,15 +173,33 @@ impl DmaLink {
         }
     }
 
-    /// Sends one request and waits for its reply.
-    fn transact(
+    /// Sends one request, waits for its reply and hands it to `take` (the
+    /// payload, on success).
+    fn transact<R>(
         &self,
         command: Command,
         gpa: u64,
         count: usize,
         data: Option<&[u8]>,
-    ) -> Result<PendingReply, MemoryError> {
-        let (id, rx) = self.pending.register()?;
+        take: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, MemoryError> {
+        let (id, slot) = self.pending.register()?;
+        let result = self.send_and_wait(id, &slot, command, gpa, count, data, take);
+        self.pending.release(id, slot);
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn send_and_wait<R>(
+        &self,
+        id: u16,
+        slot: &Slot,
+        command: Command,
+        gpa: u64,
+        count: usize,
+        data: Option<&[u8]>,
+        take: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, MemoryError> {
         let fixed = self.layout.fixed_part(gpa, count as u64);
         let data_at = self.layout.data_offset();
         let pad = [0u8; 16];
@@ -149,27 +222,35 @@ impl DmaLink {
             None => self.writer.send(&header, &[&fixed], &[]),
         };
         if let Err(e) = sent {
-            self.pending.cancel(id);
             return Err(MemoryError::Transport(format!("send: {e}")));
         }
-        let reply = match rx.recv_timeout(self.timeout) {
-            Ok(r) => r,
-            Err(RecvTimeoutError::Timeout) => {
-                self.pending.cancel(id);
+        let deadline = Instant::now() + self.timeout;
+        let mut st = slot.lock();
+        while !st.done && !st.closed {
+            let now = Instant::now();
+            if now >= deadline {
+                // Given up: `release` forgets the id, so a late reply is dropped.
                 return Err(MemoryError::Transport(format!(
                     "{command:?} at {gpa:#x}: no reply in {:?}",
                     self.timeout
                 )));
             }
-            Err(RecvTimeoutError::Disconnected) => return Err(MemoryError::NoTransport),
-        };
-        if let Some(errno) = reply.error {
+            st = slot
+                .ready
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        if !st.done {
+            return Err(MemoryError::NoTransport);
+        }
+        if let Some(errno) = st.error {
             debug!(?command, gpa, errno, "client refused DMA");
             return Err(MemoryError::Transport(format!(
                 "{command:?} at {gpa:#x}: client answered errno {errno}"
             )));
         }
-        Ok(reply)
+        Ok(take(&st.payload))
     }
 }
 
@@ -177,19 +258,24 @@ impl DmaTransport for DmaLink {
     fn dma_read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         let mut addr = gpa;
         for chunk in buf.chunks_mut(self.max_xfer) {
-            let reply = self.transact(Command::DmaRead, addr, chunk.len(), None)?;
+            let len = chunk.len();
             let at = self.layout.data_offset();
-            let ok = self.layout.parse(&reply.payload) == Some((addr, chunk.len() as u64));
-            let data = reply.payload.get(at..at + chunk.len());
-            match (ok, data) {
-                (true, Some(d)) => chunk.copy_from_slice(d),
-                _ => {
-                    return Err(MemoryError::Transport(format!(
-                        "DMA_READ reply at {addr:#x} does not match the request"
-                    )))
+            let copied = self.transact(Command::DmaRead, addr, len, None, |payload| {
+                let ok = self.layout.parse(payload) == Some((addr, len as u64));
+                match (ok, payload.get(at..at + len)) {
+                    (true, Some(d)) => {
+                        chunk.copy_from_slice(d);
+                        true
+                    }
+                    _ => false,
                 }
+            })?;
+            if !copied {
+                return Err(MemoryError::Transport(format!(
+                    "DMA_READ reply at {addr:#x} does not match the request"
+                )));
             }
-            addr += chunk.len() as u64;
+            addr += len as u64;
         }
         Ok(())
     }
@@ -197,9 +283,107 @@ impl DmaTransport for DmaLink {
     fn dma_write(&self, gpa: u64, buf: &[u8]) -> Result<(), MemoryError> {
         let mut addr = gpa;
         for chunk in buf.chunks(self.max_xfer) {
-            self.transact(Command::DmaWrite, addr, chunk.len(), Some(chunk))?;
+            self.transact(Command::DmaWrite, addr, chunk.len(), Some(chunk), |_| ())?;
             addr += chunk.len() as u64;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::wire::WireStruct;
+    use super::*;
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+
+    /// A link whose requests arrive on `client`; replies go in through
+    /// `pending.complete`, as the session thread delivers them.
+    fn link(timeout: Duration) -> (Arc<DmaLink>, Arc<PendingRequests>, UnixStream) {
+        let (server, client) = UnixStream::pair().unwrap();
+        let pending = Arc::new(PendingRequests::default());
+        let link = DmaLink::new(
+            Arc::new(MessageWriter::new(server)),
+            pending.clone(),
+            4096,
+            timeout,
+            DmaLayout::Spec,
+        );
+        (Arc::new(link), pending, client)
+    }
+
+    /// Reads one DMA_READ request: its header.
+    fn request(client: &mut UnixStream) -> Header {
+        let mut buf = [0u8; HEADER_SIZE + 16];
+        client.read_exact(&mut buf).unwrap();
+        Header::read_from(&buf).unwrap()
+    }
+
+    fn reply_to(h: &Header, gpa: u64, data: &[u8]) -> (Header, Vec<u8>) {
+        let layout = DmaLayout::Spec;
+        let mut payload =
+            layout.fixed_part(gpa, data.len() as u64)[..layout.data_offset()].to_vec();
+        payload.extend_from_slice(data);
+        let header = Header {
+            msg_id: h.msg_id,
+            command: h.command,
+            size: (HEADER_SIZE + payload.len()) as u32,
+            flags: super::super::wire::FLAGS_TYPE_REPLY,
+            error: 0,
+        };
+        (header, payload)
+    }
+
+    #[test]
+    fn a_late_reply_never_lands_in_the_next_request() {
+        let (link, pending, mut client) = link(Duration::from_millis(50));
+        let mut buf = [0u8; 4];
+        // The first request goes unanswered and times out.
+        let l = link.clone();
+        let first = std::thread::spawn(move || {
+            let mut b = [0u8; 4];
+            l.dma_read(0x1000, &mut b).map(|_| b)
+        });
+        let h1 = request(&mut client);
+        assert!(first.join().unwrap().is_err());
+        // The second reuses the slot; the first one's reply arrives late.
+        let l = link.clone();
+        let second = std::thread::spawn(move || {
+            let mut b = [0u8; 4];
+            l.dma_read(0x1000, &mut b).map(|_| b)
+        });
+        let h2 = request(&mut client);
+        assert_ne!(h1.msg_id, h2.msg_id);
+        let (late, late_payload) = reply_to(&h1, 0x1000, &[1, 1, 1, 1]);
+        pending.complete(&late, &late_payload);
+        let (good, good_payload) = reply_to(&h2, 0x1000, &[2, 2, 2, 2]);
+        pending.complete(&good, &good_payload);
+        assert_eq!(second.join().unwrap().unwrap(), [2, 2, 2, 2]);
+        // Slots are reused: still one after many requests.
+        for i in 0..20u8 {
+            let l = link.clone();
+            let t = std::thread::spawn(move || {
+                let mut b = [0u8; 4];
+                l.dma_read(0x2000, &mut b).map(|_| b)
+            });
+            let h = request(&mut client);
+            let (r, p) = reply_to(&h, 0x2000, &[i; 4]);
+            pending.complete(&r, &p);
+            assert_eq!(t.join().unwrap().unwrap(), [i; 4]);
+        }
+        assert_eq!(pending.lock().free.len(), 1);
+        // A closed connection fails waiters and new requests.
+        let l = link.clone();
+        let waiter = std::thread::spawn(move || {
+            let mut b = [0u8; 4];
+            l.dma_read(0x3000, &mut b)
+        });
+        request(&mut client);
+        pending.close();
+        assert!(matches!(
+            waiter.join().unwrap(),
+            Err(MemoryError::NoTransport)
+        ));
+        assert!(link.dma_read(0x3000, &mut buf).is_err());
     }
 }
