@@ -9,7 +9,7 @@ mod regions;
 
 pub use regions::{DmaRegion, DmaRegions, RegionBacking};
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use vm_memory::{Bytes, MemoryRegionAddress};
@@ -97,6 +97,8 @@ pub type WriteObserver = Arc<dyn Fn(u64, usize) + Send + Sync>;
 
 struct Shared {
     regions: RwLock<DmaRegions>,
+    /// Bumped by every change of the region table (see `regions_generation`).
+    regions_generation: AtomicU64,
     bus_master: AtomicBool,
     transport: RwLock<Option<Arc<dyn DmaTransport>>>,
     write_observers: RwLock<Vec<WriteObserver>>,
@@ -123,6 +125,7 @@ impl GuestMemory {
         GuestMemory {
             shared: Arc::new(Shared {
                 regions: RwLock::new(DmaRegions::new(max_regions)),
+                regions_generation: AtomicU64::new(0),
                 bus_master: AtomicBool::new(false),
                 transport: RwLock::new(None),
                 write_observers: RwLock::new(Vec::new()),
@@ -156,7 +159,17 @@ impl GuestMemory {
             .regions
             .write()
             .unwrap_or_else(|p| p.into_inner());
+        self.shared
+            .regions_generation
+            .fetch_add(1, Ordering::AcqRel);
         f(&mut regions)
+    }
+
+    /// Changes whenever the region table may have changed (DMA_MAP, DMA_UNMAP,
+    /// the client leaving): a model that validated guest addresses against the
+    /// regions (shadow page tables) checks it at its sync points.
+    pub fn regions_generation(&self) -> u64 {
+        self.shared.regions_generation.load(Ordering::Acquire)
     }
 
     /// Reads fd-mapped guest memory for the backend's own bookkeeping (write
@@ -178,6 +191,7 @@ impl GuestMemory {
             gpa,
             buf.len(),
             Direction::Read,
+            &|| true,
             |region_off, backing, range| {
                 let dst = &mut buf[range];
                 match backing {
@@ -236,7 +250,21 @@ impl GuestMemory {
 
     /// Writes `buf` to guest memory at `gpa` as the device (gated by bus mastering).
     pub fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), MemoryError> {
-        self.write_unobserved(gpa, buf)?;
+        self.write_while(gpa, buf, || true)
+    }
+
+    /// `write`, for as long as `live` says the device state that asked for it
+    /// still holds: `live` is checked under the region table's lock before each
+    /// piece, so a device reset that comes after the regions are dropped (the
+    /// client leaving) stops a write planned before it from reaching the next
+    /// client's memory. A piece refused that way is `Unmapped`.
+    pub fn write_while(
+        &self,
+        gpa: u64,
+        buf: &[u8],
+        live: impl Fn() -> bool,
+    ) -> Result<(), MemoryError> {
+        self.write_unobserved(gpa, buf, &live)?;
         let observers = self
             .shared
             .write_observers
@@ -248,12 +276,18 @@ impl GuestMemory {
         Ok(())
     }
 
-    fn write_unobserved(&self, gpa: u64, buf: &[u8]) -> Result<(), MemoryError> {
+    fn write_unobserved(
+        &self,
+        gpa: u64,
+        buf: &[u8],
+        live: &dyn Fn() -> bool,
+    ) -> Result<(), MemoryError> {
         self.check_bus_master()?;
         self.access(
             gpa,
             buf.len(),
             Direction::Write,
+            live,
             |region_off, backing, range| {
                 let src = &buf[range];
                 match backing {
@@ -281,6 +315,7 @@ impl GuestMemory {
         gpa: u64,
         len: usize,
         dir: Direction,
+        live: &dyn Fn() -> bool,
         mut copy: impl FnMut(u64, Backing<'_>, std::ops::Range<usize>) -> Result<(), MemoryError>,
     ) -> Result<(), MemoryError> {
         gpa.checked_add(len as u64)
@@ -294,6 +329,9 @@ impl GuestMemory {
                 .read()
                 .unwrap_or_else(|p| p.into_inner());
             let region = regions.find(cur).ok_or(MemoryError::Unmapped(cur))?;
+            if !live() {
+                return Err(MemoryError::Unmapped(cur));
+            }
             let allowed = match dir {
                 Direction::Read => region.readable,
                 Direction::Write => region.writable,
@@ -327,4 +365,38 @@ impl GuestMemory {
 enum Backing<'a> {
     Mapped(&'a vm_memory::GuestRegionMmap<()>),
     Message(&'a dyn DmaTransport, u64),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::OwnedFd;
+
+    /// What the vGPU's engine relies on (found by its soak): a write planned
+    /// before a reset is refused once `live` says so, and the region table's
+    /// changes are counted.
+    #[test]
+    fn write_while_stops_when_the_state_is_gone_and_changes_are_counted() {
+        let fd = OwnedFd::from(memfd("wt", 0x2000).unwrap());
+        let memory = GuestMemory::new(4);
+        memory.set_bus_master(true);
+        let g0 = memory.regions_generation();
+        let region = DmaRegion::mapped(0x1000, 0x2000, fd, 0, true, true).unwrap();
+        memory.with_regions(|r| r.insert(region)).unwrap();
+        assert_ne!(memory.regions_generation(), g0);
+        let live = std::sync::atomic::AtomicBool::new(true);
+        let still = || live.load(Ordering::Acquire);
+        memory.write_while(0x1ffe, &[1, 2, 3, 4], still).unwrap();
+        live.store(false, Ordering::Release);
+        assert!(matches!(
+            memory.write_while(0x1000, &[9; 4], still),
+            Err(MemoryError::Unmapped(0x1000))
+        ));
+        let mut back = [0; 6];
+        memory.read(0x1ffe, &mut back).unwrap();
+        assert_eq!(back, [1, 2, 3, 4, 0, 0]);
+        let g1 = memory.regions_generation();
+        memory.with_regions(|r| r.clear());
+        assert_ne!(memory.regions_generation(), g1);
+    }
 }

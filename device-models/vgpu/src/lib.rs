@@ -16,6 +16,7 @@ pub mod shadow;
 pub mod vram;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
@@ -199,6 +200,9 @@ struct Shared {
     vram: Vram,
     check: TargetCheck,
     scanout_png: Option<PathBuf>,
+    /// `Registers::generation`, readable without the lock (engine writes
+    /// check it under the region table's lock).
+    live_generation: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -251,6 +255,7 @@ impl Vgpu {
             vram,
             check,
             scanout_png,
+            live_generation: AtomicU64::new(0),
         });
         shared
             .ctx
@@ -382,10 +387,15 @@ impl Shared {
         }
     }
 
-    fn write_target(&self, target: Target, data: &[u8]) -> Result<(), ()> {
+    /// A write of the engine for a submission of register generation
+    /// `generation`: none lands once the device has been reset (the VMM
+    /// leaving included) after the submission was taken.
+    fn write_target(&self, target: Target, data: &[u8], generation: u64) -> Result<(), ()> {
+        let live = || self.live_generation.load(Ordering::Acquire) == generation;
         match target {
-            Target::Ram(gpa) => self.ctx.memory.write(gpa, data).map_err(|_| ()),
-            Target::Vram(off) => self.vram.write(off, data).map_err(|_| ()),
+            Target::Ram(gpa) => self.ctx.memory.write_while(gpa, data, live).map_err(|_| ()),
+            Target::Vram(off) if live() => self.vram.write(off, data).map_err(|_| ()),
+            Target::Vram(_) => Err(()),
         }
     }
 
@@ -461,6 +471,7 @@ impl Shared {
             vram_mib,
             ..Registers::default()
         };
+        self.live_generation.store(generation, Ordering::Release);
         drop(regs);
         let mut ggtt = lock(&self.ggtt);
         ggtt.raw.iter_mut().for_each(|e| *e = 0);
@@ -716,6 +727,7 @@ fn sync_context(shared: &Shared, n: usize) -> Result<Gfn, u8> {
     };
     let wanted = root_gpa / PAGE_SIZE;
     let mut shadow = lock(&shared.shadow);
+    shadow.regions_changed(shared.ctx.memory.regions_generation());
     let epoch = shadow.epoch();
     // A reference from an older epoch died with the tables it pointed at.
     let live = attached.filter(|&(_, e)| e == epoch).map(|(g, _)| g);
@@ -867,7 +879,7 @@ fn execute(shared: &Shared, n: usize, generation: u64, plan: &[Step]) -> Result<
         match step {
             Step::Store { dst, value, va } => {
                 shared
-                    .write_target(*dst, &value.to_le_bytes())
+                    .write_target(*dst, &value.to_le_bytes(), generation)
                     .map_err(|_| dma(*va))?;
             }
             Step::Fill { dst, pattern, va } => {
@@ -883,14 +895,14 @@ fn execute(shared: &Shared, n: usize, generation: u64, plan: &[Step]) -> Result<
                     while done < e.len {
                         let n = (e.len - done).min(chunk.len() as u64) as usize;
                         shared
-                            .write_target(e.target.offset(done), &chunk[..n])
+                            .write_target(e.target.offset(done), &chunk[..n], generation)
                             .map_err(|_| dma(*va))?;
                         done += n as u64;
                     }
                 }
             }
             Step::Copy { src, dst, va } => {
-                copy_extents(shared, src, dst, &mut buf).map_err(|_| dma(*va))?
+                copy_extents(shared, generation, src, dst, &mut buf).map_err(|_| dma(*va))?
             }
             Step::Fence {
                 dst,
@@ -902,7 +914,7 @@ fn execute(shared: &Shared, n: usize, generation: u64, plan: &[Step]) -> Result<
                 // everything before it is in place.
                 shared.write_scanout();
                 shared
-                    .write_target(*dst, &seqno.to_le_bytes())
+                    .write_target(*dst, &seqno.to_le_bytes(), generation)
                     .map_err(|_| dma(*va))?;
                 let mut regs = lock(&shared.regs);
                 if regs.generation != generation {
@@ -922,6 +934,7 @@ fn execute(shared: &Shared, n: usize, generation: u64, plan: &[Step]) -> Result<
 /// through `buf` (grown to one piece on first use).
 fn copy_extents(
     shared: &Shared,
+    generation: u64,
     src: &[Extent],
     dst: &[Extent],
     buf: &mut Vec<u8>,
@@ -934,7 +947,7 @@ fn copy_extents(
     while si < src.len() && di < dst.len() {
         let n = (src[si].len - so).min(dst[di].len - dof).min(PIECE as u64) as usize;
         shared.read_target(src[si].target.offset(so), &mut buf[..n])?;
-        shared.write_target(dst[di].target.offset(dof), &buf[..n])?;
+        shared.write_target(dst[di].target.offset(dof), &buf[..n], generation)?;
         so += n as u64;
         dof += n as u64;
         if so == src[si].len {

@@ -100,6 +100,9 @@ pub struct ShadowPageTables {
     /// Bumped whenever every table is dropped at once; a context whose root
     /// reference is from an older epoch attaches afresh.
     epoch: u64,
+    /// `GuestMemory::regions_generation` when the tables were last checked
+    /// against the regions.
+    regions_generation: u64,
 }
 
 impl ShadowPageTables {
@@ -110,6 +113,7 @@ impl ShadowPageTables {
             check,
             max_tables: DEFAULT_MAX_TABLES,
             epoch: 0,
+            regions_generation: 0,
         }
     }
 
@@ -268,6 +272,21 @@ impl ShadowPageTables {
         let end = gfn.saturating_add(pages);
         if self.tables.keys().any(|(g, _)| *g >= gfn && *g < end) {
             self.reset();
+        }
+    }
+
+    /// A sync point's look at the DMA regions (`generation` from
+    /// `GuestMemory::regions_generation`). Entries were validated against the
+    /// regions as they were: a leaf or a lower table that was unmapped then is
+    /// BAD_TARGET / BAD_TABLE in the shadow, also once the memory is back. If
+    /// the regions changed, every shadow is dropped and rebuilt from the
+    /// guest's tables.
+    pub fn regions_changed(&mut self, generation: u64) {
+        if generation != self.regions_generation {
+            self.regions_generation = generation;
+            if !self.tables.is_empty() {
+                self.reset();
+            }
         }
     }
 

@@ -1376,6 +1376,53 @@ fn guest_memory_unmapped_under_the_device() {
     assert_eq!(gpu.ram.read_u32(x), 3);
 }
 
+/// Found by the soak (tests/soak.rs): a leaf, or a link to a lower table,
+/// validated while the memory it points at was unmapped was kept as
+/// BAD_TARGET / BAD_TABLE after the memory came back, so a submission with
+/// all of its memory mapped faulted until the guest rewrote the entry.
+#[test]
+fn memory_mapped_again_is_seen_at_the_next_sync_point() {
+    let mut gpu = Vgpu::start();
+    let size = gpu.ram.size();
+    let half = size / 2;
+    let fd = gpu.ram.mem.fd();
+    let rw = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE;
+    // Guest RAM as two regions: the context's tables in the low one; a target
+    // page, and the leaf table of B_VA, in the high one.
+    gpu.client.dma_unmap(RAM_GPA, size, 0).unwrap();
+    gpu.client.dma_map(RAM_GPA, half, Some(fd), 0, rw).unwrap();
+    gpu.client
+        .dma_map(RAM_GPA + half, half, Some(fd), half, rw)
+        .unwrap();
+    let mut ctx = gpu.context(0);
+    let target = RAM_GPA + half + PAGE;
+    ctx.pt.map(&mut gpu, A_VA, Target::Ram(target), true);
+    let low = std::mem::replace(
+        &mut gpu.alloc,
+        PageAllocator::new(RAM_GPA + half + 2 * PAGE, RAM_GPA + size),
+    );
+    let b = ctx.pt.map_new(&mut gpu, B_VA, 1, true);
+    gpu.alloc = low;
+    // The high region goes before the tables are first shadowed.
+    gpu.client.dma_unmap(RAM_GPA + half, half, 0).unwrap();
+    let f = ctx.run_fault(&mut gpu, &[cmd::store_dword(A_VA, 1)]);
+    expect_fault(f, FAULT_BAD_TARGET, A_VA);
+    ctx.clear_fault(&mut gpu);
+    let f = ctx.run_fault(&mut gpu, &[cmd::store_dword(B_VA, 2)]);
+    expect_fault(f, FAULT_BAD_TABLE, B_VA);
+    ctx.clear_fault(&mut gpu);
+    // Back, with the same contents: both run.
+    gpu.client
+        .dma_map(RAM_GPA + half, half, Some(fd), half, rw)
+        .unwrap();
+    ctx.run_ok(
+        &mut gpu,
+        &[cmd::store_dword(A_VA, 3), cmd::store_dword(B_VA, 4)],
+    );
+    assert_eq!(gpu.ram.read_u32(target), 3);
+    assert_eq!(gpu.ram.read_u32(b), 4);
+}
+
 #[test]
 fn memory_reached_only_by_message() {
     // Guest RAM the VMM does not share (no fd): data pages there work through
