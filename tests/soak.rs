@@ -13,12 +13,14 @@
 //! `UMDEV_SOAK_CLIENTS` and `UMDEV_SOAK_SECS` change them for a longer local run.
 
 mod common;
+#[path = "soak_support/mod.rs"]
+mod soak_support;
 
-use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use common::{Backend, MemfdRam};
+use soak_support::{env_u64, settled, Departures, Rng, Tally};
 use umdev::vfio_user::client::ClientError;
 use umdev::vfio_user::wire::*;
 use umdev::vfio_user::Client;
@@ -46,28 +48,6 @@ const MESSAGE_GPA: u64 = 0x800_0000;
 const GUARD: u8 = 0xa5;
 const DEFAULT_SEED: u64 = 0x5eed_0000_0de5;
 
-/// splitmix64: small, fixed, good enough to pick actions.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
-
 fn pattern(i: usize) -> u8 {
     (i as u8).wrapping_mul(31).wrapping_add(7)
 }
@@ -75,18 +55,12 @@ fn pattern(i: usize) -> u8 {
 #[derive(Default, Debug)]
 struct Stats {
     clients: u64,
-    messages: u64,
-    malformed: u64,
-    error_replies: u64,
+    wire: Tally,
     dma_started: u64,
     dma_checked: u64,
     maps: u64,
     unmaps: u64,
-    ended_clean: u64,
-    ended_mid_header: u64,
-    ended_mid_payload: u64,
-    ended_abrupt: u64,
-    ended_by_server: u64,
+    left: Departures,
 }
 
 /// What one client knows about the device and its memory.
@@ -102,28 +76,10 @@ struct Session {
 /// Ends a client: Err means the connection is gone (the server ended it).
 type Step = Result<(), ClientError>;
 
-fn gone(e: &ClientError) -> bool {
-    e.errno().is_none()
-}
-
-/// Runs a request; an error reply is counted, a lost connection returned.
-fn req<T>(stats: &mut Stats, r: Result<T, ClientError>) -> Result<Option<T>, ClientError> {
-    stats.messages += 1;
-    match r {
-        Ok(v) => Ok(Some(v)),
-        Err(e) if gone(&e) => Err(e),
-        Err(_) => {
-            stats.error_replies += 1;
-            Ok(None)
-        }
-    }
-}
-
 fn enable(s: &mut Session, stats: &mut Stats) -> Step {
-    req(
-        stats,
-        s.c.region_write(CONFIG, 0x04, &0x0006u16.to_le_bytes()),
-    )?;
+    stats
+        .wire
+        .req(s.c.region_write(CONFIG, 0x04, &0x0006u16.to_le_bytes()))?;
     Ok(())
 }
 
@@ -131,7 +87,10 @@ fn enable(s: &mut Session, stats: &mut Stats) -> Step {
 fn dma_idle(s: &mut Session, stats: &mut Stats) -> Result<bool, ClientError> {
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
-        let cmd = req(stats, s.c.read_u64(BAR0, reg::DMA_CMD))?.unwrap_or(0);
+        let cmd = stats
+            .wire
+            .req(s.c.read_u64(BAR0, reg::DMA_CMD))?
+            .unwrap_or(0);
         if cmd & DMA_CMD_RUN == 0 {
             return Ok(true);
         }
@@ -155,10 +114,10 @@ fn program_dma(
         (reg::DMA_DST, dst),
         (reg::DMA_COUNT, count),
     ] {
-        req(stats, s.c.write_u64(BAR0, r, v))?;
+        stats.wire.req(s.c.write_u64(BAR0, r, v))?;
     }
     stats.dma_started += 1;
-    req(stats, s.c.write_u64(BAR0, reg::DMA_CMD, cmd))?;
+    stats.wire.req(s.c.write_u64(BAR0, reg::DMA_CMD, cmd))?;
     Ok(())
 }
 
@@ -167,32 +126,32 @@ fn action(s: &mut Session, rng: &mut Rng, stats: &mut Stats, ram: &MemfdRam) -> 
     match rng.below(16) {
         // Registers.
         0 => {
-            let id = req(stats, s.c.read_u32(BAR0, reg::ID))?;
+            let id = stats.wire.req(s.c.read_u32(BAR0, reg::ID))?;
             if let Some(id) = id {
                 assert!(id == ID_VALUE || id == u32::MAX, "ID {id:#x}");
             }
         }
         1 => {
             let v = rng.next() as u32;
-            req(stats, s.c.write_u32(BAR0, reg::LIVENESS, v))?;
-            if let Some(back) = req(stats, s.c.read_u32(BAR0, reg::LIVENESS))? {
+            stats.wire.req(s.c.write_u32(BAR0, reg::LIVENESS, v))?;
+            if let Some(back) = stats.wire.req(s.c.read_u32(BAR0, reg::LIVENESS))? {
                 assert!(back == !v || back == u32::MAX, "liveness");
             }
         }
         2 => {
-            req(
-                stats,
-                s.c.write_u32(BAR0, reg::FACTORIAL, rng.below(12) as u32),
-            )?;
-            req(
-                stats,
-                s.c.write_u32(BAR0, reg::IRQ_RAISE, 1 << rng.below(8)),
-            )?;
-            req(stats, s.c.write_u32(BAR0, reg::IRQ_ACK, u32::MAX))?;
+            stats
+                .wire
+                .req(s.c.write_u32(BAR0, reg::FACTORIAL, rng.below(12) as u32))?;
+            stats
+                .wire
+                .req(s.c.write_u32(BAR0, reg::IRQ_RAISE, 1 << rng.below(8)))?;
+            stats
+                .wire
+                .req(s.c.write_u32(BAR0, reg::IRQ_ACK, u32::MAX))?;
         }
         3 => {
             let off = rng.below(64) * 4;
-            req(stats, s.c.region_read(CONFIG, off, 4))?;
+            stats.wire.req(s.c.region_read(CONFIG, off, 4))?;
         }
         // Memory: map or unmap a region with its fd, or fd-less memory.
         4 | 5 => {
@@ -200,24 +159,34 @@ fn action(s: &mut Session, rng: &mut Rng, stats: &mut Stats, ram: &MemfdRam) -> 
             let gpa = BASE + k as u64 * REGION;
             if s.mapped[k] {
                 stats.unmaps += 1;
-                if req(stats, s.c.dma_unmap(gpa, REGION, 0))?.is_some() {
+                if stats.wire.req(s.c.dma_unmap(gpa, REGION, 0))?.is_some() {
                     s.mapped[k] = false;
                 }
             } else {
                 stats.maps += 1;
                 let at = k as u64 * REGION;
-                if req(stats, s.c.dma_map(gpa, REGION, Some(ram.fd()), at, RW))?.is_some() {
+                if stats
+                    .wire
+                    .req(s.c.dma_map(gpa, REGION, Some(ram.fd()), at, RW))?
+                    .is_some()
+                {
                     s.mapped[k] = true;
                 }
             }
         }
         6 => {
             stats.maps += 1;
-            req(stats, s.c.dma_map(MESSAGE_GPA, 0x1_0000, None, 0, RW))?;
+            stats
+                .wire
+                .req(s.c.dma_map(MESSAGE_GPA, 0x1_0000, None, 0, RW))?;
         }
         7 => {
             stats.unmaps += 1;
-            if req(stats, s.c.dma_unmap(0, 0, DMA_UNMAP_FLAG_ALL))?.is_some() {
+            if stats
+                .wire
+                .req(s.c.dma_unmap(0, 0, DMA_UNMAP_FLAG_ALL))?
+                .is_some()
+            {
                 s.mapped = [false; REGIONS];
             }
         }
@@ -259,7 +228,7 @@ fn action(s: &mut Session, rng: &mut Rng, stats: &mut Stats, ram: &MemfdRam) -> 
             program_dma(s, stats, DMA_BUF_ADDR + offset, dst, count, cmd)?;
             if race {
                 stats.unmaps += 1;
-                if req(stats, s.c.dma_unmap(region, REGION, 0))?.is_some() {
+                if stats.wire.req(s.c.dma_unmap(region, REGION, 0))?.is_some() {
                     s.mapped[k] = false;
                 }
                 return Ok(());
@@ -281,205 +250,44 @@ fn action(s: &mut Session, rng: &mut Rng, stats: &mut Stats, ram: &MemfdRam) -> 
             // Interrupts with eventfds: the backend must close them when we go.
             let e = EventFd::new(EFD_NONBLOCK).unwrap();
             let index = rng.below(2) as u32;
-            req(
-                stats,
-                s.c.set_irqs(
-                    index,
-                    IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
-                    0,
-                    1,
-                    &[std::os::fd::AsRawFd::as_raw_fd(&e)],
-                    &[],
-                ),
-            )?;
+            stats.wire.req(s.c.set_irqs(
+                index,
+                IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
+                0,
+                1,
+                &[std::os::fd::AsRawFd::as_raw_fd(&e)],
+                &[],
+            ))?;
             s._eventfds.push(e);
         }
         12 => {
-            req(stats, s.c.reset())?;
+            stats.wire.req(s.c.reset())?;
             s.buffer = Some(vec![0; DMA_BUF_SIZE]);
             enable(s, stats)?;
         }
-        _ => malformed(s, rng, stats)?,
+        _ => soak_support::malformed(&mut s.c, rng, &mut stats.wire, BASE)?,
     }
     Ok(())
-}
-
-/// A message the server must refuse with an error reply (and nothing else).
-fn malformed(s: &mut Session, rng: &mut Rng, stats: &mut Stats) -> Step {
-    stats.malformed += 1;
-    let r = match rng.below(8) {
-        // Random bytes as the payload of a command that cannot act on memory
-        // or the device's registers (unknown, server-only, info queries).
-        0 | 1 => {
-            const HARMLESS: [u16; 12] = [0, 1, 4, 5, 6, 7, 11, 12, 14, 16, 17, 18];
-            let command = if rng.chance(20) {
-                19 + rng.below(1000) as u16
-            } else {
-                HARMLESS[rng.below(HARMLESS.len() as u64) as usize]
-            };
-            let len = rng.below(64) as usize;
-            let payload = rng.bytes(len);
-            s.c.request_raw(command, &payload).map(|_| ())
-        }
-        // Short payloads of the commands that do act.
-        2 => {
-            let command = [2u16, 3, 8, 9, 10, 15][rng.below(6) as usize];
-            let len = rng.below(8) as usize;
-            s.c.request_raw(command, &rng.bytes(len)).map(|_| ())
-        }
-        // REGION_WRITE whose count disagrees with its data.
-        3 => {
-            let access = RegionAccess {
-                offset: 0x98,
-                region: BAR0,
-                count: 8,
-            };
-            let mut p = access.as_bytes().to_vec();
-            p.extend_from_slice(&[0xff; 4]);
-            s.c.request_raw(Command::RegionWrite as u16, &p).map(|_| ())
-        }
-        // Out-of-range accesses.
-        4 => {
-            s.c.region_read(rng.below(12) as u32 + 1, rng.next() >> 8, 4)
-                .map(|_| ())
-        }
-        // SET_IRQS with ranges past the vectors.
-        5 => {
-            s.c.set_irqs(
-                rng.below(6) as u32,
-                IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
-                1 + rng.below(4) as u32,
-                rng.next() as u32 | 1,
-                &[],
-                &[],
-            )
-            .map(|_| ())
-        }
-        // DMA_MAP with bad flags, overlapping, or zero-sized.
-        6 => {
-            s.c.dma_map(
-                BASE + rng.below(0x40_0000),
-                rng.below(2) * 0x1000,
-                None,
-                0,
-                0xf0,
-            )
-            .map(|_| ())
-        }
-        // An oversized REGION_READ.
-        _ => s.c.region_read(BAR0, 0, (2 << 20) + 1).map(|_| ()),
-    };
-    stats.messages += 1;
-    match r {
-        Ok(()) => Ok(()),
-        Err(e) if gone(&e) => Err(e),
-        Err(_) => {
-            stats.error_replies += 1;
-            Ok(())
-        }
-    }
 }
 
 /// How a client leaves.
 fn leave(s: Session, rng: &mut Rng, stats: &mut Stats) {
     let mut raw = s.raw;
+    let d = &mut stats.left;
     match rng.below(5) {
-        0 => {
-            // Mid-header.
-            let n = 1 + rng.below(15) as usize;
-            let _ = raw.write_all(&rng.bytes(n));
-            stats.ended_mid_header += 1;
-        }
-        1 => {
-            // Mid-payload: a header announcing more than is sent.
-            let header = Header {
-                msg_id: 0xbeef,
-                command: Command::RegionWrite as u16,
-                size: (HEADER_SIZE + 64 + rng.below(1 << 20) as usize) as u32,
-                flags: FLAGS_TYPE_COMMAND,
-                error: 0,
-            };
-            let _ = raw.write_all(header.as_bytes());
-            let n = rng.below(64) as usize;
-            let _ = raw.write_all(&rng.bytes(n));
-            stats.ended_mid_payload += 1;
-        }
+        0 => soak_support::leave_mid_header(&mut raw, rng, d),
+        1 => soak_support::leave_mid_payload(&mut raw, rng, d),
         2 => {
             // A DMA started, memory unmapped, and gone without waiting.
-            let header = Header {
-                msg_id: 0xbef0,
-                command: Command::RegionWrite as u16,
-                size: (HEADER_SIZE + 16 + 8) as u32,
-                flags: FLAGS_TYPE_COMMAND | FLAGS_NO_REPLY,
-                error: 0,
-            };
-            let access = RegionAccess {
-                offset: reg::DMA_CMD,
-                region: BAR0,
-                count: 8,
-            };
-            let _ = raw.write_all(header.as_bytes());
-            let _ = raw.write_all(access.as_bytes());
-            let _ = raw.write_all(&(DMA_CMD_RUN | DMA_CMD_TO_RAM).to_le_bytes());
-            stats.ended_abrupt += 1;
+            let cmd = DMA_CMD_RUN | DMA_CMD_TO_RAM;
+            soak_support::post_region_write(&mut raw, BAR0, reg::DMA_CMD, &cmd.to_le_bytes());
+            d.abrupt += 1;
         }
-        3 => {
-            // A header smaller than a header: the server ends the session.
-            let header = Header {
-                msg_id: 1,
-                command: 4,
-                size: rng.below(HEADER_SIZE as u64) as u32,
-                flags: 0,
-                error: 0,
-            };
-            let _ = raw.write_all(header.as_bytes());
-            let _ = raw.shutdown(std::net::Shutdown::Write);
-            let mut sink = Vec::new();
-            let _ = std::io::Read::read_to_end(&mut raw, &mut sink);
-            stats.ended_by_server += 1;
-        }
-        _ => stats.ended_clean += 1,
+        3 => soak_support::leave_by_server(&mut raw, rng, d),
+        _ => d.clean += 1,
     }
     drop(s.c);
     drop(raw);
-}
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
-
-/// Waits until the backend has finished with the last client (its fd count no
-/// longer changes), then returns (fds, RSS KiB).
-fn settled(pid: u32) -> (usize, u64) {
-    let mut last = open_fds(pid);
-    let mut stable = 0;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while stable < 10 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-        let now = open_fds(pid);
-        stable = if now == last { stable + 1 } else { 0 };
-        last = now;
-    }
-    (last, rss_kib(pid))
-}
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 #[test]
@@ -513,7 +321,7 @@ fn many_hostile_clients_leave_the_backend_as_they_found_it() {
         let mut c = Client::from_stream(raw.try_clone().unwrap()).unwrap();
         // Most clients negotiate; some start with junk or a bad VERSION.
         let negotiated = if rng.chance(90) {
-            stats.messages += 1;
+            stats.wire.messages += 1;
             c.negotiate(&umdev::vfio_user::caps::Capabilities::new(
                 16,
                 1 << 20,
@@ -522,8 +330,8 @@ fn many_hostile_clients_leave_the_backend_as_they_found_it() {
             ))
             .is_ok()
         } else {
-            stats.messages += 1;
-            stats.malformed += 1;
+            stats.wire.messages += 1;
+            stats.wire.malformed += 1;
             let n = rng.below(40) as usize;
             let junk = rng.bytes(n);
             let _ = c.request_raw(Command::Version as u16, &junk);

@@ -1,0 +1,258 @@
+//! What the soak tests share (`tests/soak.rs` against `umdev-edu`,
+//! `device-models/vgpu/tests/soak.rs` against `umdev-vgpu`), included by both
+//! with `#[path = ...] mod soak_support;`: the random source, the backend's fd
+//! and resident-memory measurement, the run's size from the environment, the
+//! malformed vfio-user messages and the ways a client leaves mid-message.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use umdev::vfio_user::client::ClientError;
+use umdev::vfio_user::wire::*;
+use umdev::vfio_user::Client;
+
+/// splitmix64: small, fixed, good enough to pick actions.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// A positive integer from the environment (`UMDEV_SOAK_*`), else `default`.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Messages sent, how many were malformed, and how many got an error reply.
+#[derive(Default, Debug, Clone, Copy)]
+pub struct Tally {
+    pub messages: u64,
+    pub malformed: u64,
+    pub error_replies: u64,
+}
+
+/// Whether a client error means the connection is gone (no errno: not a reply).
+pub fn gone(e: &ClientError) -> bool {
+    e.errno().is_none()
+}
+
+impl Tally {
+    /// Counts a request: an error reply is counted and becomes `None`, a lost
+    /// connection is returned.
+    pub fn req<T>(&mut self, r: Result<T, ClientError>) -> Result<Option<T>, ClientError> {
+        self.messages += 1;
+        match r {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if gone(&e) => Err(e),
+            Err(_) => {
+                self.error_replies += 1;
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// Sends one malformed message the server must refuse with an error reply
+/// and nothing else (none of them can act on memory or the device): random
+/// payloads of commands that cannot, short payloads of those that can, a
+/// REGION_WRITE whose count disagrees with its data, out-of-range regions and
+/// offsets, SET_IRQS past the vectors, DMA_MAP with bad flags (at `map_at` +
+/// up to 4 MiB, zero-sized or not), an oversized REGION_READ. Err only if the
+/// connection is gone.
+pub fn malformed(
+    c: &mut Client,
+    rng: &mut Rng,
+    tally: &mut Tally,
+    map_at: u64,
+) -> Result<(), ClientError> {
+    tally.malformed += 1;
+    let r = match rng.below(8) {
+        // Random bytes as the payload of a command that cannot act on memory
+        // or the device's registers (unknown, server-only, info queries).
+        0 | 1 => {
+            const HARMLESS: [u16; 12] = [0, 1, 4, 5, 6, 7, 11, 12, 14, 16, 17, 18];
+            let command = if rng.chance(20) {
+                19 + rng.below(1000) as u16
+            } else {
+                HARMLESS[rng.below(HARMLESS.len() as u64) as usize]
+            };
+            let len = rng.below(64) as usize;
+            let payload = rng.bytes(len);
+            c.request_raw(command, &payload).map(|_| ())
+        }
+        // Short payloads of the commands that do act.
+        2 => {
+            let command = [2u16, 3, 8, 9, 10, 15][rng.below(6) as usize];
+            let len = rng.below(8) as usize;
+            c.request_raw(command, &rng.bytes(len)).map(|_| ())
+        }
+        // REGION_WRITE whose count disagrees with its data.
+        3 => {
+            let access = RegionAccess {
+                offset: 0x98,
+                region: 0,
+                count: 8,
+            };
+            let mut p = access.as_bytes().to_vec();
+            p.extend_from_slice(&[0xff; 4]);
+            c.request_raw(Command::RegionWrite as u16, &p).map(|_| ())
+        }
+        // Out-of-range accesses.
+        4 => c
+            .region_read(rng.below(12) as u32 + 1, rng.next() >> 8, 4)
+            .map(|_| ()),
+        // SET_IRQS with ranges past the vectors.
+        5 => c
+            .set_irqs(
+                rng.below(6) as u32,
+                IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
+                1 + rng.below(4) as u32,
+                rng.next() as u32 | 1,
+                &[],
+                &[],
+            )
+            .map(|_| ()),
+        // DMA_MAP with bad flags, zero-sized or not.
+        6 => c
+            .dma_map(
+                map_at + rng.below(0x40_0000),
+                rng.below(2) * 0x1000,
+                None,
+                0,
+                0xf0,
+            )
+            .map(|_| ()),
+        // An oversized REGION_READ.
+        _ => c.region_read(0, 0, (2 << 20) + 1).map(|_| ()),
+    };
+    tally.messages += 1;
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) if gone(&e) => Err(e),
+        Err(_) => {
+            tally.error_replies += 1;
+            Ok(())
+        }
+    }
+}
+
+/// How a client left.
+#[derive(Default, Debug, Clone, Copy)]
+pub struct Departures {
+    pub clean: u64,
+    pub mid_header: u64,
+    pub mid_payload: u64,
+    /// With device work just started (the model's own way).
+    pub abrupt: u64,
+    pub by_server: u64,
+}
+
+/// Leaves mid-header: 1-15 random bytes of a header, then nothing.
+pub fn leave_mid_header(raw: &mut UnixStream, rng: &mut Rng, d: &mut Departures) {
+    let n = 1 + rng.below(15) as usize;
+    let _ = raw.write_all(&rng.bytes(n));
+    d.mid_header += 1;
+}
+
+/// Leaves mid-payload: a REGION_WRITE header announcing more than is sent.
+pub fn leave_mid_payload(raw: &mut UnixStream, rng: &mut Rng, d: &mut Departures) {
+    let header = Header {
+        msg_id: 0xbeef,
+        command: Command::RegionWrite as u16,
+        size: (HEADER_SIZE + 64 + rng.below(1 << 20) as usize) as u32,
+        flags: FLAGS_TYPE_COMMAND,
+        error: 0,
+    };
+    let _ = raw.write_all(header.as_bytes());
+    let n = rng.below(64) as usize;
+    let _ = raw.write_all(&rng.bytes(n));
+    d.mid_payload += 1;
+}
+
+/// A header whose size is smaller than a header (truncated): the server ends
+/// the session; waits until it has.
+pub fn leave_by_server(raw: &mut UnixStream, rng: &mut Rng, d: &mut Departures) {
+    let header = Header {
+        msg_id: 1,
+        command: 4,
+        size: rng.below(HEADER_SIZE as u64) as u32,
+        flags: 0,
+        error: 0,
+    };
+    let _ = raw.write_all(header.as_bytes());
+    let _ = raw.shutdown(std::net::Shutdown::Write);
+    let mut sink = Vec::new();
+    let _ = std::io::Read::read_to_end(raw, &mut sink);
+    d.by_server += 1;
+}
+
+/// Writes a REGION_WRITE of `data` at `offset` of `region` without asking for
+/// a reply (a doorbell or DMA start just before leaving).
+pub fn post_region_write(raw: &mut UnixStream, region: u32, offset: u64, data: &[u8]) {
+    let header = Header {
+        msg_id: 0xbef0,
+        command: Command::RegionWrite as u16,
+        size: (HEADER_SIZE + 16 + data.len()) as u32,
+        flags: FLAGS_TYPE_COMMAND | FLAGS_NO_REPLY,
+        error: 0,
+    };
+    let access = RegionAccess {
+        offset,
+        region,
+        count: data.len() as u32,
+    };
+    let _ = raw.write_all(header.as_bytes());
+    let _ = raw.write_all(access.as_bytes());
+    let _ = raw.write_all(data);
+}
+
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// Waits until the backend has finished with the last client (its fd count no
+/// longer changes), then returns (fds, RSS KiB).
+pub fn settled(pid: u32) -> (usize, u64) {
+    let mut last = open_fds(pid);
+    let mut stable = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stable < 10 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        let now = open_fds(pid);
+        stable = if now == last { stable + 1 } else { 0 };
+        last = now;
+    }
+    (last, rss_kib(pid))
+}
