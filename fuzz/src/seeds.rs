@@ -556,10 +556,14 @@ pub fn vgpu_audit_seeds() -> Vec<(&'static str, Vec<u8>)> {
 
     // Every command that moves data, a batch, a TLB invalidate mid-submission
     // with the tables changed before it takes effect.
-    let batch = dwords(&[store(page(2), 0xb), fill(page(3), 64, 0xc), batch_end()]);
+    let batch = dwords(&[
+        store_dword(page(2), 0xb),
+        fill(page(3), 64, 0xc),
+        batch_end(),
+    ]);
     let ring = dwords(&[
         nop(),
-        store(page(0) + 8, 0x1234),
+        store_dword(page(0) + 8, 0x1234),
         fill(page(1) - 8, 16, 0xa5a5_a5a5),
         copy(page(2), page(8) + 0x100, 0xe00),
         copy(page(10), page(4), 64),
@@ -567,7 +571,7 @@ pub fn vgpu_audit_seeds() -> Vec<(&'static str, Vec<u8>)> {
         fence(page(5) + 0xff0, 7, true),
         batch_start(page(12)),
         tlb_invalidate(),
-        store(page(1), 2),
+        store_dword(page(1), 2),
         fence(page(0), 8, false),
     ]);
     let o = vgpu_tree()
@@ -587,13 +591,13 @@ pub fn vgpu_audit_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let self_batch = dwords(&[batch_start(page(12)), nop()]);
     let mut o = vgpu_tree().bytes(BATCH, 0, &le_bytes(&self_batch));
     let cases: [Vec<u32>; 8] = [
-        store(page(6), 1),
+        store_dword(page(6), 1),
         fill(page(13), 16, 0),
-        store(page(11), 1),
+        store_dword(page(11), 1),
         vec![0xff00_0001],
         vec![umdev_vgpu::regs::header(umdev_vgpu::regs::OP_COPY, 0), 0, 0],
         batch_start(page(12)),
-        store(2, 0),
+        store_dword(2, 0),
         batch_end(),
     ];
     for (i, case) in cases.iter().enumerate() {
@@ -609,7 +613,7 @@ pub fn vgpu_audit_seeds() -> Vec<(&'static str, Vec<u8>)> {
         .commands(&dwords(&[
             copy(page(8), page(0), 256),
             fill(page(8) + 4, 32, 1),
-            store(page(8) + 0x40, 3),
+            store_dword(page(8) + 0x40, 3),
             nop(),
         ]))
         .op(OP_AUDIT);

@@ -9,6 +9,7 @@
 //! doorbell and TLB invalidation post a job to the engine thread.
 
 pub mod command;
+pub mod encode;
 pub mod picture;
 pub mod regs;
 pub mod scanout;

@@ -33,6 +33,12 @@ use super::{
 #[path = "../../../device-models/vgpu/src/regs.rs"]
 mod regs;
 
+/// SPEC.md's command encoders: the device crate's own.
+#[allow(dead_code)]
+#[path = "../../../device-models/vgpu/src/encode.rs"]
+mod encode;
+use encode as cmd;
+
 /// The test picture: what to draw and what it must look like (shared with the
 /// host-side test that checks the scanout PNG).
 #[allow(dead_code)]
@@ -123,57 +129,6 @@ fn map_resource(dev: &Path, index: u32) -> Result<Bar, String> {
 }
 
 // --------------------------------------------------------------- commands --
-
-fn lo(a: u64) -> u32 {
-    a as u32
-}
-fn hi(a: u64) -> u32 {
-    (a >> 32) as u32
-}
-
-mod cmd {
-    use super::regs::*;
-    use super::{hi, lo};
-
-    pub fn store_dword(addr: u64, value: u32) -> Vec<u32> {
-        vec![header(OP_STORE_DWORD, 0), lo(addr), hi(addr), value]
-    }
-    pub fn fill(dst: u64, bytes: u32, pattern: u32) -> Vec<u32> {
-        vec![header(OP_FILL, 0), lo(dst), hi(dst), bytes, pattern]
-    }
-    pub fn copy(src: u64, dst: u64, bytes: u32) -> Vec<u32> {
-        vec![
-            header(OP_COPY, 0),
-            lo(src),
-            hi(src),
-            lo(dst),
-            hi(dst),
-            bytes,
-        ]
-    }
-    pub fn blit(src: u64, src_pitch: u32, dst: u64, dst_pitch: u32, w: u32, h: u32) -> Vec<u32> {
-        vec![
-            header(OP_BLIT, 0),
-            lo(src),
-            hi(src),
-            src_pitch,
-            lo(dst),
-            hi(dst),
-            dst_pitch,
-            w,
-            h,
-        ]
-    }
-    pub fn fence(addr: u64, seq: u32) -> Vec<u32> {
-        vec![header(OP_FENCE, 0), lo(addr), hi(addr), seq]
-    }
-    pub fn batch_start(addr: u64) -> Vec<u32> {
-        vec![header(OP_BATCH_START, 0), lo(addr), hi(addr)]
-    }
-    pub fn batch_end() -> Vec<u32> {
-        vec![header(OP_BATCH_END, 0)]
-    }
-}
 
 /// The commands that draw `ops` (framebuffer at [`FB_VA`], staged image at
 /// [`IMAGE_VA`], one scratch line at [`SCRATCH_VA`]).
@@ -385,7 +340,7 @@ impl<'a> Gpu<'a> {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
         self.emit(cmds)?;
-        self.emit(&cmd::fence(FENCE_VA, seq))?;
+        self.emit(&cmd::fence(FENCE_VA, seq, false))?;
         self.doorbell();
         wait_until(&format!("fence {seq}"), TIMEOUT, || {
             let done = self.ctx_r32(CTX_FENCE_SEQNO);

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use umdev::vfio_user::wire::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, PCI_CONFIG_REGION_INDEX};
 use umdev::vfio_user::Client;
+use umdev_vgpu::encode as cmd;
 use umdev_vgpu::regs::*;
 
 #[derive(Parser, Debug)]
@@ -330,12 +331,7 @@ impl Gpu {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
         self.emit(cmds);
-        self.emit(&[
-            header(OP_FENCE, 0),
-            FENCE_VA as u32,
-            (FENCE_VA >> 32) as u32,
-            seq,
-        ]);
+        self.emit(&cmd::fence(FENCE_VA, seq, false));
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         let start = Instant::now();
         self.client
@@ -385,10 +381,6 @@ fn machine() -> String {
 
 fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
-}
-
-fn cmd64(lo_hi: u64) -> [u32; 2] {
-    [lo_hi as u32, (lo_hi >> 32) as u32]
 }
 
 fn bench(args: &Args) -> Result<()> {
@@ -470,14 +462,7 @@ fn bench(args: &Args) -> Result<()> {
     let probe = gpu.map_new(0x4_0000_0000, 1, true);
     let last_target = if (reps - 1).is_multiple_of(2) { y } else { x };
     gpu.ram.write_u32(last_target, 0x5eed_0001);
-    gpu.run(&[
-        header(OP_COPY, 0),
-        cmd64(PTE_VA + (ptes - 1) * PAGE)[0],
-        cmd64(PTE_VA + (ptes - 1) * PAGE)[1],
-        cmd64(0x4_0000_0000)[0],
-        cmd64(0x4_0000_0000)[1],
-        4,
-    ])?;
+    gpu.run(&cmd::copy(PTE_VA + (ptes - 1) * PAGE, 0x4_0000_0000, 4))?;
     if gpu.ram.read_u32(probe) != 0x5eed_0001 {
         return Err(BenchError::Setup(
             "the rewritten PTEs did not take effect".into(),
@@ -498,26 +483,15 @@ fn bench(args: &Args) -> Result<()> {
     // --- BLIT and COPY throughput against memcpy.
     let line = 4096u64;
     let lines = copy_bytes / line;
-    let blit = {
-        let [sl, sh] = cmd64(SRC_VA);
-        let [dl, dh] = cmd64(DST_VA);
-        [
-            header(OP_BLIT, 0),
-            sl,
-            sh,
-            line as u32,
-            dl,
-            dh,
-            line as u32,
-            line as u32,
-            lines as u32,
-        ]
-    };
-    let copy = {
-        let [sl, sh] = cmd64(SRC_VA);
-        let [dl, dh] = cmd64(DST_VA);
-        [header(OP_COPY, 0), sl, sh, dl, dh, copy_bytes as u32]
-    };
+    let blit = cmd::blit(
+        SRC_VA,
+        line as u32,
+        DST_VA,
+        line as u32,
+        line as u32,
+        lines as u32,
+    );
+    let copy = cmd::copy(SRC_VA, DST_VA, copy_bytes as u32);
     let (mut tb, mut tc, mut tm) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..reps {
         tb.push(gpu.run(&blit)?);

@@ -1213,75 +1213,8 @@ impl PageTables {
 
 // ---- commands ----------------------------------------------------------------
 
-/// Command encoders (SPEC.md "Command stream").
-pub mod cmd {
-    use super::regs::*;
-
-    fn lo(a: u64) -> u32 {
-        a as u32
-    }
-    fn hi(a: u64) -> u32 {
-        (a >> 32) as u32
-    }
-
-    pub fn nop() -> Vec<u32> {
-        vec![header(OP_NOP, 0)]
-    }
-    pub fn store_dword(addr: u64, value: u32) -> Vec<u32> {
-        vec![header(OP_STORE_DWORD, 0), lo(addr), hi(addr), value]
-    }
-    pub fn fill(dst: u64, bytes: u32, pattern: u32) -> Vec<u32> {
-        vec![header(OP_FILL, 0), lo(dst), hi(dst), bytes, pattern]
-    }
-    pub fn copy(src: u64, dst: u64, bytes: u32) -> Vec<u32> {
-        vec![
-            header(OP_COPY, 0),
-            lo(src),
-            hi(src),
-            lo(dst),
-            hi(dst),
-            bytes,
-        ]
-    }
-    #[allow(clippy::too_many_arguments)]
-    pub fn blit(
-        src: u64,
-        src_pitch: u32,
-        dst: u64,
-        dst_pitch: u32,
-        width_bytes: u32,
-        height: u32,
-    ) -> Vec<u32> {
-        vec![
-            header(OP_BLIT, 0),
-            lo(src),
-            hi(src),
-            src_pitch,
-            lo(dst),
-            hi(dst),
-            dst_pitch,
-            width_bytes,
-            height,
-        ]
-    }
-    pub fn fence(addr: u64, seq: u32, irq: bool) -> Vec<u32> {
-        let flags = if irq { FENCE_FLAG_IRQ } else { 0 };
-        vec![header(OP_FENCE, flags), lo(addr), hi(addr), seq]
-    }
-    pub fn batch_start(addr: u64) -> Vec<u32> {
-        vec![header(OP_BATCH_START, 0), lo(addr), hi(addr)]
-    }
-    pub fn batch_end() -> Vec<u32> {
-        vec![header(OP_BATCH_END, 0)]
-    }
-    pub fn tlb_invalidate() -> Vec<u32> {
-        vec![header(OP_TLB_INVALIDATE, 0)]
-    }
-    /// Raw dwords (hostile tests).
-    pub fn raw(dwords: &[u32]) -> Vec<u32> {
-        dwords.to_vec()
-    }
-}
+/// Command encoders (SPEC.md "Command stream"): the device crate's own.
+pub use umdev_vgpu::encode as cmd;
 
 /// Concatenates commands.
 pub fn stream(cmds: &[Vec<u32>]) -> Vec<u32> {
