@@ -101,6 +101,11 @@ struct Args {
     /// must (buffer), or exactly the bytes it knows come next (exact).
     #[arg(long, value_enum, default_value = "buffer")]
     floor_read: FloorRead,
+    /// Idle threads the floor's echo process starts before it echoes, sharing
+    /// its fd table as a backend's threads do (umdev-edu has 3 threads: 2 here).
+    /// 0, the default, is the single-threaded echo. See docs/performance.md.
+    #[arg(long, default_value_t = 0)]
+    floor_echo_threads: usize,
     /// Internal: run as the floor's echo process on this inherited socket fd.
     #[arg(long, hide = true)]
     echo_child: Option<RawFd>,
@@ -239,6 +244,7 @@ impl Floor {
         kind: EchoKind,
         read: FloorRead,
         echo_cpu: Option<usize>,
+        echo_threads: usize,
         fd: RawFd,
     ) -> Result<Floor> {
         let exact = read == FloorRead::Exact;
@@ -273,6 +279,10 @@ impl Floor {
                 }
                 if exact {
                     cmd.arg("--floor-read").arg("exact");
+                }
+                if echo_threads > 0 {
+                    cmd.arg("--floor-echo-threads")
+                        .arg(echo_threads.to_string());
                 }
                 // SAFETY: runs in the child between fork and exec and makes one
                 // async-signal-safe system call: it clears close-on-exec on the
@@ -468,6 +478,7 @@ impl Bench {
                     self.echo_kind,
                     self.args.floor_read,
                     self.echo_cpu,
+                    self.args.floor_echo_threads,
                     self.memfd.as_raw_fd(),
                 )
             })
@@ -1365,9 +1376,10 @@ fn run(args: Args) -> Result<()> {
     });
     println!(
         "floor: echo {} on a socketpair, same byte counts and fds, {}; {}",
-        match echo_kind {
-            EchoKind::Thread => "thread (same process as the client)",
-            EchoKind::Process => "process",
+        match (echo_kind, args.floor_echo_threads) {
+            (EchoKind::Thread, _) => "thread (same process as the client)".to_string(),
+            (EchoKind::Process, 0) => "process".to_string(),
+            (EchoKind::Process, n) => format!("process with {n} idle threads"),
         },
         match args.floor_read {
             FloorRead::Buffer => "reads into its buffer as a server must",
@@ -1427,7 +1439,13 @@ fn print_markdown(figures: &[Figure]) {
 }
 
 /// The floor's echo as a process of its own (`--echo-child`).
-fn echo_child(fd: RawFd, plan: &str, read: FloorRead, cpu: Option<usize>) -> Result<()> {
+fn echo_child(
+    fd: RawFd,
+    plan: &str,
+    read: FloorRead,
+    cpu: Option<usize>,
+    threads: usize,
+) -> Result<()> {
     let plan =
         plan_from_arg(plan).ok_or_else(|| BenchError::Setup(format!("bad echo plan {plan:?}")))?;
     if fcntl_getfd(fd) < 0 {
@@ -1438,6 +1456,17 @@ fn echo_child(fd: RawFd, plan: &str, read: FloorRead, cpu: Option<usize>) -> Res
     let stream = unsafe { UnixStream::from_raw_fd(fd) };
     if let Some(cpu) = cpu {
         pin_current_thread(cpu)?;
+    }
+    // Threads that only wait, as a backend's signal and device threads mostly
+    // do; their presence alone makes the kernel's fd lookups take references
+    // (the fd table is shared), which is most of what the default floor does
+    // not pay and a multi-threaded server does.
+    for _ in 0..threads {
+        std::thread::Builder::new()
+            .name("floor-idle".into())
+            .spawn(|| loop {
+                std::thread::park();
+            })?;
     }
     echo_loop(stream, &plan, read == FloorRead::Exact);
     Ok(())
@@ -1452,7 +1481,13 @@ fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(fd) = args.echo_child {
         let plan = args.echo_plan.clone().unwrap_or_default();
-        return match echo_child(fd, &plan, args.floor_read, args.pin) {
+        return match echo_child(
+            fd,
+            &plan,
+            args.floor_read,
+            args.pin,
+            args.floor_echo_threads,
+        ) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("umdev-bench echo: {e}");
