@@ -646,8 +646,12 @@ impl Qmp {
     pub fn quit(mut self) -> Result<(), String> {
         match self.execute("quit", serde_json::json!({})) {
             Ok(_) => Ok(()),
-            // QEMU may close the socket before its reply arrives.
-            Err(e) if e.contains("closed") => Ok(()),
+            // QEMU may close the socket before its reply arrives, or be gone
+            // already (the caller then checks how QEMU ended).
+            Err(e) if e.contains("closed") || e.contains("Broken pipe") || e.contains("reset") => {
+                note(&format!("QMP quit: QEMU already gone ({e})"));
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }
