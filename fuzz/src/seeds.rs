@@ -535,6 +535,31 @@ pub fn vgpu_page_table_seeds() -> Vec<(&'static str, Vec<u8>)> {
         .with(OP_ROOT, ROOT);
     let o = vgpu_check_all(o).with(OP_MAX_TABLES, 3).op(OP_RESET);
     seeds.push(("remap-reset-budget", vgpu_check_all(o).0));
+
+    // A RAM region away for a while: the second one (data pages, and a table
+    // linked in from L2[4]) is unmapped, the guest rewrites entries there and
+    // in the first meanwhile, sync points see it missing; then it comes back.
+    // Then the first one (the tree itself) goes and comes back.
+    let o = vgpu_tree()
+        .link(L2, 4, DATA + 1, PW)
+        .link(DATA + 1, 0, DATA + 2, PW);
+    let o = vgpu_check_all(o)
+        .check([0, 0, 4, 0], 0, true)
+        .with(OP_REMAP, 0x81)
+        .op(OP_SYNC);
+    let o = vgpu_check_all(o)
+        .check([0, 0, 4, 0], 0, true)
+        .link(DATA + 1, 0, DATA + 3, P)
+        .link(L1, 2, DATA + 4, P)
+        .op(OP_SYNC)
+        .with(OP_REMAP, 0x81)
+        .op(OP_SYNC);
+    let o = vgpu_check_all(o)
+        .check([0, 0, 4, 0], 0, false)
+        .with(OP_REMAP, 0x80)
+        .op(OP_SYNC);
+    let o = vgpu_check_all(o).with(OP_REMAP, 0x80).op(OP_SYNC);
+    seeds.push(("unmapped-window", vgpu_check_all(o).0));
     seeds
 }
 
@@ -618,5 +643,19 @@ pub fn vgpu_audit_seeds() -> Vec<(&'static str, Vec<u8>)> {
         ]))
         .op(OP_AUDIT);
     seeds.push(("wrap-vram", o.0));
+
+    // A submission while the data region is unmapped faults (bad target); the
+    // same one after it came back runs.
+    let copy_cmds = dwords(&[copy(page(0), page(8) + 0x10, 0x100), nop()]);
+    let o = vgpu_tree()
+        .with(OP_REMAP, 0x81)
+        .ring(RING, 0, 0)
+        .commands(&copy_cmds)
+        .op(OP_AUDIT)
+        .with(OP_REMAP, 0x81)
+        .ring(RING, 0, 32)
+        .commands(&copy_cmds)
+        .op(OP_AUDIT);
+    seeds.push(("unmapped-window", o.0));
     seeds
 }

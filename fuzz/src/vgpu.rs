@@ -10,7 +10,9 @@
 //! sequence of operations (an opcode byte, then operands; a truncated operation
 //! ends the input): guest writes of page-table entries and of raw bytes, sync
 //! points, a root, remaps of a RAM region under the tables (QEMU does that during
-//! boot), shadow resets, a table budget, a ring with commands, and audits.
+//! boot), a RAM region unmapped for a while (the guest may write it meanwhile)
+//! and mapped back, shadow resets, a table budget, a ring with commands, and
+//! audits. Sync points do what the device's do (`sync_context` in its lib.rs).
 //!
 //! Checked, against a reference walk of the guest's tables *as they are in
 //! memory* written here independently of the device code:
@@ -134,6 +136,9 @@ pub struct Env {
     memory: GuestMemory,
     /// The memfd behind each RAM region (the guest's view of its RAM).
     ram: Vec<File>,
+    /// Whether each RAM region is mapped for the device now (the guest's RAM
+    /// stays, and the guest may write it, while it is not).
+    ram_mapped: Vec<bool>,
     vram: Vram,
     tracker: PageTracker,
     shadow: Arc<Mutex<ShadowPageTables>>,
@@ -194,6 +199,7 @@ impl Env {
         Env {
             memory,
             ram,
+            ram_mapped: vec![true; RAM_REGIONS as usize],
             vram,
             tracker,
             shadow,
@@ -225,9 +231,12 @@ impl Env {
         }
     }
 
-    /// Unmaps RAM region `index` (tracking there goes, as on DMA_UNMAP) and maps
-    /// a new memfd with the same contents at the same place.
-    fn remap(&mut self, index: u64) {
+    /// Takes RAM region `index` away from the device, as DMA_UNMAP does
+    /// (tracking there goes with it).
+    fn unmap(&mut self, index: u64) {
+        if !self.ram_mapped[index as usize] {
+            return;
+        }
         let gpa = RAM_BASE + index * RAM_REGION_PAGES * PAGE_SIZE;
         let size = RAM_REGION_PAGES * PAGE_SIZE;
         let removed = self
@@ -236,13 +245,30 @@ impl Env {
             .expect("unmap RAM region");
         self.tracker.remove_region(gpa, size);
         drop(removed);
+        self.ram_mapped[index as usize] = false;
+    }
+
+    /// Unmaps RAM region `index` and maps a new memfd with the same contents at
+    /// the same place (QEMU re-maps guest RAM during boot). With `toggle`, only
+    /// one half: an unmapped region comes back, a mapped one goes, so sync
+    /// points and audits also see memory missing and coming back.
+    fn remap(&mut self, index: u64, toggle: bool) {
+        let i = index as usize;
+        if toggle && self.ram_mapped[i] {
+            self.unmap(index);
+            return;
+        }
+        self.unmap(index);
+        let size = RAM_REGION_PAGES * PAGE_SIZE;
         let mut contents = vec![0u8; size as usize];
-        let old = &self.ram[index as usize];
-        old.read_exact_at(&mut contents, 0).expect("read memfd");
+        self.ram[i]
+            .read_exact_at(&mut contents, 0)
+            .expect("read memfd");
         let file = umdev::memory::memfd("fuzz-vgpu-ram", size).expect("memfd");
         file.write_all_at(&contents, 0).expect("write memfd");
         map_ram(&self.memory, index, &file);
-        self.ram[index as usize] = file;
+        self.ram[i] = file;
+        self.ram_mapped[i] = true;
     }
 
     /// The device's sync point: the tracker's sync, then the context's root
@@ -251,6 +277,7 @@ impl Env {
         self.tracker.sync();
         let wanted = self.root_gpa / PAGE_SIZE;
         let mut shadow = lock(&self.shadow);
+        shadow.regions_changed(self.memory.regions_generation());
         let epoch = shadow.epoch();
         let live = self.attached.filter(|&(_, e)| e == epoch).map(|(g, _)| g);
         if live == Some(wanted) && self.root_gpa != 0 {
@@ -552,7 +579,10 @@ fn step(env: &mut Env, input: &mut Input<'_>, ops: u8) -> Option<()> {
             let (va, write) = (input.u64()?, input.u8()? & 1 != 0);
             env.check(va, write);
         }
-        OP_REMAP => env.remap(u64::from(input.u8()?) % RAM_REGIONS),
+        OP_REMAP => {
+            let arg = input.u8()?;
+            env.remap(u64::from(arg & 0x7f) % RAM_REGIONS, arg & 0x80 != 0);
+        }
         OP_RESET => {
             lock(&env.shadow).reset();
         }
