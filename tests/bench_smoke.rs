@@ -69,3 +69,33 @@ fn quick_run_against_edu_prints_every_figure() {
     assert!(stdout.contains("map+unmap at 10000 regions:"), "{stdout}");
     assert!(!stdout.contains("figures failed"), "{stdout}\n{stderr}");
 }
+
+#[test]
+fn floor_echo_with_idle_threads_runs() {
+    let bench = workspace_bin("umdev-bench");
+    let edu = workspace_bin("umdev-edu");
+    let out = Command::new(&bench)
+        .args(["--quick", "--no-dma-engine", "--regions", "1"])
+        .args(["--only", "REGION_READ 4 B config space @0x0"])
+        .args(["--floor-echo-threads", "2"])
+        .arg("--server-bin")
+        .arg(&edu)
+        .output()
+        .expect("run umdev-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "umdev-bench failed: {}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        out.status
+    );
+    assert!(
+        stdout.contains("echo process with 2 idle threads"),
+        "{stdout}"
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("REGION_READ 4 B config space @0x0 "))
+        .unwrap_or_else(|| panic!("no figure\n{stdout}\n{stderr}"));
+    assert!(line.contains("/s"), "{line}\n{stderr}");
+}
