@@ -9,6 +9,7 @@
 # (-rss_limit_mb) leaves its input in fuzz/artifacts/<target>/ and fails the run:
 # copy it to fuzz/regressions/<target>/ once fixed, and `cargo test --test
 # fuzz_corpus` replays it from then on. Installs cargo-fuzz if it is missing.
+# FUZZ_SEED=N fixes libFuzzer's seed (CI does, so a run can be repeated).
 set -euo pipefail
 FUZZ=$(cd "$(dirname "$0")" && pwd)
 cd "$FUZZ"
@@ -27,7 +28,8 @@ for t in "${TARGETS[@]}"; do
     status=0
     "$FUZZ/target/$TRIPLE/release/$t" "$work" "$FUZZ/corpus/$t" "$FUZZ/regressions/$t" \
         -artifact_prefix="$FUZZ/artifacts/$t/" -max_total_time="$SECONDS_EACH" \
-        -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1 || status=$?
+        -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 ${FUZZ_SEED:+-seed="$FUZZ_SEED"} \
+        >"$log" 2>&1 || status=$?
     grep -E '^(stat::|Done|==[0-9]+==|SUMMARY)|INITED|DONE|panicked' "$log" || true
     if [ "$status" -ne 0 ] || [ -n "$(ls -A "$FUZZ/artifacts/$t")" ]; then
         tail -40 "$log" >&2

@@ -18,3 +18,5 @@ cargo build --workspace
 echo "== tests"
 (cd tests/guest-driver && cargo test --quiet --target-dir "$REPO/target/guest-driver")
 UMDEV_E2E=1 cargo test --workspace
+echo "== fuzz: every target for ${UMDEV_FUZZ_SECONDS:-10}s (libFuzzer on stable, fixed seed)"
+FUZZ_SEED=1 fuzz/run.sh "${UMDEV_FUZZ_SECONDS:-10}"
