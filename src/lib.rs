@@ -5,6 +5,7 @@
 //! `../shared/DESIGN.md` for the architecture and the protocol facts real clients
 //! depend on.
 
+pub mod benchmark;
 pub mod cli;
 pub mod memory;
 pub mod pagetrack;

@@ -232,19 +232,7 @@ fn spawn_unprivileged(fd: RawFd, dir: &Path, log: &Path) -> Child {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap());
-    // SAFETY: between fork and exec only async-signal-safe dup2 and close_range
-    // run, making the socket the child's fd 3 (without close-on-exec) and
-    // closing every fd above it.
-    unsafe {
-        cmd.pre_exec(move || {
-            // dup2 onto itself keeps close-on-exec: clear it explicitly.
-            if libc::dup2(fd, 3) < 0 || libc::fcntl(3, libc::F_SETFD, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
-            Ok(())
-        });
-    }
+    common::pass_as_fd3(&mut cmd, fd, true);
     // Another test thread forking while the copy was open for writing makes
     // exec fail with ETXTBSY until that child has exec'd: retry briefly.
     for _ in 0..50 {

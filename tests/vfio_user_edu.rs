@@ -500,20 +500,9 @@ fn sigterm_ends_cleanly_and_removes_the_socket() {
 
 /// Starts umdev-edu with `fd` as its descriptor 3 and `--fd 3`.
 fn spawn_with_fd3(fd: std::os::fd::RawFd) -> std::process::Child {
-    use std::os::unix::process::CommandExt;
     let mut cmd = std::process::Command::new(common::workspace_bin("umdev-edu"));
     cmd.args(["--fd", "3"]).stderr(std::process::Stdio::null());
-    // SAFETY: between fork and exec only async-signal-safe dup2 runs, making the
-    // socket the child's fd 3 (without close-on-exec).
-    unsafe {
-        cmd.pre_exec(move || {
-            // dup2 onto itself keeps close-on-exec: clear it explicitly.
-            if libc::dup2(fd, 3) < 0 || libc::fcntl(3, libc::F_SETFD, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    common::pass_as_fd3(&mut cmd, fd, false);
     cmd.spawn().unwrap()
 }
 

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ExitCode, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use umdev::benchmark::machine;
 
 use clap::Parser;
 use umdev::memory::GuestMemory;
@@ -1266,24 +1267,6 @@ fn start_server(bin: &Path, extra: &[String], cpu: Option<usize>) -> Result<(Sta
 
 fn memfd() -> Result<File> {
     Ok(umdev::memory::memfd("umdev-bench", 0)?)
-}
-
-fn machine() -> String {
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    // SAFETY: sysconf only reads a system value.
-    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default();
-    format!("{model}, {cpus} CPUs, Linux {kernel}")
 }
 
 fn run(args: Args) -> Result<()> {

@@ -14,6 +14,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use umdev::benchmark::{median, us};
 
 use clap::Parser;
 use umdev::memory::{DmaRegion, GuestMemory};
@@ -91,11 +92,6 @@ fn guest_memory(ram: &Ram) -> GuestMemory {
     memory
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 fn time(reps: usize, mut f: impl FnMut()) -> Duration {
     median(
         (0..reps)
@@ -121,10 +117,6 @@ impl TrackNotifier for Counting {
         self.0.fetch_add(1, Ordering::Relaxed);
     }
     fn track_remove_region(&self, _gfn: Gfn, _nr: u64) {}
-}
-
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
 }
 
 fn main() {

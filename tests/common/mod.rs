@@ -3,6 +3,9 @@
 #![allow(dead_code)]
 
 pub mod e2e;
+mod tempdir;
+
+pub use tempdir::TempDir;
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
@@ -100,32 +103,6 @@ impl Drop for Backend {
         if std::thread::panicking() {
             eprintln!("---- backend log ----\n{}", self.log());
         }
-    }
-}
-
-/// A directory removed on drop.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new() -> TempDir {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "umdev-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -229,5 +206,25 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
         }
         assert!(Instant::now() < deadline, "timed out");
         std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Makes `fd` the child's descriptor 3 (without close-on-exec), for `--fd 3`;
+/// with `close_others`, every descriptor above 3 is closed before exec too.
+pub fn pass_as_fd3(cmd: &mut Command, fd: RawFd, close_others: bool) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec only async-signal-safe dup2, fcntl and
+    // close_range run.
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 onto itself keeps close-on-exec: clear it explicitly.
+            if libc::dup2(fd, 3) < 0 || libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if close_others {
+                libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
+            }
+            Ok(())
+        });
     }
 }

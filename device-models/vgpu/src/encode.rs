@@ -17,6 +17,16 @@ pub const fn hi(addr: u64) -> u32 {
     (addr >> 32) as u32
 }
 
+/// A page-table or GGTT entry (SPEC.md "Page-table entries"): present,
+/// mapping the page at `addr` (a guest-physical address, or a VRAM offset when
+/// `vram`), writable or read-only.
+pub const fn pte(addr: u64, vram: bool, writable: bool) -> u64 {
+    (addr & PTE_ADDR_MASK)
+        | if vram { PTE_VRAM } else { 0 }
+        | PTE_PRESENT
+        | if writable { PTE_WRITABLE } else { 0 }
+}
+
 /// NOP (`0x00`, 1 dword): does nothing.
 pub fn nop() -> Vec<u32> {
     vec![header(OP_NOP, 0)]

@@ -295,15 +295,15 @@ impl PciConfig {
     }
 }
 
-/// BAR0 mapped through sysfs `resource0`.
+/// A BAR mapped through sysfs `resource<index>`.
 struct Bar {
     base: *mut u8,
     len: usize,
 }
 
 impl Bar {
-    fn map(dev: &Path) -> Result<Self, String> {
-        let path = dev.join("resource0");
+    fn map(dev: &Path, index: u32) -> Result<Self, String> {
+        let path = dev.join(format!("resource{index}"));
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -312,10 +312,10 @@ impl Bar {
             .map_err(|e| format!("open {}: {e}", path.display()))?;
         let len = file
             .metadata()
-            .map_err(|e| format!("stat resource0: {e}"))?
+            .map_err(|e| format!("stat {}: {e}", path.display()))?
             .len() as usize;
         if len == 0 {
-            return Err("resource0 has size 0".into());
+            return Err(format!("{} has size 0", path.display()));
         }
         // SAFETY: mapping a device file; the kernel validates length and offset.
         let p = unsafe {
@@ -329,7 +329,7 @@ impl Bar {
             )
         };
         if p == libc::MAP_FAILED {
-            return Err(format!("mmap resource0: {}", errno()));
+            return Err(format!("mmap {}: {}", path.display(), errno()));
         }
         Ok(Self {
             base: p.cast(),
@@ -625,7 +625,7 @@ fn run_edu_tests(rep: &mut Report, dev: &Path) -> Result<(), String> {
     })();
     rep.run("enable_bus_master", || enabled);
 
-    let bar = Bar::map(dev)?;
+    let bar = Bar::map(dev, 0)?;
     info(&format!("BAR0 mapped, {:#x} bytes", bar.len));
     rep.run("bar0_size", || Ok(format!("{:#x}", bar.len)));
     ID_REG.store(bar.base.cast::<u32>(), Ordering::Relaxed);

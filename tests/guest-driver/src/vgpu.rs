@@ -17,15 +17,12 @@
 //!   (GGTT and scanout registers); `vgpu_picture` (the scene drawn with FILL,
 //!   BLIT and COPY from a batch buffer, read back through BAR2).
 
-use std::fs::OpenOptions;
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{fence, Ordering};
 use std::time::Duration;
 
 use super::{
-    compare, dma_pages, errno, fnv1a, info, wait_until, Bar, DmaPage, PciConfig, Report, ID_REG,
-    PAGE,
+    compare, dma_pages, fnv1a, info, wait_until, Bar, DmaPage, PciConfig, Report, ID_REG, PAGE,
 };
 
 /// SPEC.md's register map and formats: the device crate's own constants.
@@ -93,41 +90,6 @@ fn r64(p: &DmaPage, off: usize) -> u64 {
     unsafe { std::ptr::read_volatile(p.virt.add(off).cast::<u64>()) }
 }
 
-/// Maps BAR `index` through sysfs `resource<index>`.
-fn map_resource(dev: &Path, index: u32) -> Result<Bar, String> {
-    let path = dev.join(format!("resource{index}"));
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .map_err(|e| format!("open {}: {e}", path.display()))?;
-    let len = file
-        .metadata()
-        .map_err(|e| format!("stat {}: {e}", path.display()))?
-        .len() as usize;
-    if len == 0 {
-        return Err(format!("{} has size 0", path.display()));
-    }
-    // SAFETY: mapping a device file; the kernel validates length and offset.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(format!("mmap {}: {}", path.display(), errno()));
-    }
-    Ok(Bar {
-        base: p.cast(),
-        len,
-    })
-}
-
 // --------------------------------------------------------------- commands --
 
 /// The commands that draw `ops` (framebuffer at [`FB_VA`], staged image at
@@ -175,11 +137,10 @@ enum Target {
 }
 
 fn pte(target: Target, writable: bool) -> u64 {
-    let (addr, vram) = match target {
-        Target::Ram(a) => (a, 0),
-        Target::Vram(a) => (a, PTE_VRAM),
-    };
-    (addr & PTE_ADDR_MASK) | vram | PTE_PRESENT | if writable { PTE_WRITABLE } else { 0 }
+    match target {
+        Target::Ram(a) => cmd::pte(a, false, writable),
+        Target::Vram(a) => cmd::pte(a, true, writable),
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -416,9 +377,9 @@ pub fn run_tests(rep: &mut Report, dev: &Path) -> Result<(), String> {
         Ok("mem+bm=0x0006".into())
     });
 
-    let bar = map_resource(dev, 0)?;
+    let bar = Bar::map(dev, 0)?;
     ID_REG.store(bar.base.cast::<u32>(), Ordering::Relaxed);
-    let vram = map_resource(dev, 2)?;
+    let vram = Bar::map(dev, 2)?;
     info(&format!(
         "vgpu: BAR0 {:#x} bytes, BAR2 (VRAM) {:#x} bytes",
         bar.len, vram.len

@@ -25,6 +25,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitCode, Stdio};
 use std::time::{Duration, Instant};
+use umdev::benchmark::{machine, median, us};
 
 use clap::Parser;
 use umdev::vfio_user::wire::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, PCI_CONFIG_REGION_INDEX};
@@ -354,33 +355,6 @@ impl Gpu {
         }
         Ok(start.elapsed())
     }
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn machine() -> String {
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    // SAFETY: sysconf only reads a system value.
-    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default();
-    format!("{model}, {cpus} CPUs, Linux {kernel}")
-}
-
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
 }
 
 fn bench(args: &Args) -> Result<()> {

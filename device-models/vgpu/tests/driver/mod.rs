@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -89,30 +89,9 @@ impl Options {
 
 // ---- process and temporary directory ---------------------------------------
 
-/// A directory removed on drop.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new() -> TempDir {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "umdev-vgpu-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+#[path = "../../../../tests/common/tempdir.rs"]
+mod tempdir;
+pub use tempdir::TempDir;
 
 /// The `umdev-vgpu` process; killed on drop, its log printed if a test panics.
 pub struct Backend {
@@ -1108,29 +1087,14 @@ impl Vgpu {
 
 // ---- page tables -------------------------------------------------------------
 
-/// What a leaf maps.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Target {
-    Ram(u64),
-    Vram(u64),
-}
-
-impl Target {
-    pub fn offset(self, by: u64) -> Target {
-        match self {
-            Target::Ram(a) => Target::Ram(a + by),
-            Target::Vram(a) => Target::Vram(a + by),
-        }
-    }
-}
+pub use umdev_vgpu::shadow::Target;
 
 /// A leaf entry for `target`.
 pub fn pte(target: Target, writable: bool) -> u64 {
-    let (addr, vram) = match target {
-        Target::Ram(a) => (a, 0),
-        Target::Vram(a) => (a, PTE_VRAM),
-    };
-    (addr & PTE_ADDR_MASK) | vram | PTE_PRESENT | if writable { PTE_WRITABLE } else { 0 }
+    match target {
+        Target::Ram(a) => cmd::pte(a, false, writable),
+        Target::Vram(a) => cmd::pte(a, true, writable),
+    }
 }
 
 /// A GGTT entry for `target`.
