@@ -279,6 +279,47 @@ fn dma_through_messages(be: Backend, layout: DmaLayout) {
     });
 }
 
+/// A DEVICE_RESET while the server's DMA_READ is unanswered: the late answer
+/// must not land in the reset device (no RUN, no buffer change, no interrupt),
+/// and the next DMA works.
+#[test]
+fn a_reset_during_a_dma_by_message_drops_its_late_result() {
+    let be = Backend::edu();
+    let mut c = be.connect();
+    let ram = SharedRam::new(0x20_0000, 0x10000);
+    ram.bytes.lock().unwrap()[..64].fill(0xab);
+    c.set_dma_target(Box::new(ram.clone()), DmaLayout::Spec);
+    c.dma_map(0x20_0000, 0x10000, None, 0, RW).unwrap();
+    enable(&mut c);
+    c.write_u64(BAR0, reg::DMA_SRC, 0x20_0000).unwrap();
+    c.write_u64(BAR0, reg::DMA_DST, DMA_BUF_ADDR).unwrap();
+    c.write_u64(BAR0, reg::DMA_COUNT, 64).unwrap();
+    c.region_write_posted(
+        BAR0,
+        reg::DMA_CMD,
+        &(DMA_CMD_RUN | DMA_CMD_IRQ).to_le_bytes(),
+    )
+    .unwrap();
+    let request = c.next_message().unwrap();
+    assert_eq!(request.header.command, Command::DmaRead as u16);
+    c.reset().unwrap();
+    c.answer(&request).unwrap();
+    // (The reset switched decoding off too.)
+    enable(&mut c);
+    assert_eq!(c.read_u64(BAR0, reg::DMA_CMD).unwrap(), 0);
+    assert_eq!(c.read_u32(BAR0, reg::IRQ_STATUS).unwrap(), 0);
+    // The buffer kept its power-on zeros: copy it out to see.
+    c.write_u64(BAR0, reg::DMA_SRC, DMA_BUF_ADDR).unwrap();
+    c.write_u64(BAR0, reg::DMA_DST, 0x20_0000 + 0x1000).unwrap();
+    c.write_u64(BAR0, reg::DMA_COUNT, 64).unwrap();
+    c.write_u64(BAR0, reg::DMA_CMD, DMA_CMD_RUN | DMA_CMD_TO_RAM)
+        .unwrap();
+    wait_for(Duration::from_secs(5), || {
+        (c.read_u64(BAR0, reg::DMA_CMD).unwrap() & DMA_CMD_RUN == 0).then_some(())
+    });
+    assert_eq!(ram.bytes.lock().unwrap()[0x1000..0x1040], [0u8; 64]);
+}
+
 #[test]
 fn dma_by_message_error_reply_does_not_kill_the_session() {
     let be = Backend::edu();

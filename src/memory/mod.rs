@@ -5,8 +5,10 @@
 //! DMA_READ/DMA_WRITE message through a [`DmaTransport`]. Device models use the
 //! [`GuestMemory`] handle and never see which of the two they got.
 
+mod queue;
 mod regions;
 
+pub use queue::{DmaDirection, DmaQueue, QueuedDma, MAX_QUEUED_DMA, MAX_QUEUED_DMA_LEN};
 pub use regions::{DmaRegion, DmaRegions, RegionBacking};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -233,6 +235,41 @@ impl GuestMemory {
         true
     }
 
+    /// Walks `[gpa, gpa+len)` region by region as the table stands now, telling
+    /// `piece` each part's guest address, its range within the transfer, and
+    /// whether it is fd-mapped (else it is reached by message). Refused as the
+    /// access itself would be: unmapped bytes, wrong direction, wrap-around.
+    pub fn for_each_piece(
+        &self,
+        gpa: u64,
+        len: usize,
+        direction: DmaDirection,
+        mut piece: impl FnMut(u64, std::ops::Range<usize>, bool),
+    ) -> Result<(), MemoryError> {
+        let dir = match direction {
+            DmaDirection::FromGuest => Direction::Read,
+            DmaDirection::ToGuest => Direction::Write,
+        };
+        self.access(gpa, len, dir, &|| true, |_, backing, range| {
+            let mapped = matches!(backing, Backing::Mapped(_));
+            piece(gpa + range.start as u64, range, mapped);
+            Ok(())
+        })
+    }
+
+    /// Tells the write observers of a device write that did not go through
+    /// [`write`](Self::write) (a queued DMA's message-borne part).
+    pub fn observe_write(&self, gpa: u64, len: usize) {
+        let observers = self
+            .shared
+            .write_observers
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        for o in observers.iter() {
+            o(gpa, len);
+        }
+    }
+
     /// Reads guest memory at `gpa` into `buf` as the device (gated by bus mastering).
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         self.check_bus_master()?;
@@ -265,14 +302,7 @@ impl GuestMemory {
         live: impl Fn() -> bool,
     ) -> Result<(), MemoryError> {
         self.write_unobserved(gpa, buf, &live)?;
-        let observers = self
-            .shared
-            .write_observers
-            .read()
-            .unwrap_or_else(|p| p.into_inner());
-        for o in observers.iter() {
-            o(gpa, buf.len());
-        }
+        self.observe_write(gpa, buf.len());
         Ok(())
     }
 
@@ -346,19 +376,32 @@ impl GuestMemory {
                 RegionBacking::Mapped(m) => copy(region_off, Backing::Mapped(m), range)?,
                 RegionBacking::Message => {
                     drop(regions);
-                    let transport = self
+                    let transport: Arc<dyn DmaTransport> = self
                         .shared
                         .transport
                         .read()
                         .unwrap_or_else(|p| p.into_inner())
                         .clone()
-                        .ok_or(MemoryError::NoTransport)?;
+                        .unwrap_or_else(|| Arc::new(Disconnected));
                     copy(region_off, Backing::Message(&*transport, cur), range)?;
                 }
             }
             done += chunk;
         }
         Ok(())
+    }
+}
+
+/// The transport while no client is connected: every message access fails.
+struct Disconnected;
+
+impl DmaTransport for Disconnected {
+    fn dma_read(&self, _: u64, _: &mut [u8]) -> Result<(), MemoryError> {
+        Err(MemoryError::NoTransport)
+    }
+
+    fn dma_write(&self, _: u64, _: &[u8]) -> Result<(), MemoryError> {
+        Err(MemoryError::NoTransport)
     }
 }
 

@@ -12,7 +12,7 @@ use super::bar::{BarDef, BarIndex, NUM_BARS};
 use super::capability::MsixLayout;
 use super::config::PciIds;
 use super::irq::InterruptHandle;
-use crate::memory::GuestMemory;
+use crate::memory::{DmaQueue, GuestMemory, MemoryError};
 use crate::pagetrack::{PageTracker, Policy, SourceKind};
 
 /// Everything about a device that does not change while it runs.
@@ -36,6 +36,9 @@ pub struct PciDeviceDescription {
 #[derive(Clone)]
 pub struct DeviceContext {
     pub memory: GuestMemory,
+    /// DMA started from an access handler, finished later by the session with
+    /// [`PciDevice::dma_done`] (no worker thread needed; see `memory::queue`).
+    pub dma: DmaQueue,
     pub irq: InterruptHandle,
     /// Write tracking of guest pages (KVM page-track semantics).
     pub page_tracker: PageTracker,
@@ -63,6 +66,11 @@ pub trait PciDevice: Send {
     fn bar_write(&mut self, bar: BarIndex, offset: u64, data: &[u8]);
     /// Return to power-on state (DEVICE_RESET, or the client went away).
     fn reset(&mut self);
+    /// A transfer queued on [`DeviceContext::dma`] finished: `Ok` carries the
+    /// bytes read (empty for a write). Runs on the session thread like the
+    /// access handlers. Transfers still under way when the client leaves are
+    /// dropped without a call (the device is reset then).
+    fn dma_done(&mut self, _token: u64, _result: Result<&[u8], MemoryError>) {}
     /// Directly mappable parts of a BAR, if any.
     fn bar_mapping(&self, _bar: BarIndex) -> Option<BarMapping> {
         None

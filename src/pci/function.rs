@@ -14,7 +14,7 @@ use super::config::{
 use super::device::{BarMapping, DeviceContext, PciDevice, PciDeviceDescription};
 use super::irq::{InterruptHandle, Interrupts};
 use super::msix::MsixTable;
-use crate::memory::GuestMemory;
+use crate::memory::{DmaQueue, GuestMemory, MemoryError};
 use crate::pagetrack::PageTracker;
 
 /// Region indices of a vfio PCI device beyond the BARs.
@@ -61,6 +61,7 @@ pub struct PciFunction {
     msix: Option<MsixTable>,
     irq: InterruptHandle,
     memory: GuestMemory,
+    dma: DmaQueue,
     page_tracker: PageTracker,
     device: Box<dyn PciDevice>,
 }
@@ -108,8 +109,10 @@ impl PciFunction {
             description.page_track_source,
             description.page_track_policy,
         );
+        let dma = DmaQueue::default();
         let device = make(DeviceContext {
             memory: memory.clone(),
+            dma: dma.clone(),
             irq: irq.clone(),
             page_tracker: page_tracker.clone(),
         });
@@ -120,6 +123,7 @@ impl PciFunction {
             caps,
             irq,
             memory,
+            dma,
             page_tracker,
             device,
             description,
@@ -136,6 +140,16 @@ impl PciFunction {
 
     pub fn memory(&self) -> &GuestMemory {
         &self.memory
+    }
+
+    /// The model's queue of deferred DMA, which the session executes.
+    pub fn dma_queue(&self) -> &DmaQueue {
+        &self.dma
+    }
+
+    /// Hands a finished queued transfer to the model.
+    pub fn dma_done(&mut self, token: u64, result: Result<&[u8], MemoryError>) {
+        self.device.dma_done(token, result);
     }
 
     pub fn page_tracker(&self) -> &PageTracker {

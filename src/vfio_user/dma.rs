@@ -47,11 +47,29 @@ impl Slot {
     }
 }
 
+/// Who waits for a reply: a thread blocked on its slot (with the slot's
+/// ticket for this request), or the session itself (a queued DMA's piece).
+enum Waiter {
+    Thread(Arc<Slot>, u64),
+    Session(SessionPiece),
+}
+
+/// The part of a queued DMA one request carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SessionPiece {
+    /// The session's number for the queued transfer.
+    pub op: u64,
+    /// Where the piece starts in the transfer, its guest address and length.
+    pub offset: usize,
+    pub gpa: u64,
+    pub len: usize,
+}
+
 #[derive(Default)]
 struct PendingInner {
     next_id: u16,
     next_ticket: u64,
-    waiting: HashMap<u16, (Arc<Slot>, u64)>,
+    waiting: HashMap<u16, Waiter>,
     /// Slots no request uses, for the next ones.
     free: Vec<Arc<Slot>>,
     closed: bool,
@@ -70,19 +88,7 @@ impl PendingRequests {
 
     fn register(&self) -> Result<(u16, Arc<Slot>), MemoryError> {
         let mut p = self.lock();
-        if p.closed {
-            return Err(MemoryError::NoTransport);
-        }
-        if p.waiting.len() >= MAX_PENDING_REQUESTS {
-            return Err(MemoryError::Transport(
-                "too many DMA requests in flight".into(),
-            ));
-        }
-        let mut id = p.next_id;
-        while p.waiting.contains_key(&id) {
-            id = id.wrapping_add(1);
-        }
-        p.next_id = id.wrapping_add(1);
+        let id = p.free_id()?;
         p.next_ticket += 1;
         let ticket = p.next_ticket;
         let slot = p.free.pop().unwrap_or_default();
@@ -93,8 +99,28 @@ impl PendingRequests {
             st.closed = false;
             st.error = None;
         }
-        p.waiting.insert(id, (slot.clone(), ticket));
+        p.waiting.insert(id, Waiter::Thread(slot.clone(), ticket));
         Ok((id, slot))
+    }
+
+    /// A message id for a request whose reply the session handles itself.
+    pub fn register_session(&self, piece: SessionPiece) -> Result<u16, MemoryError> {
+        let mut p = self.lock();
+        let id = p.free_id()?;
+        p.waiting.insert(id, Waiter::Session(piece));
+        Ok(id)
+    }
+
+    /// Gives up on a session request: a late reply finds no request.
+    pub fn forget(&self, id: u16) {
+        self.lock().waiting.remove(&id);
+    }
+
+    /// Gives up on every request of the session's transfer `op`.
+    pub fn forget_session_op(&self, op: u64) {
+        self.lock()
+            .waiting
+            .retain(|_, w| !matches!(w, Waiter::Session(p) if p.op == op));
     }
 
     /// Gives a slot back once its request is over (answered, failed or given up).
@@ -102,10 +128,7 @@ impl PendingRequests {
         let mut p = self.lock();
         // Still waiting means given up: a late reply finds no request. (The id
         // may serve another request by now only if that one has another slot.)
-        if p.waiting
-            .get(&id)
-            .is_some_and(|(s, _)| Arc::ptr_eq(s, &slot))
-        {
+        if matches!(p.waiting.get(&id), Some(Waiter::Thread(s, _)) if Arc::ptr_eq(s, &slot)) {
             p.waiting.remove(&id);
         }
         if !p.closed {
@@ -113,19 +136,25 @@ impl PendingRequests {
         }
     }
 
-    /// Called by the session thread for every reply the client sends.
-    pub fn complete(&self, header: &Header, payload: &[u8]) {
-        let Some((slot, ticket)) = self.lock().waiting.remove(&header.msg_id) else {
-            warn!(
-                msg_id = header.msg_id,
-                "reply to no request of ours; dropped"
-            );
-            return;
+    /// Called by the session thread for every reply the client sends. A reply
+    /// to a waiting thread is handed over here; one to the session's own
+    /// request comes back as the piece it answers.
+    pub fn complete(&self, header: &Header, payload: &[u8]) -> Option<SessionPiece> {
+        let (slot, ticket) = match self.lock().waiting.remove(&header.msg_id) {
+            Some(Waiter::Thread(slot, ticket)) => (slot, ticket),
+            Some(Waiter::Session(piece)) => return Some(piece),
+            None => {
+                warn!(
+                    msg_id = header.msg_id,
+                    "reply to no request of ours; dropped"
+                );
+                return None;
+            }
         };
         let mut st = slot.lock();
         if st.ticket != ticket {
             // Its request timed out meanwhile and the slot serves another.
-            return;
+            return None;
         }
         st.error = header.is_error().then_some(header.error);
         st.payload.clear();
@@ -133,6 +162,7 @@ impl PendingRequests {
         st.done = true;
         drop(st);
         slot.ready.notify_one();
+        None
     }
 
     /// The connection is gone: every waiter fails, and no new request starts.
@@ -140,10 +170,33 @@ impl PendingRequests {
         let mut p = self.lock();
         p.closed = true;
         p.free.clear();
-        for (_, (slot, _)) in p.waiting.drain() {
-            slot.lock().closed = true;
-            slot.ready.notify_one();
+        for (_, waiter) in p.waiting.drain() {
+            if let Waiter::Thread(slot, _) = waiter {
+                slot.lock().closed = true;
+                slot.ready.notify_one();
+            }
         }
+    }
+}
+
+impl PendingInner {
+    /// An id no waiting request uses, if the connection is open and the
+    /// number in flight allows another.
+    fn free_id(&mut self) -> Result<u16, MemoryError> {
+        if self.closed {
+            return Err(MemoryError::NoTransport);
+        }
+        if self.waiting.len() >= MAX_PENDING_REQUESTS {
+            return Err(MemoryError::Transport(
+                "too many DMA requests in flight".into(),
+            ));
+        }
+        let mut id = self.next_id;
+        while self.waiting.contains_key(&id) {
+            id = id.wrapping_add(1);
+        }
+        self.next_id = id.wrapping_add(1);
+        Ok(id)
     }
 }
 
@@ -189,23 +242,30 @@ impl DmaLink {
         result
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn send_and_wait<R>(
+    /// The longest piece one request may carry.
+    pub fn max_xfer(&self) -> usize {
+        self.max_xfer
+    }
+
+    /// How long a request may wait for its reply.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Writes one DMA_READ (`data` None, `count` bytes) or DMA_WRITE request.
+    pub fn send_request(
         &self,
         id: u16,
-        slot: &Slot,
-        command: Command,
         gpa: u64,
         count: usize,
         data: Option<&[u8]>,
-        take: impl FnOnce(&[u8]) -> R,
-    ) -> Result<R, MemoryError> {
+    ) -> Result<(), MemoryError> {
         let fixed = self.layout.fixed_part(gpa, count as u64);
         let data_at = self.layout.data_offset();
         let pad = [0u8; 16];
-        let payload_len = match data {
-            Some(d) => DmaLayout::payload_len(d.len()),
-            None => 16,
+        let (command, payload_len) = match data {
+            Some(d) => (Command::DmaWrite, DmaLayout::payload_len(d.len())),
+            None => (Command::DmaRead, 16),
         };
         let header = Header {
             msg_id: id,
@@ -221,9 +281,30 @@ impl DmaLink {
             }
             None => self.writer.send(&header, &[&fixed], &[]),
         };
-        if let Err(e) = sent {
-            return Err(MemoryError::Transport(format!("send: {e}")));
+        sent.map_err(|e| MemoryError::Transport(format!("send: {e}")))
+    }
+
+    /// The data of a DMA_READ reply, if it answers `len` bytes at `gpa`.
+    pub fn read_reply_data<'p>(&self, payload: &'p [u8], gpa: u64, len: usize) -> Option<&'p [u8]> {
+        if self.layout.parse(payload) != Some((gpa, len as u64)) {
+            return None;
         }
+        let at = self.layout.data_offset();
+        payload.get(at..at + len)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn send_and_wait<R>(
+        &self,
+        id: u16,
+        slot: &Slot,
+        command: Command,
+        gpa: u64,
+        count: usize,
+        data: Option<&[u8]>,
+        take: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, MemoryError> {
+        self.send_request(id, gpa, count, data)?;
         let deadline = Instant::now() + self.timeout;
         let mut st = slot.lock();
         while !st.done && !st.closed {
@@ -259,16 +340,14 @@ impl DmaTransport for DmaLink {
         let mut addr = gpa;
         for chunk in buf.chunks_mut(self.max_xfer) {
             let len = chunk.len();
-            let at = self.layout.data_offset();
-            let copied = self.transact(Command::DmaRead, addr, len, None, |payload| {
-                let ok = self.layout.parse(payload) == Some((addr, len as u64));
-                match (ok, payload.get(at..at + len)) {
-                    (true, Some(d)) => {
-                        chunk.copy_from_slice(d);
-                        true
-                    }
-                    _ => false,
+            let copied = self.transact(Command::DmaRead, addr, len, None, |payload| match self
+                .read_reply_data(payload, addr, len)
+            {
+                Some(d) => {
+                    chunk.copy_from_slice(d);
+                    true
                 }
+                None => false,
             })?;
             if !copied {
                 return Err(MemoryError::Transport(format!(

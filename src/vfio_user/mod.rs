@@ -2,6 +2,7 @@
 
 pub mod caps;
 pub mod client;
+mod deferred;
 pub mod dma;
 pub mod server;
 pub mod socket;

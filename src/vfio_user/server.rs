@@ -8,7 +8,9 @@
 //! The session thread is the only reader of the socket. Server-initiated DMA
 //! requests are written by whichever thread needs them (see [`dma`](super::dma)),
 //! and their replies are handed back by the session thread, which keeps serving the
-//! client's own commands in the meantime.
+//! client's own commands in the meantime. DMA a model queued from a handler
+//! (`DeviceContext::dma`) is done by the session thread itself, right after the
+//! handler, and finished when the replies arrive (see `deferred`).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -19,10 +21,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tracing::{debug, info, warn};
 
 use super::caps::Capabilities;
+use super::deferred::{DeferredDma, FinishedDma};
 use super::dma::{DmaLink, PendingRequests};
 use super::socket::{FrameError, MessageReader, MessageWriter, Received, MAX_FDS_PER_MESSAGE};
 use super::wire::*;
-use crate::memory::{DmaRegion, MemoryError};
+use crate::memory::{DmaDirection, DmaQueue, DmaRegion, GuestMemory, MemoryError};
 use crate::pagetrack::{DirtyBitmap, SourceKind, UffdRegistration};
 use crate::pci::irq::IrqSetData;
 use crate::pci::PciFunction;
@@ -183,8 +186,17 @@ impl Server {
             writer.shutdown();
         }
         let pending = Arc::new(PendingRequests::default());
+        let (memory, dma_queue) = {
+            let function = lock(&self.function);
+            (function.memory().clone(), function.dma_queue().clone())
+        };
+        dma_queue.attach(true);
         let mut session = Session {
             function: &self.function,
+            memory,
+            dma_queue: dma_queue.clone(),
+            deferred: DeferredDma::default(),
+            link: None,
             config: &self.config,
             writer: writer.clone(),
             pending: pending.clone(),
@@ -203,6 +215,7 @@ impl Server {
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = None;
         pending.close();
+        dma_queue.attach(false);
         let mut function = lock(&self.function);
         function.memory().set_transport(None);
         let dropped = function.memory().with_regions(|r| r.clear());
@@ -224,6 +237,12 @@ type HandlerResult = Result<(), i32>;
 
 struct Session<'a> {
     function: &'a Mutex<PciFunction>,
+    memory: GuestMemory,
+    /// The model's deferred DMA: queued by its handlers, done by this session.
+    dma_queue: DmaQueue,
+    deferred: DeferredDma,
+    /// The DMA_READ/DMA_WRITE link agreed at VERSION.
+    link: Option<Arc<DmaLink>>,
     config: &'a ServerConfig,
     writer: Arc<MessageWriter>,
     pending: Arc<PendingRequests>,
@@ -258,7 +277,20 @@ impl Session<'_> {
                 fds_truncated,
             } = msg;
             if header.is_reply() {
-                self.pending.complete(&header, payload);
+                let finished = match self.pending.complete(&header, payload) {
+                    Some(piece) => self.deferred.on_reply(
+                        piece,
+                        &header,
+                        payload,
+                        &self.memory,
+                        self.link.as_deref(),
+                    ),
+                    None => None,
+                };
+                if let Some(f) = finished {
+                    self.finish_dma(f);
+                }
+                self.after_message();
                 continue;
             }
             // Copy the payload out of the reader's borrow only as a slice reference:
@@ -293,7 +325,62 @@ impl Session<'_> {
                     self.send_error(&header, errno)?;
                 }
             }
+            self.after_message();
         }
+    }
+
+    /// Runs the DMA the model queued while handling the message, and fails
+    /// transfers whose replies are overdue. Two loads when there is neither.
+    #[inline]
+    fn after_message(&mut self) {
+        if self.dma_queue.has_queued() {
+            self.run_queued_dma();
+        }
+        if !self.deferred.is_idle() {
+            let now = std::time::Instant::now();
+            while let Some(f) = self.deferred.take_expired(now, &self.pending) {
+                self.finish_dma(f);
+            }
+        }
+    }
+
+    #[cold]
+    fn run_queued_dma(&mut self) {
+        // A model may queue the next transfer from dma_done; a bounded number
+        // per message keeps one that always does from holding the session.
+        for _ in 0..crate::memory::MAX_QUEUED_DMA {
+            let Some(op) = self.dma_queue.pop() else {
+                return;
+            };
+            if let Some(f) =
+                self.deferred
+                    .start(op, &self.memory, self.link.as_deref(), &self.pending)
+            {
+                self.finish_dma(f);
+            }
+        }
+        if self.dma_queue.has_queued() {
+            debug!("queued DMA left for after the next message");
+        }
+    }
+
+    /// Hands a finished transfer to the model and keeps its buffer.
+    fn finish_dma(&mut self, f: FinishedDma) {
+        let FinishedDma {
+            token,
+            direction,
+            data,
+            result,
+        } = f;
+        if let Err(e) = &result {
+            debug!(token, "queued DMA failed: {e}");
+        }
+        let outcome = result.map(|()| match direction {
+            DmaDirection::FromGuest => &data[..],
+            DmaDirection::ToGuest => &[][..],
+        });
+        lock(self.function).dma_done(token, outcome);
+        self.dma_queue.recycle(data);
     }
 
     fn dispatch(&mut self, req: Request<'_>) -> HandlerResult {
@@ -436,16 +523,15 @@ impl Session<'_> {
             .max_data_xfer_size
             .min(self.config.max_data_xfer_size)
             .max(4096);
-        let link = DmaLink::new(
+        let link = Arc::new(DmaLink::new(
             self.writer.clone(),
             self.pending.clone(),
             max_xfer as usize,
             self.config.dma_timeout,
             self.config.dma_layout,
-        );
-        lock(self.function)
-            .memory()
-            .set_transport(Some(Arc::new(link)));
+        ));
+        self.memory.set_transport(Some(link.clone()));
+        self.link = Some(link);
         self.client_caps = Some(caps);
         self.reply(&req.header, &[reply.as_bytes(), &json], &[])
     }

@@ -5,16 +5,18 @@
 //! leaves the 4 KiB buffer is refused (QEMU logs it and copies out of bounds), and
 //! a reset returns every register to power-on state (QEMU's edu has no reset).
 //!
-//! The factorial and the DMA engine run on a worker thread, as QEMU runs them off
-//! its vCPU thread: a DMA through DMA_READ/DMA_WRITE messages waits for the
-//! client, which must never block the session thread that carries its reply.
+//! The factorial runs on a worker thread, as QEMU runs it off its vCPU thread.
+//! The DMA engine queues its transfer on the device's DMA queue: the session
+//! performs it right after the access that started it and hands the result back
+//! ([`PciDevice::dma_done`]); a transfer through DMA_READ/DMA_WRITE messages
+//! never blocks the session thread that carries its reply, and wakes no thread.
 
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use tracing::{debug, warn};
-use umdev::memory::GuestMemory;
+use umdev::memory::{GuestMemory, MemoryError};
 use umdev::pci::{
     BarDef, BarIndex, DeviceContext, PciDevice, PciDeviceDescription, PciError, PciFunction, PciIds,
 };
@@ -168,68 +170,49 @@ impl Shared {
         }
     }
 
-    /// One DMA transfer, with the register lock released while guest memory is
-    /// touched (a message-based access waits for the client).
-    fn run_dma(&self) {
-        let (generation, cmd, src, dst, count, outgoing) = {
-            let regs = self.regs();
-            if regs.dma_cmd & DMA_CMD_RUN == 0 {
-                return;
-            }
-            let to_ram = regs.dma_cmd & DMA_CMD_TO_RAM != 0;
-            let device_side = if to_ram { regs.dma_src } else { regs.dma_dst };
-            let outgoing = match buffer_range(device_side, regs.dma_count) {
-                Some(range) if to_ram => Ok(Some(regs.dma_buf[range].to_vec())),
-                Some(_) => Ok(None),
-                None => Err(device_side),
-            };
-            (
-                regs.generation,
-                regs.dma_cmd,
-                regs.dma_src,
-                regs.dma_dst,
-                regs.dma_count,
-                outgoing,
-            )
+    /// Starts the DMA just commanded: queued on the device's DMA queue, which the
+    /// session performs as soon as this access returns (reaching the client by
+    /// message for fd-less memory, without waiting here) and finishes in
+    /// [`Shared::dma_finished`].
+    fn start_dma(&self, regs: &mut Registers) {
+        let to_ram = regs.dma_cmd & DMA_CMD_TO_RAM != 0;
+        let device_side = if to_ram { regs.dma_src } else { regs.dma_dst };
+        let count = regs.dma_count;
+        let Some(range) = buffer_range(device_side, count) else {
+            let e = format!("device range {device_side:#x}+{count:#x} is outside the DMA buffer");
+            return self.dma_finished(regs, Err(e));
         };
-        let memory = &self.ctx.memory;
-        let result: Result<Option<Vec<u8>>, String> = match outgoing {
-            Err(addr) => Err(format!(
-                "device range {addr:#x}+{count:#x} is outside the DMA buffer"
-            )),
-            Ok(Some(data)) => {
-                let gpa = self.clamp(dst);
-                memory
-                    .write(gpa, &data)
-                    .map(|_| None)
-                    .map_err(|e| e.to_string())
-            }
-            Ok(None) => {
-                let gpa = self.clamp(src);
-                let mut data = vec![0u8; count as usize];
-                memory
-                    .read(gpa, &mut data)
-                    .map(|_| Some(data))
-                    .map_err(|e| e.to_string())
-            }
+        let queued = if to_ram {
+            let gpa = self.clamp(regs.dma_dst);
+            self.ctx
+                .dma
+                .write(regs.generation, gpa, &regs.dma_buf[range])
+        } else {
+            let gpa = self.clamp(regs.dma_src);
+            self.ctx.dma.read(regs.generation, gpa, range.len())
         };
-        let mut regs = self.regs();
-        if regs.generation != generation {
-            debug!("DMA finished after a reset; result dropped");
-            return;
+        if let Err(e) = queued {
+            self.dma_finished(regs, Err(e.to_string()));
         }
+    }
+
+    /// The DMA is over: `data` holds what was read from RAM (for a transfer to
+    /// the device). Clears RUN and raises the interrupt if asked for.
+    fn dma_finished(&self, regs: &mut Registers, result: Result<&[u8], String>) {
+        let (src, dst, count) = (regs.dma_src, regs.dma_dst, regs.dma_count);
         match result {
-            Ok(Some(data)) => {
-                if let Some(range) = buffer_range(dst, count) {
-                    regs.dma_buf[range].copy_from_slice(&data);
+            Ok(data) if regs.dma_cmd & DMA_CMD_TO_RAM == 0 => {
+                if let Some(range) = buffer_range(dst, count).filter(|r| r.len() == data.len()) {
+                    regs.dma_buf[range].copy_from_slice(data);
                 }
             }
-            Ok(None) => {}
+            Ok(_) => {}
             Err(e) => warn!(src, dst, count, "edu DMA failed: {e}"),
         }
+        let cmd = regs.dma_cmd;
         regs.dma_cmd &= !DMA_CMD_RUN;
         if cmd & DMA_CMD_IRQ != 0 {
-            self.raise_irq(&mut regs, DMA_IRQ);
+            self.raise_irq(regs, DMA_IRQ);
         }
     }
 
@@ -254,7 +237,6 @@ fn buffer_range(addr: u64, count: u64) -> Option<std::ops::Range<usize>> {
 
 enum Job {
     Factorial,
-    Dma,
 }
 
 /// The `edu` device model.
@@ -284,13 +266,12 @@ impl Edu {
                 for job in rx {
                     match job {
                         Job::Factorial => worker_shared.run_factorial(),
-                        Job::Dma => worker_shared.run_dma(),
                     }
                 }
             })
             .ok();
         if worker.is_none() {
-            warn!("edu: could not start the worker thread; factorial and DMA will not run");
+            warn!("edu: could not start the worker thread; the factorial will not run");
         }
         Edu {
             shared,
@@ -388,8 +369,7 @@ impl PciDevice for Edu {
                     _ => {
                         if value & DMA_CMD_RUN != 0 {
                             regs.dma_cmd = value;
-                            drop(regs);
-                            self.submit(Job::Dma);
+                            shared.start_dma(&mut regs);
                         }
                     }
                 }
@@ -405,5 +385,15 @@ impl PciDevice for Edu {
             generation,
             ..Registers::default()
         };
+    }
+
+    fn dma_done(&mut self, token: u64, result: Result<&[u8], MemoryError>) {
+        let mut regs = self.shared.regs();
+        if token != regs.generation || regs.dma_cmd & DMA_CMD_RUN == 0 {
+            debug!("DMA finished after a reset; result dropped");
+            return;
+        }
+        self.shared
+            .dma_finished(&mut regs, result.map_err(|e| e.to_string()));
     }
 }

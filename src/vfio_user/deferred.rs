@@ -1,0 +1,436 @@
+//! The session's side of deferred DMA (`memory::queue`): it performs the
+//! transfers a model queued and finishes them when the client's replies come.
+//!
+//! fd-mapped pieces are copied at once; fd-less pieces become DMA_READ/DMA_WRITE
+//! requests (at most `max_data_xfer_size` each) registered with the session as
+//! their waiter, so their replies come back here from the session's own read
+//! loop: no thread waits, and none is woken. A transfer finishes when its last
+//! request is answered, or fails when the client refuses one, sends a reply
+//! that does not match, or lets the DMA timeout pass (checked whenever a
+//! message arrives; a silent client has nothing else going on either).
+
+use std::ops::Range;
+use std::time::Instant;
+
+use tracing::debug;
+
+use super::dma::{DmaLink, PendingRequests, SessionPiece};
+use super::wire::Header;
+use crate::memory::{DmaDirection, GuestMemory, MemoryError, QueuedDma};
+
+/// A transfer that is over, to hand to the model.
+pub(super) struct FinishedDma {
+    pub token: u64,
+    pub direction: DmaDirection,
+    pub data: Vec<u8>,
+    pub result: Result<(), MemoryError>,
+}
+
+struct InFlight {
+    op: u64,
+    token: u64,
+    direction: DmaDirection,
+    data: Vec<u8>,
+    /// Requests sent and not yet answered.
+    outstanding: usize,
+    /// The first failure; the transfer still waits for its outstanding replies.
+    error: Option<MemoryError>,
+    deadline: Instant,
+}
+
+/// Queued transfers the session has started and not finished.
+#[derive(Default)]
+pub(super) struct DeferredDma {
+    in_flight: Vec<InFlight>,
+    next_op: u64,
+    /// Reused list of a transfer's pieces: (guest address, range, fd-mapped).
+    pieces: Vec<(u64, Range<usize>, bool)>,
+}
+
+impl DeferredDma {
+    pub fn is_idle(&self) -> bool {
+        self.in_flight.is_empty()
+    }
+
+    /// Starts `op`: returns it finished if nothing needs the client.
+    pub fn start(
+        &mut self,
+        op: QueuedDma,
+        memory: &GuestMemory,
+        link: Option<&DmaLink>,
+        pending: &PendingRequests,
+    ) -> Option<FinishedDma> {
+        self.next_op += 1;
+        let mut flight = InFlight {
+            op: self.next_op,
+            token: op.token,
+            direction: op.direction,
+            data: op.data,
+            outstanding: 0,
+            error: None,
+            deadline: Instant::now(),
+        };
+        if let Err(e) = self.issue(&mut flight, op.gpa, memory, link, pending) {
+            flight.error = Some(e);
+        }
+        if flight.outstanding == 0 {
+            return Some(finish(flight));
+        }
+        flight.deadline = Instant::now() + link.map(|l| l.timeout()).unwrap_or_default();
+        self.in_flight.push(flight);
+        None
+    }
+
+    /// Copies the fd-mapped pieces and sends requests for the others; stops at
+    /// the first failure (requests already sent stay outstanding).
+    fn issue(
+        &mut self,
+        flight: &mut InFlight,
+        gpa: u64,
+        memory: &GuestMemory,
+        link: Option<&DmaLink>,
+        pending: &PendingRequests,
+    ) -> Result<(), MemoryError> {
+        if !memory.bus_master() {
+            return Err(MemoryError::BusMasterDisabled);
+        }
+        self.pieces.clear();
+        let pieces = &mut self.pieces;
+        memory.for_each_piece(
+            gpa,
+            flight.data.len(),
+            flight.direction,
+            |at, range, mapped| pieces.push((at, range, mapped)),
+        )?;
+        for (at, range, mapped) in self.pieces.drain(..) {
+            if mapped {
+                match flight.direction {
+                    DmaDirection::FromGuest => memory.read(at, &mut flight.data[range])?,
+                    DmaDirection::ToGuest => memory.write(at, &flight.data[range])?,
+                }
+                continue;
+            }
+            let link = link.ok_or(MemoryError::NoTransport)?;
+            let mut offset = range.start;
+            while offset < range.end {
+                let len = (range.end - offset).min(link.max_xfer());
+                let piece = SessionPiece {
+                    op: flight.op,
+                    offset,
+                    gpa: at + (offset - range.start) as u64,
+                    len,
+                };
+                let id = pending.register_session(piece)?;
+                let data = match flight.direction {
+                    DmaDirection::FromGuest => None,
+                    DmaDirection::ToGuest => Some(&flight.data[offset..offset + len]),
+                };
+                if let Err(e) = link.send_request(id, piece.gpa, len, data) {
+                    pending.forget(id);
+                    return Err(e);
+                }
+                flight.outstanding += 1;
+                offset += len;
+            }
+        }
+        Ok(())
+    }
+
+    /// The client answered `piece`; returns its transfer if that was the last.
+    pub fn on_reply(
+        &mut self,
+        piece: SessionPiece,
+        header: &Header,
+        payload: &[u8],
+        memory: &GuestMemory,
+        link: Option<&DmaLink>,
+    ) -> Option<FinishedDma> {
+        let i = self.in_flight.iter().position(|f| f.op == piece.op)?;
+        let flight = &mut self.in_flight[i];
+        flight.outstanding -= 1;
+        let answer = if header.is_error() {
+            Err(MemoryError::Transport(format!(
+                "DMA at {:#x}: client answered errno {}",
+                piece.gpa, header.error
+            )))
+        } else if flight.direction == DmaDirection::ToGuest {
+            memory.observe_write(piece.gpa, piece.len);
+            Ok(())
+        } else {
+            match link.and_then(|l| l.read_reply_data(payload, piece.gpa, piece.len)) {
+                Some(d) => {
+                    flight.data[piece.offset..piece.offset + piece.len].copy_from_slice(d);
+                    Ok(())
+                }
+                None => Err(MemoryError::Transport(format!(
+                    "DMA_READ reply at {:#x} does not match the request",
+                    piece.gpa
+                ))),
+            }
+        };
+        if let Err(e) = answer {
+            flight.error.get_or_insert(e);
+        }
+        if flight.outstanding > 0 {
+            return None;
+        }
+        Some(finish(self.in_flight.swap_remove(i)))
+    }
+
+    /// A transfer whose deadline has passed, failed; its late replies are
+    /// dropped as answers to no request.
+    pub fn take_expired(&mut self, now: Instant, pending: &PendingRequests) -> Option<FinishedDma> {
+        let i = self.in_flight.iter().position(|f| f.deadline <= now)?;
+        let mut flight = self.in_flight.swap_remove(i);
+        pending.forget_session_op(flight.op);
+        debug!(
+            token = flight.token,
+            outstanding = flight.outstanding,
+            "queued DMA timed out"
+        );
+        flight.error.get_or_insert(MemoryError::Transport(
+            "no reply to a DMA request in time".into(),
+        ));
+        Some(finish(flight))
+    }
+}
+
+fn finish(flight: InFlight) -> FinishedDma {
+    FinishedDma {
+        token: flight.token,
+        direction: flight.direction,
+        data: flight.data,
+        result: flight.error.map_or(Ok(()), Err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::socket::MessageWriter;
+    use super::super::wire::{
+        Command, DmaLayout, WireStruct, FLAGS_ERROR, FLAGS_TYPE_REPLY, HEADER_SIZE,
+    };
+    use super::*;
+    use crate::memory::{memfd, DmaRegion};
+    use std::io::{Read, Write};
+    use std::os::fd::OwnedFd;
+    use std::os::unix::net::UnixStream;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    /// Guest memory: fd-mapped [0x1000, 0x3000) (bytes i as u8 at 0x1000+i),
+    /// fd-less [0x3000, 0x5000). Requests carry at most 0x800 bytes.
+    struct Setup {
+        memory: GuestMemory,
+        link: DmaLink,
+        pending: Arc<PendingRequests>,
+        client: UnixStream,
+        deferred: DeferredDma,
+        written: Arc<Mutex<Vec<(u64, usize)>>>,
+    }
+
+    fn setup() -> Setup {
+        let mut file = memfd("deferred", 0x2000).unwrap();
+        let pattern: Vec<u8> = (0..0x2000).map(|i| i as u8).collect();
+        file.write_all(&pattern).unwrap();
+        let memory = GuestMemory::new(8);
+        memory.set_bus_master(true);
+        let mapped = DmaRegion::mapped(0x1000, 0x2000, OwnedFd::from(file), 0, true, true).unwrap();
+        let message = DmaRegion::message(0x3000, 0x2000, true, true).unwrap();
+        memory
+            .with_regions(|r| r.insert(mapped).and_then(|()| r.insert(message)))
+            .unwrap();
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let w = written.clone();
+        memory.add_write_observer(Arc::new(move |gpa, len| w.lock().unwrap().push((gpa, len))));
+        let (server, client) = UnixStream::pair().unwrap();
+        let pending = Arc::new(PendingRequests::default());
+        let link = DmaLink::new(
+            Arc::new(MessageWriter::new(server)),
+            pending.clone(),
+            0x800,
+            Duration::from_secs(5),
+            DmaLayout::Spec,
+        );
+        Setup {
+            memory,
+            link,
+            pending,
+            client,
+            deferred: DeferredDma::default(),
+            written,
+        }
+    }
+
+    impl Setup {
+        fn start(
+            &mut self,
+            token: u64,
+            gpa: u64,
+            direction: DmaDirection,
+            data: Vec<u8>,
+        ) -> Option<FinishedDma> {
+            let op = QueuedDma {
+                token,
+                gpa,
+                direction,
+                data,
+            };
+            self.deferred
+                .start(op, &self.memory, Some(&self.link), &self.pending)
+        }
+
+        /// The next request the server sent: header, address, count, data.
+        fn request(&mut self) -> (Header, u64, usize, Vec<u8>) {
+            let mut head = [0u8; HEADER_SIZE];
+            self.client.read_exact(&mut head).unwrap();
+            let h = Header::read_from(&head).unwrap();
+            let mut payload = vec![0u8; h.size as usize - HEADER_SIZE];
+            self.client.read_exact(&mut payload).unwrap();
+            let (gpa, count) = DmaLayout::Spec.parse(&payload).unwrap();
+            let at = DmaLayout::Spec.data_offset();
+            let data = payload.get(at..at + count as usize).unwrap_or(&[]).to_vec();
+            (h, gpa, count as usize, data)
+        }
+
+        /// Answers `h` (with `data` for a read; `errno` makes it an error reply).
+        fn answer(
+            &mut self,
+            h: &Header,
+            gpa: u64,
+            data: &[u8],
+            errno: Option<u32>,
+        ) -> Option<FinishedDma> {
+            let layout = DmaLayout::Spec;
+            let mut payload =
+                layout.fixed_part(gpa, data.len() as u64)[..layout.data_offset()].to_vec();
+            payload.extend_from_slice(data);
+            let reply = Header {
+                msg_id: h.msg_id,
+                command: h.command,
+                size: (HEADER_SIZE + payload.len()) as u32,
+                flags: FLAGS_TYPE_REPLY | if errno.is_some() { FLAGS_ERROR } else { 0 },
+                error: errno.unwrap_or(0),
+            };
+            let piece = self.pending.complete(&reply, &payload)?;
+            self.deferred
+                .on_reply(piece, &reply, &payload, &self.memory, Some(&self.link))
+        }
+    }
+
+    #[test]
+    fn a_read_across_mapped_and_message_memory_finishes_with_its_last_reply() {
+        let mut s = setup();
+        // 0x100 mapped bytes, then 0x1100 by message: three requests.
+        assert!(s
+            .start(7, 0x2f00, DmaDirection::FromGuest, vec![0; 0x1200])
+            .is_none());
+        let requests: Vec<_> = (0..3).map(|_| s.request()).collect();
+        let shape: Vec<_> = requests
+            .iter()
+            .map(|(h, gpa, n, _)| (h.command, *gpa, *n))
+            .collect();
+        let read = Command::DmaRead as u16;
+        assert_eq!(
+            shape,
+            [
+                (read, 0x3000, 0x800),
+                (read, 0x3800, 0x800),
+                (read, 0x4000, 0x100)
+            ]
+        );
+        // Answered out of order; only the last answer finishes the transfer.
+        let fill = |gpa: u64, n: usize| vec![(gpa >> 8) as u8; n];
+        for (h, gpa, n, _) in requests[1..].iter().rev() {
+            assert!(s.answer(h, *gpa, &fill(*gpa, *n), None).is_none());
+        }
+        let (h, gpa, n, _) = &requests[0];
+        let done = s.answer(h, *gpa, &fill(*gpa, *n), None).expect("finished");
+        assert_eq!((done.token, done.direction), (7, DmaDirection::FromGuest));
+        done.result.unwrap();
+        let expect: Vec<u8> = (0x1f00..0x2000)
+            .map(|i| i as u8)
+            .chain(fill(0x3000, 0x800))
+            .chain(fill(0x3800, 0x800))
+            .chain(fill(0x4000, 0x100))
+            .collect();
+        assert!(done.data == expect);
+        assert!(s.deferred.is_idle());
+    }
+
+    #[test]
+    fn a_write_reaches_both_kinds_of_memory_and_its_observers() {
+        let mut s = setup();
+        let data: Vec<u8> = (0..0x200).map(|i| (i * 3) as u8).collect();
+        assert!(s
+            .start(1, 0x2f00, DmaDirection::ToGuest, data.clone())
+            .is_none());
+        let (h, gpa, n, sent) = s.request();
+        assert_eq!(
+            (h.command, gpa, n),
+            (Command::DmaWrite as u16, 0x3000, 0x100)
+        );
+        assert_eq!(sent, data[0x100..]);
+        let done = s.answer(&h, gpa, &[], None).expect("finished");
+        done.result.unwrap();
+        let mut back = [0u8; 0x100];
+        s.memory.read(0x2f00, &mut back).unwrap();
+        assert_eq!(back[..], data[..0x100]);
+        assert_eq!(
+            *s.written.lock().unwrap(),
+            [(0x2f00, 0x100), (0x3000, 0x100)]
+        );
+        // All fd-mapped: finished at once, no message.
+        let done = s
+            .start(2, 0x1000, DmaDirection::ToGuest, vec![5; 8])
+            .expect("at once");
+        done.result.unwrap();
+    }
+
+    #[test]
+    fn refusals_mismatches_and_silence_fail_the_transfer_not_the_session() {
+        let mut s = setup();
+        // The client refuses one of two requests: the transfer fails once both
+        // are answered.
+        assert!(s
+            .start(1, 0x3000, DmaDirection::FromGuest, vec![0; 0x1000])
+            .is_none());
+        let (h1, g1, n1, _) = s.request();
+        let (h2, g2, _, _) = s.request();
+        assert!(s.answer(&h2, g2, &[], Some(libc::EFAULT as u32)).is_none());
+        let done = s.answer(&h1, g1, &vec![0; n1], None).expect("finished");
+        assert!(matches!(done.result, Err(MemoryError::Transport(_))));
+        // A reply for another address than asked.
+        assert!(s
+            .start(2, 0x3000, DmaDirection::FromGuest, vec![0; 16])
+            .is_none());
+        let (h, _, _, _) = s.request();
+        let done = s.answer(&h, 0x3100, &[0; 16], None).expect("finished");
+        assert!(matches!(done.result, Err(MemoryError::Transport(_))));
+        // No reply: expired at the deadline, and the late reply finds nothing.
+        assert!(s
+            .start(3, 0x3000, DmaDirection::FromGuest, vec![0; 16])
+            .is_none());
+        let (h, g, n, _) = s.request();
+        assert!(s
+            .deferred
+            .take_expired(Instant::now(), &s.pending)
+            .is_none());
+        let later = Instant::now() + Duration::from_secs(6);
+        let done = s.deferred.take_expired(later, &s.pending).expect("expired");
+        assert_eq!(done.token, 3);
+        assert!(done.result.is_err());
+        assert!(s.answer(&h, g, &vec![0; n], None).is_none());
+        assert!(s.deferred.is_idle());
+        // Refused before any message: bus mastering off, unmapped bytes.
+        let done = s
+            .start(4, 0x4ff0, DmaDirection::FromGuest, vec![0; 0x20])
+            .expect("at once");
+        assert!(matches!(done.result, Err(MemoryError::Unmapped(0x5000))));
+        s.memory.set_bus_master(false);
+        let done = s
+            .start(5, 0x3000, DmaDirection::ToGuest, vec![0; 4])
+            .expect("at once");
+        assert!(matches!(done.result, Err(MemoryError::BusMasterDisabled)));
+    }
+}
