@@ -1,12 +1,13 @@
 //! What every device binary shares: socket options, logging, signals, the run loop.
 
-use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicPtr, Ordering};
 
 use tracing::{error, info};
 
 use crate::pci::PciFunction;
+use crate::vfio_user::server::StopHandle;
 use crate::vfio_user::wire::DmaLayout;
 use crate::vfio_user::{Server, ServerConfig};
 
@@ -61,15 +62,17 @@ pub enum RunError {
 }
 
 /// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread and every thread it
-/// starts afterwards, so that [`run`] can take them synchronously. Call first in
-/// `main`, before the device model starts threads.
+/// starts afterwards. Call first in `main`, before the device model starts
+/// threads: [`run`] unblocks them in its own thread only, so they never land in
+/// a model's thread (servers without [`run`] take them with
+/// [`wait_for_termination_signal`]).
 pub fn block_termination_signals() {
     // SAFETY: sigset manipulation on a local set, then pthread_sigmask for the
     // calling thread; no memory is shared.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        for sig in TERMINATION_SIGNALS {
             libc::sigaddset(&mut set, sig);
         }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
@@ -82,7 +85,7 @@ pub fn wait_for_termination_signal() -> i32 {
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        for sig in TERMINATION_SIGNALS {
             libc::sigaddset(&mut set, sig);
         }
         let mut sig = 0;
@@ -99,16 +102,63 @@ pub fn run(args: &ServerArgs, function: PciFunction) -> Result<(), RunError> {
         ..ServerConfig::default()
     };
     let server = Server::new(function, config);
-    let stop = server.stop_handle();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let sig = wait_for_termination_signal();
-            info!(sig, "termination signal: stopping");
-            stop.stop();
-        })
-        .map_err(|e| RunError::Fd(-1, e))?;
+    stop_on_termination_signals(server.stop_handle()).map_err(|e| RunError::Fd(-1, e))?;
+    let result = serve_as_told(args, &server);
+    if server.stop_handle().is_stopped() {
+        info!("stopped by a termination signal");
+    }
+    result
+}
 
+/// The server a termination signal stops. `stop_on_termination_signals` leaks
+/// the handle it stores: a handler may be using it at any time, so it is never
+/// freed (one small allocation per `run`).
+static SIGNAL_STOP: AtomicPtr<StopHandle> = AtomicPtr::new(std::ptr::null_mut());
+
+extern "C" fn on_termination_signal(_sig: libc::c_int) {
+    let stop = SIGNAL_STOP.load(Ordering::SeqCst);
+    if !stop.is_null() {
+        // SAFETY: a leaked, never freed StopHandle; `stop` is async-signal-safe
+        // (atomics and shutdown(2)).
+        unsafe { (*stop).stop() };
+    }
+}
+
+/// Makes SIGTERM, SIGINT and SIGHUP stop the server, from a signal handler on
+/// the calling thread. No signal thread: a backend whose model starts no
+/// threads stays single-threaded, and the kernel's fd lookup on each socket
+/// call is cheaper for a process that shares its fd table with no other
+/// thread (docs/performance.md, "Where the rest goes").
+fn stop_on_termination_signals(stop: StopHandle) -> std::io::Result<()> {
+    SIGNAL_STOP.store(Box::into_raw(Box::new(stop)), Ordering::SeqCst);
+    // SAFETY: sigaction with a zeroed struct, a handler that is an extern "C"
+    // fn doing only async-signal-safe work, and a local signal set; then
+    // pthread_sigmask on the calling thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in TERMINATION_SIGNALS {
+            libc::sigaddset(&mut set, sig);
+        }
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_termination_signal as *const () as usize;
+        sa.sa_mask = set;
+        // Restarted calls see the shut-down sockets: accept() fails, recvmsg()
+        // reads end of file.
+        sa.sa_flags = libc::SA_RESTART;
+        for sig in TERMINATION_SIGNALS {
+            if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
+    Ok(())
+}
+
+const TERMINATION_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+fn serve_as_told(args: &ServerArgs, server: &Server) -> Result<(), RunError> {
     if let Some(fd) = args.fd {
         // SAFETY: the user handed us this fd on the command line; nothing else in
         // the process owns it.
@@ -117,7 +167,7 @@ pub fn run(args: &ServerArgs, function: PciFunction) -> Result<(), RunError> {
             let listener = UnixListener::from(owned);
             info!(fd, "serving on inherited listening socket");
             crate::sandbox::confine(!args.no_seccomp)?;
-            return serve(&server, &listener, args.once);
+            return serve(server, &listener, args.once);
         }
         info!(fd, "serving the inherited connection");
         crate::sandbox::confine(!args.no_seccomp)?;
@@ -132,17 +182,14 @@ pub fn run(args: &ServerArgs, function: PciFunction) -> Result<(), RunError> {
     })?;
     info!(path = %path.display(), "listening");
     crate::sandbox::confine(!args.no_seccomp)?;
-    let result = serve(&server, &listener, args.once);
+    let result = serve(server, &listener, args.once);
     let _ = std::fs::remove_file(&path);
     result
 }
 
 fn serve(server: &Server, listener: &UnixListener, once: bool) -> Result<(), RunError> {
     if once {
-        let (stream, _) = listener
-            .accept()
-            .map_err(|e| RunError::Fd(listener.as_raw_fd(), e))?;
-        if let Err(e) = server.serve_connection(stream) {
+        if let Err(e) = server.serve_one(listener) {
             error!("session: {e}");
         }
         return Ok(());

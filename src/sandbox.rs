@@ -304,6 +304,15 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub fn confine_with(extra: &[libc::c_long]) -> Result<(), SandboxError> {
     let program = build_program(extra);
+    // glibc installs its internal signal handlers (rt_sigaction, refused by the
+    // filter) when the process starts its first thread. A backend may start
+    // its first thread only under the filter (edu has none until a client asks
+    // for an INTx unmask eventfd), so one thread is started and joined here.
+    std::thread::Builder::new()
+        .name("pre-seccomp".into())
+        .spawn(|| ())
+        .and_then(|t| t.join().map_err(|_| io::Error::other("thread panicked")))
+        .map_err(SandboxError::Handler)?;
     // SAFETY: sigaction with a zeroed struct, our handler and SA_SIGINFO; the
     // handler only uses async-signal-safe calls.
     unsafe {

@@ -15,7 +15,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tracing::{debug, info, warn};
@@ -66,41 +66,46 @@ pub enum ServerError {
     Frame(#[from] FrameError),
 }
 
-/// Ends a running server from another thread (a signal handler thread, a test).
+/// Ends a running server from another thread or a signal handler.
 #[derive(Clone, Default)]
 pub struct StopHandle {
     inner: Arc<StopInner>,
 }
 
-#[derive(Default)]
 struct StopInner {
     stopped: AtomicBool,
-    listener: Mutex<Option<RawFd>>,
-    connection: Mutex<Option<Arc<MessageWriter>>>,
+    /// The listening socket and the connection being served, as raw fds (-1:
+    /// none), so that [`StopHandle::stop`] can run in a signal handler: it only
+    /// loads these and calls shutdown(2). A number cleared and closed just as a
+    /// stop reads it is harmless: shutting down a closed or reused fd at worst
+    /// fails or ends a connection while the server is stopping anyway.
+    listener: AtomicI32,
+    connection: AtomicI32,
+}
+
+impl Default for StopInner {
+    fn default() -> Self {
+        StopInner {
+            stopped: AtomicBool::new(false),
+            listener: AtomicI32::new(-1),
+            connection: AtomicI32::new(-1),
+        }
+    }
 }
 
 impl StopHandle {
     /// Stops accepting, and ends the current session (the device is reset as on a
-    /// lost connection).
+    /// lost connection). Async-signal-safe: atomics and shutdown(2) only.
     pub fn stop(&self) {
         self.inner.stopped.store(true, Ordering::SeqCst);
-        if let Some(fd) = *self
-            .inner
-            .listener
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-        {
-            // SAFETY: shutdown on the listener's fd, which the server keeps open
-            // while it is registered here; it only wakes a blocked accept().
-            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-        }
-        if let Some(w) = &*self
-            .inner
-            .connection
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-        {
-            w.shutdown();
+        for fd in [&self.inner.listener, &self.inner.connection] {
+            let fd = fd.load(Ordering::SeqCst);
+            if fd >= 0 {
+                // SAFETY: shutdown(2) on a number; it touches no memory of ours,
+                // and on a listener or connection it only wakes the blocked
+                // accept()/recvmsg() (see the field comment for stale numbers).
+                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            }
         }
     }
 
@@ -136,52 +141,59 @@ impl Server {
 
     /// Serves clients from `listener` one after another until stopped.
     pub fn serve_listener(&self, listener: &UnixListener) -> Result<(), ServerError> {
-        *self
-            .stop
-            .inner
-            .listener
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(listener.as_raw_fd());
-        let result = self.accept_loop(listener);
-        *self
-            .stop
-            .inner
-            .listener
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = None;
-        result
+        self.accept_loop(listener, false)
     }
 
-    fn accept_loop(&self, listener: &UnixListener) -> Result<(), ServerError> {
+    /// Serves the first client that connects to `listener`, unless stopped first.
+    pub fn serve_one(&self, listener: &UnixListener) -> Result<(), ServerError> {
+        self.accept_loop(listener, true)
+    }
+
+    fn accept_loop(&self, listener: &UnixListener, once: bool) -> Result<(), ServerError> {
+        // Registered first, checked after: a stop either sees the listener or
+        // is seen by the loop (both SeqCst).
+        let registered = &self.stop.inner.listener;
+        registered.store(listener.as_raw_fd(), Ordering::SeqCst);
+        let mut result = Ok(());
         while !self.stop.is_stopped() {
             let stream = match listener.accept() {
                 Ok((s, _)) => s,
                 Err(_) if self.stop.is_stopped() => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    result = Err(e.into());
+                    break;
+                }
             };
             info!("client connected");
-            match self.serve_connection(stream) {
+            let served = self.serve_connection(stream);
+            if once {
+                result = served;
+                break;
+            }
+            match served {
                 Ok(()) => info!("client disconnected; device reset, waiting for the next"),
                 Err(e) => warn!("session ended: {e}; device reset, waiting for the next client"),
             }
         }
-        Ok(())
+        registered.store(-1, Ordering::SeqCst);
+        result
     }
 
     /// Serves one connected client until it goes away, then resets the device.
     pub fn serve_connection(&self, stream: UnixStream) -> Result<(), ServerError> {
         let writer = Arc::new(MessageWriter::new(stream.try_clone()?));
+        // Registered for StopHandle::stop until the session is over (`stream`
+        // stays open as long as the reader, which outlives the registration).
+        let stream_fd = stream.as_raw_fd();
         let reader = MessageReader::new(
             stream,
             self.config.max_data_xfer_size as usize + MESSAGE_OVERHEAD,
         );
-        *self
-            .stop
+        self.stop
             .inner
             .connection
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(writer.clone());
+            .store(stream_fd, Ordering::SeqCst);
         if self.stop.is_stopped() {
             writer.shutdown();
         }
@@ -206,14 +218,9 @@ impl Server {
             extensions: Vec::new(),
         };
         let result = session.run();
+        self.stop.inner.connection.store(-1, Ordering::SeqCst);
         // Lost connection: fail waiting DMA, forget the client's memory and
         // interrupts, and return the device to power-on state.
-        *self
-            .stop
-            .inner
-            .connection
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = None;
         pending.close();
         dma_queue.attach(false);
         let mut function = lock(&self.function);

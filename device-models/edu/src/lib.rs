@@ -5,15 +5,13 @@
 //! leaves the 4 KiB buffer is refused (QEMU logs it and copies out of bounds), and
 //! a reset returns every register to power-on state (QEMU's edu has no reset).
 //!
-//! The factorial runs on a worker thread, as QEMU runs it off its vCPU thread.
-//! The DMA engine queues its transfer on the device's DMA queue: the session
-//! performs it right after the access that started it and hands the result back
-//! ([`PciDevice::dma_done`]); a transfer through DMA_READ/DMA_WRITE messages
-//! never blocks the session thread that carries its reply, and wakes no thread.
-
-use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+//! The model runs entirely on the session thread and starts no thread of its
+//! own. QEMU computes the factorial on a thread because its loop runs n times;
+//! here it takes at most 34 steps (see [`factorial`]). The DMA engine queues its
+//! transfer on the device's DMA queue: the session performs it right after the
+//! access that started it and hands the result back ([`PciDevice::dma_done`]);
+//! a transfer through DMA_READ/DMA_WRITE messages never blocks the session
+//! thread that carries its reply, and wakes no thread.
 
 use tracing::{debug, warn};
 use umdev::memory::{GuestMemory, MemoryError};
@@ -123,20 +121,31 @@ impl Default for Registers {
     }
 }
 
-struct Shared {
-    regs: Mutex<Registers>,
+/// The `edu` device model. Everything runs on the session thread: the factorial
+/// is at most 34 multiplications, and DMA is queued for the session.
+pub struct Edu {
+    regs: Registers,
     ctx: DeviceContext,
     dma_mask: u64,
 }
 
-impl Shared {
-    fn regs(&self) -> MutexGuard<'_, Registers> {
-        self.regs.lock().unwrap_or_else(|p| p.into_inner())
+impl Edu {
+    pub fn new(ctx: DeviceContext, dma_bits: u32) -> Self {
+        let dma_mask = if dma_bits >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << dma_bits) - 1
+        };
+        Edu {
+            regs: Registers::default(),
+            ctx,
+            dma_mask,
+        }
     }
 
-    fn raise_irq(&self, regs: &mut Registers, bits: u32) {
-        regs.irq_status |= bits;
-        if regs.irq_status != 0 {
+    fn raise_irq(&mut self, bits: u32) {
+        self.regs.irq_status |= bits;
+        if self.regs.irq_status != 0 {
             if self.ctx.irq.msi_enabled() {
                 self.ctx.irq.notify(0);
             } else {
@@ -145,42 +154,25 @@ impl Shared {
         }
     }
 
-    fn lower_irq(&self, regs: &mut Registers, bits: u32) {
-        regs.irq_status &= !bits;
-        if regs.irq_status == 0 && !self.ctx.irq.msi_enabled() {
+    fn lower_irq(&mut self, bits: u32) {
+        self.regs.irq_status &= !bits;
+        if self.regs.irq_status == 0 && !self.ctx.irq.msi_enabled() {
             self.ctx.irq.set_intx(false);
-        }
-    }
-
-    fn run_factorial(&self) {
-        let mut regs = self.regs();
-        if regs.status & STATUS_COMPUTING == 0 {
-            return;
-        }
-        let mut n = regs.factorial;
-        let mut result: u32 = 1;
-        while n > 0 {
-            result = result.wrapping_mul(n);
-            n -= 1;
-        }
-        regs.factorial = result;
-        regs.status &= !STATUS_COMPUTING;
-        if regs.status & STATUS_IRQ_FACT != 0 {
-            self.raise_irq(&mut regs, FACT_IRQ);
         }
     }
 
     /// Starts the DMA just commanded: queued on the device's DMA queue, which the
     /// session performs as soon as this access returns (reaching the client by
     /// message for fd-less memory, without waiting here) and finishes in
-    /// [`Shared::dma_finished`].
-    fn start_dma(&self, regs: &mut Registers) {
+    /// [`PciDevice::dma_done`].
+    fn start_dma(&mut self) {
+        let regs = &self.regs;
         let to_ram = regs.dma_cmd & DMA_CMD_TO_RAM != 0;
         let device_side = if to_ram { regs.dma_src } else { regs.dma_dst };
         let count = regs.dma_count;
         let Some(range) = buffer_range(device_side, count) else {
             let e = format!("device range {device_side:#x}+{count:#x} is outside the DMA buffer");
-            return self.dma_finished(regs, Err(e));
+            return self.dma_finished(Err(e));
         };
         let queued = if to_ram {
             let gpa = self.clamp(regs.dma_dst);
@@ -192,13 +184,14 @@ impl Shared {
             self.ctx.dma.read(regs.generation, gpa, range.len())
         };
         if let Err(e) = queued {
-            self.dma_finished(regs, Err(e.to_string()));
+            self.dma_finished(Err(e.to_string()));
         }
     }
 
     /// The DMA is over: `data` holds what was read from RAM (for a transfer to
     /// the device). Clears RUN and raises the interrupt if asked for.
-    fn dma_finished(&self, regs: &mut Registers, result: Result<&[u8], String>) {
+    fn dma_finished(&mut self, result: Result<&[u8], String>) {
+        let regs = &mut self.regs;
         let (src, dst, count) = (regs.dma_src, regs.dma_dst, regs.dma_count);
         match result {
             Ok(data) if regs.dma_cmd & DMA_CMD_TO_RAM == 0 => {
@@ -212,7 +205,7 @@ impl Shared {
         let cmd = regs.dma_cmd;
         regs.dma_cmd &= !DMA_CMD_RUN;
         if cmd & DMA_CMD_IRQ != 0 {
-            self.raise_irq(regs, DMA_IRQ);
+            self.raise_irq(DMA_IRQ);
         }
     }
 
@@ -225,6 +218,13 @@ impl Shared {
     }
 }
 
+/// `n!` modulo 2^32, as QEMU's edu computes it (multiplying down from n with
+/// wrap-around). 34! holds the factor 2 thirty-two times, so from 34 on the
+/// answer is 0: at most 34 multiplications, never a loop the guest sizes.
+pub fn factorial(n: u32) -> u32 {
+    (1..=n.min(34)).fold(1u32, |acc, k| acc.wrapping_mul(k))
+}
+
 /// The buffer indices for device address `addr` and `count` bytes, if inside.
 fn buffer_range(addr: u64, count: u64) -> Option<std::ops::Range<usize>> {
     let end = addr.checked_add(count)?;
@@ -232,67 +232,6 @@ fn buffer_range(addr: u64, count: u64) -> Option<std::ops::Range<usize>> {
         Some((addr - DMA_BUF_ADDR) as usize..(end - DMA_BUF_ADDR) as usize)
     } else {
         None
-    }
-}
-
-enum Job {
-    Factorial,
-}
-
-/// The `edu` device model.
-pub struct Edu {
-    shared: Arc<Shared>,
-    jobs: Option<Sender<Job>>,
-    worker: Option<JoinHandle<()>>,
-}
-
-impl Edu {
-    pub fn new(ctx: DeviceContext, dma_bits: u32) -> Self {
-        let dma_mask = if dma_bits >= 64 {
-            u64::MAX
-        } else {
-            (1u64 << dma_bits) - 1
-        };
-        let shared = Arc::new(Shared {
-            regs: Mutex::new(Registers::default()),
-            ctx,
-            dma_mask,
-        });
-        let (tx, rx) = channel::<Job>();
-        let worker_shared = shared.clone();
-        let worker = std::thread::Builder::new()
-            .name("edu-worker".into())
-            .spawn(move || {
-                for job in rx {
-                    match job {
-                        Job::Factorial => worker_shared.run_factorial(),
-                    }
-                }
-            })
-            .ok();
-        if worker.is_none() {
-            warn!("edu: could not start the worker thread; the factorial will not run");
-        }
-        Edu {
-            shared,
-            jobs: Some(tx),
-            worker,
-        }
-    }
-
-    fn submit(&self, job: Job) {
-        if let Some(tx) = &self.jobs {
-            let _ = tx.send(job);
-        }
-    }
-}
-
-impl Drop for Edu {
-    fn drop(&mut self) {
-        self.jobs = None;
-        if let Some(w) = self.worker.take() {
-            let _ = w.join();
-        }
     }
 }
 
@@ -310,7 +249,7 @@ impl PciDevice for Edu {
         if !valid_size(offset, data.len()) {
             return;
         }
-        let regs = self.shared.regs();
+        let regs = &self.regs;
         let value: u64 = match offset {
             reg::ID => u64::from(ID_VALUE),
             reg::LIVENESS => u64::from(regs.liveness),
@@ -338,16 +277,16 @@ impl PciDevice for Edu {
         let mut bytes = [0u8; 8];
         bytes[..data.len()].copy_from_slice(data);
         let value = u64::from_le_bytes(bytes);
-        let shared = self.shared.clone();
-        let mut regs = shared.regs();
+        let regs = &mut self.regs;
         match offset {
             reg::LIVENESS => regs.liveness = !(value as u32),
-            // Ignored while a computation runs.
-            reg::FACTORIAL if regs.status & STATUS_COMPUTING == 0 => {
-                regs.factorial = value as u32;
-                regs.status |= STATUS_COMPUTING;
-                drop(regs);
-                self.submit(Job::Factorial);
+            // Done before the write returns, so STATUS_COMPUTING never shows
+            // (a guest that polls it, as QEMU's would, sees it clear at once).
+            reg::FACTORIAL => {
+                regs.factorial = factorial(value as u32);
+                if regs.status & STATUS_IRQ_FACT != 0 {
+                    self.raise_irq(FACT_IRQ);
+                }
             }
             reg::STATUS => {
                 if value as u32 & STATUS_IRQ_FACT != 0 {
@@ -356,8 +295,8 @@ impl PciDevice for Edu {
                     regs.status &= !STATUS_IRQ_FACT;
                 }
             }
-            reg::IRQ_RAISE => shared.raise_irq(&mut regs, value as u32),
-            reg::IRQ_ACK => shared.lower_irq(&mut regs, value as u32),
+            reg::IRQ_RAISE => self.raise_irq(value as u32),
+            reg::IRQ_ACK => self.lower_irq(value as u32),
             reg::DMA_SRC | reg::DMA_DST | reg::DMA_COUNT | reg::DMA_CMD => {
                 if regs.dma_cmd & DMA_CMD_RUN != 0 {
                     return;
@@ -369,7 +308,7 @@ impl PciDevice for Edu {
                     _ => {
                         if value & DMA_CMD_RUN != 0 {
                             regs.dma_cmd = value;
-                            shared.start_dma(&mut regs);
+                            self.start_dma();
                         }
                     }
                 }
@@ -379,21 +318,39 @@ impl PciDevice for Edu {
     }
 
     fn reset(&mut self) {
-        let mut regs = self.shared.regs();
-        let generation = regs.generation + 1;
-        *regs = Registers {
+        let generation = self.regs.generation + 1;
+        self.regs = Registers {
             generation,
             ..Registers::default()
         };
     }
 
     fn dma_done(&mut self, token: u64, result: Result<&[u8], MemoryError>) {
-        let mut regs = self.shared.regs();
-        if token != regs.generation || regs.dma_cmd & DMA_CMD_RUN == 0 {
+        if token != self.regs.generation || self.regs.dma_cmd & DMA_CMD_RUN == 0 {
             debug!("DMA finished after a reset; result dropped");
             return;
         }
-        self.shared
-            .dma_finished(&mut regs, result.map_err(|e| e.to_string()));
+        self.dma_finished(result.map_err(|e| e.to_string()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::factorial;
+
+    #[test]
+    fn the_factorial_matches_qemus_wrapping_loop() {
+        let qemu = |mut n: u32| {
+            let mut r: u32 = 1;
+            while n > 0 {
+                r = r.wrapping_mul(n);
+                n -= 1;
+            }
+            r
+        };
+        for n in (0..200).chain([1000, 65_537, 1 << 20]) {
+            assert_eq!(factorial(n), qemu(n), "{n}!");
+        }
+        assert_eq!(factorial(u32::MAX), 0);
     }
 }
