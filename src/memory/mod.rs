@@ -235,26 +235,33 @@ impl GuestMemory {
         true
     }
 
-    /// Walks `[gpa, gpa+len)` region by region as the table stands now, telling
-    /// `piece` each part's guest address, its range within the transfer, and
-    /// whether it is fd-mapped (else it is reached by message). Refused as the
-    /// access itself would be: unmapped bytes, wrong direction, wrap-around.
-    pub fn for_each_piece(
+    /// The start of `[gpa, gpa+len)`: how many of its bytes lie in the region
+    /// at `gpa` (at most `len`) and whether that region is fd-mapped (else it
+    /// is reached by message). Refused as the access itself would be: unmapped
+    /// address, wrong direction, wrap-around.
+    pub fn piece_at(
         &self,
         gpa: u64,
         len: usize,
         direction: DmaDirection,
-        mut piece: impl FnMut(u64, std::ops::Range<usize>, bool),
-    ) -> Result<(), MemoryError> {
-        let dir = match direction {
-            DmaDirection::FromGuest => Direction::Read,
-            DmaDirection::ToGuest => Direction::Write,
+    ) -> Result<(usize, bool), MemoryError> {
+        gpa.checked_add(len as u64)
+            .ok_or(MemoryError::Overflow { gpa, len })?;
+        let regions = self
+            .shared
+            .regions
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let region = regions.find(gpa).ok_or(MemoryError::Unmapped(gpa))?;
+        let allowed = match direction {
+            DmaDirection::FromGuest => region.readable,
+            DmaDirection::ToGuest => region.writable,
         };
-        self.access(gpa, len, dir, &|| true, |_, backing, range| {
-            let mapped = matches!(backing, Backing::Mapped(_));
-            piece(gpa + range.start as u64, range, mapped);
-            Ok(())
-        })
+        if !allowed {
+            return Err(MemoryError::Permission(region.gpa));
+        }
+        let here = ((region.end() - gpa) as usize).min(len);
+        Ok((here, matches!(region.backing, RegionBacking::Mapped(_))))
     }
 
     /// Tells the write observers of a device write that did not go through

@@ -2,14 +2,14 @@
 //! transfers a model queued and finishes them when the client's replies come.
 //!
 //! fd-mapped pieces are copied at once; fd-less pieces become DMA_READ/DMA_WRITE
-//! requests (at most `max_data_xfer_size` each) registered with the session as
-//! their waiter, so their replies come back here from the session's own read
-//! loop: no thread waits, and none is woken. A transfer finishes when its last
+//! requests (at most `max_data_xfer_size` each, at most [`WINDOW`] unanswered
+//! per transfer) registered with the session as their waiter, so their replies
+//! come back here from the session's own read loop: no thread waits, and none
+//! is woken. A transfer finishes when its last
 //! request is answered, or fails when the client refuses one, sends a reply
 //! that does not match, or lets the DMA timeout pass (checked whenever a
 //! message arrives; a silent client has nothing else going on either).
 
-use std::ops::Range;
 use std::time::Instant;
 
 use tracing::debug;
@@ -26,11 +26,18 @@ pub(super) struct FinishedDma {
     pub result: Result<(), MemoryError>,
 }
 
+/// Most requests one transfer keeps unanswered at once; the next go out as
+/// replies come back.
+pub(super) const WINDOW: usize = 16;
+
 struct InFlight {
     op: u64,
     token: u64,
+    gpa: u64,
     direction: DmaDirection,
     data: Vec<u8>,
+    /// Bytes of `data` handled or asked for so far.
+    cursor: usize,
     /// Requests sent and not yet answered.
     outstanding: usize,
     /// The first failure; the transfer still waits for its outstanding replies.
@@ -38,13 +45,78 @@ struct InFlight {
     deadline: Instant,
 }
 
+impl InFlight {
+    fn is_over(&self) -> bool {
+        self.outstanding == 0 && (self.error.is_some() || self.cursor == self.data.len())
+    }
+
+    /// Moves the transfer on: copies fd-mapped pieces and sends requests for
+    /// fd-less ones until all is asked for or [`WINDOW`] requests are out.
+    /// Records the first failure and stops there.
+    fn pump(&mut self, memory: &GuestMemory, link: Option<&DmaLink>, pending: &PendingRequests) {
+        if self.error.is_none() {
+            if let Err(e) = self.issue(memory, link, pending) {
+                self.error = Some(e);
+            }
+        }
+    }
+
+    fn issue(
+        &mut self,
+        memory: &GuestMemory,
+        link: Option<&DmaLink>,
+        pending: &PendingRequests,
+    ) -> Result<(), MemoryError> {
+        if !memory.bus_master() {
+            return Err(MemoryError::BusMasterDisabled);
+        }
+        while self.cursor < self.data.len() && self.outstanding < WINDOW {
+            let at = self.gpa + self.cursor as u64;
+            let (here, mapped) =
+                memory.piece_at(at, self.data.len() - self.cursor, self.direction)?;
+            let range = self.cursor..self.cursor + here;
+            if mapped {
+                match self.direction {
+                    DmaDirection::FromGuest => memory.read(at, &mut self.data[range])?,
+                    DmaDirection::ToGuest => memory.write(at, &self.data[range])?,
+                }
+                self.cursor += here;
+                continue;
+            }
+            let link = link.ok_or(MemoryError::NoTransport)?;
+            let len = here.min(link.max_xfer());
+            let piece = SessionPiece {
+                op: self.op,
+                offset: self.cursor,
+                gpa: at,
+                len,
+            };
+            let id = match pending.register_session(piece) {
+                Ok(id) => id,
+                // Other transfers fill the table: carry on as their replies come.
+                Err(MemoryError::Transport(_)) if self.outstanding > 0 => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            let data = match self.direction {
+                DmaDirection::FromGuest => None,
+                DmaDirection::ToGuest => Some(&self.data[self.cursor..self.cursor + len]),
+            };
+            if let Err(e) = link.send_request(id, at, len, data) {
+                pending.forget(id);
+                return Err(e);
+            }
+            self.outstanding += 1;
+            self.cursor += len;
+        }
+        Ok(())
+    }
+}
+
 /// Queued transfers the session has started and not finished.
 #[derive(Default)]
 pub(super) struct DeferredDma {
     in_flight: Vec<InFlight>,
     next_op: u64,
-    /// Reused list of a transfer's pieces: (guest address, range, fd-mapped).
-    pieces: Vec<(u64, Range<usize>, bool)>,
 }
 
 impl DeferredDma {
@@ -64,76 +136,21 @@ impl DeferredDma {
         let mut flight = InFlight {
             op: self.next_op,
             token: op.token,
+            gpa: op.gpa,
             direction: op.direction,
             data: op.data,
+            cursor: 0,
             outstanding: 0,
             error: None,
             deadline: Instant::now(),
         };
-        if let Err(e) = self.issue(&mut flight, op.gpa, memory, link, pending) {
-            flight.error = Some(e);
-        }
-        if flight.outstanding == 0 {
+        flight.pump(memory, link, pending);
+        if flight.is_over() {
             return Some(finish(flight));
         }
         flight.deadline = Instant::now() + link.map(|l| l.timeout()).unwrap_or_default();
         self.in_flight.push(flight);
         None
-    }
-
-    /// Copies the fd-mapped pieces and sends requests for the others; stops at
-    /// the first failure (requests already sent stay outstanding).
-    fn issue(
-        &mut self,
-        flight: &mut InFlight,
-        gpa: u64,
-        memory: &GuestMemory,
-        link: Option<&DmaLink>,
-        pending: &PendingRequests,
-    ) -> Result<(), MemoryError> {
-        if !memory.bus_master() {
-            return Err(MemoryError::BusMasterDisabled);
-        }
-        self.pieces.clear();
-        let pieces = &mut self.pieces;
-        memory.for_each_piece(
-            gpa,
-            flight.data.len(),
-            flight.direction,
-            |at, range, mapped| pieces.push((at, range, mapped)),
-        )?;
-        for (at, range, mapped) in self.pieces.drain(..) {
-            if mapped {
-                match flight.direction {
-                    DmaDirection::FromGuest => memory.read(at, &mut flight.data[range])?,
-                    DmaDirection::ToGuest => memory.write(at, &flight.data[range])?,
-                }
-                continue;
-            }
-            let link = link.ok_or(MemoryError::NoTransport)?;
-            let mut offset = range.start;
-            while offset < range.end {
-                let len = (range.end - offset).min(link.max_xfer());
-                let piece = SessionPiece {
-                    op: flight.op,
-                    offset,
-                    gpa: at + (offset - range.start) as u64,
-                    len,
-                };
-                let id = pending.register_session(piece)?;
-                let data = match flight.direction {
-                    DmaDirection::FromGuest => None,
-                    DmaDirection::ToGuest => Some(&flight.data[offset..offset + len]),
-                };
-                if let Err(e) = link.send_request(id, piece.gpa, len, data) {
-                    pending.forget(id);
-                    return Err(e);
-                }
-                flight.outstanding += 1;
-                offset += len;
-            }
-        }
-        Ok(())
     }
 
     /// The client answered `piece`; returns its transfer if that was the last.
@@ -144,6 +161,7 @@ impl DeferredDma {
         payload: &[u8],
         memory: &GuestMemory,
         link: Option<&DmaLink>,
+        pending: &PendingRequests,
     ) -> Option<FinishedDma> {
         let i = self.in_flight.iter().position(|f| f.op == piece.op)?;
         let flight = &mut self.in_flight[i];
@@ -171,7 +189,8 @@ impl DeferredDma {
         if let Err(e) = answer {
             flight.error.get_or_insert(e);
         }
-        if flight.outstanding > 0 {
+        flight.pump(memory, link, pending);
+        if !flight.is_over() {
             return None;
         }
         Some(finish(self.in_flight.swap_remove(i)))
@@ -313,8 +332,14 @@ mod tests {
                 error: errno.unwrap_or(0),
             };
             let piece = self.pending.complete(&reply, &payload)?;
-            self.deferred
-                .on_reply(piece, &reply, &payload, &self.memory, Some(&self.link))
+            self.deferred.on_reply(
+                piece,
+                &reply,
+                &payload,
+                &self.memory,
+                Some(&self.link),
+                &self.pending,
+            )
         }
     }
 
@@ -356,6 +381,53 @@ mod tests {
             .collect();
         assert!(done.data == expect);
         assert!(s.deferred.is_idle());
+    }
+
+    fn readable(sock: &UnixStream) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(sock),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll on one pollfd we own, zero timeout.
+        unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
+    }
+
+    #[test]
+    fn a_long_transfer_keeps_at_most_a_window_of_requests_out() {
+        let mut s = setup();
+        // 0x2000 bytes by message in 0x800-byte requests is only 4; shrink the
+        // pieces so that 32 requests are needed.
+        s.link = DmaLink::new(
+            s.link.writer_for_tests(),
+            s.pending.clone(),
+            0x100,
+            Duration::from_secs(5),
+            DmaLayout::Spec,
+        );
+        assert!(s
+            .start(9, 0x3000, DmaDirection::FromGuest, vec![0; 0x2000])
+            .is_none());
+        let mut out = std::collections::VecDeque::new();
+        let mut done = None;
+        let mut most = 0;
+        while done.is_none() {
+            // Everything the server sent by now (it is all buffered).
+            while readable(&s.client) {
+                out.push_back(s.request());
+            }
+            most = most.max(out.len());
+            let (h, gpa, n, _) = out.pop_front().expect("a request is out");
+            done = s.answer(&h, gpa, &vec![(gpa >> 8) as u8; n], None);
+        }
+        assert_eq!(most, WINDOW);
+        let done = done.unwrap();
+        done.result.unwrap();
+        assert!(done
+            .data
+            .chunks(0x100)
+            .enumerate()
+            .all(|(i, c)| c.iter().all(|&b| b == (0x30 + i) as u8)));
     }
 
     #[test]
@@ -422,11 +494,20 @@ mod tests {
         assert!(done.result.is_err());
         assert!(s.answer(&h, g, &vec![0; n], None).is_none());
         assert!(s.deferred.is_idle());
-        // Refused before any message: bus mastering off, unmapped bytes.
-        let done = s
+        // Unmapped bytes after fd-less ones: the transfer goes as far as a
+        // device's would, and fails there once the request out is answered.
+        assert!(s
             .start(4, 0x4ff0, DmaDirection::FromGuest, vec![0; 0x20])
-            .expect("at once");
+            .is_none());
+        let (h, g, n, _) = s.request();
+        assert_eq!((g, n), (0x4ff0, 0x10));
+        let done = s.answer(&h, g, &[0; 0x10], None).expect("finished");
         assert!(matches!(done.result, Err(MemoryError::Unmapped(0x5000))));
+        // Refused before any message: unmapped start, bus mastering off.
+        let done = s
+            .start(4, 0x6000, DmaDirection::FromGuest, vec![0; 0x20])
+            .expect("at once");
+        assert!(matches!(done.result, Err(MemoryError::Unmapped(0x6000))));
         s.memory.set_bus_master(false);
         let done = s
             .start(5, 0x3000, DmaDirection::ToGuest, vec![0; 4])

@@ -242,6 +242,11 @@ impl DmaLink {
         result
     }
 
+    #[cfg(test)]
+    pub(super) fn writer_for_tests(&self) -> Arc<MessageWriter> {
+        self.writer.clone()
+    }
+
     /// The longest piece one request may carry.
     pub fn max_xfer(&self) -> usize {
         self.max_xfer

@@ -291,6 +291,7 @@ impl Session<'_> {
                         payload,
                         &self.memory,
                         self.link.as_deref(),
+                        &self.pending,
                     ),
                     None => None,
                 };
