@@ -153,6 +153,14 @@ impl GuestMemory {
             .unwrap_or_else(|p| p.into_inner()) = transport;
     }
 
+    /// The region table, shared with other readers (device accesses).
+    fn regions(&self) -> std::sync::RwLockReadGuard<'_, DmaRegions> {
+        self.shared
+            .regions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Runs `f` on the region table with exclusive access: no device access is in
     /// flight on an fd-mapped region while `f` runs.
     pub fn with_regions<R>(&self, f: impl FnOnce(&mut DmaRegions) -> R) -> R {
@@ -217,11 +225,7 @@ impl GuestMemory {
     }
 
     fn covered_by(&self, gpa: u64, len: u64, accept: impl Fn(&DmaRegion) -> bool) -> bool {
-        let regions = self
-            .shared
-            .regions
-            .read()
-            .unwrap_or_else(|p| p.into_inner());
+        let regions = self.regions();
         let mut cur = gpa;
         let Some(end) = gpa.checked_add(len) else {
             return false;
@@ -247,11 +251,7 @@ impl GuestMemory {
     ) -> Result<(usize, bool), MemoryError> {
         gpa.checked_add(len as u64)
             .ok_or(MemoryError::Overflow { gpa, len })?;
-        let regions = self
-            .shared
-            .regions
-            .read()
-            .unwrap_or_else(|p| p.into_inner());
+        let regions = self.regions();
         let region = regions.find(gpa).ok_or(MemoryError::Unmapped(gpa))?;
         let allowed = match direction {
             DmaDirection::FromGuest => region.readable,
@@ -360,11 +360,7 @@ impl GuestMemory {
         let mut done = 0usize;
         while done < len {
             let cur = gpa + done as u64;
-            let regions = self
-                .shared
-                .regions
-                .read()
-                .unwrap_or_else(|p| p.into_inner());
+            let regions = self.regions();
             let region = regions.find(cur).ok_or(MemoryError::Unmapped(cur))?;
             if !live() {
                 return Err(MemoryError::Unmapped(cur));

@@ -225,10 +225,8 @@ fn finish(flight: InFlight) -> FinishedDma {
 
 #[cfg(test)]
 mod tests {
-    use super::super::socket::MessageWriter;
-    use super::super::wire::{
-        Command, DmaLayout, WireStruct, FLAGS_ERROR, FLAGS_TYPE_REPLY, HEADER_SIZE,
-    };
+    use super::super::dma::{link_for_tests, reply_for_tests};
+    use super::super::wire::{Command, DmaLayout, WireStruct, HEADER_SIZE};
     use super::*;
     use crate::memory::{memfd, DmaRegion};
     use std::io::{Read, Write};
@@ -238,7 +236,7 @@ mod tests {
     use std::time::Duration;
 
     /// Guest memory: fd-mapped [0x1000, 0x3000) (bytes i as u8 at 0x1000+i),
-    /// fd-less [0x3000, 0x5000). Requests carry at most 0x800 bytes.
+    /// fd-less [0x3000, 0x5000). Requests carry at most `max_xfer` bytes.
     struct Setup {
         memory: GuestMemory,
         link: DmaLink,
@@ -248,7 +246,7 @@ mod tests {
         written: Arc<Mutex<Vec<(u64, usize)>>>,
     }
 
-    fn setup() -> Setup {
+    fn setup(max_xfer: usize) -> Setup {
         let mut file = memfd("deferred", 0x2000).unwrap();
         let pattern: Vec<u8> = (0..0x2000).map(|i| i as u8).collect();
         file.write_all(&pattern).unwrap();
@@ -262,15 +260,7 @@ mod tests {
         let written = Arc::new(Mutex::new(Vec::new()));
         let w = written.clone();
         memory.add_write_observer(Arc::new(move |gpa, len| w.lock().unwrap().push((gpa, len))));
-        let (server, client) = UnixStream::pair().unwrap();
-        let pending = Arc::new(PendingRequests::default());
-        let link = DmaLink::new(
-            Arc::new(MessageWriter::new(server)),
-            pending.clone(),
-            0x800,
-            Duration::from_secs(5),
-            DmaLayout::Spec,
-        );
+        let (link, pending, client) = link_for_tests(max_xfer, Duration::from_secs(5));
         Setup {
             memory,
             link,
@@ -299,6 +289,14 @@ mod tests {
                 .start(op, &self.memory, Some(&self.link), &self.pending)
         }
 
+        /// Starts a transfer that must wait for the client.
+        fn start_waiting(&mut self, token: u64, gpa: u64, direction: DmaDirection, data: Vec<u8>) {
+            assert!(
+                self.start(token, gpa, direction, data).is_none(),
+                "finished at once"
+            );
+        }
+
         /// The next request the server sent: header, address, count, data.
         fn request(&mut self) -> (Header, u64, usize, Vec<u8>) {
             let mut head = [0u8; HEADER_SIZE];
@@ -320,17 +318,7 @@ mod tests {
             data: &[u8],
             errno: Option<u32>,
         ) -> Option<FinishedDma> {
-            let layout = DmaLayout::Spec;
-            let mut payload =
-                layout.fixed_part(gpa, data.len() as u64)[..layout.data_offset()].to_vec();
-            payload.extend_from_slice(data);
-            let reply = Header {
-                msg_id: h.msg_id,
-                command: h.command,
-                size: (HEADER_SIZE + payload.len()) as u32,
-                flags: FLAGS_TYPE_REPLY | if errno.is_some() { FLAGS_ERROR } else { 0 },
-                error: errno.unwrap_or(0),
-            };
+            let (reply, payload) = reply_for_tests(h, gpa, data, errno);
             let piece = self.pending.complete(&reply, &payload)?;
             self.deferred.on_reply(
                 piece,
@@ -345,11 +333,9 @@ mod tests {
 
     #[test]
     fn a_read_across_mapped_and_message_memory_finishes_with_its_last_reply() {
-        let mut s = setup();
+        let mut s = setup(0x800);
         // 0x100 mapped bytes, then 0x1100 by message: three requests.
-        assert!(s
-            .start(7, 0x2f00, DmaDirection::FromGuest, vec![0; 0x1200])
-            .is_none());
+        s.start_waiting(7, 0x2f00, DmaDirection::FromGuest, vec![0; 0x1200]);
         let requests: Vec<_> = (0..3).map(|_| s.request()).collect();
         let shape: Vec<_> = requests
             .iter()
@@ -395,19 +381,9 @@ mod tests {
 
     #[test]
     fn a_long_transfer_keeps_at_most_a_window_of_requests_out() {
-        let mut s = setup();
-        // 0x2000 bytes by message in 0x800-byte requests is only 4; shrink the
-        // pieces so that 32 requests are needed.
-        s.link = DmaLink::new(
-            s.link.writer_for_tests(),
-            s.pending.clone(),
-            0x100,
-            Duration::from_secs(5),
-            DmaLayout::Spec,
-        );
-        assert!(s
-            .start(9, 0x3000, DmaDirection::FromGuest, vec![0; 0x2000])
-            .is_none());
+        // 0x2000 bytes by message in 0x100-byte requests: 32 of them.
+        let mut s = setup(0x100);
+        s.start_waiting(9, 0x3000, DmaDirection::FromGuest, vec![0; 0x2000]);
         let mut out = std::collections::VecDeque::new();
         let mut done = None;
         let mut most = 0;
@@ -432,11 +408,9 @@ mod tests {
 
     #[test]
     fn a_write_reaches_both_kinds_of_memory_and_its_observers() {
-        let mut s = setup();
+        let mut s = setup(0x800);
         let data: Vec<u8> = (0..0x200).map(|i| (i * 3) as u8).collect();
-        assert!(s
-            .start(1, 0x2f00, DmaDirection::ToGuest, data.clone())
-            .is_none());
+        s.start_waiting(1, 0x2f00, DmaDirection::ToGuest, data.clone());
         let (h, gpa, n, sent) = s.request();
         assert_eq!(
             (h.command, gpa, n),
@@ -461,28 +435,22 @@ mod tests {
 
     #[test]
     fn refusals_mismatches_and_silence_fail_the_transfer_not_the_session() {
-        let mut s = setup();
+        let mut s = setup(0x800);
         // The client refuses one of two requests: the transfer fails once both
         // are answered.
-        assert!(s
-            .start(1, 0x3000, DmaDirection::FromGuest, vec![0; 0x1000])
-            .is_none());
+        s.start_waiting(1, 0x3000, DmaDirection::FromGuest, vec![0; 0x1000]);
         let (h1, g1, n1, _) = s.request();
         let (h2, g2, _, _) = s.request();
         assert!(s.answer(&h2, g2, &[], Some(libc::EFAULT as u32)).is_none());
         let done = s.answer(&h1, g1, &vec![0; n1], None).expect("finished");
         assert!(matches!(done.result, Err(MemoryError::Transport(_))));
         // A reply for another address than asked.
-        assert!(s
-            .start(2, 0x3000, DmaDirection::FromGuest, vec![0; 16])
-            .is_none());
+        s.start_waiting(2, 0x3000, DmaDirection::FromGuest, vec![0; 16]);
         let (h, _, _, _) = s.request();
         let done = s.answer(&h, 0x3100, &[0; 16], None).expect("finished");
         assert!(matches!(done.result, Err(MemoryError::Transport(_))));
         // No reply: expired at the deadline, and the late reply finds nothing.
-        assert!(s
-            .start(3, 0x3000, DmaDirection::FromGuest, vec![0; 16])
-            .is_none());
+        s.start_waiting(3, 0x3000, DmaDirection::FromGuest, vec![0; 16]);
         let (h, g, n, _) = s.request();
         assert!(s
             .deferred
@@ -496,9 +464,7 @@ mod tests {
         assert!(s.deferred.is_idle());
         // Unmapped bytes after fd-less ones: the transfer goes as far as a
         // device's would, and fails there once the request out is answered.
-        assert!(s
-            .start(4, 0x4ff0, DmaDirection::FromGuest, vec![0; 0x20])
-            .is_none());
+        s.start_waiting(4, 0x4ff0, DmaDirection::FromGuest, vec![0; 0x20]);
         let (h, g, n, _) = s.request();
         assert_eq!((g, n), (0x4ff0, 0x10));
         let done = s.answer(&h, g, &[0; 0x10], None).expect("finished");

@@ -237,14 +237,12 @@ impl DmaLink {
         take: impl FnOnce(&[u8]) -> R,
     ) -> Result<R, MemoryError> {
         let (id, slot) = self.pending.register()?;
-        let result = self.send_and_wait(id, &slot, command, gpa, count, data, take);
+        let result = self
+            .send_request(id, gpa, count, data)
+            .and_then(|()| self.wait_reply(&slot, command, gpa))
+            .map(|st| take(&st.payload));
         self.pending.release(id, slot);
         result
-    }
-
-    #[cfg(test)]
-    pub(super) fn writer_for_tests(&self) -> Arc<MessageWriter> {
-        self.writer.clone()
     }
 
     /// The longest piece one request may carry.
@@ -298,18 +296,14 @@ impl DmaLink {
         payload.get(at..at + len)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn send_and_wait<R>(
+    /// Waits on `slot` for the reply to the request just sent; the reply's
+    /// payload is in the returned state.
+    fn wait_reply<'s>(
         &self,
-        id: u16,
-        slot: &Slot,
+        slot: &'s Slot,
         command: Command,
         gpa: u64,
-        count: usize,
-        data: Option<&[u8]>,
-        take: impl FnOnce(&[u8]) -> R,
-    ) -> Result<R, MemoryError> {
-        self.send_request(id, gpa, count, data)?;
+    ) -> Result<MutexGuard<'s, SlotState>, MemoryError> {
         let deadline = Instant::now() + self.timeout;
         let mut st = slot.lock();
         while !st.done && !st.closed {
@@ -336,7 +330,7 @@ impl DmaLink {
                 "{command:?} at {gpa:#x}: client answered errno {errno}"
             )));
         }
-        Ok(take(&st.payload))
+        Ok(st)
     }
 }
 
@@ -374,6 +368,52 @@ impl DmaTransport for DmaLink {
     }
 }
 
+/// A link (spec layout) whose requests arrive on the returned client end;
+/// replies go in through `pending.complete`, as the session thread delivers them.
+#[cfg(test)]
+pub(super) fn link_for_tests(
+    max_xfer: usize,
+    timeout: Duration,
+) -> (
+    DmaLink,
+    Arc<PendingRequests>,
+    std::os::unix::net::UnixStream,
+) {
+    let (server, client) = std::os::unix::net::UnixStream::pair().unwrap();
+    let pending = Arc::new(PendingRequests::default());
+    let link = DmaLink::new(
+        Arc::new(MessageWriter::new(server)),
+        pending.clone(),
+        max_xfer,
+        timeout,
+        DmaLayout::Spec,
+    );
+    (link, pending, client)
+}
+
+/// A client's reply to request `h` in the spec layout: `data` for a read, an
+/// error reply if `errno` is given.
+#[cfg(test)]
+pub(super) fn reply_for_tests(
+    h: &Header,
+    gpa: u64,
+    data: &[u8],
+    errno: Option<u32>,
+) -> (Header, Vec<u8>) {
+    use super::wire::{FLAGS_ERROR, FLAGS_TYPE_REPLY};
+    let layout = DmaLayout::Spec;
+    let mut payload = layout.fixed_part(gpa, data.len() as u64)[..layout.data_offset()].to_vec();
+    payload.extend_from_slice(data);
+    let header = Header {
+        msg_id: h.msg_id,
+        command: h.command,
+        size: (HEADER_SIZE + payload.len()) as u32,
+        flags: FLAGS_TYPE_REPLY | if errno.is_some() { FLAGS_ERROR } else { 0 },
+        error: errno.unwrap_or(0),
+    };
+    (header, payload)
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::wire::WireStruct;
@@ -381,18 +421,8 @@ mod tests {
     use std::io::Read;
     use std::os::unix::net::UnixStream;
 
-    /// A link whose requests arrive on `client`; replies go in through
-    /// `pending.complete`, as the session thread delivers them.
     fn link(timeout: Duration) -> (Arc<DmaLink>, Arc<PendingRequests>, UnixStream) {
-        let (server, client) = UnixStream::pair().unwrap();
-        let pending = Arc::new(PendingRequests::default());
-        let link = DmaLink::new(
-            Arc::new(MessageWriter::new(server)),
-            pending.clone(),
-            4096,
-            timeout,
-            DmaLayout::Spec,
-        );
+        let (link, pending, client) = link_for_tests(4096, timeout);
         (Arc::new(link), pending, client)
     }
 
@@ -404,18 +434,7 @@ mod tests {
     }
 
     fn reply_to(h: &Header, gpa: u64, data: &[u8]) -> (Header, Vec<u8>) {
-        let layout = DmaLayout::Spec;
-        let mut payload =
-            layout.fixed_part(gpa, data.len() as u64)[..layout.data_offset()].to_vec();
-        payload.extend_from_slice(data);
-        let header = Header {
-            msg_id: h.msg_id,
-            command: h.command,
-            size: (HEADER_SIZE + payload.len()) as u32,
-            flags: super::super::wire::FLAGS_TYPE_REPLY,
-            error: 0,
-        };
-        (header, payload)
+        reply_for_tests(h, gpa, data, None)
     }
 
     #[test]
