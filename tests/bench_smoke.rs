@@ -18,6 +18,19 @@ fn allowed_cpu() -> Option<usize> {
     first.parse().ok()
 }
 
+/// Runs the benchmark, which must succeed; its stdout and stderr.
+fn run_ok(cmd: &mut Command) -> (String, String) {
+    let out = cmd.output().expect("run umdev-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "umdev-bench failed: {}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        out.status
+    );
+    (stdout, stderr)
+}
+
 #[test]
 fn quick_run_against_edu_prints_every_figure() {
     let bench = workspace_bin("umdev-bench");
@@ -28,14 +41,7 @@ fn quick_run_against_edu_prints_every_figure() {
     if let Some(cpu) = allowed_cpu() {
         cmd.arg("--pin").arg(cpu.to_string());
     }
-    let out = cmd.output().expect("run umdev-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "umdev-bench failed: {}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
-        out.status
-    );
+    let (stdout, stderr) = run_ok(&mut cmd);
     let figures = [
         "REGION_READ 4 B config space",
         "REGION_READ 8 B config space",
@@ -74,20 +80,13 @@ fn quick_run_against_edu_prints_every_figure() {
 fn floor_echo_with_idle_threads_runs() {
     let bench = workspace_bin("umdev-bench");
     let edu = workspace_bin("umdev-edu");
-    let out = Command::new(&bench)
-        .args(["--quick", "--no-dma-engine", "--regions", "1"])
-        .args(["--only", "REGION_READ 4 B config space @0x0"])
-        .args(["--floor-echo-threads", "2"])
-        .arg("--server-bin")
-        .arg(&edu)
-        .output()
-        .expect("run umdev-bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "umdev-bench failed: {}\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
-        out.status
+    let (stdout, stderr) = run_ok(
+        Command::new(&bench)
+            .args(["--quick", "--no-dma-engine", "--regions", "1"])
+            .args(["--only", "REGION_READ 4 B config space @0x0"])
+            .args(["--floor-echo-threads", "2"])
+            .arg("--server-bin")
+            .arg(&edu),
     );
     assert!(
         stdout.contains("echo process with 2 idle threads"),

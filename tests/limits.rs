@@ -6,18 +6,18 @@ mod common;
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{wait_for, Backend, MemfdRam, SharedRam, TempDir};
+use common::{wait_for, Backend, InProcessServer, MemfdRam, SharedRam};
 use umdev::memory::{GuestMemory, MemoryError};
 use umdev::pci::{BarDef, BarIndex, DeviceContext, PciDevice, PciDeviceDescription, PciFunction};
 use umdev::vfio_user::client::{ClientError, Reply};
 use umdev::vfio_user::dma::MAX_PENDING_REQUESTS;
 use umdev::vfio_user::socket::MAX_FDS_PER_MESSAGE;
 use umdev::vfio_user::wire::*;
-use umdev::vfio_user::{Client, Server, ServerConfig, StopHandle};
+use umdev::vfio_user::{Client, Server, ServerConfig};
 use umdev_edu::{reg, ID_VALUE};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -327,20 +327,10 @@ impl PciDevice for DmaStorm {
 }
 
 struct InProcess {
-    _dir: TempDir,
+    /// First, so that it stops before the rest goes.
+    _server: InProcessServer,
     client: Client,
-    stop: StopHandle,
-    thread: Option<std::thread::JoinHandle<()>>,
     results: Arc<Mutex<Vec<Result<(), String>>>>,
-}
-
-impl Drop for InProcess {
-    fn drop(&mut self) {
-        self.stop.stop();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 fn in_process(config: ServerConfig, max_regions: usize) -> InProcess {
@@ -361,20 +351,11 @@ fn in_process(config: ServerConfig, max_regions: usize) -> InProcess {
         Box::new(DmaStorm { ctx, results: r })
     })
     .unwrap();
-    let server = Server::new(function, config);
-    let stop = server.stop_handle();
-    let dir = TempDir::new();
-    let path = dir.path().join("limits.sock");
-    let listener = UnixListener::bind(&path).unwrap();
-    let thread = std::thread::spawn(move || {
-        server.serve_listener(&listener).unwrap();
-    });
-    let client = Client::connect(&path).unwrap();
+    let server = InProcessServer::start(Server::new(function, config));
+    let client = Client::connect(&server.path).unwrap();
     InProcess {
-        _dir: dir,
+        _server: server,
         client,
-        stop,
-        thread: Some(thread),
         results,
     }
 }

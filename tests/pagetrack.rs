@@ -6,17 +6,16 @@
 mod common;
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::net::UnixListener;
 use std::sync::{Arc, Mutex};
 
-use common::{MemfdRam, TempDir};
+use common::{InProcessServer, MemfdRam};
 use umdev::memory::GuestMemory;
 use umdev::pagetrack::{DirtyBitmap, Gfn, PageTracker, Policy, SourceKind, TrackNotifier};
 use umdev::pci::{
     BarDef, BarIndex, DeviceContext, PciDevice, PciDeviceDescription, PciFunction, PciIds,
 };
 use umdev::vfio_user::wire::*;
-use umdev::vfio_user::{Client, Server, ServerConfig, StopHandle};
+use umdev::vfio_user::{Client, Server, ServerConfig};
 
 const REG_TRACK: u64 = 0x00;
 const REG_UNTRACK: u64 = 0x08;
@@ -84,7 +83,8 @@ impl PciDevice for TrackDevice {
 }
 
 struct Rig {
-    _dir: TempDir,
+    /// First, so that it stops before the memory and the uffd go.
+    _server: InProcessServer,
     client: Client,
     ram: MemfdRam,
     events: Arc<Recorder>,
@@ -93,17 +93,6 @@ struct Rig {
     /// Shared dirty bitmap (dirty-bitmap source).
     bitmap: Option<MemfdRam>,
     _uffd: Option<OwnedFd>,
-    stop: StopHandle,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        self.stop.stop();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 fn start(source: SourceKind, policy: Policy) -> Rig {
@@ -137,18 +126,13 @@ fn start(source: SourceKind, policy: Policy) -> Rig {
         })
     })
     .unwrap();
-    let server = Server::new(function, ServerConfig::default());
-    let stop = server.stop_handle();
-    let dir = TempDir::new();
-    let path = dir.path().join("track.sock");
-    let listener = UnixListener::bind(&path).unwrap();
-    let thread = std::thread::spawn(move || server.serve_listener(&listener).unwrap());
+    let server = InProcessServer::start(Server::new(function, ServerConfig::default()));
     let wanted: &[&str] = match source {
         SourceKind::DirtyBitmap => &[CAP_UMDEV_DIRTY_BITMAP],
         SourceKind::Userfault => &[CAP_UMDEV_UFFD_WP],
         SourceKind::Scan => &[],
     };
-    let (mut client, agreed) = Client::connect_with_extensions(&path, wanted).unwrap();
+    let (mut client, agreed) = Client::connect_with_extensions(&server.path, wanted).unwrap();
     assert_eq!(agreed.len(), wanted.len(), "extension agreed");
     let ram = MemfdRam::new(RAM_SIZE);
     client
@@ -186,7 +170,7 @@ fn start(source: SourceKind, policy: Policy) -> Rig {
         SourceKind::Scan => {}
     }
     Rig {
-        _dir: dir,
+        _server: server,
         client,
         ram,
         events,
@@ -194,8 +178,6 @@ fn start(source: SourceKind, policy: Policy) -> Rig {
         source,
         bitmap,
         _uffd: uffd,
-        stop,
-        thread: Some(thread),
     }
 }
 

@@ -6,17 +6,16 @@ mod common;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 
-use common::TempDir;
+use common::InProcessServer;
 use umdev::memory::GuestMemory;
 use umdev::pci::{
     BarDef, BarIndex, BarMapping, DeviceContext, MsixLayout, PciDevice, PciDeviceDescription,
     PciFunction, PciIds,
 };
 use umdev::vfio_user::wire::*;
-use umdev::vfio_user::{Client, Server, ServerConfig, StopHandle};
+use umdev::vfio_user::{Client, Server, ServerConfig};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const CONFIG: u32 = PCI_CONFIG_REGION_INDEX;
@@ -95,19 +94,9 @@ fn description() -> PciDeviceDescription {
 }
 
 struct Running {
-    _dir: TempDir,
+    /// First, so that it stops before the client goes.
+    _server: InProcessServer,
     client: Client,
-    stop: StopHandle,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.stop.stop();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 fn start() -> Running {
@@ -122,20 +111,11 @@ fn start() -> Running {
         })
     })
     .unwrap();
-    let server = Server::new(function, ServerConfig::default());
-    let stop = server.stop_handle();
-    let dir = TempDir::new();
-    let path = dir.path().join("test.sock");
-    let listener = UnixListener::bind(&path).unwrap();
-    let thread = std::thread::spawn(move || {
-        server.serve_listener(&listener).unwrap();
-    });
-    let client = Client::connect(&path).unwrap();
+    let server = InProcessServer::start(Server::new(function, ServerConfig::default()));
+    let client = Client::connect(&server.path).unwrap();
     Running {
-        _dir: dir,
+        _server: server,
         client,
-        stop,
-        thread: Some(thread),
     }
 }
 

@@ -9,15 +9,14 @@
 //!   (fault, resolution by the tracker's thread, wake-up), against an ordinary write;
 //! - notifier: the cost per reported entry, against the empty sync.
 
-use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use umdev::benchmark::{median, us};
 
 use clap::Parser;
-use umdev::memory::{DmaRegion, GuestMemory};
+use umdev::memory::{DmaRegion, GuestMemory, MappedMemfd};
 use umdev::pagetrack::{
     DirtyBitmap, Gfn, PageTracker, Policy, SourceKind, TrackNotifier, UffdRegistration, PAGE_SIZE,
 };
@@ -40,52 +39,24 @@ struct Args {
 const GPA: u64 = 0x1_0000_0000;
 
 /// Guest RAM: a memfd, mapped here as the VMM would map it.
-struct Ram {
-    file: File,
-    ptr: *mut u8,
-    len: usize,
-}
+struct Ram(MappedMemfd);
 
 impl Ram {
     fn new(len: usize) -> Ram {
-        let file = umdev::memory::memfd("bench-ram", len as u64).expect("memfd");
-        // SAFETY: maps `len` bytes of a memfd of that size, shared; unmapped in Drop.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED, "mmap guest RAM");
-        Ram {
-            file,
-            ptr: ptr.cast(),
-            len,
-        }
+        Ram(MappedMemfd::new("bench-ram", len).expect("memfd"))
     }
 
     fn write_u64(&self, offset: usize, value: u64) {
-        assert!(offset + 8 <= self.len && offset.is_multiple_of(8));
+        assert!(offset + 8 <= self.0.len() && offset.is_multiple_of(8));
         // SAFETY: an aligned 8-byte store inside our live mapping.
-        unsafe { std::ptr::write_volatile(self.ptr.add(offset) as *mut u64, value) }
-    }
-}
-
-impl Drop for Ram {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in new().
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        unsafe { std::ptr::write_volatile(self.0.as_ptr().add(offset) as *mut u64, value) }
     }
 }
 
 fn guest_memory(ram: &Ram) -> GuestMemory {
     let memory = GuestMemory::new(16);
-    let fd = OwnedFd::from(ram.file.try_clone().expect("dup memfd"));
-    let region = DmaRegion::mapped(GPA, ram.len as u64, fd, 0, true, true).expect("map region");
+    let fd = OwnedFd::from(ram.0.file().try_clone().expect("dup memfd"));
+    let region = DmaRegion::mapped(GPA, ram.0.len() as u64, fd, 0, true, true).expect("map region");
     memory
         .with_regions(|r| r.insert(region))
         .expect("insert region");
@@ -202,27 +173,13 @@ fn main() {
     drop(scan);
 
     // Dirty bitmap at 0.1 %, 1 %, 10 % dirty, against the full scan.
-    let bitmap_file =
-        umdev::memory::memfd("bench-bitmap", DirtyBitmap::bytes_for(bytes as u64)).expect("memfd");
-    let bitmap_map = Ram {
-        ptr: {
-            // SAFETY: maps the bitmap memfd shared, as the VMM would.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    DirtyBitmap::bytes_for(bytes as u64) as usize,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED,
-                    bitmap_file.as_raw_fd(),
-                    0,
-                )
-            };
-            assert_ne!(p, libc::MAP_FAILED);
-            p.cast()
-        },
-        len: DirtyBitmap::bytes_for(bytes as u64) as usize,
-        file: bitmap_file.try_clone().expect("dup"),
-    };
+    // The bitmap, mapped shared as the VMM would.
+    let bitmap_map = MappedMemfd::new(
+        "bench-bitmap",
+        DirtyBitmap::bytes_for(bytes as u64) as usize,
+    )
+    .expect("memfd");
+    let bitmap_file = bitmap_map.file().try_clone().expect("dup");
     let bm = PageTracker::with_source(guest_memory(&ram), SourceKind::DirtyBitmap, Policy::Strict);
     bm.add_dirty_bitmap(DirtyBitmap::new(GPA, bytes as u64, bitmap_file, 0).expect("bitmap"))
         .expect("register bitmap");
@@ -236,7 +193,7 @@ fn main() {
                     for i in 0..dirty {
                         let page = i * stride;
                         ram.write_u64(page * PAGE_SIZE as usize, r as u64 + 1);
-                        let word = bitmap_map.ptr as *const AtomicU64;
+                        let word = bitmap_map.as_ptr() as *const AtomicU64;
                         // SAFETY: word `page / 64` lies inside the bitmap mapping.
                         unsafe { &*word.add(page / 64) }
                             .fetch_or(1 << (page % 64), Ordering::Release);
@@ -271,13 +228,13 @@ fn main() {
 /// Median latency of a write to a write-protected tracked page, and of a write to
 /// the same page once it is writable.
 fn uffd_latency(ram: &Ram, reps: usize, pages: usize) -> Result<(Duration, Duration), String> {
-    let uffd = umdev::pagetrack::register_write_protect(ram.ptr as u64, ram.len as u64)
+    let uffd = umdev::pagetrack::register_write_protect(ram.0.as_ptr() as u64, ram.0.len() as u64)
         .map_err(|e| format!("userfaultfd: {e}"))?;
     let tracker =
         PageTracker::with_source(guest_memory(ram), SourceKind::Userfault, Policy::Strict);
     tracker
         .add_uffd(
-            UffdRegistration::new(GPA, ram.len as u64, ram.ptr as u64, uffd)
+            UffdRegistration::new(GPA, ram.0.len() as u64, ram.0.as_ptr() as u64, uffd)
                 .map_err(|e| e.to_string())?,
         )
         .map_err(|e| e.to_string())?;

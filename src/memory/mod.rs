@@ -5,8 +5,11 @@
 //! DMA_READ/DMA_WRITE message through a [`DmaTransport`]. Device models use the
 //! [`GuestMemory`] handle and never see which of the two they got.
 
+mod mapped_memfd;
 mod queue;
 mod regions;
+
+pub use mapped_memfd::MappedMemfd;
 
 pub use queue::{DmaDirection, DmaQueue, QueuedDma, MAX_QUEUED_DMA, MAX_QUEUED_DMA_LEN};
 pub use regions::{DmaRegion, DmaRegions, RegionBacking};

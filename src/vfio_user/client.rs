@@ -68,12 +68,18 @@ pub struct Client {
     next_id: u16,
     server_version: Version,
     server_caps: Option<Capabilities>,
-    dma_target: Option<Box<dyn DmaTarget>>,
-    dma_layout: DmaLayout,
+    dma: DmaService,
     /// Server-initiated requests answered so far.
     pub dma_requests_served: u64,
+}
+
+/// What answers the server's DMA_READ/DMA_WRITE requests.
+#[derive(Default)]
+struct DmaService {
+    target: Option<Box<dyn DmaTarget>>,
+    layout: DmaLayout,
     /// Body of DMA_READ replies, reused from one request to the next.
-    dma_body: Vec<u8>,
+    body: Vec<u8>,
 }
 
 /// Largest message the client keeps in memory.
@@ -120,10 +126,8 @@ impl Client {
             next_id: 0,
             server_version: Version::default(),
             server_caps: None,
-            dma_target: None,
-            dma_layout: DmaLayout::default(),
+            dma: DmaService::default(),
             dma_requests_served: 0,
-            dma_body: Vec::new(),
         })
     }
 
@@ -154,8 +158,8 @@ impl Client {
 
     /// Memory that answers the server's DMA requests, and the layout they use.
     pub fn set_dma_target(&mut self, target: Box<dyn DmaTarget>, layout: DmaLayout) {
-        self.dma_target = Some(target);
-        self.dma_layout = layout;
+        self.dma.target = Some(target);
+        self.dma.layout = layout;
     }
 
     pub fn stream(&self) -> &UnixStream {
@@ -247,14 +251,7 @@ impl Client {
                 return take(header, msg.payload, msg.fds);
             }
             self.dma_requests_served += 1;
-            serve_request(
-                &self.writer,
-                self.dma_target.as_mut(),
-                self.dma_layout,
-                &mut self.dma_body,
-                &header,
-                msg.payload,
-            )?;
+            self.dma.serve(&self.writer, &header, msg.payload)?;
         }
     }
 
@@ -271,7 +268,9 @@ impl Client {
 
     /// Answers one server-initiated request obtained from [`Client::next_message`].
     pub fn answer(&mut self, request: &Reply) -> Result<()> {
-        self.serve_request(&request.header, &request.payload)
+        self.dma_requests_served += 1;
+        self.dma
+            .serve(&self.writer, &request.header, &request.payload)
     }
 
     /// Answers server-initiated requests arriving within `timeout`; returns how
@@ -355,26 +354,7 @@ impl Client {
             )));
         }
         self.dma_requests_served += 1;
-        serve_request(
-            &self.writer,
-            self.dma_target.as_mut(),
-            self.dma_layout,
-            &mut self.dma_body,
-            &header,
-            msg.payload,
-        )
-    }
-
-    fn serve_request(&mut self, header: &Header, payload: &[u8]) -> Result<()> {
-        self.dma_requests_served += 1;
-        serve_request(
-            &self.writer,
-            self.dma_target.as_mut(),
-            self.dma_layout,
-            &mut self.dma_body,
-            header,
-            payload,
-        )
+        self.dma.serve(&self.writer, &header, msg.payload)
     }
 
     // ---- typed commands ----------------------------------------------------
@@ -648,61 +628,56 @@ impl Client {
     }
 }
 
-/// Answers one server-initiated request (DMA_READ/DMA_WRITE) from `target`;
-/// `body` is scratch space for the reply, kept between calls.
-fn serve_request(
-    writer: &MessageWriter,
-    target: Option<&mut Box<dyn DmaTarget>>,
-    layout: DmaLayout,
-    body: &mut Vec<u8>,
-    header: &Header,
-    payload: &[u8],
-) -> Result<()> {
-    body.clear();
-    let result = match (Command::from_raw(header.command), target) {
-        (_, None) => Err(libc::ENODEV as u32),
-        (Some(Command::DmaRead), Some(target)) => match layout.parse(payload) {
-            Some((addr, count)) if count <= MAX_PAYLOAD as u64 => {
-                let count = count as usize;
-                let at = layout.data_offset();
-                body.resize(DmaLayout::payload_len(count), 0);
-                body[..at].copy_from_slice(&layout.fixed_part(addr, count as u64)[..at]);
-                body[at + count..].fill(0);
-                target.read(addr, &mut body[at..at + count])
-            }
-            _ => Err(libc::EINVAL as u32),
-        },
-        (Some(Command::DmaWrite), Some(target)) => match layout.parse(payload) {
-            Some((addr, count)) => {
-                let at = layout.data_offset();
-                match at
-                    .checked_add(count as usize)
-                    .and_then(|end| payload.get(at..end))
-                {
-                    Some(data) => target.write(addr, data),
-                    None => Err(libc::EINVAL as u32),
+impl DmaService {
+    /// Answers one server-initiated request (DMA_READ/DMA_WRITE) from the target.
+    fn serve(&mut self, writer: &MessageWriter, header: &Header, payload: &[u8]) -> Result<()> {
+        let (layout, body) = (self.layout, &mut self.body);
+        body.clear();
+        let result = match (Command::from_raw(header.command), self.target.as_mut()) {
+            (_, None) => Err(libc::ENODEV as u32),
+            (Some(Command::DmaRead), Some(target)) => match layout.parse(payload) {
+                Some((addr, count)) if count <= MAX_PAYLOAD as u64 => {
+                    let count = count as usize;
+                    let at = layout.data_offset();
+                    body.resize(DmaLayout::payload_len(count), 0);
+                    body[..at].copy_from_slice(&layout.fixed_part(addr, count as u64)[..at]);
+                    body[at + count..].fill(0);
+                    target.read(addr, &mut body[at..at + count])
                 }
-            }
-            None => Err(libc::EINVAL as u32),
-        },
-        _ => Err(libc::ENOSYS as u32),
-    };
-    if header.no_reply() {
-        return Ok(());
+                _ => Err(libc::EINVAL as u32),
+            },
+            (Some(Command::DmaWrite), Some(target)) => match layout.parse(payload) {
+                Some((addr, count)) => {
+                    let at = layout.data_offset();
+                    match at
+                        .checked_add(count as usize)
+                        .and_then(|end| payload.get(at..end))
+                    {
+                        Some(data) => target.write(addr, data),
+                        None => Err(libc::EINVAL as u32),
+                    }
+                }
+                None => Err(libc::EINVAL as u32),
+            },
+            _ => Err(libc::ENOSYS as u32),
+        };
+        if header.no_reply() {
+            return Ok(());
+        }
+        let (flags, error, body) = match result {
+            Ok(()) => (FLAGS_TYPE_REPLY, 0, &body[..]),
+            Err(errno) => (FLAGS_TYPE_REPLY | FLAGS_ERROR, errno, &[][..]),
+        };
+        let reply = Header {
+            msg_id: header.msg_id,
+            command: header.command,
+            size: (HEADER_SIZE + body.len()) as u32,
+            flags,
+            error,
+        };
+        writer.send(&reply, &[body], &[])?;
+        Ok(())
     }
-    let (flags, error, body) = match result {
-        Ok(()) => (FLAGS_TYPE_REPLY, 0, &body[..]),
-        Err(errno) => (FLAGS_TYPE_REPLY | FLAGS_ERROR, errno, &[][..]),
-    };
-    let reply = Header {
-        msg_id: header.msg_id,
-        command: header.command,
-        size: (HEADER_SIZE + body.len()) as u32,
-        flags,
-        error,
-    };
-    writer.send(&reply, &[body], &[])?;
-    Ok(())
 }
 
 fn parse<T: WireStruct>(payload: &[u8]) -> Result<T> {

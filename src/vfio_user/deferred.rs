@@ -142,13 +142,12 @@ impl DeferredDma {
             cursor: 0,
             outstanding: 0,
             error: None,
-            deadline: Instant::now(),
+            deadline: Instant::now() + link.map(|l| l.timeout()).unwrap_or_default(),
         };
         flight.pump(memory, link, pending);
         if flight.is_over() {
             return Some(finish(flight));
         }
-        flight.deadline = Instant::now() + link.map(|l| l.timeout()).unwrap_or_default();
         self.in_flight.push(flight);
         None
     }

@@ -8,7 +8,7 @@ mod tempdir;
 pub use tempdir::TempDir;
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -108,57 +108,29 @@ impl Drop for Backend {
 
 /// Guest RAM in a memfd, mapped here too so the test can look at it.
 pub struct MemfdRam {
-    pub file: File,
-    ptr: *mut u8,
+    map: umdev::memory::MappedMemfd,
     pub size: usize,
 }
 
-// SAFETY: the mapping is owned by this struct and only reached through &self/&mut self.
-unsafe impl Send for MemfdRam {}
-
 impl MemfdRam {
     pub fn new(size: usize) -> MemfdRam {
-        let file = umdev::memory::memfd("guest-ram", size as u64).expect("memfd");
-        let fd = file.as_raw_fd();
-        // SAFETY: maps `size` bytes of the memfd we just sized; unmapped in Drop.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED);
-        MemfdRam {
-            file,
-            ptr: ptr.cast(),
-            size,
-        }
+        let map = umdev::memory::MappedMemfd::new("guest-ram", size).expect("memfd");
+        MemfdRam { map, size }
     }
 
     pub fn fd(&self) -> RawFd {
-        self.file.as_raw_fd()
+        self.map.fd()
     }
 
     pub fn bytes(&self) -> &[u8] {
         // SAFETY: the mapping is `size` bytes and lives as long as self. The backend
         // may write concurrently; tests read only after the device says it is done.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.size) }
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr(), self.size) }
     }
 
     pub fn bytes_mut(&mut self) -> &mut [u8] {
         // SAFETY: as above, exclusive through &mut self on our side.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.size) }
-    }
-}
-
-impl Drop for MemfdRam {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in new().
-        unsafe { libc::munmap(self.ptr.cast(), self.size) };
+        unsafe { std::slice::from_raw_parts_mut(self.map.as_ptr(), self.size) }
     }
 }
 
@@ -226,5 +198,39 @@ pub fn pass_as_fd3(cmd: &mut Command, fd: RawFd, close_others: bool) {
             }
             Ok(())
         });
+    }
+}
+
+/// A `Server` serving from a thread of the test process, on a socket in a
+/// private directory; stopped and joined when dropped.
+pub struct InProcessServer {
+    _dir: TempDir,
+    pub path: PathBuf,
+    stop: umdev::vfio_user::StopHandle,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl InProcessServer {
+    pub fn start(server: umdev::vfio_user::Server) -> InProcessServer {
+        let stop = server.stop_handle();
+        let dir = TempDir::new();
+        let path = dir.path().join("server.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let thread = std::thread::spawn(move || server.serve_listener(&listener).unwrap());
+        InProcessServer {
+            _dir: dir,
+            path,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for InProcessServer {
+    fn drop(&mut self) {
+        self.stop.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }

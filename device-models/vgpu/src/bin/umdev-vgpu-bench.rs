@@ -21,11 +21,11 @@
 //! Each figure is the median over `--reps` repetitions. Ratios, not absolute
 //! numbers, are what carries from one machine to another.
 
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 use umdev::benchmark::{machine, median, us};
+use umdev::memory::MappedMemfd;
 
 use clap::Parser;
 use umdev::vfio_user::wire::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, PCI_CONFIG_REGION_INDEX};
@@ -79,34 +79,11 @@ const PTE_VA: u64 = 0x3_0000_0000;
 // ---------------------------------------------------------------- memory --
 
 /// Guest RAM: a memfd mapped here and given to the device by DMA_MAP.
-struct Ram {
-    file: std::fs::File,
-    ptr: *mut u8,
-    size: usize,
-}
+struct Ram(MappedMemfd);
 
 impl Ram {
     fn new(size: usize) -> Result<Ram> {
-        let file = umdev::memory::memfd("umdev-vgpu-bench", size as u64)?;
-        // SAFETY: maps `size` bytes of the memfd just sized; unmapped in Drop.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_POPULATE,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        Ok(Ram {
-            file,
-            ptr: ptr.cast(),
-            size,
-        })
+        Ok(Ram(MappedMemfd::populated("umdev-vgpu-bench", size)?))
     }
 
     /// Pointer to `len` bytes at guest-physical `gpa`, aligned to `align`.
@@ -114,13 +91,13 @@ impl Ram {
         let off = gpa
             .checked_sub(RAM_GPA)
             .map(|o| o as usize)
-            .filter(|o| o.checked_add(len).is_some_and(|e| e <= self.size))
+            .filter(|o| o.checked_add(len).is_some_and(|e| e <= self.0.len()))
             .filter(|o| o % align == 0);
         let Some(off) = off else {
             panic!("guest access {gpa:#x}+{len} outside RAM or misaligned")
         };
         // SAFETY: in bounds of the mapping (checked above).
-        unsafe { self.ptr.add(off) }
+        unsafe { self.0.as_ptr().add(off) }
     }
 
     fn write_u32(&self, gpa: u64, v: u32) {
@@ -156,13 +133,6 @@ impl Ram {
     fn fill(&self, gpa: u64, len: usize, byte: u8) {
         // SAFETY: in bounds (checked by `at`).
         unsafe { std::ptr::write_bytes(self.at(gpa, len, 1), byte, len) }
-    }
-}
-
-impl Drop for Ram {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in new().
-        unsafe { libc::munmap(self.ptr.cast(), self.size) };
     }
 }
 
@@ -249,8 +219,8 @@ impl Gpu {
         let ram = Ram::new(ram_mib << 20)?;
         client.dma_map(
             RAM_GPA,
-            ram.size as u64,
-            Some(ram.file.as_raw_fd()),
+            ram.0.len() as u64,
+            Some(ram.0.fd()),
             0,
             DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE,
         )?;

@@ -191,43 +191,26 @@ fn connect_retrying(backend: &Backend, extensions: &[&str]) -> (Client, Vec<Stri
 
 /// A shared memfd mapped here: guest RAM, a dirty bitmap.
 pub struct Memfd {
-    pub file: File,
-    ptr: *mut u8,
+    map: umdev::memory::MappedMemfd,
     pub size: usize,
 }
 
-// SAFETY: the mapping is owned by this struct and lives until Drop.
-unsafe impl Send for Memfd {}
-
 impl Memfd {
     pub fn new(size: usize) -> Memfd {
-        let file = umdev::memory::memfd("vgpu-test", size as u64).expect("memfd");
-        let fd = file.as_raw_fd();
-        // SAFETY: maps `size` bytes of the memfd just sized; unmapped in Drop.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        assert_ne!(ptr, libc::MAP_FAILED);
-        Memfd {
-            file,
-            ptr: ptr.cast(),
-            size,
-        }
+        let map = umdev::memory::MappedMemfd::new("vgpu-test", size).expect("memfd");
+        Memfd { map, size }
+    }
+
+    fn ptr(&self) -> *mut u8 {
+        self.map.as_ptr()
     }
 
     pub fn fd(&self) -> RawFd {
-        self.file.as_raw_fd()
+        self.map.fd()
     }
 
     pub fn addr(&self) -> u64 {
-        self.ptr as u64
+        self.ptr() as u64
     }
 
     fn check(&self, offset: usize, len: usize) {
@@ -242,13 +225,15 @@ impl Memfd {
         self.check(offset, buf.len());
         // SAFETY: in bounds of our live mapping; the backend may write concurrently,
         // tests read only what the device has finished with.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(offset), buf.as_mut_ptr(), buf.len()) }
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr().add(offset), buf.as_mut_ptr(), buf.len())
+        }
     }
 
     pub fn write(&self, offset: usize, data: &[u8]) {
         self.check(offset, data.len());
         // SAFETY: in bounds of our live mapping.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(offset), data.len()) }
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr().add(offset), data.len()) }
     }
 
     /// One aligned 4-byte store (never torn).
@@ -256,7 +241,7 @@ impl Memfd {
         self.check(offset, 4);
         assert_eq!(offset % 4, 0);
         // SAFETY: aligned, in bounds.
-        unsafe { std::ptr::write_volatile(self.ptr.add(offset) as *mut u32, v.to_le()) }
+        unsafe { std::ptr::write_volatile(self.ptr().add(offset) as *mut u32, v.to_le()) }
     }
 
     /// One aligned 8-byte store (never torn).
@@ -264,21 +249,21 @@ impl Memfd {
         self.check(offset, 8);
         assert_eq!(offset % 8, 0);
         // SAFETY: aligned, in bounds.
-        unsafe { std::ptr::write_volatile(self.ptr.add(offset) as *mut u64, v.to_le()) }
+        unsafe { std::ptr::write_volatile(self.ptr().add(offset) as *mut u64, v.to_le()) }
     }
 
     pub fn read_u32(&self, offset: usize) -> u32 {
         self.check(offset, 4);
         assert_eq!(offset % 4, 0);
         // SAFETY: aligned, in bounds.
-        u32::from_le(unsafe { std::ptr::read_volatile(self.ptr.add(offset) as *const u32) })
+        u32::from_le(unsafe { std::ptr::read_volatile(self.ptr().add(offset) as *const u32) })
     }
 
     pub fn read_u64(&self, offset: usize) -> u64 {
         self.check(offset, 8);
         assert_eq!(offset % 8, 0);
         // SAFETY: aligned, in bounds.
-        u64::from_le(unsafe { std::ptr::read_volatile(self.ptr.add(offset) as *const u64) })
+        u64::from_le(unsafe { std::ptr::read_volatile(self.ptr().add(offset) as *const u64) })
     }
 
     /// The 8-byte word at `offset` as an atomic (dirty bitmaps).
@@ -286,14 +271,7 @@ impl Memfd {
         self.check(offset, 8);
         assert_eq!(offset % 8, 0);
         // SAFETY: aligned, in bounds, and lives as long as &self.
-        unsafe { &*(self.ptr.add(offset) as *const AtomicU64) }
-    }
-}
-
-impl Drop for Memfd {
-    fn drop(&mut self) {
-        // SAFETY: exactly the mapping made in new().
-        unsafe { libc::munmap(self.ptr.cast(), self.size) };
+        unsafe { &*(self.ptr().add(offset) as *const AtomicU64) }
     }
 }
 
