@@ -41,6 +41,8 @@ pub enum SandboxError {
     Install(io::Error),
     #[error("thread {0} could not take the seccomp filter")]
     Tsync(i64),
+    #[error(transparent)]
+    Guard(#[from] crate::memory::guard::GuardError),
 }
 
 /// System calls every backend thread may make after start-up.
@@ -65,6 +67,7 @@ pub const ALLOWED: &[(&str, libc::c_long)] = &[
     ("close", libc::SYS_close),
     // DMA regions: size checks, sealing, mapping; the allocator.
     ("fstat", libc::SYS_fstat),
+    ("fstatfs", libc::SYS_fstatfs),
     ("newfstatat", libc::SYS_newfstatat),
     ("statx", libc::SYS_statx),
     ("fcntl", libc::SYS_fcntl),
@@ -304,6 +307,8 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub fn confine_with(extra: &[libc::c_long]) -> Result<(), SandboxError> {
     let program = build_program(extra);
+    // The SIGBUS guard of peer memory needs rt_sigaction, which the filter refuses.
+    crate::memory::guard::install()?;
     // glibc installs its internal signal handlers (rt_sigaction, refused by the
     // filter) when the process starts its first thread. A backend may start
     // its first thread only under the filter (edu has none until a client asks

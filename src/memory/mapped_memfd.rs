@@ -33,8 +33,18 @@ impl MappedMemfd {
         Self::map(name, len, libc::MAP_POPULATE)
     }
 
+    /// `len` bytes in a memfd made without `MFD_ALLOW_SEALING`, so nobody
+    /// can seal it: what a VMM shares that lets nothing stop it from
+    /// truncating its memory (QEMU's `memory-backend-memfd,seal=off`).
+    pub fn unsealable(name: &str, len: usize) -> std::io::Result<MappedMemfd> {
+        Self::map_file(super::memfd_with(name, len as u64, 0)?, len, 0)
+    }
+
     fn map(name: &str, len: usize, flags: libc::c_int) -> std::io::Result<MappedMemfd> {
-        let file = super::memfd(name, len as u64)?;
+        Self::map_file(super::memfd(name, len as u64)?, len, flags)
+    }
+
+    fn map_file(file: File, len: usize, flags: libc::c_int) -> std::io::Result<MappedMemfd> {
         // SAFETY: maps `len` bytes of the memfd just sized to `len`, shared, at
         // an address the kernel picks; unmapped in Drop.
         let ptr = unsafe {

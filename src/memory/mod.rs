@@ -5,14 +5,15 @@
 //! DMA_READ/DMA_WRITE message through a [`DmaTransport`]. Device models use the
 //! [`GuestMemory`] handle and never see which of the two they got.
 
+pub mod guard;
 mod mapped_memfd;
 mod queue;
-mod regions;
+pub(crate) mod regions;
 
 pub use mapped_memfd::MappedMemfd;
 
 pub use queue::{DmaDirection, DmaQueue, QueuedDma, MAX_QUEUED_DMA, MAX_QUEUED_DMA_LEN};
-pub use regions::{DmaRegion, DmaRegions, RegionBacking};
+pub use regions::{DmaRegion, DmaRegions, MappedRegion, RegionBacking};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -22,12 +23,17 @@ use vm_memory::{Bytes, MemoryRegionAddress};
 /// A new memfd of `len` bytes (close-on-exec, sealable): guest RAM, VRAM,
 /// bitmaps — every piece of shared memory the project makes.
 pub fn memfd(name: &str, len: u64) -> std::io::Result<std::fs::File> {
+    memfd_with(name, len, libc::MFD_ALLOW_SEALING)
+}
+
+/// A new close-on-exec memfd of `len` bytes with extra `memfd_create` flags
+/// (`MFD_ALLOW_SEALING`, `MFD_HUGETLB`).
+pub fn memfd_with(name: &str, len: u64, flags: libc::c_uint) -> std::io::Result<std::fs::File> {
     use std::os::fd::FromRawFd;
     let name = std::ffi::CString::new(name)
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     // SAFETY: memfd_create with a valid C string; the File takes the new fd.
-    let fd =
-        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | flags) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -68,6 +74,8 @@ pub enum MemoryError {
     Transport(String),
     #[error("guest memory access failed: {0}")]
     Access(String),
+    #[error("the client took the memory of the DMA region at {0:#x} away (SIGBUS); it is unusable until unmapped")]
+    Lost(u64),
 }
 
 impl MemoryError {
@@ -85,6 +93,7 @@ impl MemoryError {
             MemoryError::NoTransport => libc::ENOTCONN,
             MemoryError::NoHostMapping(_) => libc::EINVAL,
             MemoryError::Transport(_) | MemoryError::Access(_) => libc::EIO,
+            MemoryError::Lost(_) => libc::EFAULT,
         }
     }
 }
@@ -209,6 +218,7 @@ impl GuestMemory {
                 let dst = &mut buf[range];
                 match backing {
                     Backing::Mapped(m) => m
+                        .map()
                         .read_slice(dst, MemoryRegionAddress(region_off))
                         .map_err(|e| MemoryError::Access(e.to_string())),
                     Backing::Message(t, gpa) => by_message(t, gpa, dst),
@@ -332,6 +342,7 @@ impl GuestMemory {
                 let src = &buf[range];
                 match backing {
                     Backing::Mapped(m) => m
+                        .map()
                         .write_slice(src, MemoryRegionAddress(region_off))
                         .map_err(|e| MemoryError::Access(e.to_string())),
                     Backing::Message(t, gpa) => t.dma_write(gpa, src),
@@ -379,7 +390,24 @@ impl GuestMemory {
             let chunk = ((region.size - region_off) as usize).min(len - done);
             let range = done..done + chunk;
             match &region.backing {
-                RegionBacking::Mapped(m) => copy(region_off, Backing::Mapped(m), range)?,
+                RegionBacking::Mapped(m) => {
+                    // Checked before (a region known lost is not touched) and
+                    // after (a copy that met the loss read or wrote zero pages).
+                    if !m.faulted() {
+                        copy(region_off, Backing::Mapped(m), range)?;
+                    }
+                    if m.faulted() {
+                        if m.first_report() {
+                            tracing::error!(
+                                gpa = format_args!("{:#x}", region.gpa),
+                                size = format_args!("{:#x}", region.size),
+                                "the client took a DMA region's memory away (SIGBUS); \
+                                 its accesses fail until it is unmapped"
+                            );
+                        }
+                        return Err(MemoryError::Lost(region.gpa));
+                    }
+                }
                 RegionBacking::Message => {
                     drop(regions);
                     let transport: Arc<dyn DmaTransport> = self
@@ -412,7 +440,7 @@ impl DmaTransport for Disconnected {
 }
 
 enum Backing<'a> {
-    Mapped(&'a vm_memory::GuestRegionMmap<()>),
+    Mapped(&'a MappedRegion),
     Message(&'a dyn DmaTransport, u64),
 }
 

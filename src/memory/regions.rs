@@ -7,14 +7,48 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
 
+use super::guard::FaultGuard;
 use super::MemoryError;
 
 /// How the backend reaches a region's bytes.
 pub enum RegionBacking {
     /// The client's fd, mapped into this process.
-    Mapped(GuestRegionMmap<()>),
+    Mapped(MappedRegion),
     /// No fd: only DMA_READ/DMA_WRITE messages reach it.
     Message,
+}
+
+/// A client's fd mapped into this process, guarded against the client taking
+/// the memory away (`memory::guard`): once [`faulted`](Self::faulted), every
+/// access to it fails.
+pub struct MappedRegion {
+    // Declared first: the guard is dropped (deregistered) before the mapping
+    // goes, so a later mapping at the same address is never taken for it.
+    guard: FaultGuard,
+    map: GuestRegionMmap<()>,
+    /// The loss was logged (once per region).
+    reported: std::sync::atomic::AtomicBool,
+}
+
+impl MappedRegion {
+    /// The mapping, for copies. Check [`faulted`](Self::faulted) after
+    /// copying: a copy that raced the client's truncation read zeroes.
+    pub fn map(&self) -> &GuestRegionMmap<()> {
+        &self.map
+    }
+
+    /// Whether the client took this region's memory away (SIGBUS).
+    #[inline]
+    pub fn faulted(&self) -> bool {
+        self.guard.faulted()
+    }
+
+    /// Whether this is the first time the loss is noticed (to log it once).
+    pub fn first_report(&self) -> bool {
+        !self
+            .reported
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// One range of guest memory shared by the client.
@@ -58,9 +92,14 @@ impl DmaRegion {
 
     /// A region backed by `fd` at `offset`, mapped shared with the permissions asked.
     ///
-    /// A file smaller than `offset + size` is refused up front: touching a mapping
-    /// past the end of its file would kill the backend with SIGBUS. Where the fd
-    /// allows it, the file is also sealed against shrinking for the same reason.
+    /// Refused up front: an fd that is not a regular file (memfds and hugetlbfs
+    /// files are; character devices, pipes and sockets are not, and their size
+    /// cannot be checked), a file smaller than `offset + size` (touching a
+    /// mapping past the end of its file raises SIGBUS), and hugetlbfs memory
+    /// whose huge pages cannot be reserved now (it is mapped without
+    /// `MAP_NORESERVE`, so the kernel reserves them at mmap or refuses). Where
+    /// the fd allows it, the file is sealed against shrinking; what cannot be
+    /// sealed is guarded (`memory::guard`).
     pub fn mapped(
         gpa: u64,
         size: u64,
@@ -77,7 +116,12 @@ impl DmaRegion {
         let end = offset
             .checked_add(size)
             .ok_or(MemoryError::Invalid("fd offset + size overflows"))?;
-        if meta.is_file() && meta.len() < end {
+        if !meta.is_file() {
+            return Err(MemoryError::Mmap(
+                "the fd is not a regular file or memfd".into(),
+            ));
+        }
+        if meta.len() < end {
             return Err(MemoryError::Mmap(format!(
                 "file holds {:#x} bytes, the region needs {end:#x}",
                 meta.len()
@@ -92,21 +136,34 @@ impl DmaRegion {
             prot |= libc::PROT_WRITE;
         }
         let len = usize::try_from(size).map_err(|_| MemoryError::Invalid("size too large"))?;
+        // hugetlbfs pages are reserved at mmap unless MAP_NORESERVE: without
+        // it, a file with no pages behind it is refused here, not at first touch.
+        let noreserve = if is_hugetlbfs(&file) {
+            0
+        } else {
+            libc::MAP_NORESERVE
+        };
         let mmap = MmapRegion::build(
             Some(FileOffset::new(file, offset)),
             len,
             prot,
-            libc::MAP_SHARED | libc::MAP_NORESERVE,
+            libc::MAP_SHARED | noreserve,
         )
         .map_err(|e| MemoryError::Mmap(e.to_string()))?;
-        let region = GuestRegionMmap::new(mmap, GuestAddress(gpa))
+        let map = GuestRegionMmap::new(mmap, GuestAddress(gpa))
             .ok_or(MemoryError::Invalid("region wraps the address space"))?;
+        let guard = FaultGuard::register(map.as_ptr(), len)
+            .map_err(|e| MemoryError::Mmap(e.to_string()))?;
         Ok(DmaRegion {
             gpa,
             size,
             readable,
             writable,
-            backing: RegionBacking::Mapped(region),
+            backing: RegionBacking::Mapped(MappedRegion {
+                guard,
+                map,
+                reported: Default::default(),
+            }),
         })
     }
 
@@ -121,7 +178,7 @@ impl DmaRegion {
     /// Host address of the mapping, for regions that have one.
     pub fn host_ptr(&self) -> Option<*mut u8> {
         match &self.backing {
-            RegionBacking::Mapped(m) => Some(m.as_ptr()),
+            RegionBacking::Mapped(m) => Some(m.map.as_ptr()),
             RegionBacking::Message => None,
         }
     }
@@ -136,7 +193,20 @@ fn check_range(gpa: u64, size: u64) -> Result<(), MemoryError> {
     Ok(())
 }
 
-fn seal_against_shrinking(file: &File) {
+/// Whether `file` lives on hugetlbfs (a `MFD_HUGETLB` memfd included).
+pub(crate) fn is_hugetlbfs(file: &File) -> bool {
+    const HUGETLBFS_MAGIC: libc::c_long = 0x958458f6;
+    // SAFETY: fstatfs fills a zeroed statfs struct for an fd we own.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::fstatfs(file.as_raw_fd(), &mut st) == 0
+            && st.f_type as libc::c_long == HUGETLBFS_MAGIC
+    }
+}
+
+/// Seals a file the peer sent against shrinking, where it allows that (a
+/// memfd made with `MFD_ALLOW_SEALING` and not yet sealed against sealing).
+pub(crate) fn seal_against_shrinking(file: &File) {
     // SAFETY: fcntl on an fd we own; F_ADD_SEALS only changes the file's seal set,
     // and failure (not a memfd, sealing not allowed) is harmless.
     unsafe {

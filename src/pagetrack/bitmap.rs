@@ -12,10 +12,13 @@ use vm_memory::mmap::MmapRegion;
 use vm_memory::FileOffset;
 
 use super::{TrackError, PAGE_SIZE};
+use crate::memory::guard::FaultGuard;
 
 pub struct DirtyBitmap {
     gpa: u64,
     size: u64,
+    // Before `map`: deregistered before the mapping goes (`memory::guard`).
+    guard: FaultGuard,
     map: MmapRegion<()>,
     /// u64 words in the mapping.
     words: usize,
@@ -53,6 +56,7 @@ impl DirtyBitmap {
                 meta.len()
             )));
         }
+        crate::memory::regions::seal_against_shrinking(&file);
         // mmap needs a page-aligned file offset: map from the page holding `offset`.
         let page_off = offset & !(PAGE_SIZE - 1);
         let lead = (offset - page_off) as usize;
@@ -63,9 +67,12 @@ impl DirtyBitmap {
             libc::MAP_SHARED,
         )
         .map_err(|e| bad(format!("mapping the bitmap: {e}")))?;
+        let guard = FaultGuard::register(map.as_ptr(), map.size())
+            .map_err(|e| bad(format!("guarding the bitmap: {e}")))?;
         Ok(DirtyBitmap {
             gpa,
             size,
+            guard,
             map,
             words: (lead + len as usize) / 8,
             lead_words: lead / 8,
@@ -96,6 +103,12 @@ impl DirtyBitmap {
     /// Whether the bitmap's region lies inside `[gpa, gpa+size)`.
     pub fn within(&self, gpa: u64, size: u64) -> bool {
         self.gpa >= gpa && self.gpa - gpa < size
+    }
+
+    /// Whether the VMM took the bitmap's memory away (SIGBUS, `memory::guard`):
+    /// its bits mean nothing since, so every page of the region counts as dirty.
+    pub fn lost(&self) -> bool {
+        self.guard.faulted()
     }
 
     /// Takes the dirty bit of the page at `gpa` (which must be covered): returns

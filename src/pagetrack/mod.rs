@@ -205,14 +205,26 @@ impl WriteSource for DirtyBitmapSource {
                 .map(|(_, b)| b)
                 .filter(|b| b.covers(gpa));
             match bitmap {
+                // `lost` after `take`: a take that met the loss read zero.
                 Some(b) => {
-                    if b.take(gpa) {
+                    if b.take(gpa) || b.lost() {
                         out.push(gfn);
                     }
                 }
                 None => out.push(gfn),
             }
         }
+        // A lost bitmap is dropped: its region is scanned from now on.
+        self.bitmaps.retain(|&gpa, b| {
+            if b.lost() {
+                tracing::error!(
+                    gpa = format_args!("{gpa:#x}"),
+                    "the VMM took the dirty bitmap's memory away (SIGBUS); \
+                     its region is scanned from now on"
+                );
+            }
+            !b.lost()
+        });
     }
     fn region_removed(&mut self, gpa: u64, size: u64) {
         self.bitmaps.retain(|_, b| !b.within(gpa, size));

@@ -13,7 +13,9 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use tracing::{debug, trace, warn};
+use tracing::{debug, trace};
+
+use super::irqfd::{IrqFd, IrqFdError};
 
 use crate::vfio_user::wire::{
     IRQ_INFO_AUTOMASKED, IRQ_INFO_EVENTFD, IRQ_INFO_MASKABLE, IRQ_INFO_NORESIZE,
@@ -64,6 +66,8 @@ pub enum IrqError {
     BoolCount { got: usize, want: u32 },
     #[error("this action is not supported on IRQ index {0:?}")]
     Unsupported(IrqIndex),
+    #[error(transparent)]
+    Fd(#[from] IrqFdError),
 }
 
 /// What a SET_IRQS request carries for its vectors.
@@ -76,7 +80,7 @@ pub enum IrqSetData<'a> {
 
 #[derive(Default)]
 struct Vector {
-    eventfd: Option<OwnedFd>,
+    eventfd: Option<IrqFd>,
     /// Masked through SET_IRQS.
     masked: bool,
     pending: bool,
@@ -120,7 +124,7 @@ struct Resampler {
 }
 
 impl Resampler {
-    fn spawn(fd: OwnedFd, irqs: Weak<Interrupts>) -> Option<Resampler> {
+    fn spawn(fd: IrqFd, irqs: Weak<Interrupts>) -> Option<Resampler> {
         let stop = EventFd::new(0).ok()?;
         let stop_fd = stop.try_clone().ok()?;
         let thread = std::thread::Builder::new()
@@ -131,9 +135,7 @@ impl Resampler {
                 {
                     return;
                 }
-                let mut count = 0u64;
-                // SAFETY: reads 8 bytes into a local u64 from an eventfd we own.
-                unsafe { libc::read(fd.as_raw_fd(), (&mut count as *mut u64).cast(), 8) };
+                fd.take();
                 match irqs.upgrade() {
                     Some(irqs) => irqs.unmask_intx(),
                     None => return,
@@ -159,16 +161,8 @@ impl Drop for Resampler {
 /// The device's handle for raising interrupts.
 pub type InterruptHandle = Arc<Interrupts>;
 
-fn signal(fd: &OwnedFd) {
-    let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
-    let n = unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
-    if n != 8 {
-        warn!(
-            "signalling interrupt eventfd failed: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+fn signal(fd: &IrqFd) {
+    fd.signal();
 }
 
 impl Interrupts {
@@ -378,7 +372,7 @@ impl Interrupts {
         Self::fire_intx(&mut s);
     }
 
-    fn set_intx_resampler(self: &Arc<Self>, fd: Option<OwnedFd>) {
+    fn set_intx_resampler(self: &Arc<Self>, fd: Option<IrqFd>) {
         let new = fd.and_then(|fd| Resampler::spawn(fd, Arc::downgrade(self)));
         let old = std::mem::replace(
             &mut *self
@@ -432,20 +426,32 @@ impl Interrupts {
             }
             _ => {}
         }
+        // Every fd is checked before anything changes: one that is not an
+        // eventfd fails the whole request (`irqfd`).
+        let (data, eventfds) = match data {
+            IrqSetData::Eventfds(fds) => {
+                let fds = fds
+                    .into_iter()
+                    .map(|fd| fd.map(IrqFd::new).transpose())
+                    .collect::<Result<Vec<_>, _>>()?;
+                (IrqSetData::Eventfds(Vec::new()), Some(fds))
+            }
+            other => (other, None),
+        };
         let mut s = self.lock();
         let selected = |i: u32| match &data {
             IrqSetData::Bool(b) => b[i as usize] != 0,
             _ => true,
         };
         match action {
-            IRQ_SET_ACTION_TRIGGER => match data {
-                IrqSetData::Eventfds(fds) => {
+            IRQ_SET_ACTION_TRIGGER => match (&data, eventfds) {
+                (_, Some(fds)) => {
                     for (i, fd) in fds.into_iter().enumerate() {
                         s.vectors[index as usize][start as usize + i].eventfd = fd;
                     }
                     debug!(?index, start, count, "interrupt eventfds set");
                 }
-                IrqSetData::None if count == 0 => {
+                (IrqSetData::None, None) if count == 0 => {
                     for v in s.vectors[index as usize].iter_mut() {
                         *v = Vector::default();
                     }
@@ -467,11 +473,9 @@ impl Interrupts {
                     }
                 }
             },
-            IRQ_SET_ACTION_UNMASK
-                if index == IrqIndex::Intx && matches!(data, IrqSetData::Eventfds(_)) =>
-            {
+            IRQ_SET_ACTION_UNMASK if index == IrqIndex::Intx && eventfds.is_some() => {
                 drop(s);
-                if let IrqSetData::Eventfds(mut fds) = data {
+                if let Some(mut fds) = eventfds {
                     self.set_intx_resampler(fds.pop().flatten());
                 }
                 debug!("INTx unmask eventfd set");

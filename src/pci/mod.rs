@@ -7,6 +7,7 @@ pub mod config;
 pub mod device;
 pub mod function;
 pub mod irq;
+pub mod irqfd;
 pub mod msix;
 
 pub use bar::{BarDef, BarIndex, BarKind};

@@ -450,6 +450,15 @@ impl Session<'_> {
             flags: FLAGS_TYPE_REPLY,
             error: 0,
         };
+        // Never more fds than the client said it takes (the spec's default
+        // is 1 until VERSION says otherwise).
+        let max_fds = self
+            .client_caps
+            .as_ref()
+            .map_or(crate::vfio_user::caps::DEFAULT_MAX_MSG_FDS, |c| {
+                c.max_msg_fds
+            });
+        let fds = &fds[..fds.len().min(max_fds as usize)];
         // A failed send means the client is gone; the next read sees it.
         if let Err(e) = self.writer.send(&header, parts, fds) {
             debug!("sending reply failed: {e}");
@@ -491,6 +500,10 @@ impl Session<'_> {
                 warn!("client capabilities refused: {e}");
                 libc::EINVAL
             })?;
+        if caps.max_data_xfer_size == 0 {
+            warn!("client announced max_data_xfer_size 0: no DMA message could carry data");
+            return Err(libc::EINVAL);
+        }
         info!(
             minor = v.minor,
             max_msg_fds = caps.max_msg_fds,
@@ -526,11 +539,10 @@ impl Session<'_> {
             major: VERSION_MAJOR,
             minor: VERSION_MINOR.min(v.minor),
         };
-        // DMA requests we send must fit the client's limit as well as ours.
-        let max_xfer = caps
-            .max_data_xfer_size
-            .min(self.config.max_data_xfer_size)
-            .max(4096);
+        // DMA requests we send must fit the client's limit as well as ours,
+        // however small the client's is (a client that takes no data at all
+        // is refused above).
+        let max_xfer = caps.max_data_xfer_size.min(self.config.max_data_xfer_size);
         let link = Arc::new(DmaLink::new(
             self.writer.clone(),
             self.pending.clone(),

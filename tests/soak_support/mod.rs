@@ -256,3 +256,115 @@ pub fn settled(pid: u32) -> (usize, u64) {
     }
     (last, rss_kib(pid))
 }
+
+/// Sends SIGTERM to `pid` and waits for it to end: how long that took. Fails
+/// the test after 5 s (the promise is 1 s; the caller asserts that).
+pub fn terminate(child: &mut std::process::Child) -> Duration {
+    let start = Instant::now();
+    // SAFETY: signals our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    loop {
+        if child.try_wait().expect("try_wait").is_some() {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the backend did not end within 5 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Resources that misbehave after the backend accepted them, as a hostile VMM
+/// hands them over (docs/robustness.md, "Resources that fight back").
+pub mod resources {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+    use umdev::memory::MappedMemfd;
+
+    /// A pipe (read end, write end), its buffer filled to the brim so that a
+    /// blocking write would never return.
+    pub fn full_pipe() -> (OwnedFd, OwnedFd) {
+        let mut p = [0; 2];
+        // SAFETY: pipe2 writes two new fds into `p`, which the OwnedFds take;
+        // the writes are non-blocking and from a live buffer.
+        unsafe {
+            assert_eq!(
+                libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK),
+                0
+            );
+            let chunk = [0u8; 4096];
+            while libc::write(p[1], chunk.as_ptr().cast(), chunk.len()) > 0 {}
+            let flags = libc::fcntl(p[1], libc::F_GETFL);
+            libc::fcntl(p[1], libc::F_SETFL, flags & !libc::O_NONBLOCK);
+            (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1]))
+        }
+    }
+
+    /// A connected socket pair whose first end's send buffer is full.
+    pub fn full_socket() -> (
+        std::os::unix::net::UnixStream,
+        std::os::unix::net::UnixStream,
+    ) {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let chunk = [0u8; 4096];
+        while std::io::Write::write(&mut &a, &chunk).is_ok() {}
+        a.set_nonblocking(false).unwrap();
+        (a, b)
+    }
+
+    /// An eventfd whose counter is at its maximum: one more increment blocks
+    /// (or fails, non-blocking).
+    pub fn saturated_eventfd() -> OwnedFd {
+        // SAFETY: eventfd2 with integer arguments; the OwnedFd takes the fd;
+        // the write is 8 bytes from a live u64 and does not block (count 0).
+        unsafe {
+            let fd = OwnedFd::from_raw_fd(libc::eventfd(0, libc::EFD_CLOEXEC));
+            let max: u64 = u64::MAX - 1;
+            assert_eq!(
+                libc::write(fd.as_raw_fd(), (&max as *const u64).cast(), 8),
+                8
+            );
+            fd
+        }
+    }
+
+    /// Guest RAM nobody can seal, so the VMM can shrink it under the backend.
+    pub fn unsealable_ram(len: usize) -> MappedMemfd {
+        MappedMemfd::unsealable("hostile-ram", len).expect("memfd")
+    }
+
+    /// Shrinks the file behind `ram` to `len` bytes (pages past it are gone:
+    /// the backend's next touch of them is SIGBUS).
+    pub fn shrink(ram: &MappedMemfd, len: u64) -> std::io::Result<()> {
+        ram.file().set_len(len)
+    }
+
+    /// A character device (size unknowable, mapping it maps device memory).
+    pub fn char_device() -> std::fs::File {
+        std::fs::File::open("/dev/zero").expect("/dev/zero")
+    }
+
+    /// A hugetlb memfd of `len` bytes, if this kernel makes one (it needs no
+    /// reserved pages to exist; touching it without them is SIGBUS).
+    pub fn hugetlb_memfd(len: u64) -> Option<std::fs::File> {
+        umdev::memory::memfd_with("hostile-huge", len, libc::MFD_HUGETLB).ok()
+    }
+
+    /// Free 2 MiB huge pages on this host.
+    pub fn free_huge_pages() -> u64 {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("HugePages_Free:"))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    pub fn raw<T: AsRawFd>(fd: &T) -> RawFd {
+        fd.as_raw_fd()
+    }
+}

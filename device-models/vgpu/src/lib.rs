@@ -201,6 +201,8 @@ struct Shared {
     vram: Vram,
     check: TargetCheck,
     scanout_png: Option<PathBuf>,
+    /// The last captured picture's bytes, reused by the next (at most 64 MiB).
+    scanout_buffer: Mutex<Vec<u8>>,
     /// `Registers::generation`, readable without the lock (engine writes
     /// check it under the region table's lock).
     live_generation: AtomicU64,
@@ -256,6 +258,7 @@ impl Vgpu {
             vram,
             check,
             scanout_png,
+            scanout_buffer: Mutex::new(Vec::new()),
             live_generation: AtomicU64::new(0),
         });
         shared
@@ -400,55 +403,53 @@ impl Shared {
         }
     }
 
-    /// The framebuffer as XRGB8888 bytes, read through the GGTT.
-    fn capture_scanout(&self) -> Option<(Scanout, Vec<u8>)> {
+    /// The framebuffer's visible pixels as XRGB8888 bytes (4 x width per
+    /// line, the stride's gap left out), read through the GGTT into `fb`,
+    /// which is reused from frame to frame. `None` if the scanout is off or
+    /// its geometry is invalid (`scanout::check_geometry`).
+    fn capture_scanout(&self, fb: &mut Vec<u8>) -> Option<Scanout> {
         let sc = lock(&self.regs).scanout;
         if sc.enable == 0 || sc.format != FB_FORMAT_XRGB8888 {
             return None;
         }
-        if !sc.stride.is_multiple_of(4) {
-            return None;
-        }
-        let len = scanout::required_len(sc.width, sc.height, sc.stride as usize).ok()?;
-        let mut fb = vec![0u8; len];
+        let len = scanout::check_geometry(sc.fb_addr, sc.width, sc.height, sc.stride).ok()?;
+        fb.clear();
+        fb.resize(len, 0);
+        let line = 4 * sc.width as usize;
         let ggtt = lock(&self.ggtt);
-        let mut off = 0usize;
-        while off < len {
-            let addr = sc.fb_addr + off as u64;
-            let piece = ((PAGE_SIZE - addr % PAGE_SIZE) as usize).min(len - off);
-            let t = ggtt
-                .shadow
-                .get((addr / PAGE_SIZE) as usize)
-                .copied()
-                .flatten();
-            match t {
-                Some(t) => {
-                    let target = t.target.offset(addr % PAGE_SIZE);
-                    let dst = &mut fb[off..off + piece];
-                    let ok = match target {
-                        Target::Ram(gpa) => self.ctx.memory.peek(gpa, dst).is_ok(),
-                        Target::Vram(o) => self.vram.read(o, dst).is_ok(),
-                    };
-                    if !ok {
-                        dst.fill(0);
-                    }
+        for (y, dst_line) in fb.chunks_exact_mut(line).enumerate() {
+            let mut off = 0usize;
+            while off < line {
+                let addr = sc.fb_addr + (y * sc.stride as usize + off) as u64;
+                let piece = ((PAGE_SIZE - addr % PAGE_SIZE) as usize).min(line - off);
+                let dst = &mut dst_line[off..off + piece];
+                let t = ggtt
+                    .shadow
+                    .get((addr / PAGE_SIZE) as usize)
+                    .copied()
+                    .flatten();
+                let ok = t.is_some_and(|t| match t.target.offset(addr % PAGE_SIZE) {
+                    Target::Ram(gpa) => self.ctx.memory.peek(gpa, dst).is_ok(),
+                    Target::Vram(o) => self.vram.read(o, dst).is_ok(),
+                });
+                if !ok {
+                    dst.fill(0);
                 }
-                None => fb[off..off + piece].fill(0),
+                off += piece;
             }
-            off += piece;
         }
-        Some((sc, fb))
+        Some(sc)
     }
 
     fn write_scanout(&self) {
         let Some(path) = &self.scanout_png else {
             return;
         };
-        match self.capture_scanout() {
-            Some((sc, fb)) => {
-                if let Err(e) =
-                    scanout::write_png(path, sc.width, sc.height, sc.stride as usize, &fb)
-                {
+        let mut fb = lock(&self.scanout_buffer);
+        match self.capture_scanout(&mut fb) {
+            Some(sc) => {
+                let line = 4 * sc.width as usize;
+                if let Err(e) = scanout::write_png(path, sc.width, sc.height, line, &fb) {
                     warn!("scanout PNG: {e}");
                 } else {
                     debug!(path = %path.display(), "scanout written");
@@ -689,8 +690,7 @@ fn write_register(
                 SCANOUT_FB_ENABLE => {
                     s.enable = v32 & 1;
                     let valid = s.format == FB_FORMAT_XRGB8888
-                        && s.stride.is_multiple_of(4)
-                        && scanout::required_len(s.width, s.height, s.stride as usize).is_ok();
+                        && scanout::check_geometry(s.fb_addr, s.width, s.height, s.stride).is_ok();
                     if s.enable != 0 && !valid {
                         shared.global_error(regs, GLOBAL_ERROR_BAD_SCANOUT);
                     }

@@ -26,6 +26,23 @@ impl Vram {
     pub fn new(size: u64) -> Result<Self, VramError> {
         let file = umdev::memory::memfd("umdev-vgpu-vram", size)
             .map_err(|e| VramError::Create(e.to_string()))?;
+        // The VMM gets this fd (BAR2's mappable area): sealed so it cannot
+        // change the size under our mapping (SIGBUS) or seal it further.
+        // Hole punching (our `clear`) stays allowed.
+        // SAFETY: fcntl on the memfd we just made, integer arguments only.
+        let rc = unsafe {
+            libc::fcntl(
+                file.as_raw_fd(),
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+            )
+        };
+        if rc != 0 {
+            return Err(VramError::Create(format!(
+                "sealing VRAM: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
         let mmap = MmapRegion::build(
             Some(FileOffset::new(
                 file.try_clone()
