@@ -62,6 +62,9 @@ pub struct Options {
     pub scanout_png: bool,
     /// Enable MSI-X (else interrupts go to INTx).
     pub msix: bool,
+    /// Share guest RAM and the dirty bitmap in memfds nobody can seal, so the
+    /// "VMM" can shrink them under the backend.
+    pub unsealable: bool,
     pub extra_args: Vec<String>,
 }
 
@@ -73,6 +76,7 @@ impl Default for Options {
             vram_mib: None,
             scanout_png: false,
             msix: true,
+            unsealable: false,
             extra_args: Vec::new(),
         }
     }
@@ -199,6 +203,18 @@ impl Memfd {
     pub fn new(size: usize) -> Memfd {
         let map = umdev::memory::MappedMemfd::new("vgpu-test", size).expect("memfd");
         Memfd { map, size }
+    }
+
+    /// A memfd that cannot be sealed (see `Options::unsealable`).
+    pub fn unsealable(size: usize) -> Memfd {
+        let map = umdev::memory::MappedMemfd::unsealable("vgpu-test", size).expect("memfd");
+        Memfd { map, size }
+    }
+
+    /// The "VMM" shrinks the file to `len` bytes; this side must not touch
+    /// the pages past it any more.
+    pub fn shrink(&self, len: u64) -> std::io::Result<()> {
+        self.map.file().set_len(len)
     }
 
     fn ptr(&self) -> *mut u8 {
@@ -551,7 +567,12 @@ impl Vgpu {
         );
 
         let ram_size = opts.ram_mib << 20;
-        let mem = Memfd::new(ram_size);
+        let new_memfd = if opts.unsealable {
+            Memfd::unsealable
+        } else {
+            Memfd::new
+        };
+        let mem = new_memfd(ram_size);
         client
             .dma_map(RAM_GPA, ram_size as u64, Some(mem.fd()), 0, RW)
             .expect("DMA_MAP guest RAM");
@@ -561,7 +582,7 @@ impl Vgpu {
             PageTrack::DirtyBitmap => {
                 let pages = ram_size as u64 / PAGE;
                 let bytes = pages.div_ceil(64) * 8;
-                let b = Memfd::new(bytes.div_ceil(PAGE) as usize * PAGE as usize);
+                let b = new_memfd(bytes.div_ceil(PAGE) as usize * PAGE as usize);
                 client
                     .share_dirty_bitmap(RAM_GPA, ram_size as u64, b.fd(), 0)
                     .expect("share dirty bitmap");
