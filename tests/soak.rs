@@ -45,6 +45,8 @@ const SOURCE: u64 = 0x8_0000;
 /// Guest memory reached only by DMA messages (no fd): the client answers
 /// the server's requests with an error.
 const MESSAGE_GPA: u64 = 0x800_0000;
+/// Where resource attacks map memory that the client then shrinks to nothing.
+const ATTACK_GPA: u64 = 0x900_0000;
 const GUARD: u8 = 0xa5;
 const DEFAULT_SEED: u64 = 0x5eed_0000_0de5;
 
@@ -60,6 +62,8 @@ struct Stats {
     dma_checked: u64,
     maps: u64,
     unmaps: u64,
+    /// Memory shrunk under the device and then touched by its DMA.
+    attacks: u64,
     left: Departures,
 }
 
@@ -71,6 +75,8 @@ struct Session {
     /// The device's DMA buffer, when known.
     buffer: Option<Vec<u8>>,
     _eventfds: Vec<EventFd>,
+    /// Resources of the attacks (`soak_support::resources`), kept until we go.
+    kept: soak_support::resources::Kept,
 }
 
 /// Ends a client: Err means the connection is gone (the server ended it).
@@ -123,7 +129,7 @@ fn program_dma(
 
 /// One random valid action, or a malformed message that must be refused.
 fn action(s: &mut Session, rng: &mut Rng, stats: &mut Stats, ram: &MemfdRam) -> Step {
-    match rng.below(16) {
+    match rng.below(17) {
         // Registers.
         0 => {
             let id = stats.wire.req(s.c.read_u32(BAR0, reg::ID))?;
@@ -265,6 +271,29 @@ fn action(s: &mut Session, rng: &mut Rng, stats: &mut Stats, ram: &MemfdRam) -> 
             s.buffer = Some(vec![0; DMA_BUF_SIZE]);
             enable(s, stats)?;
         }
+        // Resources that fight back: memory shrunk under the device (which
+        // then DMAs from it), fds that are not what they claim.
+        16 => {
+            let attack = soak_support::resources::attack(
+                &mut s.c,
+                rng,
+                &mut stats.wire,
+                ATTACK_GPA,
+                &[0, 1],
+                &mut s.kept,
+            )?;
+            if let Some(gpa) = attack {
+                stats.attacks += 1;
+                if dma_idle(s, stats)? {
+                    let count = 1 + rng.below(DMA_BUF_SIZE as u64);
+                    program_dma(s, stats, gpa, DMA_BUF_ADDR, count, DMA_CMD_RUN)?;
+                    // Loaded from what is left of the memory, or failed.
+                    s.buffer = None;
+                    dma_idle(s, stats)?;
+                    stats.wire.req(s.c.dma_unmap(gpa, 0x1_0000, 0))?;
+                }
+            }
+        }
         _ => soak_support::malformed(&mut s.c, rng, &mut stats.wire, BASE)?,
     }
     Ok(())
@@ -343,6 +372,7 @@ fn many_hostile_clients_leave_the_backend_as_they_found_it() {
             mapped: [false; REGIONS],
             buffer: Some(vec![0; DMA_BUF_SIZE]),
             _eventfds: Vec::new(),
+            kept: Vec::new(),
         };
         let steps = if negotiated { 5 + rng.below(60) } else { 0 };
         let mut alive = !negotiated || enable(&mut s, &mut stats).is_ok();

@@ -367,4 +367,62 @@ pub mod resources {
     pub fn raw<T: AsRawFd>(fd: &T) -> RawFd {
         fd.as_raw_fd()
     }
+
+    /// What a client keeps alive until it leaves (memfds, eventfds, pipes).
+    pub type Kept = Vec<Box<dyn std::any::Any>>;
+
+    /// One resource attack at guest address `gpa` (a free 64 KiB range):
+    /// memory shared and then shrunk to nothing (returned: the caller makes
+    /// the device touch it), or fds that must be refused at DMA_MAP or
+    /// SET_IRQS, or a saturated interrupt eventfd on one of `irq_indices`.
+    pub fn attack(
+        c: &mut super::Client,
+        rng: &mut super::Rng,
+        tally: &mut super::Tally,
+        gpa: u64,
+        irq_indices: &[u32],
+        kept: &mut Kept,
+    ) -> Result<Option<u64>, super::ClientError> {
+        use super::*;
+        const RW: u32 = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE;
+        const LEN: u64 = 0x1_0000;
+        let trigger = IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER;
+        let irq = irq_indices[rng.below(irq_indices.len() as u64) as usize];
+        tally.malformed += 1;
+        match rng.below(6) {
+            0 => {
+                let ram = unsealable_ram(LEN as usize);
+                let mapped = tally.req(c.dma_map(gpa, LEN, Some(ram.fd()), 0, RW))?;
+                shrink(&ram, rng.below(2) * 0x1000).unwrap();
+                kept.push(Box::new(ram));
+                return Ok(mapped.map(|_| gpa));
+            }
+            1 => {
+                let (r, w) = full_pipe();
+                tally.req(c.dma_map(gpa, LEN, Some(raw(&r)), 0, RW))?;
+                tally.req(c.set_irqs(irq, trigger, 0, 1, &[raw(&w)], &[]))?;
+                kept.push(Box::new((r, w)));
+            }
+            2 => {
+                let (a, b) = full_socket();
+                tally.req(c.dma_map(gpa, LEN, Some(raw(&a)), 0, RW))?;
+                tally.req(c.set_irqs(irq, trigger, 0, 1, &[raw(&a)], &[]))?;
+                kept.push(Box::new((a, b)));
+            }
+            3 => {
+                let dev = char_device();
+                tally.req(c.dma_map(gpa, LEN, Some(raw(&dev)), rng.next() & !0xfff, RW))?;
+            }
+            4 => {
+                let short = unsealable_ram(0x1000);
+                tally.req(c.dma_map(gpa, LEN, Some(short.fd()), 0, RW))?;
+            }
+            _ => {
+                let full = saturated_eventfd();
+                tally.req(c.set_irqs(irq, trigger, 0, 1, &[raw(&full)], &[]))?;
+                kept.push(Box::new(full));
+            }
+        }
+        Ok(None)
+    }
 }

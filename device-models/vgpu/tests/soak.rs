@@ -375,6 +375,8 @@ struct Session {
     mapped: [bool; REGIONS],
     contexts: Vec<Context>,
     _eventfds: Vec<EventFd>,
+    /// Resources of the attacks (`soak_support::resources`), kept until we go.
+    kept: soak_support::resources::Kept,
 }
 
 type Step = Result<(), ClientError>;
@@ -489,9 +491,14 @@ fn emit(
 
 /// A random message while a submission may be running: valid and harmless
 /// to guest memory, or malformed.
-fn chatter(gpu: &mut Vgpu, rng: &mut Rng, stats: &mut Stats) -> Step {
+fn chatter(
+    gpu: &mut Vgpu,
+    rng: &mut Rng,
+    stats: &mut Stats,
+    kept: &mut soak_support::resources::Kept,
+) -> Step {
     let c = &mut gpu.client;
-    match rng.below(6) {
+    match rng.below(7) {
         0 => {
             if let Some(id) = stats.wire.req(c.read_u32(BAR0, REG_ID))? {
                 assert!(id == ID_VALUE, "ID {id:#x}");
@@ -520,10 +527,19 @@ fn chatter(gpu: &mut Vgpu, rng: &mut Rng, stats: &mut Stats) -> Step {
         4 => {
             stats.wire.req(c.region_info(rng.below(10) as u32))?;
         }
+        5 => {
+            // Resources that fight back, away from the workload's memory and
+            // interrupts: memory shrunk under its mapping, refused fds, a
+            // saturated eventfd on the ERR/REQ indices.
+            soak_support::resources::attack(c, rng, &mut stats.wire, ATTACK_GPA, &[3, 4], kept)?;
+        }
         _ => soak_support::malformed(c, rng, &mut stats.wire, RAM_GPA)?,
     }
     Ok(())
 }
+
+/// Guest addresses the workload never uses, for the resource attacks.
+const ATTACK_GPA: u64 = 0x2_0000_0000;
 
 /// Waits for context `n` to finish and checks what the workload wrote.
 #[allow(clippy::too_many_arguments)]
@@ -622,7 +638,7 @@ fn submit(
                 unmap_region(gpu, s, stats, k)?;
             }
         } else {
-            chatter(gpu, rng, stats)?;
+            chatter(gpu, rng, stats, &mut s.kept)?;
         }
     }
     if rng.chance(3) {
@@ -739,7 +755,7 @@ fn action(
                 c.ctx.seq = 0;
             }
         }
-        _ => chatter(gpu, rng, stats)?,
+        _ => chatter(gpu, rng, stats, &mut s.kept)?,
     }
     Ok(true)
 }
@@ -853,6 +869,7 @@ fn many_hostile_clients_under_a_running_vgpu_workload() {
             mapped: [false; REGIONS],
             contexts: Vec::new(),
             _eventfds: Vec::new(),
+            kept: Vec::new(),
         };
         let mut alive: Step =
             (0..REGIONS).try_for_each(|k| map_region(&mut gpu, &mut s, &mut stats, k));
@@ -907,6 +924,7 @@ fn many_hostile_clients_under_a_running_vgpu_workload() {
         mapped: [false; REGIONS],
         contexts: Vec::new(),
         _eventfds: Vec::new(),
+        kept: Vec::new(),
     };
     for k in 0..REGIONS {
         map_region(&mut gpu, &mut s, &mut stats, k).unwrap();
