@@ -14,6 +14,7 @@ use umdev::pagetrack::{DirtyBitmap, Gfn, PageTracker, Policy, SourceKind, TrackN
 use umdev::pci::{
     BarDef, BarIndex, DeviceContext, PciDevice, PciDeviceDescription, PciFunction, PciIds,
 };
+use umdev::vfio_user::errno::Errno;
 use umdev::vfio_user::wire::*;
 use umdev::vfio_user::{Client, Server, ServerConfig};
 

@@ -26,12 +26,13 @@ use std::sync::Arc;
 use umdev::memory::GuestMemory;
 use umdev::pci::capability::{CAP_ID_MSI, CAP_ID_MSIX, CAP_ID_PCIE, CAP_ID_PM};
 use umdev::pci::config::{COMMAND, STATUS, STATUS_CAP_LIST, STATUS_INTERRUPT};
-use umdev::pci::function::CONFIG_REGION;
-use umdev::pci::irq::{IrqIndex, IrqSetData};
 use umdev::pci::{
     BarDef, BarIndex, DeviceContext, InterruptHandle, MsixLayout, PciDevice, PciDeviceDescription,
     PciFunction, PciIds,
 };
+use umdev::pci::{IrqKind, Region};
+use umdev::vfio_user::pci_map::region_of;
+use umdev::vfio_user::wire::{IrqSet, PCI_CONFIG_REGION_INDEX as CONFIG_REGION};
 
 pub const MSIX_VECTORS: u16 = 40;
 pub const MSIX_TABLE: u64 = 0x2000;
@@ -132,9 +133,9 @@ impl PciDevice for ProbeDevice {
             (0, 0) => self.ctx.irq.notify(u32::from(data[0])),
             (0, 4) => self.ctx.irq.set_intx(data[0] & 1 != 0),
             (0, 8) => self.ctx.irq.signal_index(if data[0] & 1 == 0 {
-                IrqIndex::Err
+                IrqKind::Err
             } else {
-                IrqIndex::Req
+                IrqKind::Req
             }),
             _ => {}
         }
@@ -184,7 +185,7 @@ impl Rig {
     pub fn config_bytes(&mut self) -> Vec<u8> {
         let mut cfg = vec![0u8; 4096];
         self.function
-            .region_read(CONFIG_REGION, 0, &mut cfg)
+            .region_read(Region::Config, 0, &mut cfg)
             .expect("whole config space reads");
         cfg
     }
@@ -298,7 +299,7 @@ impl Rig {
             let before = self.calls.load(Ordering::Relaxed);
             let mut pba = [0u8; 8];
             self.function
-                .region_read(0, MSIX_PBA, &mut pba)
+                .region_read(Region::Bar(0), MSIX_PBA, &mut pba)
                 .expect("PBA read");
             let bits = u64::from_le_bytes(pba);
             assert_eq!(bits >> MSIX_VECTORS, 0, "PBA bits past the last vector");
@@ -307,12 +308,16 @@ impl Rig {
     }
 
     /// A config or BAR access, checked against what must happen.
-    fn access(&mut self, region: u32, offset: u64, len: usize, write: Option<&[u8]>) {
+    fn access(&mut self, index: u32, offset: u64, len: usize, write: Option<&[u8]>) {
+        let Some(region) = region_of(index) else {
+            // Not a vfio region: the server refuses it before the function.
+            return;
+        };
         let size = self.function.region(region).map(|r| r.size);
         let in_range = matches!(size, Ok(s) if len > 0
             && offset.checked_add(len as u64).is_some_and(|e| e <= s));
         let cmd = self.function.config().command();
-        let decodes = match bars().get(region as usize).copied().flatten() {
+        let decodes = match bars().get(index as usize).copied().flatten() {
             Some(def) if def.is_io() => cmd & 1 != 0,
             Some(_) => cmd & 2 != 0,
             None => false,
@@ -323,7 +328,7 @@ impl Rig {
             None => {
                 let mut buf = vec![0u8; len];
                 let r = self.function.region_read(region, offset, &mut buf);
-                if r.is_ok() && region < 6 && !decodes {
+                if r.is_ok() && index < 6 && !decodes {
                     assert!(buf.iter().all(|&b| b == 0xff), "BAR off, read not all-ones");
                 }
                 r
@@ -332,30 +337,31 @@ impl Rig {
         assert_eq!(
             result.is_ok(),
             in_range,
-            "region {region} {offset:#x}+{len}: {result:?}"
+            "region {index} {offset:#x}+{len}: {result:?}"
         );
-        if region < 6 && !decodes {
+        if index < 6 && !decodes {
             assert_eq!(
                 self.calls.load(Ordering::Relaxed),
                 before,
-                "model reached while BAR{region} does not decode"
+                "model reached while BAR{index} does not decode"
             );
         }
     }
 
+    /// SET_IRQS as the server decodes it (`vfio_user::pci_map::set_irqs`).
     fn set_irqs(&mut self, index: u32, flags: u32, start: u32, count: u32, ops: &mut Ops<'_>) {
-        let data = match flags & 0x7 {
+        let mut rest: &[u8] = &[];
+        let mut fds: Vec<OwnedFd> = Vec::new();
+        match flags & 0x7 {
             umdev::vfio_user::wire::IRQ_SET_DATA_BOOL => {
                 let n = (count as usize).min(64);
-                IrqSetData::Bool(ops.take(n).unwrap_or(&[]))
+                rest = ops.take(n).unwrap_or(&[]);
             }
             umdev::vfio_user::wire::IRQ_SET_DATA_EVENTFD => {
                 let n = (count as usize).min(64);
-                let mut fds: Vec<Option<OwnedFd>> = Vec::with_capacity(n);
                 let pattern = ops.u8().unwrap_or(0);
                 for i in 0..n {
                     if pattern & (1 << (i % 8)) == 0 {
-                        fds.push(None);
                         continue;
                     }
                     // SAFETY: eventfd() returns a fresh fd (or -1, checked) that the
@@ -365,16 +371,20 @@ impl Rig {
                         assert!(fd >= 0, "eventfd");
                         <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
                     };
-                    fds.push(Some(owned));
+                    fds.push(owned);
                 }
-                IrqSetData::Eventfds(fds)
             }
-            _ => IrqSetData::None,
+            _ => {}
+        }
+        let set = IrqSet {
+            argsz: (std::mem::size_of::<IrqSet>() + rest.len()) as u32,
+            flags,
+            index,
+            start,
+            count,
         };
-        let _ = self
-            .function
-            .interrupts()
-            .set_irqs(index, flags, start, count, data);
+        let irqs = self.function.interrupts().clone();
+        let _ = umdev::vfio_user::pci_map::set_irqs(&irqs, &set, rest, fds);
     }
 }
 

@@ -74,7 +74,7 @@ pub fn run_bytes(input: &[u8]) -> Outcome {
         .function()
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .region_read(umdev::pci::function::CONFIG_REGION, 0, &mut id)
+        .region_read(umdev::pci::Region::Config, 0, &mut id)
         .expect("config read after the session");
     assert_eq!(
         u32::from_le_bytes(id),

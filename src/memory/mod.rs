@@ -64,38 +64,48 @@ pub enum MemoryError {
     TooManyRegions(usize),
     #[error("invalid DMA region: {0}")]
     Invalid(&'static str),
+    #[error("the region's fd: {0}")]
+    Fd(#[source] std::io::Error),
+    #[error("the region's fd is not a regular file or memfd")]
+    NotRegularFile,
+    #[error("the region's file holds {len:#x} bytes, it needs {needed:#x}")]
+    FileTooShort { len: u64, needed: u64 },
     #[error("mapping the region's fd failed: {0}")]
-    Mmap(String),
+    Mmap(#[source] vm_memory::mmap::MmapRegionError),
+    #[error(transparent)]
+    Guard(#[from] guard::GuardError),
     #[error("guest address {0:#x} has no fd mapping (reachable only by message)")]
     NoHostMapping(u64),
     #[error("no client connected to carry DMA messages")]
     NoTransport,
     #[error("DMA message to the client failed: {0}")]
-    Transport(String),
+    Transport(#[from] DmaMessageError),
+    #[error("too many queued DMA transfers")]
+    QueueFull,
     #[error("guest memory access failed: {0}")]
-    Access(String),
+    Access(#[source] vm_memory::GuestMemoryError),
     #[error("the client took the memory of the DMA region at {0:#x} away (SIGBUS); it is unusable until unmapped")]
     Lost(u64),
 }
 
-impl MemoryError {
-    /// The errno a vfio-user error reply carries for this error.
-    pub fn errno(&self) -> i32 {
-        match self {
-            MemoryError::BusMasterDisabled => libc::EPERM,
-            MemoryError::Unmapped(_) | MemoryError::NotMapped { .. } => libc::ENOENT,
-            MemoryError::Overflow { .. } | MemoryError::Invalid(_) => libc::EINVAL,
-            MemoryError::PartialUnmap { .. } => libc::EINVAL,
-            MemoryError::Permission(_) => libc::EACCES,
-            MemoryError::Overlap { .. } => libc::EEXIST,
-            MemoryError::TooManyRegions(_) => libc::ENOSPC,
-            MemoryError::Mmap(_) => libc::EINVAL,
-            MemoryError::NoTransport => libc::ENOTCONN,
-            MemoryError::NoHostMapping(_) => libc::EINVAL,
-            MemoryError::Transport(_) | MemoryError::Access(_) => libc::EIO,
-            MemoryError::Lost(_) => libc::EFAULT,
-        }
-    }
+/// Why a DMA_READ/DMA_WRITE message exchange with the client failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DmaMessageError {
+    #[error("too many DMA requests in flight")]
+    TooManyInFlight,
+    #[error("sending the request: {0}")]
+    Send(#[source] std::io::Error),
+    #[error("DMA request at {gpa:#x}: no reply in {timeout:?}")]
+    Timeout {
+        gpa: u64,
+        timeout: std::time::Duration,
+    },
+    #[error("DMA transfer at {gpa:#x}: no reply before its deadline")]
+    Expired { gpa: u64 },
+    #[error("DMA request at {gpa:#x}: the client answered errno {errno}")]
+    Refused { gpa: u64, errno: u32 },
+    #[error("DMA_READ reply at {gpa:#x} does not match the request")]
+    Mismatch { gpa: u64 },
 }
 
 /// How accesses to fd-less regions reach the guest: DMA_READ/DMA_WRITE messages
@@ -220,7 +230,7 @@ impl GuestMemory {
                     Backing::Mapped(m) => m
                         .map()
                         .read_slice(dst, MemoryRegionAddress(region_off))
-                        .map_err(|e| MemoryError::Access(e.to_string())),
+                        .map_err(MemoryError::Access),
                     Backing::Message(t, gpa) => by_message(t, gpa, dst),
                 }
             },
@@ -344,7 +354,7 @@ impl GuestMemory {
                     Backing::Mapped(m) => m
                         .map()
                         .write_slice(src, MemoryRegionAddress(region_off))
-                        .map_err(|e| MemoryError::Access(e.to_string())),
+                        .map_err(MemoryError::Access),
                     Backing::Message(t, gpa) => t.dma_write(gpa, src),
                 }
             },

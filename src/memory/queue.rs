@@ -106,9 +106,7 @@ impl DmaQueue {
             return Err(MemoryError::NoTransport);
         }
         if st.ops.len() >= MAX_QUEUED_DMA {
-            return Err(MemoryError::Transport(
-                "too many queued DMA transfers".into(),
-            ));
+            return Err(MemoryError::QueueFull);
         }
         let mut data = st.spare.pop().unwrap_or_default();
         data.clear();
@@ -207,6 +205,6 @@ mod tests {
         for i in 0..MAX_QUEUED_DMA {
             q.read(i as u64, 0, 4).unwrap();
         }
-        assert!(matches!(q.read(99, 0, 4), Err(MemoryError::Transport(_))));
+        assert!(matches!(q.read(99, 0, 4), Err(MemoryError::QueueFull)));
     }
 }

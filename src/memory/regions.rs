@@ -110,22 +110,18 @@ impl DmaRegion {
     ) -> Result<Self, MemoryError> {
         check_range(gpa, size)?;
         let file = File::from(fd);
-        let meta = file
-            .metadata()
-            .map_err(|e| MemoryError::Mmap(format!("fstat: {e}")))?;
+        let meta = file.metadata().map_err(MemoryError::Fd)?;
         let end = offset
             .checked_add(size)
             .ok_or(MemoryError::Invalid("fd offset + size overflows"))?;
         if !meta.is_file() {
-            return Err(MemoryError::Mmap(
-                "the fd is not a regular file or memfd".into(),
-            ));
+            return Err(MemoryError::NotRegularFile);
         }
         if meta.len() < end {
-            return Err(MemoryError::Mmap(format!(
-                "file holds {:#x} bytes, the region needs {end:#x}",
-                meta.len()
-            )));
+            return Err(MemoryError::FileTooShort {
+                len: meta.len(),
+                needed: end,
+            });
         }
         seal_against_shrinking(&file);
         let mut prot = 0;
@@ -149,11 +145,10 @@ impl DmaRegion {
             prot,
             libc::MAP_SHARED | noreserve,
         )
-        .map_err(|e| MemoryError::Mmap(e.to_string()))?;
+        .map_err(MemoryError::Mmap)?;
         let map = GuestRegionMmap::new(mmap, GuestAddress(gpa))
             .ok_or(MemoryError::Invalid("region wraps the address space"))?;
-        let guard = FaultGuard::register(map.as_ptr(), len)
-            .map_err(|e| MemoryError::Mmap(e.to_string()))?;
+        let guard = FaultGuard::register(map.as_ptr(), len)?;
         Ok(DmaRegion {
             gpa,
             size,
@@ -365,7 +360,7 @@ mod tests {
     fn short_file_refused() {
         let file = tempfile_of(0x1000);
         let err = DmaRegion::mapped(0, 0x2000, file.into(), 0, true, true).unwrap_err();
-        assert!(matches!(err, MemoryError::Mmap(_)));
+        assert!(matches!(err, MemoryError::FileTooShort { .. }));
     }
 
     fn tempfile_of(len: u64) -> File {

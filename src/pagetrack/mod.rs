@@ -60,16 +60,19 @@ pub enum SourceKind {
     Userfault,
 }
 
+/// A page-track source name that is not one of ours.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown page-track source {0:?} (scan, dirty-bitmap, uffd)")]
+pub struct UnknownSource(pub String);
+
 impl std::str::FromStr for SourceKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownSource;
+    fn from_str(s: &str) -> Result<Self, UnknownSource> {
         match s {
             "scan" => Ok(SourceKind::Scan),
             "dirty-bitmap" => Ok(SourceKind::DirtyBitmap),
             "uffd" => Ok(SourceKind::Userfault),
-            _ => Err(format!(
-                "unknown page-track source {s:?} (scan, dirty-bitmap, uffd)"
-            )),
+            _ => Err(UnknownSource(s.into())),
         }
     }
 }
@@ -111,18 +114,6 @@ pub enum TrackError {
     Source(String),
     #[error("this device's page-track source does not take {0}")]
     Unsupported(&'static str),
-}
-
-impl TrackError {
-    pub fn errno(&self) -> i32 {
-        match self {
-            TrackError::NotMapped(_) | TrackError::NotTracked(_) => libc::ENOENT,
-            TrackError::RefcountOverflow(_) => libc::EOVERFLOW,
-            TrackError::TooManyPages(_) => libc::ENOSPC,
-            TrackError::Source(_) => libc::EINVAL,
-            TrackError::Unsupported(_) => libc::ENOTSUP,
-        }
-    }
 }
 
 /// Counters, per tracker.

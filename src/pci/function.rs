@@ -17,31 +17,30 @@ use super::msix::MsixTable;
 use crate::memory::{DmaQueue, GuestMemory, MemoryError};
 use crate::pagetrack::PageTracker;
 
-/// Region indices of a vfio PCI device beyond the BARs.
-pub const ROM_REGION: u32 = 6;
-pub const CONFIG_REGION: u32 = 7;
-pub const VGA_REGION: u32 = 8;
-pub const NUM_REGIONS: u32 = 9;
+/// The address spaces of a PCI function that a transport reaches: the six
+/// BARs, the expansion ROM, config space and the legacy VGA ranges. (vfio
+/// numbers them 0-5, 6, 7, 8; that numbering belongs to the transport.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Region {
+    Bar(BarIndex),
+    Rom,
+    Config,
+    Vga,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PciError {
-    #[error("region {0} does not exist")]
-    NoSuchRegion(u32),
-    #[error("access {offset:#x}+{len} is outside region {region} ({size:#x} bytes)")]
+    #[error("BAR{0} does not exist")]
+    NoSuchBar(BarIndex),
+    #[error("access {offset:#x}+{len} is outside {region:?} ({size:#x} bytes)")]
     OutOfRange {
-        region: u32,
+        region: Region,
         offset: u64,
         len: usize,
         size: u64,
     },
     #[error("invalid device description: {0}")]
     Description(String),
-}
-
-impl PciError {
-    pub fn errno(&self) -> i32 {
-        libc::EINVAL
-    }
 }
 
 /// What DEVICE_GET_REGION_INFO reports for a region.
@@ -160,26 +159,26 @@ impl PciFunction {
         &self.config
     }
 
-    /// DEVICE_GET_REGION_INFO data for region `index`.
-    pub fn region(&self, index: u32) -> Result<RegionDescription, PciError> {
-        match index {
-            i if (i as usize) < NUM_BARS => Ok(match self.bar_def(i as usize) {
+    /// What `region` is: size, access, directly mappable parts.
+    pub fn region(&self, region: Region) -> Result<RegionDescription, PciError> {
+        match region {
+            Region::Bar(i) if i < NUM_BARS => Ok(match self.bar_def(i) {
                 Some(def) => RegionDescription {
                     size: def.size,
                     readable: true,
                     writable: true,
-                    mapping: self.device.bar_mapping(i as usize),
+                    mapping: self.device.bar_mapping(i),
                 },
                 None => RegionDescription::default(),
             }),
-            ROM_REGION | VGA_REGION => Ok(RegionDescription::default()),
-            CONFIG_REGION => Ok(RegionDescription {
+            Region::Bar(i) => Err(PciError::NoSuchBar(i)),
+            Region::Rom | Region::Vga => Ok(RegionDescription::default()),
+            Region::Config => Ok(RegionDescription {
                 size: self.config.size() as u64,
                 readable: true,
                 writable: true,
                 mapping: None,
             }),
-            _ => Err(PciError::NoSuchRegion(index)),
         }
     }
 
@@ -190,16 +189,16 @@ impl PciFunction {
 
     /// Size of region `index`, without building its full description (the access
     /// path runs this for every REGION_READ/WRITE).
-    fn region_size(&self, index: u32) -> Result<u64, PciError> {
-        match index {
-            i if (i as usize) < NUM_BARS => Ok(self.bar_def(i as usize).map_or(0, |d| d.size)),
-            ROM_REGION | VGA_REGION => Ok(0),
-            CONFIG_REGION => Ok(self.config.size() as u64),
-            _ => Err(PciError::NoSuchRegion(index)),
+    fn region_size(&self, region: Region) -> Result<u64, PciError> {
+        match region {
+            Region::Bar(i) if i < NUM_BARS => Ok(self.bar_def(i).map_or(0, |d| d.size)),
+            Region::Bar(i) => Err(PciError::NoSuchBar(i)),
+            Region::Rom | Region::Vga => Ok(0),
+            Region::Config => Ok(self.config.size() as u64),
         }
     }
 
-    fn check(&self, region: u32, offset: u64, len: usize) -> Result<(), PciError> {
+    fn check(&self, region: Region, offset: u64, len: usize) -> Result<(), PciError> {
         let size = self.region_size(region)?;
         if offset
             .checked_add(len as u64)
@@ -217,20 +216,24 @@ impl PciFunction {
         }
     }
 
-    /// A guest (client) read of `data.len()` bytes at `offset` in region `region`.
+    /// A guest (client) read of `data.len()` bytes at `offset` in `region`.
     pub fn region_read(
         &mut self,
-        region: u32,
+        region: Region,
         offset: u64,
         data: &mut [u8],
     ) -> Result<(), PciError> {
         self.check(region, offset, data.len())?;
-        if region == CONFIG_REGION {
-            self.config.read(offset as usize, data);
-            self.overlay_dynamic_config(offset as usize, data);
-            return Ok(());
-        }
-        let bar = region as usize;
+        let bar = match region {
+            Region::Bar(bar) => bar,
+            Region::Config => {
+                self.config.read(offset as usize, data);
+                self.overlay_dynamic_config(offset as usize, data);
+                return Ok(());
+            }
+            // Empty: `check` refused every access.
+            Region::Rom | Region::Vga => return Ok(()),
+        };
         if !self.decodes(bar) {
             trace!(bar, offset, "read with decoding disabled: all ones");
             data.fill(0xff);
@@ -246,15 +249,23 @@ impl PciFunction {
         Ok(())
     }
 
-    /// A guest (client) write at `offset` in region `region`.
-    pub fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), PciError> {
+    /// A guest (client) write at `offset` in `region`.
+    pub fn region_write(
+        &mut self,
+        region: Region,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), PciError> {
         self.check(region, offset, data.len())?;
-        if region == CONFIG_REGION {
-            self.config.write(offset as usize, data);
-            self.config_written(offset as usize, data.len());
-            return Ok(());
-        }
-        let bar = region as usize;
+        let bar = match region {
+            Region::Bar(bar) => bar,
+            Region::Config => {
+                self.config.write(offset as usize, data);
+                self.config_written(offset as usize, data.len());
+                return Ok(());
+            }
+            Region::Rom | Region::Vga => return Ok(()),
+        };
         if !self.decodes(bar) {
             debug!(bar, offset, "write with decoding disabled dropped");
             return Ok(());

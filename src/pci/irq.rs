@@ -17,15 +17,10 @@ use tracing::{debug, trace};
 
 use super::irqfd::{IrqFd, IrqFdError};
 
-use crate::vfio_user::wire::{
-    IRQ_INFO_AUTOMASKED, IRQ_INFO_EVENTFD, IRQ_INFO_MASKABLE, IRQ_INFO_NORESIZE,
-    IRQ_SET_ACTION_MASK, IRQ_SET_ACTION_MASK_ALL, IRQ_SET_ACTION_TRIGGER, IRQ_SET_ACTION_UNMASK,
-    IRQ_SET_DATA_MASK,
-};
-
-/// The IRQ indices of a vfio PCI device.
+/// The kinds of interrupt a PCI function has, in vfio's index order (the
+/// transport maps its own numbering onto these).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum IrqIndex {
+pub enum IrqKind {
     Intx = 0,
     Msi = 1,
     Msix = 2,
@@ -33,49 +28,70 @@ pub enum IrqIndex {
     Req = 4,
 }
 
-impl IrqIndex {
-    pub const ALL: [IrqIndex; 5] = [
-        IrqIndex::Intx,
-        IrqIndex::Msi,
-        IrqIndex::Msix,
-        IrqIndex::Err,
-        IrqIndex::Req,
+impl IrqKind {
+    pub const ALL: [IrqKind; 5] = [
+        IrqKind::Intx,
+        IrqKind::Msi,
+        IrqKind::Msix,
+        IrqKind::Err,
+        IrqKind::Req,
     ];
-
-    pub fn from_raw(raw: u32) -> Option<IrqIndex> {
-        IrqIndex::ALL.get(raw as usize).copied()
-    }
 }
 
-/// Errors of SET_IRQS.
+/// What an interrupt kind offers (vfio's GET_IRQ_INFO, typed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IrqKindInfo {
+    /// Vectors of this kind.
+    pub count: u32,
+    /// Vectors can be masked and unmasked.
+    pub maskable: bool,
+    /// Signalling masks the vector until it is unmasked (INTx).
+    pub automasked: bool,
+    /// Vectors can be assigned some at a time (else all are torn down and set
+    /// up again for each change).
+    pub resizable: bool,
+}
+
+/// Errors of interrupt set-up requests.
 #[derive(Debug, thiserror::Error)]
 pub enum IrqError {
-    #[error("IRQ index {0} does not exist")]
-    BadIndex(u32),
-    #[error("SET_IRQS flags {0:#x} must name exactly one data kind and one action")]
-    BadFlags(u32),
-    #[error("vectors {start}+{count} exceed the {available} of this index")]
+    #[error("vectors {start}+{count} exceed the {available} of this kind")]
     BadRange {
         start: u32,
         count: u32,
         available: u32,
     },
-    #[error("{got} fds arrived for {want} vectors")]
-    FdCount { got: usize, want: u32 },
-    #[error("{got} bytes of booleans arrived for {want} vectors")]
-    BoolCount { got: usize, want: u32 },
-    #[error("this action is not supported on IRQ index {0:?}")]
-    Unsupported(IrqIndex),
+    #[error("{got} selection flags for {want} vectors")]
+    SelectCount { got: usize, want: u32 },
+    #[error("this action is not supported for {0:?} interrupts")]
+    Unsupported(IrqKind),
     #[error(transparent)]
     Fd(#[from] IrqFdError),
 }
 
-/// What a SET_IRQS request carries for its vectors.
-pub enum IrqSetData<'a> {
-    None,
-    Bool(&'a [u8]),
-    /// One entry per vector; `None` de-assigns (the client sent fd -1).
-    Eventfds(Vec<Option<OwnedFd>>),
+/// Vectors `first..first + count` of one kind, each of them, or those whose
+/// byte in `select` is non-zero.
+#[derive(Clone, Copy, Debug)]
+pub struct VectorRange<'a> {
+    pub first: u32,
+    pub count: u32,
+    pub select: Option<&'a [u8]>,
+}
+
+impl<'a> VectorRange<'a> {
+    pub fn all(first: u32, count: u32) -> Self {
+        VectorRange {
+            first,
+            count,
+            select: None,
+        }
+    }
+
+    fn selected(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.count)
+            .filter(|&i| self.select.is_none_or(|s| s[i as usize] != 0))
+            .map(|i| self.first + i)
+    }
 }
 
 #[derive(Default)]
@@ -185,18 +201,23 @@ impl Interrupts {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// DEVICE_GET_IRQ_INFO: (flags, count) of an index.
-    pub fn info(&self, index: IrqIndex) -> (u32, u32) {
-        let count = self.counts[index as usize];
-        let flags = match index {
-            IrqIndex::Intx => IRQ_INFO_EVENTFD | IRQ_INFO_MASKABLE | IRQ_INFO_AUTOMASKED,
-            IrqIndex::Msi => IRQ_INFO_EVENTFD | IRQ_INFO_MASKABLE | IRQ_INFO_NORESIZE,
-            // No NORESIZE: QEMU then adds MSI-X vectors one at a time instead of
+    /// What `kind` offers.
+    pub fn info(&self, kind: IrqKind) -> IrqKindInfo {
+        let count = self.counts[kind as usize];
+        let (maskable, automasked, resizable) = match kind {
+            IrqKind::Intx => (true, true, true),
+            IrqKind::Msi => (true, false, false),
+            // Resizable: QEMU then adds MSI-X vectors one at a time instead of
             // tearing all of them down for each new one.
-            IrqIndex::Msix => IRQ_INFO_EVENTFD | IRQ_INFO_MASKABLE,
-            IrqIndex::Err | IrqIndex::Req => IRQ_INFO_EVENTFD,
+            IrqKind::Msix => (true, false, true),
+            IrqKind::Err | IrqKind::Req => (false, false, true),
         };
-        (flags, count)
+        IrqKindInfo {
+            count,
+            maskable,
+            automasked,
+            resizable,
+        }
     }
 
     // ---- device side -------------------------------------------------------
@@ -219,7 +240,7 @@ impl Interrupts {
             Self::fire_msix(&mut s, vector);
         } else if s.msi_enabled {
             if vector < s.msi_vectors.max(1) {
-                Self::fire(&mut s, IrqIndex::Msi, vector, false);
+                Self::fire(&mut s, IrqKind::Msi, vector, false);
             }
         } else {
             trace!(vector, "message interrupt dropped: MSI and MSI-X disabled");
@@ -245,7 +266,7 @@ impl Interrupts {
     }
 
     /// Signals the ERR or REQ eventfd, if the client installed one.
-    pub fn signal_index(&self, index: IrqIndex) {
+    pub fn signal_index(&self, index: IrqKind) {
         let mut s = self.lock();
         Self::fire(&mut s, index, 0, false);
     }
@@ -277,13 +298,13 @@ impl Interrupts {
                 .unwrap_or(true);
         Self::fire(
             s,
-            IrqIndex::Msix,
+            IrqKind::Msix,
             vector,
             s.msix_function_mask || table_masked,
         );
     }
 
-    fn fire(s: &mut IrqState, index: IrqIndex, vector: u32, extra_mask: bool) {
+    fn fire(s: &mut IrqState, index: IrqKind, vector: u32, extra_mask: bool) {
         let Some(v) = s.vectors[index as usize].get_mut(vector as usize) else {
             debug!(
                 ?index,
@@ -384,137 +405,125 @@ impl Interrupts {
         drop(old);
     }
 
-    /// DEVICE_SET_IRQS.
-    pub fn set_irqs(
-        self: &Arc<Self>,
-        index: u32,
-        flags: u32,
-        start: u32,
-        count: u32,
-        data: IrqSetData<'_>,
-    ) -> Result<(), IrqError> {
-        let index = IrqIndex::from_raw(index).ok_or(IrqError::BadIndex(index))?;
-        let data_kind = flags & IRQ_SET_DATA_MASK;
-        let action = flags & IRQ_SET_ACTION_MASK_ALL;
-        if data_kind.count_ones() != 1
-            || action.count_ones() != 1
-            || flags & !(IRQ_SET_DATA_MASK | IRQ_SET_ACTION_MASK_ALL) != 0
-        {
-            return Err(IrqError::BadFlags(flags));
-        }
-        let available = self.counts[index as usize];
-        let end = start.checked_add(count);
-        if end.is_none_or(|end| end > available) || (count == 0 && start != 0) {
+    fn check_range(&self, kind: IrqKind, vectors: &VectorRange<'_>) -> Result<(), IrqError> {
+        let available = self.counts[kind as usize];
+        let VectorRange { first, count, .. } = *vectors;
+        if first.checked_add(count).is_none_or(|end| end > available) {
             return Err(IrqError::BadRange {
-                start,
+                start: first,
                 count,
                 available,
             });
         }
-        match &data {
-            IrqSetData::Eventfds(fds) if fds.len() != count as usize => {
-                return Err(IrqError::FdCount {
-                    got: fds.len(),
-                    want: count,
-                })
-            }
-            IrqSetData::Bool(b) if b.len() != count as usize => {
-                return Err(IrqError::BoolCount {
-                    got: b.len(),
-                    want: count,
-                })
-            }
-            _ => {}
+        match vectors.select {
+            Some(s) if s.len() != count as usize => Err(IrqError::SelectCount {
+                got: s.len(),
+                want: count,
+            }),
+            _ => Ok(()),
         }
-        // Every fd is checked before anything changes: one that is not an
-        // eventfd fails the whole request (`irqfd`).
-        let (data, eventfds) = match data {
-            IrqSetData::Eventfds(fds) => {
-                let fds = fds
-                    .into_iter()
-                    .map(|fd| fd.map(IrqFd::new).transpose())
-                    .collect::<Result<Vec<_>, _>>()?;
-                (IrqSetData::Eventfds(Vec::new()), Some(fds))
-            }
-            other => (other, None),
-        };
+    }
+
+    /// Installs eventfds for vectors `first..first + fds.len()` of `kind`
+    /// (`None` takes a vector's away). Every fd must be an eventfd
+    /// (`irqfd`): one that is not fails the request and nothing changes.
+    pub fn assign(
+        &self,
+        kind: IrqKind,
+        first: u32,
+        fds: Vec<Option<OwnedFd>>,
+    ) -> Result<(), IrqError> {
+        self.check_range(kind, &VectorRange::all(first, fds.len() as u32))?;
+        let fds = fds
+            .into_iter()
+            .map(|fd| fd.map(IrqFd::new).transpose())
+            .collect::<Result<Vec<_>, _>>()?;
         let mut s = self.lock();
-        let selected = |i: u32| match &data {
-            IrqSetData::Bool(b) => b[i as usize] != 0,
-            _ => true,
-        };
-        match action {
-            IRQ_SET_ACTION_TRIGGER => match (&data, eventfds) {
-                (_, Some(fds)) => {
-                    for (i, fd) in fds.into_iter().enumerate() {
-                        s.vectors[index as usize][start as usize + i].eventfd = fd;
-                    }
-                    debug!(?index, start, count, "interrupt eventfds set");
-                }
-                (IrqSetData::None, None) if count == 0 => {
-                    for v in s.vectors[index as usize].iter_mut() {
-                        *v = Vector::default();
-                    }
-                    if index == IrqIndex::Intx {
-                        s.intx_automasked = false;
-                    }
-                    debug!(?index, "interrupts disabled");
-                }
-                _ => {
-                    // Loopback trigger, as the kernel offers for testing.
-                    for i in 0..count {
-                        if selected(i) {
-                            if let Some(fd) =
-                                &s.vectors[index as usize][(start + i) as usize].eventfd
-                            {
-                                signal(fd);
-                            }
-                        }
-                    }
-                }
-            },
-            IRQ_SET_ACTION_UNMASK if index == IrqIndex::Intx && eventfds.is_some() => {
-                drop(s);
-                if let Some(mut fds) = eventfds {
-                    self.set_intx_resampler(fds.pop().flatten());
-                }
-                debug!("INTx unmask eventfd set");
-            }
-            IRQ_SET_ACTION_MASK | IRQ_SET_ACTION_UNMASK => {
-                if matches!(data, IrqSetData::Eventfds(_)) {
-                    // Only INTx has an unmask eventfd, as in the kernel's vfio-pci.
-                    return Err(IrqError::Unsupported(index));
-                }
-                if matches!(index, IrqIndex::Err | IrqIndex::Req) {
-                    return Err(IrqError::Unsupported(index));
-                }
-                let mask = action == IRQ_SET_ACTION_MASK;
-                for i in 0..count {
-                    if selected(i) {
-                        s.vectors[index as usize][(start + i) as usize].masked = mask;
-                    }
-                }
-                if !mask {
-                    match index {
-                        IrqIndex::Intx => {
-                            drop(s);
-                            self.unmask_intx();
-                            return Ok(());
-                        }
-                        IrqIndex::Msix => Self::flush_msix_pending(&mut s),
-                        IrqIndex::Msi => {
-                            for i in start..start + count {
-                                if s.vectors[1][i as usize].pending {
-                                    Self::fire(&mut s, IrqIndex::Msi, i, false);
-                                }
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-            }
-            _ => return Err(IrqError::BadFlags(flags)),
+        let count = fds.len();
+        for (i, fd) in fds.into_iter().enumerate() {
+            s.vectors[kind as usize][first as usize + i].eventfd = fd;
         }
+        debug!(?kind, first, count, "interrupt eventfds set");
+        Ok(())
+    }
+
+    /// Takes every vector of `kind` down: eventfds, masks and pending bits.
+    pub fn disable(&self, kind: IrqKind) {
+        let mut s = self.lock();
+        for v in s.vectors[kind as usize].iter_mut() {
+            *v = Vector::default();
+        }
+        if kind == IrqKind::Intx {
+            s.intx_automasked = false;
+        }
+        debug!(?kind, "interrupts disabled");
+    }
+
+    /// Signals the selected vectors' eventfds (the loopback trigger the
+    /// kernel's vfio offers for testing), masks notwithstanding.
+    pub fn trigger(&self, kind: IrqKind, vectors: VectorRange<'_>) -> Result<(), IrqError> {
+        self.check_range(kind, &vectors)?;
+        let s = self.lock();
+        for i in vectors.selected() {
+            if let Some(fd) = &s.vectors[kind as usize][i as usize].eventfd {
+                signal(fd);
+            }
+        }
+        Ok(())
+    }
+
+    /// Masks the selected vectors: a signal meanwhile stays pending.
+    pub fn mask(&self, kind: IrqKind, vectors: VectorRange<'_>) -> Result<(), IrqError> {
+        self.set_masked(kind, vectors, true)
+    }
+
+    /// Unmasks the selected vectors and delivers what was pending.
+    pub fn unmask(&self, kind: IrqKind, vectors: VectorRange<'_>) -> Result<(), IrqError> {
+        self.set_masked(kind, vectors, false)
+    }
+
+    fn set_masked(
+        &self,
+        kind: IrqKind,
+        vectors: VectorRange<'_>,
+        mask: bool,
+    ) -> Result<(), IrqError> {
+        if matches!(kind, IrqKind::Err | IrqKind::Req) {
+            return Err(IrqError::Unsupported(kind));
+        }
+        self.check_range(kind, &vectors)?;
+        let mut s = self.lock();
+        for i in vectors.selected() {
+            s.vectors[kind as usize][i as usize].masked = mask;
+        }
+        if mask {
+            return Ok(());
+        }
+        match kind {
+            IrqKind::Intx => {
+                drop(s);
+                self.unmask_intx();
+            }
+            IrqKind::Msix => Self::flush_msix_pending(&mut s),
+            IrqKind::Msi => {
+                for i in vectors.selected() {
+                    if s.vectors[1][i as usize].pending {
+                        Self::fire(&mut s, IrqKind::Msi, i, false);
+                    }
+                }
+            }
+            IrqKind::Err | IrqKind::Req => {}
+        }
+        Ok(())
+    }
+
+    /// INTx's unmask eventfd (vfio's UNMASK with an eventfd): QEMU with KVM
+    /// hands one over so that a guest EOI unmasks the line without a message.
+    /// `None` removes it. It must be an eventfd.
+    pub fn set_intx_unmask_eventfd(self: &Arc<Self>, fd: Option<OwnedFd>) -> Result<(), IrqError> {
+        let fd = fd.map(IrqFd::new).transpose()?;
+        self.set_intx_resampler(fd);
+        debug!("INTx unmask eventfd set");
         Ok(())
     }
 
@@ -555,7 +564,6 @@ impl Interrupts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vfio_user::wire::{IRQ_SET_DATA_BOOL, IRQ_SET_DATA_EVENTFD, IRQ_SET_DATA_NONE};
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     fn efd() -> (EventFd, OwnedFd) {
@@ -574,36 +582,20 @@ mod tests {
     fn msix_mask_pending_unmask() {
         let irqs = Interrupts::new(1, 4);
         let (e, fd) = efd();
-        irqs.set_irqs(
-            2,
-            IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
-            1,
-            1,
-            IrqSetData::Eventfds(vec![Some(fd)]),
-        )
-        .unwrap();
+        irqs.assign(IrqKind::Msix, 1, vec![Some(fd)]).unwrap();
         irqs.update_msix(true, false);
         irqs.notify(1);
         assert!(fired(&e));
-        irqs.set_irqs(
-            2,
-            IRQ_SET_DATA_NONE | IRQ_SET_ACTION_MASK,
-            1,
-            1,
-            IrqSetData::None,
-        )
-        .unwrap();
+        irqs.mask(IrqKind::Msix, VectorRange::all(1, 1)).unwrap();
         irqs.notify(1);
         assert!(!fired(&e));
         assert_eq!(irqs.msix_pending_qword(0), 0b10);
-        irqs.set_irqs(
-            2,
-            IRQ_SET_DATA_BOOL | IRQ_SET_ACTION_UNMASK,
-            1,
-            1,
-            IrqSetData::Bool(&[1]),
-        )
-        .unwrap();
+        let select = VectorRange {
+            first: 1,
+            count: 1,
+            select: Some(&[1]),
+        };
+        irqs.unmask(IrqKind::Msix, select).unwrap();
         assert!(fired(&e));
         assert_eq!(irqs.msix_pending_qword(0), 0);
         // Function mask holds it pending too.
@@ -618,36 +610,15 @@ mod tests {
     fn intx_automask() {
         let irqs = Interrupts::new(0, 0);
         let (e, fd) = efd();
-        irqs.set_irqs(
-            0,
-            IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
-            0,
-            1,
-            IrqSetData::Eventfds(vec![Some(fd)]),
-        )
-        .unwrap();
+        irqs.assign(IrqKind::Intx, 0, vec![Some(fd)]).unwrap();
         irqs.set_intx(true);
         assert!(fired(&e));
         irqs.set_intx(true);
         assert!(!fired(&e), "auto-masked until unmasked");
-        irqs.set_irqs(
-            0,
-            IRQ_SET_DATA_NONE | IRQ_SET_ACTION_UNMASK,
-            0,
-            1,
-            IrqSetData::None,
-        )
-        .unwrap();
+        irqs.unmask(IrqKind::Intx, VectorRange::all(0, 1)).unwrap();
         assert!(fired(&e), "still asserted: fires again on unmask");
         irqs.set_intx(false);
-        irqs.set_irqs(
-            0,
-            IRQ_SET_DATA_NONE | IRQ_SET_ACTION_UNMASK,
-            0,
-            1,
-            IrqSetData::None,
-        )
-        .unwrap();
+        irqs.unmask(IrqKind::Intx, VectorRange::all(0, 1)).unwrap();
         assert!(!fired(&e));
     }
 
@@ -656,22 +627,8 @@ mod tests {
         let irqs = Interrupts::new(0, 0);
         let (e, fd) = efd();
         let (resample, resample_fd) = efd();
-        irqs.set_irqs(
-            0,
-            IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
-            0,
-            1,
-            IrqSetData::Eventfds(vec![Some(fd)]),
-        )
-        .unwrap();
-        irqs.set_irqs(
-            0,
-            IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_UNMASK,
-            0,
-            1,
-            IrqSetData::Eventfds(vec![Some(resample_fd)]),
-        )
-        .unwrap();
+        irqs.assign(IrqKind::Intx, 0, vec![Some(fd)]).unwrap();
+        irqs.set_intx_unmask_eventfd(Some(resample_fd)).unwrap();
         irqs.set_intx(true);
         assert!(fired(&e));
         irqs.set_intx(true);
@@ -694,44 +651,29 @@ mod tests {
     fn bad_requests() {
         let irqs = Interrupts::new(1, 2);
         assert!(matches!(
-            irqs.set_irqs(
-                9,
-                IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER,
-                0,
-                0,
-                IrqSetData::None
-            ),
-            Err(IrqError::BadIndex(9))
-        ));
-        assert!(matches!(
-            irqs.set_irqs(
-                2,
-                IRQ_SET_DATA_NONE | IRQ_SET_DATA_BOOL | IRQ_SET_ACTION_TRIGGER,
-                0,
-                1,
-                IrqSetData::None
-            ),
-            Err(IrqError::BadFlags(_))
-        ));
-        assert!(matches!(
-            irqs.set_irqs(
-                2,
-                IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER,
-                1,
-                2,
-                IrqSetData::None
-            ),
+            irqs.trigger(IrqKind::Msix, VectorRange::all(1, 2)),
             Err(IrqError::BadRange { .. })
         ));
         assert!(matches!(
-            irqs.set_irqs(
-                2,
-                IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
-                0,
-                2,
-                IrqSetData::Eventfds(vec![None])
-            ),
-            Err(IrqError::FdCount { .. })
+            irqs.trigger(IrqKind::Msix, VectorRange::all(u32::MAX, 2)),
+            Err(IrqError::BadRange { .. })
+        ));
+        assert!(matches!(
+            irqs.assign(IrqKind::Msix, 0, vec![None, None, None]),
+            Err(IrqError::BadRange { .. })
+        ));
+        let short = VectorRange {
+            first: 0,
+            count: 2,
+            select: Some(&[1]),
+        };
+        assert!(matches!(
+            irqs.mask(IrqKind::Msix, short),
+            Err(IrqError::SelectCount { .. })
+        ));
+        assert!(matches!(
+            irqs.mask(IrqKind::Err, VectorRange::all(0, 0)),
+            Err(IrqError::Unsupported(IrqKind::Err))
         ));
     }
 }

@@ -14,5 +14,5 @@ pub use bar::{BarDef, BarIndex, BarKind};
 pub use capability::MsixLayout;
 pub use config::PciIds;
 pub use device::{BarMapping, DeviceContext, PciDevice, PciDeviceDescription};
-pub use function::{PciError, PciFunction};
-pub use irq::{InterruptHandle, Interrupts, IrqIndex};
+pub use function::{PciError, PciFunction, Region, RegionDescription};
+pub use irq::{InterruptHandle, Interrupts, IrqKind, IrqKindInfo, VectorRange};

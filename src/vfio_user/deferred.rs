@@ -16,7 +16,7 @@ use tracing::debug;
 
 use super::dma::{DmaLink, PendingRequests, SessionPiece};
 use super::wire::Header;
-use crate::memory::{DmaDirection, GuestMemory, MemoryError, QueuedDma};
+use crate::memory::{DmaDirection, DmaMessageError, GuestMemory, MemoryError, QueuedDma};
 
 /// A transfer that is over, to hand to the model.
 pub(super) struct FinishedDma {
@@ -94,7 +94,11 @@ impl InFlight {
             let id = match pending.register_session(piece) {
                 Ok(id) => id,
                 // Other transfers fill the table: carry on as their replies come.
-                Err(MemoryError::Transport(_)) if self.outstanding > 0 => return Ok(()),
+                Err(MemoryError::Transport(DmaMessageError::TooManyInFlight))
+                    if self.outstanding > 0 =>
+                {
+                    return Ok(())
+                }
                 Err(e) => return Err(e),
             };
             let data = match self.direction {
@@ -166,10 +170,11 @@ impl DeferredDma {
         let flight = &mut self.in_flight[i];
         flight.outstanding -= 1;
         let answer = if header.is_error() {
-            Err(MemoryError::Transport(format!(
-                "DMA at {:#x}: client answered errno {}",
-                piece.gpa, header.error
-            )))
+            Err(DmaMessageError::Refused {
+                gpa: piece.gpa,
+                errno: header.error,
+            }
+            .into())
         } else if flight.direction == DmaDirection::ToGuest {
             memory.observe_write(piece.gpa, piece.len);
             Ok(())
@@ -179,10 +184,7 @@ impl DeferredDma {
                     flight.data[piece.offset..piece.offset + piece.len].copy_from_slice(d);
                     Ok(())
                 }
-                None => Err(MemoryError::Transport(format!(
-                    "DMA_READ reply at {:#x} does not match the request",
-                    piece.gpa
-                ))),
+                None => Err(DmaMessageError::Mismatch { gpa: piece.gpa }.into()),
             }
         };
         if let Err(e) = answer {
@@ -206,9 +208,9 @@ impl DeferredDma {
             outstanding = flight.outstanding,
             "queued DMA timed out"
         );
-        flight.error.get_or_insert(MemoryError::Transport(
-            "no reply to a DMA request in time".into(),
-        ));
+        flight
+            .error
+            .get_or_insert(DmaMessageError::Expired { gpa: flight.gpa }.into());
         Some(finish(flight))
     }
 }

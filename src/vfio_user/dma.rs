@@ -15,7 +15,7 @@ use tracing::{debug, warn};
 
 use super::socket::MessageWriter;
 use super::wire::{Command, DmaLayout, Header, FLAGS_TYPE_COMMAND, HEADER_SIZE};
-use crate::memory::{DmaTransport, MemoryError};
+use crate::memory::{DmaMessageError, DmaTransport, MemoryError};
 
 /// Most server-initiated requests waiting for replies at once.
 pub const MAX_PENDING_REQUESTS: usize = 64;
@@ -187,9 +187,7 @@ impl PendingInner {
             return Err(MemoryError::NoTransport);
         }
         if self.waiting.len() >= MAX_PENDING_REQUESTS {
-            return Err(MemoryError::Transport(
-                "too many DMA requests in flight".into(),
-            ));
+            return Err(DmaMessageError::TooManyInFlight.into());
         }
         let mut id = self.next_id;
         while self.waiting.contains_key(&id) {
@@ -284,7 +282,7 @@ impl DmaLink {
             }
             None => self.writer.send(&header, &[&fixed], &[]),
         };
-        sent.map_err(|e| MemoryError::Transport(format!("send: {e}")))
+        sent.map_err(|e| DmaMessageError::Send(e).into())
     }
 
     /// The data of a DMA_READ reply, if it answers `len` bytes at `gpa`.
@@ -310,10 +308,11 @@ impl DmaLink {
             let now = Instant::now();
             if now >= deadline {
                 // Given up: `release` forgets the id, so a late reply is dropped.
-                return Err(MemoryError::Transport(format!(
-                    "{command:?} at {gpa:#x}: no reply in {:?}",
-                    self.timeout
-                )));
+                return Err(DmaMessageError::Timeout {
+                    gpa,
+                    timeout: self.timeout,
+                }
+                .into());
             }
             st = slot
                 .ready
@@ -326,9 +325,7 @@ impl DmaLink {
         }
         if let Some(errno) = st.error {
             debug!(?command, gpa, errno, "client refused DMA");
-            return Err(MemoryError::Transport(format!(
-                "{command:?} at {gpa:#x}: client answered errno {errno}"
-            )));
+            return Err(DmaMessageError::Refused { gpa, errno }.into());
         }
         Ok(st)
     }
@@ -349,9 +346,7 @@ impl DmaTransport for DmaLink {
                 None => false,
             })?;
             if !copied {
-                return Err(MemoryError::Transport(format!(
-                    "DMA_READ reply at {addr:#x} does not match the request"
-                )));
+                return Err(DmaMessageError::Mismatch { gpa: addr }.into());
             }
             addr += len as u64;
         }

@@ -4,6 +4,8 @@ pub mod caps;
 pub mod client;
 mod deferred;
 pub mod dma;
+pub mod errno;
+pub mod pci_map;
 pub mod server;
 pub mod socket;
 pub mod wire;

@@ -23,11 +23,12 @@ use tracing::{debug, info, warn};
 use super::caps::Capabilities;
 use super::deferred::{DeferredDma, FinishedDma};
 use super::dma::{DmaLink, PendingRequests};
+use super::errno::Errno;
+use super::pci_map::{self, irq_info_flags, irq_kind_of, region_of};
 use super::socket::{FrameError, MessageReader, MessageWriter, Received, MAX_FDS_PER_MESSAGE};
 use super::wire::*;
 use crate::memory::{DmaDirection, DmaQueue, DmaRegion, GuestMemory, MemoryError};
 use crate::pagetrack::{DirtyBitmap, SourceKind, UffdRegistration};
-use crate::pci::irq::IrqSetData;
 use crate::pci::PciFunction;
 
 /// Limits the server announces and enforces.
@@ -657,9 +658,8 @@ impl Session<'_> {
         if (ask.argsz as usize) < INFO {
             return Err(libc::EINVAL);
         }
-        let region = lock(self.function)
-            .region(ask.index)
-            .map_err(|e| e.errno())?;
+        let region = region_of(ask.index).ok_or(libc::EINVAL)?;
+        let region = lock(self.function).region(region).map_err(|e| e.errno())?;
         let mut flags = 0;
         if region.readable {
             flags |= REGION_INFO_FLAG_READ;
@@ -735,48 +735,22 @@ impl Session<'_> {
 
     fn irq_info(&mut self, req: Request<'_>) -> HandlerResult {
         let ask = IrqInfo::read_from(req.payload).ok_or(libc::EINVAL)?;
-        let index = crate::pci::irq::IrqIndex::from_raw(ask.index).ok_or(libc::EINVAL)?;
-        let (flags, count) = lock(self.function).interrupts().info(index);
+        let kind = irq_kind_of(ask.index).ok_or(libc::EINVAL)?;
+        let info = lock(self.function).interrupts().info(kind);
         let reply = IrqInfo {
             argsz: std::mem::size_of::<IrqInfo>() as u32,
-            flags,
+            flags: irq_info_flags(info),
             index: ask.index,
-            count,
+            count: info.count,
         };
         self.reply(&req.header, &[reply.as_bytes()], &[])
     }
 
     fn set_irqs(&mut self, req: Request<'_>) -> HandlerResult {
         let set = IrqSet::read_from(req.payload).ok_or(libc::EINVAL)?;
-        // The vector range is checked before anything is sized by `count`: a
-        // count of 2^32-1 with no fds would otherwise allocate 16 GiB (fuzzing).
-        let index = crate::pci::irq::IrqIndex::from_raw(set.index).ok_or(libc::EINVAL)?;
-        let (_, available) = lock(self.function).interrupts().info(index);
-        if set
-            .start
-            .checked_add(set.count)
-            .is_none_or(|end| end > available)
-        {
-            return Err(libc::EINVAL);
-        }
+        let irqs = lock(self.function).interrupts().clone();
         let rest = &req.payload[std::mem::size_of::<IrqSet>()..];
-        let data = match set.flags & IRQ_SET_DATA_MASK {
-            IRQ_SET_DATA_NONE => IrqSetData::None,
-            IRQ_SET_DATA_BOOL => {
-                IrqSetData::Bool(rest.get(..set.count as usize).ok_or(libc::EINVAL)?)
-            }
-            IRQ_SET_DATA_EVENTFD => IrqSetData::Eventfds(eventfd_list(&set, req.fds)?),
-            _ => return Err(libc::EINVAL),
-        };
-        let function = lock(self.function);
-        function
-            .interrupts()
-            .set_irqs(set.index, set.flags, set.start, set.count, data)
-            .map_err(|e| {
-                debug!("SET_IRQS refused: {e}");
-                libc::EINVAL
-            })?;
-        drop(function);
+        pci_map::set_irqs(&irqs, &set, rest, req.fds)?;
         self.reply(&req.header, &[], &[])
     }
 
@@ -797,7 +771,10 @@ impl Session<'_> {
             large.resize(count, 0);
             &mut large
         };
-        let read = lock(self.function).region_read(access.region, access.offset, data);
+        let Some(region) = region_of(access.region) else {
+            return Err(libc::EINVAL);
+        };
+        let read = lock(self.function).region_read(region, access.offset, data);
         let result = match read {
             Ok(()) => self.reply(&req.header, &[access.as_bytes(), data], &[]),
             Err(e) => {
@@ -817,8 +794,9 @@ impl Session<'_> {
         if data.len() != access.count as usize {
             return Err(libc::EINVAL);
         }
+        let region = region_of(access.region).ok_or(libc::EINVAL)?;
         lock(self.function)
-            .region_write(access.region, access.offset, data)
+            .region_write(region, access.offset, data)
             .map_err(|e| {
                 debug!("REGION_WRITE refused: {e}");
                 e.errno()
@@ -889,10 +867,14 @@ impl Session<'_> {
         {
             return Err(libc::EINVAL);
         }
+        if parsed.iter().any(|e| region_of(e.region).is_none()) {
+            return Err(libc::EINVAL);
+        }
         let mut function = lock(self.function);
         for e in &parsed {
+            let region = region_of(e.region).ok_or(libc::EINVAL)?;
             function
-                .region_write(e.region, e.offset, &e.data[..e.count as usize])
+                .region_write(region, e.offset, &e.data[..e.count as usize])
                 .map_err(|err| {
                     debug!("REGION_WRITE_MULTI entry refused: {err}");
                     err.errno()
@@ -905,17 +887,6 @@ impl Session<'_> {
 
 /// Pairs SET_IRQS vectors with the fds that came with the message: one fd per
 /// vector assigns, no fds at all de-assigns the range (how QEMU sends fd -1).
-fn eventfd_list(set: &IrqSet, fds: Vec<OwnedFd>) -> Result<Vec<Option<OwnedFd>>, i32> {
-    let count = set.count as usize;
-    if fds.is_empty() {
-        return Ok((0..count).map(|_| None).collect());
-    }
-    if fds.len() != count {
-        return Err(libc::EINVAL);
-    }
-    Ok(fds.into_iter().map(Some).collect())
-}
-
 /// Takes ownership of a raw fd handed to us (`--fd N`).
 ///
 /// # Safety

@@ -368,15 +368,18 @@ impl DmaLayout {
     }
 }
 
+/// A DMA message layout name that is neither `spec` nor `qemu-10`.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown DMA message layout {0:?} (spec or qemu-10)")]
+pub struct UnknownDmaLayout(pub String);
+
 impl std::str::FromStr for DmaLayout {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownDmaLayout;
+    fn from_str(s: &str) -> Result<Self, UnknownDmaLayout> {
         match s {
             "spec" => Ok(DmaLayout::Spec),
             "qemu-10" => Ok(DmaLayout::Qemu10),
-            _ => Err(format!(
-                "unknown DMA message layout {s:?} (spec or qemu-10)"
-            )),
+            _ => Err(UnknownDmaLayout(s.into())),
         }
     }
 }

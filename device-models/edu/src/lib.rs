@@ -89,6 +89,15 @@ pub fn new_function(memory: GuestMemory, dma_bits: u32) -> Result<PciFunction, P
     })
 }
 
+/// Why an edu DMA failed (logged; edu has no error register, as QEMU's).
+#[derive(Debug, thiserror::Error)]
+enum EduDmaError {
+    #[error("device range {addr:#x}+{count:#x} is outside the DMA buffer")]
+    OutsideBuffer { addr: u64, count: u64 },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+}
+
 #[derive(Clone)]
 struct Registers {
     liveness: u32,
@@ -171,8 +180,10 @@ impl Edu {
         let device_side = if to_ram { regs.dma_src } else { regs.dma_dst };
         let count = regs.dma_count;
         let Some(range) = buffer_range(device_side, count) else {
-            let e = format!("device range {device_side:#x}+{count:#x} is outside the DMA buffer");
-            return self.dma_finished(Err(e));
+            return self.dma_finished(Err(EduDmaError::OutsideBuffer {
+                addr: device_side,
+                count,
+            }));
         };
         let queued = if to_ram {
             let gpa = self.clamp(regs.dma_dst);
@@ -184,13 +195,13 @@ impl Edu {
             self.ctx.dma.read(regs.generation, gpa, range.len())
         };
         if let Err(e) = queued {
-            self.dma_finished(Err(e.to_string()));
+            self.dma_finished(Err(e.into()));
         }
     }
 
     /// The DMA is over: `data` holds what was read from RAM (for a transfer to
     /// the device). Clears RUN and raises the interrupt if asked for.
-    fn dma_finished(&mut self, result: Result<&[u8], String>) {
+    fn dma_finished(&mut self, result: Result<&[u8], EduDmaError>) {
         let regs = &mut self.regs;
         let (src, dst, count) = (regs.dma_src, regs.dma_dst, regs.dma_count);
         match result {
@@ -330,7 +341,7 @@ impl PciDevice for Edu {
             debug!("DMA finished after a reset; result dropped");
             return;
         }
-        self.dma_finished(result.map_err(|e| e.to_string()));
+        self.dma_finished(result.map_err(EduDmaError::from));
     }
 }
 

@@ -208,6 +208,18 @@ struct Shared {
     live_generation: AtomicU64,
 }
 
+/// Why an engine access to a validated target failed (the context sees
+/// DMA_ERROR either way).
+#[derive(Debug, thiserror::Error)]
+enum TargetError {
+    #[error(transparent)]
+    Memory(#[from] umdev::memory::MemoryError),
+    #[error(transparent)]
+    Vram(#[from] vram::VramError),
+    #[error("the device was reset after the submission was taken")]
+    Reset,
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -384,22 +396,27 @@ impl Shared {
         lock(&self.ggtt).raw[index]
     }
 
-    fn read_target(&self, target: Target, buf: &mut [u8]) -> Result<(), ()> {
+    fn read_target(&self, target: Target, buf: &mut [u8]) -> Result<(), TargetError> {
         match target {
-            Target::Ram(gpa) => self.ctx.memory.read(gpa, buf).map_err(|_| ()),
-            Target::Vram(off) => self.vram.read(off, buf).map_err(|_| ()),
+            Target::Ram(gpa) => Ok(self.ctx.memory.read(gpa, buf)?),
+            Target::Vram(off) => Ok(self.vram.read(off, buf)?),
         }
     }
 
     /// A write of the engine for a submission of register generation
     /// `generation`: none lands once the device has been reset (the VMM
     /// leaving included) after the submission was taken.
-    fn write_target(&self, target: Target, data: &[u8], generation: u64) -> Result<(), ()> {
+    fn write_target(
+        &self,
+        target: Target,
+        data: &[u8],
+        generation: u64,
+    ) -> Result<(), TargetError> {
         let live = || self.live_generation.load(Ordering::Acquire) == generation;
         match target {
-            Target::Ram(gpa) => self.ctx.memory.write_while(gpa, data, live).map_err(|_| ()),
-            Target::Vram(off) if live() => self.vram.write(off, data).map_err(|_| ()),
-            Target::Vram(_) => Err(()),
+            Target::Ram(gpa) => Ok(self.ctx.memory.write_while(gpa, data, live)?),
+            Target::Vram(off) if live() => Ok(self.vram.write(off, data)?),
+            Target::Vram(_) => Err(TargetError::Reset),
         }
     }
 
@@ -939,7 +956,7 @@ fn copy_extents(
     src: &[Extent],
     dst: &[Extent],
     buf: &mut Vec<u8>,
-) -> Result<(), ()> {
+) -> Result<(), TargetError> {
     const PIECE: usize = 64 << 10;
     if buf.len() < PIECE {
         buf.resize(PIECE, 0);

@@ -36,8 +36,8 @@ struct Args {
     subsystem_id: Option<u16>,
 }
 
-fn parse_hex16(s: &str) -> Result<u16, String> {
-    u16::from_str_radix(s.trim_start_matches("0x"), 16).map_err(|e| format!("{s:?}: {e}"))
+fn parse_hex16(s: &str) -> Result<u16, std::num::ParseIntError> {
+    u16::from_str_radix(s.trim_start_matches("0x"), 16)
 }
 
 fn main() -> std::process::ExitCode {
