@@ -12,6 +12,7 @@ pub mod pagetrack;
 pub mod pci;
 pub mod sandbox;
 pub mod scanout;
+pub mod state;
 pub mod vfio_user;
 pub mod vhost_user;
 pub mod wait;

@@ -151,6 +151,24 @@ impl ConfigSpace {
         }
     }
 
+    /// The whole space as bytes, for a state snapshot.
+    pub fn bytes(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// Takes the writable bits of a snapshot ([`bytes`](Self::bytes) of a
+    /// device like this one); read-only bits (IDs, capability layout) stay
+    /// this device's, whatever the snapshot says. Refused if the size differs.
+    pub fn restore_writable(&mut self, saved: &[u8]) -> bool {
+        if saved.len() != self.data.len() {
+            return false;
+        }
+        for ((d, &w), &s) in self.data.iter_mut().zip(&self.wmask).zip(saved) {
+            *d = (*d & !w) | (s & w);
+        }
+        true
+    }
+
     pub fn contains(&self, offset: u64, len: usize) -> bool {
         offset
             .checked_add(len as u64)

@@ -14,6 +14,7 @@ use super::config::PciIds;
 use super::irq::InterruptHandle;
 use crate::memory::{DmaQueue, GuestMemory, MemoryError};
 use crate::pagetrack::{PageTracker, Policy, SourceKind};
+use crate::state::StateError;
 
 /// Everything about a device that does not change while it runs.
 #[derive(Clone, Debug, Default)]
@@ -74,5 +75,21 @@ pub trait PciDevice: Send {
     /// Directly mappable parts of a BAR, if any.
     fn bar_mapping(&self, _bar: BarIndex) -> Option<BarMapping> {
         None
+    }
+    /// The model's state, for migration: a versioned blob of the model's own
+    /// layout (`umdev::state`). Called with the device quiescent (no access
+    /// in flight); work the device still has under way is finished first or
+    /// saved so that the restored device carries it on. Guest memory is not
+    /// part of it, and nothing derived from guest memory needs to be (the
+    /// restored device rebuilds such things from guest memory). A device
+    /// that cannot save says [`StateError::Unsupported`].
+    fn save(&self) -> Result<Vec<u8>, StateError> {
+        Err(StateError::Unsupported)
+    }
+    /// Takes the state [`save`](Self::save) made, into a device just built
+    /// (or reset). The blob may come from anywhere: a bad one is an error
+    /// and leaves the device as it was.
+    fn restore(&mut self, _blob: &[u8]) -> Result<(), StateError> {
+        Err(StateError::Unsupported)
     }
 }

@@ -16,6 +16,23 @@ use super::irq::{InterruptHandle, Interrupts};
 use super::msix::MsixTable;
 use crate::memory::{DmaQueue, GuestMemory, MemoryError};
 use crate::pagetrack::PageTracker;
+use crate::state::{StateError, StateReader, StateWriter};
+
+/// Layout versions of the function's state sections (see [`PciFunction::save`]).
+const PCI_STATE_VERSION: u32 = 1;
+const DMA_MAPS_VERSION: u32 = 1;
+const MODEL_STATE_VERSION: u32 = 1;
+
+/// A DMA region as a state snapshot records it (the fds are the client's:
+/// the destination's client maps its own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SavedDmaMap {
+    pub gpa: u64,
+    pub size: u64,
+    pub readable: bool,
+    pub writable: bool,
+    pub with_fd: bool,
+}
 
 /// The address spaces of a PCI function that a transport reaches: the six
 /// BARs, the expansion ROM, config space and the legacy VGA ranges. (vfio
@@ -326,6 +343,130 @@ impl PciFunction {
         if touched(BAR0, 24) {
             trace!("BAR registers written");
         }
+    }
+
+    /// The function's state for migration (`umdev::state` layout), taken with
+    /// the device quiescent. Sections, in order:
+    /// - `PCIF` v1: config space (bytes); whether there is an MSI-X table
+    ///   (bool) and its entries (count, then 4 u32 each); the interrupt
+    ///   state (`Interrupts::save`).
+    /// - `DMAM` v1: the DMA regions (count, then gpa u64, size u64,
+    ///   readable, writable, with_fd as bools).
+    /// - `DEVM` v1: the model's own blob (bytes, [`PciDevice::save`]).
+    pub fn save(&self) -> Result<Vec<u8>, StateError> {
+        let model = self.device.save()?;
+        let mut w = StateWriter::new();
+        self.save_framework(&mut w);
+        w.section(b"DMAM", DMA_MAPS_VERSION, |s| {
+            let maps = self.dma_maps();
+            s.u64(maps.len() as u64);
+            for m in maps {
+                s.u64(m.gpa);
+                s.u64(m.size);
+                s.bool(m.readable);
+                s.bool(m.writable);
+                s.bool(m.with_fd);
+            }
+        });
+        w.section(b"DEVM", MODEL_STATE_VERSION, |s| s.bytes(&model));
+        Ok(w.finish())
+    }
+
+    fn save_framework(&self, w: &mut StateWriter) {
+        w.section(b"PCIF", PCI_STATE_VERSION, |s| {
+            s.bytes(self.config.bytes());
+            s.bool(self.msix.is_some());
+            if let Some(msix) = &self.msix {
+                msix.save(s);
+            }
+            self.irq.save(s);
+        });
+    }
+
+    /// The DMA regions in force now.
+    pub fn dma_maps(&self) -> Vec<SavedDmaMap> {
+        self.memory.with_regions(|r| {
+            r.iter()
+                .map(|m| SavedDmaMap {
+                    gpa: m.gpa,
+                    size: m.size,
+                    readable: m.readable,
+                    writable: m.writable,
+                    with_fd: matches!(m.backing, crate::memory::RegionBacking::Mapped(_)),
+                })
+                .collect()
+        })
+    }
+
+    /// Takes a state [`save`](Self::save) made (on this process or another)
+    /// into this function, built from the same description. Returns the DMA
+    /// regions the source had, for the caller to compare with what its
+    /// client mapped. A blob that does not read, or does not fit this device,
+    /// is an error and changes nothing.
+    pub fn restore(&mut self, blob: &[u8]) -> Result<Vec<SavedDmaMap>, StateError> {
+        let mut r = StateReader::new(blob)?;
+        let undo = {
+            let mut w = StateWriter::new();
+            self.save_framework(&mut w);
+            w.finish()
+        };
+        self.restore_framework(&mut r)?;
+        let parsed = (|| {
+            let (_, mut s) = r.section(b"DMAM", DMA_MAPS_VERSION)?;
+            let n = s.count(19)?;
+            let mut maps = Vec::with_capacity(n);
+            for _ in 0..n {
+                maps.push(SavedDmaMap {
+                    gpa: s.u64()?,
+                    size: s.u64()?,
+                    readable: s.bool()?,
+                    writable: s.bool()?,
+                    with_fd: s.bool()?,
+                });
+            }
+            s.finish()?;
+            let (_, mut s) = r.section(b"DEVM", MODEL_STATE_VERSION)?;
+            let model = s.bytes()?;
+            s.finish()?;
+            r.finish()?;
+            Ok::<_, StateError>((maps, model))
+        })();
+        let result = parsed.and_then(|(maps, model)| {
+            self.device.restore(model)?;
+            Ok(maps)
+        });
+        if result.is_err() {
+            let mut u = StateReader::new(&undo).expect("our own blob");
+            self.restore_framework(&mut u)
+                .expect("our own blob restores");
+        }
+        result
+    }
+
+    fn restore_framework(&mut self, r: &mut StateReader<'_>) -> Result<(), StateError> {
+        let (_, mut s) = r.section(b"PCIF", PCI_STATE_VERSION)?;
+        let config = s.bytes()?;
+        if config.len() != self.config.size() {
+            return Err(StateError::Invalid("config space of another size"));
+        }
+        if s.bool()? != self.msix.is_some() {
+            return Err(StateError::Invalid("MSI-X presence differs"));
+        }
+        // All of it is read before any of it is applied (the MSI-X table and
+        // the interrupts each parse fully before they change).
+        let mut msix = self.msix.clone();
+        if let Some(m) = &mut msix {
+            m.restore(&mut s)?;
+        }
+        let irq = self.irq.parse_state(&mut s)?;
+        s.finish()?;
+        self.irq.apply(irq);
+        self.config = self.power_on_config.clone();
+        self.config.restore_writable(config);
+        self.msix = msix;
+        let cmd = self.config.command();
+        self.memory.set_bus_master(cmd & COMMAND_BUS_MASTER != 0);
+        Ok(())
     }
 
     /// Power-on state for everything: config space, MSI-X table, interrupt masks,

@@ -94,6 +94,22 @@ impl<'a> VectorRange<'a> {
     }
 }
 
+/// Interrupt state read from a snapshot ([`Interrupts::parse_state`]).
+#[derive(Debug)]
+pub struct IrqSnapshot {
+    /// (masked, pending) per vector of each kind.
+    flags: [Vec<(bool, bool)>; 5],
+    msi_enabled: bool,
+    msi_vectors: u32,
+    msix_enabled: bool,
+    msix_function_mask: bool,
+    table_mask: Vec<bool>,
+    msix_table_in_use: bool,
+    intx_level: bool,
+    intx_automasked: bool,
+    intx_disabled: bool,
+}
+
 #[derive(Default)]
 struct Vector {
     eventfd: Option<IrqFd>,
@@ -525,6 +541,104 @@ impl Interrupts {
         self.set_intx_resampler(fd);
         debug!("INTx unmask eventfd set");
         Ok(())
+    }
+
+    /// Masks, pending bits and modes (not the eventfds, which belong to the
+    /// client), for a state snapshot.
+    pub fn save(&self, w: &mut crate::state::SectionWriter) {
+        let s = self.lock();
+        for vectors in &s.vectors {
+            w.u64(vectors.len() as u64);
+            for v in vectors {
+                w.bool(v.masked);
+                w.bool(v.pending);
+            }
+        }
+        w.bool(s.msi_enabled);
+        w.u32(s.msi_vectors);
+        w.bool(s.msix_enabled);
+        w.bool(s.msix_function_mask);
+        w.u64(s.msix_table_mask.len() as u64);
+        s.msix_table_mask.iter().for_each(|&m| w.bool(m));
+        w.bool(s.msix_table_in_use);
+        w.bool(s.intx_level);
+        w.bool(s.intx_automasked);
+        w.bool(s.intx_disabled);
+    }
+
+    /// Reads state as [`save`](Self::save) wrote it, checked against this
+    /// device's shape, without applying it ([`apply`](Self::apply) does).
+    pub fn parse_state(
+        &self,
+        r: &mut crate::state::SectionReader<'_>,
+    ) -> Result<IrqSnapshot, crate::state::StateError> {
+        use crate::state::StateError;
+        let mut flags: [Vec<(bool, bool)>; 5] = Default::default();
+        for (kind, f) in flags.iter_mut().enumerate() {
+            let n = r.count(2)?;
+            if n != self.lock().vectors[kind].len() {
+                return Err(StateError::Invalid("interrupt vectors of another count"));
+            }
+            for _ in 0..n {
+                f.push((r.bool()?, r.bool()?));
+            }
+        }
+        let (msi_enabled, msi_vectors) = (r.bool()?, r.u32()?);
+        let (msix_enabled, msix_function_mask) = (r.bool()?, r.bool()?);
+        let n = r.count(1)?;
+        if n != self.lock().msix_table_mask.len() {
+            return Err(StateError::Invalid("MSI-X masks of another count"));
+        }
+        let table_mask = (0..n).map(|_| r.bool()).collect::<Result<Vec<_>, _>>()?;
+        let msix_table_in_use = r.bool()?;
+        let (intx_level, intx_automasked, intx_disabled) = (r.bool()?, r.bool()?, r.bool()?);
+        if msi_vectors > self.counts[IrqKind::Msi as usize] {
+            return Err(StateError::Invalid("more MSI vectors than the device has"));
+        }
+        Ok(IrqSnapshot {
+            flags,
+            msi_enabled,
+            msi_vectors,
+            msix_enabled,
+            msix_function_mask,
+            table_mask,
+            msix_table_in_use,
+            intx_level,
+            intx_automasked,
+            intx_disabled,
+        })
+    }
+
+    /// Applies a parsed snapshot; the installed eventfds stay.
+    pub fn apply(&self, snap: IrqSnapshot) {
+        let IrqSnapshot {
+            flags,
+            msi_enabled,
+            msi_vectors,
+            msix_enabled,
+            msix_function_mask,
+            table_mask,
+            msix_table_in_use,
+            intx_level,
+            intx_automasked,
+            intx_disabled,
+        } = snap;
+        let mut s = self.lock();
+        for (vectors, f) in s.vectors.iter_mut().zip(flags) {
+            for (v, (masked, pending)) in vectors.iter_mut().zip(f) {
+                v.masked = masked;
+                v.pending = pending;
+            }
+        }
+        s.msi_enabled = msi_enabled;
+        s.msi_vectors = msi_vectors;
+        s.msix_enabled = msix_enabled;
+        s.msix_function_mask = msix_function_mask;
+        s.msix_table_mask = table_mask;
+        s.msix_table_in_use = msix_table_in_use;
+        s.intx_level = intx_level;
+        s.intx_automasked = intx_automasked;
+        s.intx_disabled = intx_disabled;
     }
 
     /// Device reset: masks, pending bits and modes to power-on state; the client's

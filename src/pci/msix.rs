@@ -19,6 +19,7 @@ pub enum MsixPart {
     Pba,
 }
 
+#[derive(Clone)]
 pub struct MsixTable {
     layout: MsixLayout,
     /// Four dwords per vector: address low, address high, data, vector control.
@@ -113,6 +114,34 @@ impl MsixTable {
                 }
             }
         }
+    }
+
+    /// The table's entries (four dwords per vector), for a state snapshot.
+    pub fn save(&self, s: &mut crate::state::SectionWriter) {
+        s.u64(self.entries.len() as u64);
+        for e in &self.entries {
+            e.iter().for_each(|&w| s.u32(w));
+        }
+    }
+
+    /// Entries as [`save`](Self::save) wrote them, for a table of the same
+    /// size; nothing changes unless all of them read.
+    pub fn restore(
+        &mut self,
+        r: &mut crate::state::SectionReader<'_>,
+    ) -> Result<(), crate::state::StateError> {
+        let n = r.count(16)?;
+        if n != self.entries.len() {
+            return Err(crate::state::StateError::Invalid(
+                "MSI-X table of another size",
+            ));
+        }
+        let mut entries = Vec::with_capacity(n);
+        for _ in 0..n {
+            entries.push([r.u32()?, r.u32()?, r.u32()?, r.u32()?]);
+        }
+        self.entries = entries;
+        Ok(())
     }
 
     fn word(&self, rel: u64) -> Option<u32> {

@@ -18,6 +18,7 @@ use umdev::memory::{GuestMemory, MemoryError};
 use umdev::pci::{
     BarDef, BarIndex, DeviceContext, PciDevice, PciDeviceDescription, PciError, PciFunction, PciIds,
 };
+use umdev::state::{StateError, StateReader, StateWriter};
 
 pub const VENDOR_ID: u16 = 0x1234;
 pub const DEVICE_ID: u16 = 0x11e8;
@@ -254,7 +255,72 @@ fn valid_size(offset: u64, len: usize) -> bool {
     }
 }
 
+/// Layout version of edu's state section `EDU0`: liveness, factorial, status,
+/// irq_status (u32 each); dma_src, dma_dst, dma_count, dma_cmd, dma_mask (u64
+/// each); the DMA buffer (bytes, 4096).
+const STATE_VERSION: u32 = 1;
+
+impl Edu {
+    fn save_state(&self) -> Vec<u8> {
+        let r = &self.regs;
+        let mut w = StateWriter::new();
+        w.section(b"EDU0", STATE_VERSION, |s| {
+            for v in [r.liveness, r.factorial, r.status, r.irq_status] {
+                s.u32(v);
+            }
+            for v in [r.dma_src, r.dma_dst, r.dma_count, r.dma_cmd, self.dma_mask] {
+                s.u64(v);
+            }
+            s.bytes(&r.dma_buf[..]);
+        });
+        w.finish()
+    }
+
+    fn restore_state(&mut self, blob: &[u8]) -> Result<(), StateError> {
+        let mut r = StateReader::new(blob)?;
+        let (_, mut s) = r.section(b"EDU0", STATE_VERSION)?;
+        let (liveness, factorial, status, irq_status) = (s.u32()?, s.u32()?, s.u32()?, s.u32()?);
+        let (dma_src, dma_dst, dma_count, dma_cmd) = (s.u64()?, s.u64()?, s.u64()?, s.u64()?);
+        if s.u64()? != self.dma_mask {
+            return Err(StateError::Invalid("edu of another DMA address width"));
+        }
+        let buf: [u8; DMA_BUF_SIZE] = s
+            .bytes()?
+            .try_into()
+            .map_err(|_| StateError::Invalid("edu DMA buffer of another size"))?;
+        s.finish()?;
+        r.finish()?;
+        let generation = self.regs.generation + 1;
+        self.regs = Registers {
+            liveness,
+            factorial,
+            status,
+            irq_status,
+            dma_src,
+            dma_dst,
+            dma_count,
+            dma_cmd,
+            dma_buf: Box::new(buf),
+            generation,
+        };
+        // A DMA under way at the source runs again here: both directions
+        // copy the same bytes again, so running twice is running once.
+        if self.regs.dma_cmd & DMA_CMD_RUN != 0 {
+            self.start_dma();
+        }
+        Ok(())
+    }
+}
+
 impl PciDevice for Edu {
+    fn save(&self) -> Result<Vec<u8>, StateError> {
+        Ok(self.save_state())
+    }
+
+    fn restore(&mut self, blob: &[u8]) -> Result<(), StateError> {
+        self.restore_state(blob)
+    }
+
     fn bar_read(&mut self, _bar: BarIndex, offset: u64, data: &mut [u8]) {
         data.fill(0xff);
         if !valid_size(offset, data.len()) {
