@@ -14,6 +14,7 @@ pub mod picture;
 pub mod regs;
 pub mod scanout;
 pub mod shadow;
+mod state;
 pub mod vram;
 
 use std::path::PathBuf;
@@ -191,6 +192,8 @@ struct Ggtt {
 enum Job {
     Submit(usize, u64),
     Invalidate(usize, u64),
+    /// Answered once every job before it has run (quiescing for a snapshot).
+    Barrier(Sender<()>),
 }
 
 struct Shared {
@@ -566,6 +569,24 @@ impl PciDevice for Vgpu {
         self.shared.reset();
     }
 
+    /// Lets the engine finish what it was given, then saves (`state`).
+    fn save(&self) -> Result<Vec<u8>, umdev::state::StateError> {
+        let (tx, rx) = channel();
+        self.post(Job::Barrier(tx));
+        // No engine (it could not start), or it is gone: nothing runs.
+        let _ = rx.recv();
+        Ok(state::save(&self.shared))
+    }
+
+    fn restore(&mut self, blob: &[u8]) -> Result<(), umdev::state::StateError> {
+        let pending = state::restore(&self.shared, blob)?;
+        let generation = lock(&self.shared.regs).generation;
+        for n in pending {
+            self.post(Job::Submit(n, generation));
+        }
+        Ok(())
+    }
+
     fn bar_mapping(&self, bar: BarIndex) -> Option<BarMapping> {
         (bar == VRAM_BAR).then(|| BarMapping {
             file: self.shared.vram.file(),
@@ -726,6 +747,9 @@ fn engine_loop(shared: &Shared, jobs: Receiver<Job>) {
     for job in jobs {
         match job {
             Job::Submit(n, generation) => run_submission(shared, n, generation),
+            Job::Barrier(done) => {
+                let _ = done.send(());
+            }
             Job::Invalidate(n, generation) => {
                 // A missing root only matters to a submission, which reports it.
                 if lock(&shared.regs).generation == generation {
