@@ -435,8 +435,10 @@ fn dma_pages(want: usize, limit: u64) -> Result<Vec<DmaPage>, String> {
         }
         let base = p as *mut u8;
         for i in 0..chunk {
-            // SAFETY: within the mapping; write so the page is really backed.
+            // SAFETY: within the mapping just made.
             let virt = unsafe { base.add(i * PAGE) };
+            // SAFETY: a byte of our own locked mapping; written so the page is
+            // really backed.
             unsafe { std::ptr::write_volatile(virt, 0x5a) };
             let entry = pagemap_entry(&mut pagemap, virt as u64)?;
             if entry >> 63 == 0 {
