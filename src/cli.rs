@@ -94,6 +94,43 @@ pub fn wait_for_termination_signal() -> i32 {
     }
 }
 
+/// The rest of a PCI device binary's `main` once its arguments are parsed:
+/// termination signals blocked before the model can start threads, logging,
+/// guest memory sized for the server, the function `build` makes on it, and
+/// [`run`]. Returns the process's exit code (errors are logged).
+///
+/// ```no_run
+/// # use umdev::cli::{self, ServerArgs};
+/// # #[derive(clap::Parser)] struct Args { #[command(flatten)] server: ServerArgs }
+/// # fn new_function(m: umdev::memory::GuestMemory) -> Result<umdev::pci::PciFunction, umdev::pci::PciError> { unimplemented!() }
+/// fn main() -> std::process::ExitCode {
+///     let args = <Args as clap::Parser>::parse();
+///     cli::serve_pci(&args.server, new_function)
+/// }
+/// ```
+pub fn serve_pci<E: std::fmt::Display>(
+    args: &ServerArgs,
+    build: impl FnOnce(crate::memory::GuestMemory) -> Result<PciFunction, E>,
+) -> std::process::ExitCode {
+    block_termination_signals();
+    init_logging();
+    let memory = crate::memory::GuestMemory::new(ServerConfig::default().max_dma_maps as usize);
+    let function = match build(memory) {
+        Ok(f) => f,
+        Err(e) => {
+            error!("{e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match run(args, function) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Serves `function` as the arguments say until a termination signal or, with
 /// `--once` or a connected `--fd`, until the client leaves.
 pub fn run(args: &ServerArgs, function: PciFunction) -> Result<(), RunError> {

@@ -243,6 +243,77 @@ fn lock(function: &Mutex<PciFunction>) -> MutexGuard<'_, PciFunction> {
 /// error reply.
 type HandlerResult = Result<(), i32>;
 
+/// One command the server takes (README: "Adding a vfio-user command").
+struct Handler {
+    command: u16,
+    name: &'static str,
+    /// For a umdev extension: the capability both sides must announce in
+    /// VERSION, without which the command is unknown.
+    extension: Option<&'static str>,
+    /// Whether the command may carry fds (any other with fds is refused).
+    takes_fds: bool,
+    run: fn(&mut Session<'_>, Request<'_>) -> HandlerResult,
+}
+
+/// A table row: `command, fds?, handler method` (or an errno for commands
+/// a client must not send or that are not supported).
+macro_rules! row {
+    ($cmd:ident, $fds:expr, $method:ident) => {
+        Handler {
+            command: Command::$cmd as u16,
+            name: stringify!($cmd),
+            extension: None,
+            takes_fds: $fds,
+            run: |s, r| s.$method(r),
+        }
+    };
+    ($cmd:ident, refused $errno:expr) => {
+        Handler {
+            command: Command::$cmd as u16,
+            name: stringify!($cmd),
+            extension: None,
+            takes_fds: false,
+            run: |_, _| Err($errno),
+        }
+    };
+    ($cmd:expr, $name:literal, extension $cap:expr, $fds:expr, $method:ident) => {
+        Handler {
+            command: $cmd,
+            name: $name,
+            extension: Some($cap),
+            takes_fds: $fds,
+            run: |s, r| s.$method(r),
+        }
+    };
+}
+
+/// Every command, standard and umdev extension, in one table.
+#[rustfmt::skip]
+static HANDLERS: &[Handler] = &[
+    // The hot path first: trapped MMIO.
+    row!(RegionRead, false, region_read),
+    row!(RegionWrite, false, region_write),
+    row!(RegionWriteMulti, false, region_write_multi),
+    row!(Version, false, version),
+    row!(DmaMap, true, dma_map),
+    row!(DmaUnmap, false, dma_unmap),
+    row!(DeviceGetInfo, false, device_info),
+    row!(DeviceGetRegionInfo, false, region_info),
+    row!(DeviceGetRegionIoFds, false, region_io_fds),
+    row!(DeviceGetIrqInfo, false, irq_info),
+    row!(DeviceSetIrqs, true, set_irqs),
+    row!(DeviceReset, false, device_reset),
+    // Server-to-client commands are not for the client to send.
+    row!(DmaRead, refused libc::EINVAL),
+    row!(DmaWrite, refused libc::EINVAL),
+    // Migration (issue #17).
+    row!(DeviceFeature, refused libc::ENOTSUP),
+    row!(MigDataRead, refused libc::ENOTSUP),
+    row!(MigDataWrite, refused libc::ENOTSUP),
+    row!(UMDEV_CMD_DIRTY_BITMAP, "UMDEV_DIRTY_BITMAP", extension CAP_UMDEV_DIRTY_BITMAP, true, dirty_bitmap),
+    row!(UMDEV_CMD_UFFD, "UMDEV_UFFD", extension CAP_UMDEV_UFFD_WP, true, uffd),
+];
+
 struct Session<'a> {
     function: &'a Mutex<PciFunction>,
     memory: GuestMemory,
@@ -393,47 +464,29 @@ impl Session<'_> {
     }
 
     fn dispatch(&mut self, req: Request<'_>) -> HandlerResult {
-        match req.header.command {
-            UMDEV_CMD_DIRTY_BITMAP if self.agreed(CAP_UMDEV_DIRTY_BITMAP) => {
-                return self.dirty_bitmap(req)
-            }
-            UMDEV_CMD_UFFD if self.agreed(CAP_UMDEV_UFFD_WP) => return self.uffd(req),
-            _ => {}
-        }
-        let Some(command) = Command::from_raw(req.header.command) else {
-            warn!(command = req.header.command, "unknown command");
+        let command = req.header.command;
+        let Some(handler) = HANDLERS.iter().find(|h| h.command == command) else {
+            warn!(command, "unknown command");
             return Err(libc::ENOSYS);
         };
-        if self.client_caps.is_none() && command != Command::Version {
-            warn!(?command, "command before VERSION negotiation");
+        // An extension neither side agreed to is an unknown command.
+        if handler.extension.is_some_and(|e| !self.agreed(e)) {
+            warn!(command, "extension command without its capability");
+            return Err(libc::ENOSYS);
+        }
+        if self.client_caps.is_none() && command != Command::Version as u16 {
+            warn!(command = handler.name, "command before VERSION negotiation");
             return Err(libc::EINVAL);
         }
-        // Only these commands carry fds.
-        if !req.fds.is_empty() && !matches!(command, Command::DmaMap | Command::DeviceSetIrqs) {
+        if !req.fds.is_empty() && !handler.takes_fds {
             return Err(libc::EINVAL);
         }
-        match command {
-            Command::Version => self.version(req),
-            Command::DmaMap => self.dma_map(req),
-            Command::DmaUnmap => self.dma_unmap(req),
-            Command::DeviceGetInfo => self.device_info(req),
-            Command::DeviceGetRegionInfo => self.region_info(req),
-            Command::DeviceGetRegionIoFds => self.region_io_fds(req),
-            Command::DeviceGetIrqInfo => self.irq_info(req),
-            Command::DeviceSetIrqs => self.set_irqs(req),
-            Command::RegionRead => self.region_read(req),
-            Command::RegionWrite => self.region_write(req),
-            Command::RegionWriteMulti => self.region_write_multi(req),
-            Command::DeviceReset => {
-                lock(self.function).reset();
-                self.reply(&req.header, &[], &[])
-            }
-            // Server-to-client commands are not for the client to send.
-            Command::DmaRead | Command::DmaWrite => Err(libc::EINVAL),
-            Command::DeviceFeature | Command::MigDataRead | Command::MigDataWrite => {
-                Err(libc::ENOTSUP)
-            }
-        }
+        (handler.run)(self, req)
+    }
+
+    fn device_reset(&mut self, req: Request<'_>) -> HandlerResult {
+        lock(self.function).reset();
+        self.reply(&req.header, &[], &[])
     }
 
     // ---- replies ---------------------------------------------------------

@@ -2,7 +2,6 @@
 
 use clap::Parser;
 use umdev::cli::{self, ServerArgs};
-use umdev::memory::GuestMemory;
 
 /// Serves an `edu` device (QEMU docs/specs/edu.rst) over vfio-user.
 #[derive(Parser, Debug)]
@@ -16,22 +15,8 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
-    cli::block_termination_signals();
-    cli::init_logging();
     let args = Args::parse();
-    let memory = GuestMemory::new(umdev::vfio_user::ServerConfig::default().max_dma_maps as usize);
-    let function = match umdev_edu::new_function(memory, args.dma_bits) {
-        Ok(f) => f,
-        Err(e) => {
-            tracing::error!("{e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match cli::run(&args.server, function) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    cli::serve_pci(&args.server, |memory| {
+        umdev_edu::new_function(memory, args.dma_bits)
+    })
 }
