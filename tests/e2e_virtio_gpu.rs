@@ -31,8 +31,7 @@ use common::e2e::{
     GuestOpts, Qmp,
 };
 
-#[path = "guest-driver/src/fb_pattern.rs"]
-mod fb_pattern;
+use umdev_test_patterns as fb_pattern;
 
 /// Kernel command line of the fb mode.
 const FB_APPEND: &str = "UMDEV_MODE=fb";

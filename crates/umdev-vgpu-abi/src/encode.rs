@@ -1,7 +1,5 @@
 //! Command encoders: the dwords of each command of SPEC.md "Command stream".
 //!
-//! Depends only on `super::regs` and std, so the guest driver
-//! (tests/guest-driver) includes this very file beside its copy of `regs.rs`.
 //! Addresses are GPU virtual addresses of the context; each encoder returns the
 //! whole command, header first.
 

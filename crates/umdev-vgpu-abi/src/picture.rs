@@ -3,8 +3,8 @@
 //! commands, and the framebuffer those operations must produce, computed here
 //! without the device.
 //!
-//! Plain Rust with no dependencies and no `crate::` paths: the guest driver,
-//! which is built on its own, includes this file with `#[path]`.
+//! The guest driver, which is built on its own, uses it from this crate as
+//! the host-side tests do.
 
 /// Framebuffer width in pixels.
 pub const WIDTH: u32 = 320;

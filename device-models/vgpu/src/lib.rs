@@ -9,9 +9,7 @@
 //! doorbell and TLB invalidation post a job to the engine thread.
 
 pub mod command;
-pub mod encode;
-pub mod picture;
-pub mod regs;
+pub use umdev_vgpu_abi::{encode, picture, regs};
 pub mod scanout;
 pub mod shadow;
 mod state;

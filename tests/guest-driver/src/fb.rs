@@ -25,8 +25,7 @@ use std::time::{Duration, Instant};
 
 use crate::{info, Report};
 
-#[path = "fb_pattern.rs"]
-pub mod pattern;
+pub use umdev_test_patterns as pattern;
 
 use pattern::MARKER;
 

@@ -25,22 +25,11 @@ use super::{
     compare, dma_pages, fnv1a, info, wait_until, Bar, DmaPage, PciConfig, Report, ID_REG, PAGE,
 };
 
-/// SPEC.md's register map and formats: the device crate's own constants.
-#[allow(dead_code)]
-#[path = "../../../device-models/vgpu/src/regs.rs"]
-mod regs;
-
-/// SPEC.md's command encoders: the device crate's own.
-#[allow(dead_code)]
-#[path = "../../../device-models/vgpu/src/encode.rs"]
-mod encode;
-use encode as cmd;
-
-/// The test picture: what to draw and what it must look like (shared with the
-/// host-side test that checks the scanout PNG).
-#[allow(dead_code)]
-#[path = "../../../device-models/vgpu/src/picture.rs"]
-mod picture;
+// SPEC.md's register map, formats, command encoders and the test picture
+// (what to draw and what it must look like, checked on the host against the
+// scanout PNG): the device's own, from its ABI crate.
+use umdev_vgpu_abi::encode as cmd;
+use umdev_vgpu_abi::{picture, regs};
 
 use regs::*;
 
