@@ -2,7 +2,7 @@
 //! every figure. No timing is checked (CI machines are noisy; the figures belong
 //! in docs/performance.md, not in assertions).
 
-mod common;
+use umdev_testkit as common;
 
 use std::process::Command;
 

@@ -27,11 +27,11 @@ use std::sync::OnceLock;
 use std::thread::sleep;
 use std::time::Duration;
 
-mod common;
 use common::e2e::{
     check_results, env, note, run_guest, signal, socket_path, test_dir, workspace_binary, Backend,
     Diag, Env, Guest, GuestOpts,
 };
+use umdev_testkit as common;
 
 /// The umdev-edu binary (`UMDEV_E2E_BACKEND`, or built) and its extra
 /// arguments (`UMDEV_E2E_BACKEND_ARGS`).

@@ -13,7 +13,7 @@
 //! scanout PNG, and on a mismatch the expected PNG); the logs are printed on
 //! failure.
 
-mod common;
+use umdev_testkit as common;
 
 use std::fs;
 

@@ -2,7 +2,7 @@
 //! guest kernel loads virtio_gpu (modules in the initramfs, see
 //! scripts/setup-e2e.sh) and the guest driver (`UMDEV_MODE=fb`,
 //! tests/guest-driver/src/fb.rs) draws the picture of
-//! `tests/guest-driver/src/fb_pattern.rs` on `/dev/fb0`. QEMU's own
+//! `umdev_test_patterns` on `/dev/fb0`. QEMU's own
 //! `screendump` (QMP, PNG; `-display none`) must then equal that picture
 //! pixel for pixel:
 //!
@@ -15,7 +15,7 @@
 //!   `UMDEV_E2E_VIRTIO_GPU_ARGS`; no scanout PNG check), e.g. QEMU's own
 //!   contrib/vhost-user-gpu, to check the harness and QEMU's side.
 //!
-//! Set-up, skipping and environment as tests/e2e_qemu.rs (tests/common/e2e.rs;
+//! Set-up, skipping and environment as tests/e2e_qemu.rs (umdev_testkit::e2e;
 //! `UMDEV_E2E=1` turns a missing set-up into a failure). Output goes to
 //! `target/e2e/tests/<test>/`: serial and QEMU logs, the backend's log, the
 //! screendump and scanout PNGs, and on a mismatch `expected.png`.
@@ -25,11 +25,11 @@ use std::path::{Path, PathBuf};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-mod common;
 use common::e2e::{
     check_results, env, note, socket_path, test_dir, workspace_binary, Backend, Diag, Env, Guest,
     GuestOpts, Qmp,
 };
+use umdev_testkit as common;
 
 use umdev_test_patterns as fb_pattern;
 

@@ -3,19 +3,7 @@
 //! hung a target) run through the same harness code that `cargo fuzz run`
 //! drives, plus the seeds as built from the wire structs. See docs/robustness.md.
 
-#[path = "../fuzz/src/pci_config.rs"]
-mod pci_config;
-#[path = "../fuzz/src/seeds.rs"]
-#[allow(dead_code)]
-mod seeds;
-#[path = "../fuzz/src/session.rs"]
-#[allow(dead_code)]
-mod session;
-#[path = "../fuzz/src/vgpu.rs"]
-#[allow(dead_code)]
-mod vgpu;
-#[path = "../fuzz/src/virtio_gpu.rs"]
-mod virtio_gpu;
+use umdev_fuzz_harness::{pci_config, seeds, session, vgpu, virtio_gpu};
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

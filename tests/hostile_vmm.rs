@@ -5,9 +5,8 @@
 //! attack the backend is alive, serves a fresh client correctly, keeps its fds
 //! and memory bounded, and ends on SIGTERM within 1 s.
 
-mod common;
-#[path = "soak_support/mod.rs"]
-mod soak_support;
+use umdev_testkit as common;
+use umdev_testkit::soak as soak_support;
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};

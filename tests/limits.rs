@@ -2,7 +2,7 @@
 //! for server-initiated DMA, a device-side fault), the stream stays in step, and
 //! nothing leaks. docs/robustness.md has the table.
 
-mod common;
+use umdev_testkit as common;
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};

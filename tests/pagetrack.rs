@@ -3,7 +3,7 @@
 //! memory (a memfd) and, per source, marking a shared dirty bitmap or letting its
 //! userfaultfd take write faults.
 
-mod common;
+use umdev_testkit as common;
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};

@@ -1,7 +1,7 @@
 //! `umdev-pagetrack-bench --quick` runs to the end and prints every figure (no
 //! timing is asserted: figures are read, not tested).
 
-mod common;
+use umdev_testkit as common;
 
 #[test]
 fn pagetrack_bench_quick_run() {

@@ -2,7 +2,7 @@
 //! sparse-mmapped BAR, PCI Express, Power Management and MSI-X, served in-process
 //! by `umdev::vfio_user::Server` on a real UNIX socket.
 
-mod common;
+use umdev_testkit as common;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;

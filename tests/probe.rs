@@ -1,6 +1,6 @@
 //! `umdev-probe` against the real `umdev-edu`.
 
-mod common;
+use umdev_testkit as common;
 
 use common::{workspace_bin, Backend};
 

@@ -2,7 +2,7 @@
 //! Hypervisor runs, against the real `umdev-edu` binary. It reads fixed-size
 //! replies and never looks at the error flag, so every exchange here must succeed.
 
-mod common;
+use umdev_testkit as common;
 
 use std::os::fd::AsRawFd;
 use std::time::Duration;

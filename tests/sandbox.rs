@@ -3,7 +3,7 @@
 //! outside the allow-list, and runs as an unprivileged user holding nothing but
 //! its socket, the client's memory fds and interrupt eventfds.
 
-mod common;
+use umdev_testkit as common;
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;

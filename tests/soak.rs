@@ -12,9 +12,8 @@
 //! Fixed seed and bounded in count and time: `UMDEV_SOAK_SEED`,
 //! `UMDEV_SOAK_CLIENTS` and `UMDEV_SOAK_SECS` change them for a longer local run.
 
-mod common;
-#[path = "soak_support/mod.rs"]
-mod soak_support;
+use umdev_testkit as common;
+use umdev_testkit::soak as soak_support;
 
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! The real `umdev-edu` binary driven over its UNIX socket by our client: every
 //! command, the error paths, DMA by fd and by message, reconnect, SIGTERM.
 
-mod common;
+use umdev_testkit as common;
 
 use std::os::fd::AsRawFd;
 use std::time::Duration;

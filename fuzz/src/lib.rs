@@ -1,10 +1,5 @@
-//! Harnesses of the umdev fuzz targets. They are plain functions over bytes, so
-//! the same code runs under libFuzzer (`cargo fuzz run <target>`, the binaries in
-//! `fuzz_targets/`) and as a replay of the corpora on stable Rust
-//! (`tests/fuzz_corpus.rs` in the root workspace). See `docs/robustness.md`.
+//! The fuzz targets' harnesses live in `crates/umdev-fuzz-harness` (shared
+//! with the stable replay in `tests/fuzz_corpus.rs`); this crate links them
+//! with libFuzzer.
 
-pub mod pci_config;
-pub mod seeds;
-pub mod session;
-pub mod vgpu;
-pub mod virtio_gpu;
+pub use umdev_fuzz_harness::*;

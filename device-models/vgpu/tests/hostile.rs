@@ -6,8 +6,7 @@
 //! SIGTERM within 1 s.
 
 mod driver;
-#[path = "../../../tests/soak_support/mod.rs"]
-mod soak_support;
+use umdev_testkit::soak as soak_support;
 
 use std::time::Duration;
 

@@ -22,8 +22,7 @@
 //! `UMDEV_SOAK_CLIENTS` and `UMDEV_SOAK_SECS` change them for a longer run.
 
 mod driver;
-#[path = "../../../tests/soak_support/mod.rs"]
-mod soak_support;
+use umdev_testkit::soak as soak_support;
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;

@@ -4,7 +4,7 @@
 //! (virtio_gpu and its dependencies, `load.list` gives the order; see
 //! scripts/setup-e2e.sh), waits for `/dev/fb0` (DRM fbdev emulation on the
 //! virtio-gpu), takes the framebuffer console off it so nothing else draws,
-//! writes the picture of `fb_pattern.rs` and makes the kernel send it to the
+//! writes the picture of `umdev-test-patterns` and makes the kernel send it to the
 //! device (TRANSFER_TO_HOST_2D + RESOURCE_FLUSH), then reports
 //! `PASS fb_pattern_written <W>x<H>`.
 //!

@@ -93,9 +93,7 @@ impl Options {
 
 // ---- process and temporary directory ---------------------------------------
 
-#[path = "../../../../tests/common/tempdir.rs"]
-mod tempdir;
-pub use tempdir::TempDir;
+pub use umdev_testkit::TempDir;
 
 /// The `umdev-vgpu` process; killed on drop, its log printed if a test panics.
 pub struct Backend {

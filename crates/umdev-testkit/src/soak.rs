@@ -1,9 +1,7 @@
-//! What the soak tests share (`tests/soak.rs` against `umdev-edu`,
-//! `device-models/vgpu/tests/soak.rs` against `umdev-vgpu`), included by both
-//! with `#[path = ...] mod soak_support;`: the random source, the backend's fd
+//! What the soak tests share (the edu soak, `device-models/vgpu/tests/soak.rs`
+//! against `umdev-vgpu`) and the hostile-VMM tests: the random source, the backend's fd
 //! and resident-memory measurement, the run's size from the environment, the
 //! malformed vfio-user messages and the ways a client leaves mid-message.
-#![allow(dead_code)]
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -16,7 +14,9 @@ use umdev::vfio_user::Client;
 /// splitmix64: small, fixed, good enough to pick actions.
 pub struct Rng(pub u64);
 
+
 impl Rng {
+    #[allow(clippy::should_implement_trait)] // an endless stream, not an iterator
     pub fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;

@@ -1,8 +1,10 @@
-//! Shared test harness: start real device binaries on real sockets, share real
-//! memfd guest memory.
-#![allow(dead_code)]
+//! What umdev's tests share (one unpublished crate instead of copies and
+//! `#[path]` includes): start real device binaries on real sockets, share
+//! real memfd guest memory, serve in process, wait, boot QEMU guests
+//! ([`e2e`]), soak and attack ([`soak`]).
 
 pub mod e2e;
+pub mod soak;
 mod tempdir;
 
 pub use tempdir::TempDir;

@@ -1,11 +1,17 @@
 //! A temporary directory removed on drop, for the integration tests of every
-//! crate of the workspace (included by path where `tests/common` is not).
+//! crate of the workspace.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A directory removed on drop.
 pub struct TempDir(PathBuf);
+
+impl Default for TempDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl TempDir {
     pub fn new() -> TempDir {

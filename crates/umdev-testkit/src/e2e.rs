@@ -64,7 +64,8 @@ pub fn env(test: &str) -> Option<&'static Env> {
 }
 
 fn make_env() -> Result<Option<Env>, String> {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    // This crate lives in crates/umdev-testkit of the repository.
+    let repo = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
     let cache = match std::env::var_os("UMDEV_CACHE") {
         Some(c) => PathBuf::from(c),
         None => {
