@@ -8,18 +8,19 @@
 //! which pops each chain and calls [`VirtioDevice::handle_request`].
 
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::GpuBackend;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
 use virtio_bindings::virtio_config::{
     VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_RING_RESET, VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::{QueueOwnedT, Reader, Writer};
+use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -27,7 +28,9 @@ use vmm_sys_util::event::{
 };
 
 use super::device::VirtioDevice;
-use super::dirty_log::{set_logging, LogBitmap, VhostMemoryAtomic};
+use super::dirty_log::{first_log_loss, set_logging, LogBitmap, VhostMemoryAtomic};
+use super::guarded_memory::GuardedMemory;
+use super::vring::Vring;
 
 /// Bit of `VHOST_F_LOG_ALL` in the feature word.
 pub const VHOST_F_LOG_ALL: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
@@ -51,6 +54,10 @@ pub struct BackendStats {
     /// Descriptor chains that could not be read (addresses outside guest
     /// memory, overflowing lengths): consumed with used length 0.
     pub bad_chains: AtomicU64,
+    /// Memory tables the front-end took memory of away (SIGBUS).
+    pub memory_lost: AtomicU64,
+    /// Requests dropped because their memory went away under them.
+    pub dropped: AtomicU64,
 }
 
 /// The `VhostUserBackend` of one front-end connection.
@@ -62,6 +69,11 @@ pub struct DeviceBackend<D: VirtioDevice> {
     stats: Arc<BackendStats>,
     /// Where each queue's next pass should start: where the last one ended.
     ring_positions: Mutex<Vec<Option<u16>>>,
+    /// The memory table as last checked and guarded (`update_memory`).
+    guarded: Mutex<Arc<GuardedMemory>>,
+    /// The consumer ends of the vring threads' exit events, as the crate got
+    /// them, each with a duplicate of our own (see [`Drop`]).
+    exit_consumers: Mutex<Vec<(RawFd, OwnedFd)>>,
 }
 
 impl<D: VirtioDevice> DeviceBackend<D> {
@@ -75,7 +87,28 @@ impl<D: VirtioDevice> DeviceBackend<D> {
             log_all: AtomicBool::new(false),
             stats,
             ring_positions: Mutex::new(Vec::new()),
+            guarded: Mutex::new(Arc::new(GuardedMemory::empty())),
+            exit_consumers: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Keeps a duplicate of an exit event's consumer end, to close the one
+    /// the crate leaks when the backend goes.
+    fn note_exit_consumer(&self, consumer: &EventConsumer) {
+        let raw = consumer.as_raw_fd();
+        // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor for an eventfd we just
+        // made; the OwnedFd takes it.
+        let dup = unsafe { libc::fcntl(raw, libc::F_DUPFD_CLOEXEC, 3) };
+        if dup < 0 {
+            debug!("exit event: {}", io::Error::last_os_error());
+            return;
+        }
+        // SAFETY: `dup` is a new descriptor nothing else owns.
+        let dup = unsafe { OwnedFd::from_raw_fd(dup) };
+        self.exit_consumers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((raw, dup));
     }
 
     /// Empty guest memory to start a connection with.
@@ -119,12 +152,55 @@ impl<D: VirtioDevice> DeviceBackend<D> {
         }
     }
 
-    fn process_queue(&self, index: u16, vring: &VringRwLock<VhostMemoryAtomic>) -> io::Result<()> {
-        let mem = self.mem.memory();
+    /// The memory table the glue checked last.
+    fn guarded(&self) -> Arc<GuardedMemory> {
+        self.guarded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Whether the queues must not touch `table`: refused at `update_memory`
+    /// (logged there), or taken away by the front-end since (logged here,
+    /// once per table).
+    fn unusable(&self, table: &GuardedMemory) -> bool {
+        if table.refused().is_some() {
+            return true;
+        }
+        if !table.lost() {
+            return false;
+        }
+        if table.first_report() {
+            self.stats.memory_lost.fetch_add(1, Ordering::Relaxed);
+            error!(
+                regions = ?table.lost_regions(),
+                "the front-end took guest memory away (SIGBUS): the region now reads as \
+                 zeroes; {} stops processing its queues until the front-end sends a new \
+                 memory table or reconnects",
+                self.device.name()
+            );
+        }
+        true
+    }
+
+    fn process_queue(&self, index: u16, vring: &Vring) -> io::Result<()> {
+        // Every access below goes through this snapshot, whose mappings are
+        // guarded; the crate may already hold a newer table that the glue has
+        // not checked yet (it installs it before calling `update_memory`).
+        let table = self.guarded();
+        if self.unusable(&table) {
+            return Ok(());
+        }
+        let mem = table.memory();
         self.note_ring_start(index, vring.queue_next_avail());
         loop {
-            if self.event_idx.load(Ordering::Relaxed) {
-                vring.disable_notification().map_err(io::Error::other)?;
+            let event_idx = self.event_idx.load(Ordering::Relaxed);
+            if event_idx {
+                vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .disable_notification(&**mem)
+                    .map_err(io::Error::other)?;
             }
             let chains: Vec<_> = vring
                 .get_mut()
@@ -133,15 +209,18 @@ impl<D: VirtioDevice> DeviceBackend<D> {
                 .map_err(io::Error::other)?
                 .collect();
             for chain in chains {
+                if self.unusable(&table) {
+                    return Ok(());
+                }
                 let head = chain.head_index();
                 let used_len = match (
-                    Reader::<LogBitmap>::new(&*mem, chain.clone()),
-                    Writer::<LogBitmap>::new(&*mem, chain),
+                    Reader::<LogBitmap>::new(&**mem, chain.clone()),
+                    Writer::<LogBitmap>::new(&**mem, chain),
                 ) {
                     (Ok(mut reader), Ok(mut writer)) => {
                         self.stats.requests.fetch_add(1, Ordering::Relaxed);
                         self.device
-                            .handle_request(index, &mem, &mut reader, &mut writer)
+                            .handle_request(index, mem, &mut reader, &mut writer)
                     }
                     (Err(e), _) | (_, Err(e)) => {
                         self.stats.bad_chains.fetch_add(1, Ordering::Relaxed);
@@ -149,14 +228,43 @@ impl<D: VirtioDevice> DeviceBackend<D> {
                         0
                     }
                 };
-                vring.add_used(head, used_len).map_err(io::Error::other)?;
+                // A request that met lost memory read zeroes and wrote into
+                // pages nobody shares any more: dropped, not answered.
+                if self.unusable(&table) {
+                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .add_used(&**mem, head, used_len)
+                    .map_err(io::Error::other)?;
             }
             self.note_ring_end(index, vring.queue_next_avail());
-            if vring.needs_notification().map_err(io::Error::other)? {
+            if first_log_loss(mem) {
+                error!(
+                    "the front-end took the dirty log away (SIGBUS): pages {} writes are not \
+                     logged any more, so a migration in progress will miss them",
+                    self.device.name()
+                );
+            }
+            let notify = vring
+                .get_mut()
+                .get_queue_mut()
+                .needs_notification(&**mem)
+                .map_err(io::Error::other)?;
+            if self.unusable(&table) {
+                return Ok(());
+            }
+            if notify {
                 vring.signal_used_queue()?;
             }
-            if !self.event_idx.load(Ordering::Relaxed)
-                || !vring.enable_notification().map_err(io::Error::other)?
+            if !event_idx
+                || !vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .enable_notification(&**mem)
+                    .map_err(io::Error::other)?
             {
                 return Ok(());
             }
@@ -166,7 +274,7 @@ impl<D: VirtioDevice> DeviceBackend<D> {
 
 impl<D: VirtioDevice> VhostUserBackend for DeviceBackend<D> {
     type Bitmap = LogBitmap;
-    type Vring = VringRwLock<VhostMemoryAtomic>;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         self.device.num_queues()
@@ -222,9 +330,25 @@ impl<D: VirtioDevice> VhostUserBackend for DeviceBackend<D> {
         self.device.write_config(offset, buf)
     }
 
+    /// Guards and checks the table the crate just installed (see
+    /// [`super::guarded_memory`]); a refused table is not used by the queues
+    /// until one that passes replaces it.
     fn update_memory(&self, mem: VhostMemoryAtomic) -> io::Result<()> {
-        set_logging(&mem.memory(), self.log_all.load(Ordering::Acquire));
-        Ok(())
+        let snapshot = mem.memory().into_inner();
+        set_logging(&snapshot, self.log_all.load(Ordering::Acquire));
+        let mut current = self.guarded.lock().unwrap_or_else(|p| p.into_inner());
+        let table = Arc::new(GuardedMemory::new(snapshot, &current));
+        let refused = table.refused().map(|e| e.to_string());
+        *current = table;
+        drop(current);
+        match refused {
+            None => Ok(()),
+            Some(reason) => {
+                // The crate replies with an error and ends the connection.
+                warn!("memory table refused: {reason}; the queues do not touch it");
+                Err(io::Error::new(io::ErrorKind::InvalidInput, reason))
+            }
+        }
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -232,7 +356,10 @@ impl<D: VirtioDevice> VhostUserBackend for DeviceBackend<D> {
         // epoll loop, and dropping the daemon after a front-end leaves (to
         // serve the next one) would wait for them forever.
         match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
-            Ok(pair) => Some(pair),
+            Ok(pair) => {
+                self.note_exit_consumer(&pair.0);
+                Some(pair)
+            }
             Err(e) => {
                 warn!("exit event for a vring thread: {e}");
                 None
@@ -268,6 +395,47 @@ impl<D: VirtioDevice> VhostUserBackend for DeviceBackend<D> {
             );
         }
         Ok(())
+    }
+}
+
+/// Closes the exit events' consumer ends that the crate leaks: it registers
+/// each with its epoll through `into_raw_fd` and never closes it
+/// (vhost-user-backend 0.24, `VringEpollHandler::new`), one fd per vring thread
+/// per front-end, until a front-end reconnecting in a loop fills the fd
+/// table. The backend goes after the crate's vring threads and their epoll
+/// (they hold it), so nothing uses those fds any more. Each is closed only if
+/// it is still the eventfd we made — a marker written through our duplicate
+/// is read back through it — so a crate that closes them itself one day is
+/// not answered with a double close.
+impl<D: VirtioDevice> Drop for DeviceBackend<D> {
+    fn drop(&mut self) {
+        const MARKER: u64 = 0x756d_6465_7600_0001;
+        let consumers = std::mem::take(
+            self.exit_consumers
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for (raw, ours) in consumers {
+            let mut value = 0u64;
+            // SAFETY: 8-byte reads and writes of local u64s on eventfds: ours
+            // (owned, non-blocking like the crate's end: one open file), and
+            // the number the crate was given, which is closed only once it is
+            // shown to be that same eventfd.
+            unsafe {
+                libc::read(ours.as_raw_fd(), (&mut value as *mut u64).cast(), 8);
+                libc::write(ours.as_raw_fd(), (&MARKER as *const u64).cast(), 8);
+                let n = libc::read(raw, (&mut value as *mut u64).cast(), 8);
+                if n == 8 && value == MARKER {
+                    libc::close(raw);
+                } else {
+                    if n == 8 {
+                        // Someone else's eventfd: its count goes back.
+                        libc::write(raw, (&value as *const u64).cast(), 8);
+                    }
+                    libc::read(ours.as_raw_fd(), (&mut value as *mut u64).cast(), 8);
+                }
+            }
+        }
     }
 }
 

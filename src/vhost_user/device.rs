@@ -52,6 +52,12 @@ pub trait VirtioDevice: Send + Sync + 'static {
     /// the reply to `reply`, and returns the number of bytes written (the used
     /// length). A malformed request must still be answered (with the device's
     /// error status) or consumed with length 0; it must never panic.
+    ///
+    /// `mem` (and what `request` and `reply` reach) is the front-end's memory:
+    /// if the front-end takes it away meanwhile (truncates the file under the
+    /// mapping), reads return zeroes and writes go nowhere instead of killing
+    /// the process, and the glue drops the request afterwards and stops the
+    /// queues (`guarded_memory`). A model only needs to survive zeroes.
     fn handle_request(
         &self,
         queue: u16,

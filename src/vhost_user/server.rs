@@ -6,7 +6,8 @@
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
 
 use tracing::{error, info, warn};
 use vhost::vhost_user::Listener;
@@ -49,8 +50,11 @@ pub enum VhostUserRunError {
 /// System calls a vhost-user backend makes beyond [`crate::sandbox::ALLOWED`]:
 /// the crate's vring threads wait on epoll.
 pub const VHOST_USER_SYSCALLS: &[libc::c_long] = &[
-    // The vhost crate checks each new connection's socket options.
+    // The vhost crate checks each new connection's socket options (and
+    // `gpu_socket::adopt` those of the display channel it looks for).
     libc::SYS_getsockopt,
+    // `gpu_socket::adopt`: the display channel is the unnamed socket.
+    libc::SYS_getsockname,
     libc::SYS_epoll_create1,
     libc::SYS_epoll_ctl,
     libc::SYS_epoll_pwait,
@@ -145,6 +149,8 @@ fn serve_connections<D: VirtioDevice>(
         info!(
             requests = stats.requests.load(Ordering::Relaxed),
             bad_chains = stats.bad_chains.load(Ordering::Relaxed),
+            memory_lost = stats.memory_lost.load(Ordering::Relaxed),
+            dropped = stats.dropped.load(Ordering::Relaxed),
             "device reset for the next front-end"
         );
         if once {
@@ -154,19 +160,38 @@ fn serve_connections<D: VirtioDevice>(
     Ok(())
 }
 
+/// How long a termination signal waits for the orderly stop (the front-end
+/// connection shut down, the vring threads joined, the model reset) before the
+/// process exits anyway: a front-end can keep a vring thread busy for up to
+/// a second (a display channel it does not read, see the virtio-gpu model),
+/// and SIGTERM must end the process within one.
+pub const STOP_GRACE: Duration = Duration::from_millis(500);
+
 /// Serves `device` as the arguments say until a termination signal (call
-/// [`crate::cli::block_termination_signals`] first in `main`).
+/// [`crate::cli::block_termination_signals`] first in `main`). The process
+/// ends within [`STOP_GRACE`] of the signal, whatever the front-end does.
 pub fn run<D: VirtioDevice>(args: &VhostUserArgs, device: Arc<D>) -> Result<(), VhostUserRunError> {
     let stop = StopHandle::default();
     let signal_stop = stop.clone();
+    let (done, stopped) = mpsc::channel::<()>();
+    let socket_path = args.socket_path.clone();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             let sig = crate::cli::wait_for_termination_signal();
             info!(sig, "termination signal: stopping");
             signal_stop.stop();
+            if let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(STOP_GRACE) {
+                error!(
+                    "the connection did not stop within {STOP_GRACE:?} of the termination \
+                     signal; exiting now"
+                );
+                let _ = std::fs::remove_file(&socket_path);
+                std::process::exit(0);
+            }
         })
         .map_err(VhostUserRunError::Signals)?;
+    super::gpu_socket::prepare();
 
     let listener =
         Listener::new(&args.socket_path, true).map_err(|source| VhostUserRunError::Bind {
@@ -181,5 +206,6 @@ pub fn run<D: VirtioDevice>(args: &VhostUserArgs, device: Arc<D>) -> Result<(), 
         error!("{e}");
     }
     let _ = std::fs::remove_file(&args.socket_path);
+    drop(done);
     result
 }

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use umdev::vhost_user::{
     backend::EVENT_IDX_FEATURE, RequestReader, RequestWriter, VhostMemory, VirtioDevice,
 };
@@ -584,8 +584,21 @@ impl VirtioDevice for VirtioGpu {
     }
 
     fn set_gpu_socket(&self, gpu: GpuBackend) -> std::io::Result<()> {
-        info!("display channel from the front-end");
-        self.set_display(Box::new(FrontendDisplay::new(gpu)));
-        Ok(())
+        // The previous display goes first: its socket must not be taken for
+        // the new one (`gpu_socket::adopt` looks for the only display socket).
+        *self.display.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        match umdev::vhost_user::gpu_socket::adopt(gpu) {
+            Ok(sock) => {
+                info!("display channel from the front-end");
+                self.set_display(Box::new(FrontendDisplay::new(sock)));
+                Ok(())
+            }
+            Err(e) => {
+                // Not an error reply: the crate ends the connection at the
+                // first one, and the device works without a display.
+                error!("display channel refused: {e}; the device goes without a display");
+                Ok(())
+            }
+        }
     }
 }

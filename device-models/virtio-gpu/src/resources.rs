@@ -1,6 +1,12 @@
 //! 2D resources: host-side pixel storage, the guest pages that back them, and
 //! TRANSFER_TO_HOST_2D between the two. Every size and offset the guest gives
 //! is checked here, with sums taken in u64.
+//!
+//! Backing is read through the memory of the request being handled, never
+//! through pointers kept from an earlier one. If the front-end takes that
+//! memory away during a transfer, the reads return zeroes (the SIGBUS guard)
+//! and the glue drops the request afterwards (`guarded_memory` in
+//! `umdev::vhost_user`): at worst a resource holds zeroes nobody will see.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 

@@ -107,6 +107,7 @@ fn default_mode_and_own_edid_without_a_display() {
         Options {
             display_mode: None,
             event_idx: false,
+            ..Options::default()
         },
     );
     let r = gpu.control(&req::cmd(0x0100, &[]), 408);

@@ -258,7 +258,8 @@ pub struct Gpu {
     pub frontend: Frontend,
     raw: UnixStream,
     pub mem: GuestMemoryMmap,
-    mem_file: std::fs::File,
+    /// The guest memory's memfd (tests truncate it).
+    pub mem_file: std::fs::File,
     rings: Vec<Ring>,
     scratch: u64,
     pub features: u64,
@@ -299,6 +300,9 @@ impl LogArea {
 pub struct Options {
     pub display_mode: Option<(u32, u32)>,
     pub event_idx: bool,
+    /// Guest memory in a memfd made without `MFD_ALLOW_SEALING`, which the
+    /// backend cannot seal against shrinking (QEMU's `seal=off`).
+    pub unsealable_memory: bool,
 }
 
 impl Default for Options {
@@ -306,15 +310,34 @@ impl Default for Options {
         Options {
             display_mode: Some((640, 480)),
             event_idx: true,
+            unsealable_memory: false,
         }
     }
+}
+
+/// A vhost-user connection past SET_OWNER, feature and protocol-feature
+/// negotiation, before any memory: for tests that send their own tables.
+pub fn connect_bare(socket: &Path) -> Frontend {
+    let raw = UnixStream::connect(socket).unwrap();
+    let mut f = Frontend::from_stream(raw, 2);
+    f.set_owner().unwrap();
+    let features = f.get_features().unwrap();
+    let proto = f.get_protocol_features().unwrap();
+    f.set_protocol_features(proto).unwrap();
+    f.set_features(features & !VhostUserVirtioFeatures::LOG_ALL.bits())
+        .unwrap();
+    f
 }
 
 impl Gpu {
     pub fn connect(socket: &Path, opts: Options) -> Gpu {
         let raw = UnixStream::connect(socket).unwrap();
         let frontend = Frontend::from_stream(raw.try_clone().unwrap(), 2);
-        let mem_file = umdev::memory::memfd("guest-ram", MEM_SIZE).unwrap();
+        let mem_file = if opts.unsealable_memory {
+            umdev::memory::memfd_with("guest-ram", MEM_SIZE, 0).unwrap()
+        } else {
+            umdev::memory::memfd("guest-ram", MEM_SIZE).unwrap()
+        };
         let region = MmapRegion::from_file(
             FileOffset::new(mem_file.try_clone().unwrap(), 0),
             MEM_SIZE as usize,
@@ -560,8 +583,8 @@ impl Gpu {
         self.publish(q, head as u16)
     }
 
-    /// Makes `head` available on queue `q` and waits until it is used.
-    pub fn publish(&mut self, q: usize, head: u16) -> u32 {
+    /// Makes `head` available on queue `q` and kicks, without waiting.
+    pub fn publish_nowait(&mut self, q: usize, head: u16) {
         let ring = &mut self.rings[q];
         let slot = ring.avail + 4 + 2 * (ring.next_avail % QUEUE_SIZE) as u64;
         self.mem.write_obj(head, GuestAddress(slot)).unwrap();
@@ -571,6 +594,63 @@ impl Gpu {
             .write_obj(ring.next_avail, GuestAddress(ring.avail + 2))
             .unwrap();
         ring.kick.write(1).unwrap();
+    }
+
+    /// Kicks queue `q` without touching guest memory (which may be gone).
+    pub fn kick(&self, q: usize) {
+        self.rings[q].kick.write(1).unwrap();
+    }
+
+    /// The used index of queue `q` as the device last wrote it.
+    pub fn used_idx(&self, q: usize) -> u16 {
+        self.mem
+            .read_obj(GuestAddress(self.rings[q].used + 2))
+            .unwrap()
+    }
+
+    /// Places descriptors as one chain (as [`submit_raw`](Self::submit_raw))
+    /// and kicks, without waiting for it to be used.
+    pub fn submit_raw_nowait(&mut self, q: usize, descs: &[(u64, u32, u16)]) {
+        let ring = &self.rings[q];
+        for (i, &(addr, len, flags)) in descs.iter().enumerate() {
+            let d = ring.desc + i as u64 * 16;
+            let next = if i + 1 < descs.len() {
+                VRING_DESC_F_NEXT
+            } else {
+                0
+            };
+            self.mem.write_obj(addr, GuestAddress(d)).unwrap();
+            self.mem.write_obj(len, GuestAddress(d + 8)).unwrap();
+            self.mem
+                .write_obj(flags | next, GuestAddress(d + 12))
+                .unwrap();
+            self.mem
+                .write_obj(i as u16 + 1, GuestAddress(d + 14))
+                .unwrap();
+        }
+        self.publish_nowait(q, 0);
+    }
+
+    /// Writes a request and a `resp_len`-byte response buffer in the scratch
+    /// area and submits them on the control queue without waiting.
+    pub fn control_nowait(&mut self, request: &[u8], resp_len: u32) {
+        self.scratch = SCRATCH;
+        let req_at = self.alloc(request.len());
+        self.mem.write_slice(request, GuestAddress(req_at)).unwrap();
+        let resp_at = self.alloc(resp_len as usize);
+        self.submit_raw_nowait(
+            0,
+            &[
+                (req_at, request.len() as u32, 0),
+                (resp_at, resp_len, VRING_DESC_F_WRITE),
+            ],
+        );
+    }
+
+    /// Makes `head` available on queue `q` and waits until it is used.
+    pub fn publish(&mut self, q: usize, head: u16) -> u32 {
+        self.publish_nowait(q, head);
+        let ring = &mut self.rings[q];
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let used_idx: u16 = self.mem.read_obj(GuestAddress(ring.used + 2)).unwrap();
