@@ -2,7 +2,7 @@
 //! function of the pixel position only, so any resolution has one right
 //! answer. Shared, unchanged, by the guest driver (`src/fb.rs`) and the host
 //! test that compares QEMU's screendump and umdev's scanout PNG with it
-//! (`tests/e2e_virtio_gpu.rs`): defined once, here.
+//! (`device-models/virtio-gpu/tests/e2e.rs`): defined once, here.
 //!
 //! Top band: eight colour bars; middle band: a gradient whose every pixel in a
 //! 256x256 tile differs (catches stride, offset and channel-order mistakes);

@@ -14,7 +14,6 @@ use umdev::vfio_user::Client;
 /// splitmix64: small, fixed, good enough to pick actions.
 pub struct Rng(pub u64);
 
-
 impl Rng {
     #[allow(clippy::should_implement_trait)] // an endless stream, not an iterator
     pub fn next(&mut self) -> u64 {

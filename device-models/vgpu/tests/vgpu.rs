@@ -1376,7 +1376,7 @@ fn guest_memory_unmapped_under_the_device() {
     assert_eq!(gpu.ram.read_u32(x), 3);
 }
 
-/// Found by the soak (tests/soak.rs): a leaf, or a link to a lower table,
+/// Found by the soak (device-models/vgpu/tests/soak.rs): a leaf, or a link to a lower table,
 /// validated while the memory it points at was unmapped was kept as
 /// BAD_TARGET / BAD_TABLE after the memory came back, so a submission with
 /// all of its memory mapped faulted until the guest rewrote the entry.

@@ -218,7 +218,7 @@ fn backend_killed_mid_run() {
 /// (`util/error.c:62: error_setv: Assertion '*errp == NULL' failed`, from
 /// error_setg_errno on an Error that the failed read already set). Not a
 /// umdev bug and not avoidable by a server that is killed; kept as a
-/// reproduction: `cargo test --test e2e_qemu -- --ignored`.
+/// reproduction: `cargo test -p umdev-edu --test e2e_qemu -- --ignored`.
 #[test]
 #[ignore = "QEMU 11.1.3 aborts when a vfio-user server dies with a request unread"]
 fn backend_killed_mid_request() {

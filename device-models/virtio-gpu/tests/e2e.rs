@@ -15,7 +15,7 @@
 //!   `UMDEV_E2E_VIRTIO_GPU_ARGS`; no scanout PNG check), e.g. QEMU's own
 //!   contrib/vhost-user-gpu, to check the harness and QEMU's side.
 //!
-//! Set-up, skipping and environment as tests/e2e_qemu.rs (umdev_testkit::e2e;
+//! Set-up, skipping and environment as device-models/edu/tests/e2e_qemu.rs (umdev_testkit::e2e;
 //! `UMDEV_E2E=1` turns a missing set-up into a failure). Output goes to
 //! `target/e2e/tests/<test>/`: serial and QEMU logs, the backend's log, the
 //! screendump and scanout PNGs, and on a mismatch `expected.png`.
