@@ -3,7 +3,7 @@
 //! hung a target) run through the same harness code that `cargo fuzz run`
 //! drives, plus the seeds as built from the wire structs. See docs/robustness.md.
 
-use umdev_fuzz_harness::{pci_config, seeds, session, vgpu, virtio_gpu};
+use umdev_fuzz_harness::{device_state, pci_config, seeds, session, vgpu, virtio_gpu};
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -146,6 +146,20 @@ fn vgpu_seeds_reach_what_they_are_for() {
 }
 
 #[test]
+fn device_state_corpus() {
+    replay("device_state", 4, Duration::from_secs(5), device_state::run);
+}
+
+/// Each seed is a valid blob of its model: it restores.
+#[test]
+fn device_state_seeds_restore() {
+    for (name, input) in device_state::seeds() {
+        device_state::run(&input);
+        let _ = name;
+    }
+}
+
+#[test]
 fn seeds_as_built_are_valid_sessions() {
     // A fully valid structured seed is read to its end and answered.
     for (name, records) in seeds::message_seeds() {
@@ -173,6 +187,7 @@ fn committed_seeds_match_the_builders() {
         ("pci_config", seeds::pci_config_seeds()),
         ("vgpu_page_tables", seeds::vgpu_page_table_seeds()),
         ("vgpu_audit", seeds::vgpu_audit_seeds()),
+        ("device_state", device_state::seeds()),
     ];
     for (target, list) in sets {
         for (name, bytes) in list {

@@ -70,6 +70,18 @@ pub trait VirtioDevice: Send + Sync + 'static {
     /// the front-end went away.
     fn reset(&self);
 
+    /// The model's state, for migration (a versioned blob in the
+    /// `umdev::state` layout; virtqueue positions are the front-end's).
+    fn save(&self) -> Result<Vec<u8>, crate::state::StateError> {
+        Err(crate::state::StateError::Unsupported)
+    }
+
+    /// Takes the state [`save`](Self::save) made; a bad blob is an error and
+    /// changes nothing.
+    fn restore(&self, _blob: &[u8]) -> Result<(), crate::state::StateError> {
+        Err(crate::state::StateError::Unsupported)
+    }
+
     /// The vhost-user-gpu display channel (`VHOST_USER_GPU_SET_SOCKET`); only GPU
     /// models take it.
     fn set_gpu_socket(&self, _gpu: GpuBackend) -> io::Result<()> {

@@ -3,6 +3,7 @@
 //! `fuzz/fuzz_targets/`) and as a replay of the corpora on stable Rust
 //! (`tests/fuzz_corpus.rs` in the root workspace). See `docs/robustness.md`.
 
+pub mod device_state;
 pub mod pci_config;
 pub mod seeds;
 pub mod session;

@@ -12,6 +12,7 @@ pub mod display;
 pub mod edid;
 pub mod protocol;
 pub mod resources;
+mod state;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -571,6 +572,14 @@ impl VirtioDevice for VirtioGpu {
                 0
             }
         }
+    }
+
+    fn save(&self) -> Result<Vec<u8>, umdev::state::StateError> {
+        Ok(state::save(self))
+    }
+
+    fn restore(&self, blob: &[u8]) -> Result<(), umdev::state::StateError> {
+        state::restore(self, blob)
     }
 
     fn reset(&self) {

@@ -149,6 +149,26 @@ impl Backing {
         })
     }
 
+    /// A backing restored from a snapshot: not checked against guest memory
+    /// here (there may be none yet); every transfer checks its entries.
+    pub fn unchecked(entries: Vec<MemEntry>) -> Backing {
+        let mut starts = Vec::with_capacity(entries.len());
+        let mut len = 0u64;
+        for e in &entries {
+            starts.push(len);
+            len += u64::from(e.length);
+        }
+        Backing {
+            entries,
+            starts,
+            len,
+        }
+    }
+
+    pub fn entries(&self) -> &[MemEntry] {
+        &self.entries
+    }
+
     pub fn len(&self) -> u64 {
         self.len
     }
