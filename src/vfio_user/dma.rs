@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
-use super::socket::MessageWriter;
+use super::transport::Transport;
 use super::wire::{Command, DmaLayout, Header, FLAGS_TYPE_COMMAND, HEADER_SIZE};
 use crate::memory::{DmaMessageError, DmaTransport, MemoryError};
 
@@ -200,7 +200,7 @@ impl PendingInner {
 
 /// [`DmaTransport`] over one client connection.
 pub struct DmaLink {
-    writer: Arc<MessageWriter>,
+    writer: Arc<dyn Transport>,
     pending: Arc<PendingRequests>,
     max_xfer: usize,
     timeout: Duration,
@@ -209,7 +209,7 @@ pub struct DmaLink {
 
 impl DmaLink {
     pub fn new(
-        writer: Arc<MessageWriter>,
+        writer: Arc<dyn Transport>,
         pending: Arc<PendingRequests>,
         max_xfer: usize,
         timeout: Duration,
@@ -377,7 +377,7 @@ pub(super) fn link_for_tests(
     let (server, client) = std::os::unix::net::UnixStream::pair().unwrap();
     let pending = Arc::new(PendingRequests::default());
     let link = DmaLink::new(
-        Arc::new(MessageWriter::new(server)),
+        Arc::new(super::socket::MessageWriter::new(server)),
         pending.clone(),
         max_xfer,
         timeout,

@@ -8,7 +8,9 @@ pub mod errno;
 pub mod pci_map;
 pub mod server;
 pub mod socket;
+pub mod transport;
 pub mod wire;
 
 pub use client::Client;
-pub use server::{Server, ServerConfig, StopHandle};
+pub use server::{Server, ServerConfig, Session, StopHandle};
+pub use transport::{MemoryTransport, Transport};

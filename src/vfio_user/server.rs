@@ -1,9 +1,15 @@
 //! The vfio-user server: accepts one client at a time on a UNIX socket and serves
 //! its commands against a [`PciFunction`].
 //!
+//! Two layers: [`Session`], the protocol core, takes one received message at a
+//! time ([`Session::handle`]) and sends what it has to say through a
+//! [`Transport`]; it does no I/O of its own, so tests and the fuzz harness
+//! drive it with messages in memory. [`Server`] owns the socket: it accepts,
+//! reads messages with [`MessageReader`] and hands them to the session.
+//!
 //! A guest MMIO write travels: [`MessageReader::read_message`] (socket) ->
-//! [`Session::dispatch`] -> [`Session::region_write`] -> [`PciFunction::region_write`]
-//! -> the model's `bar_write`.
+//! [`Session::handle`] (dispatch through the handler table) ->
+//! [`PciFunction::region_write`] -> the model's `bar_write`.
 //!
 //! The session thread is the only reader of the socket. Server-initiated DMA
 //! requests are written by whichever thread needs them (see [`dma`](super::dma)),
@@ -26,6 +32,7 @@ use super::dma::{DmaLink, PendingRequests};
 use super::errno::Errno;
 use super::pci_map::{self, irq_info_flags, irq_kind_of, region_of};
 use super::socket::{FrameError, MessageReader, MessageWriter, Received, MAX_FDS_PER_MESSAGE};
+use super::transport::Transport;
 use super::wire::*;
 use crate::memory::{DmaDirection, DmaQueue, DmaRegion, GuestMemory, MemoryError};
 use crate::pagetrack::{DirtyBitmap, SourceKind, UffdRegistration};
@@ -57,7 +64,7 @@ impl Default for ServerConfig {
 }
 
 /// Bytes of message metadata allowed beyond `max_data_xfer_size`.
-const MESSAGE_OVERHEAD: usize = 4096;
+pub const MESSAGE_OVERHEAD: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -187,7 +194,7 @@ impl Server {
         // Registered for StopHandle::stop until the session is over (`stream`
         // stays open as long as the reader, which outlives the registration).
         let stream_fd = stream.as_raw_fd();
-        let reader = MessageReader::new(
+        let mut reader = MessageReader::new(
             stream,
             self.config.max_data_xfer_size as usize + MESSAGE_OVERHEAD,
         );
@@ -198,39 +205,20 @@ impl Server {
         if self.stop.is_stopped() {
             writer.shutdown();
         }
-        let pending = Arc::new(PendingRequests::default());
-        let (memory, dma_queue) = {
-            let function = lock(&self.function);
-            (function.memory().clone(), function.dma_queue().clone())
+        let mut session = Session::new(&self.function, &self.config, writer);
+        let result = loop {
+            match reader.read_message() {
+                Ok(msg) => {
+                    if let Err(e) = session.handle(msg) {
+                        break Err(e);
+                    }
+                }
+                Err(FrameError::Closed) => break Ok(()),
+                Err(e) => break Err(e.into()),
+            }
         };
-        dma_queue.attach(true);
-        let mut session = Session {
-            function: &self.function,
-            memory,
-            dma_queue: dma_queue.clone(),
-            deferred: DeferredDma::default(),
-            link: None,
-            config: &self.config,
-            writer: writer.clone(),
-            pending: pending.clone(),
-            reader,
-            client_caps: None,
-            read_buf: Vec::new(),
-            extensions: Vec::new(),
-        };
-        let result = session.run();
         self.stop.inner.connection.store(-1, Ordering::SeqCst);
-        // Lost connection: fail waiting DMA, forget the client's memory and
-        // interrupts, and return the device to power-on state.
-        pending.close();
-        dma_queue.attach(false);
-        let mut function = lock(&self.function);
-        function.memory().set_transport(None);
-        let dropped = function.memory().with_regions(|r| r.clear());
-        debug!(regions = dropped.len(), "DMA regions dropped");
-        drop(dropped);
-        function.reset();
-        function.interrupts().disconnect();
+        session.end();
         result
     }
 }
@@ -314,7 +302,10 @@ static HANDLERS: &[Handler] = &[
     row!(UMDEV_CMD_UFFD, "UMDEV_UFFD", extension CAP_UMDEV_UFFD_WP, true, uffd),
 ];
 
-struct Session<'a> {
+/// The protocol core of one client connection: fed received messages,
+/// it answers through its [`Transport`] and acts on the function. It does no
+/// I/O itself (see the module comment).
+pub struct Session<'a> {
     function: &'a Mutex<PciFunction>,
     memory: GuestMemory,
     /// The model's deferred DMA: queued by its handlers, done by this session.
@@ -323,9 +314,8 @@ struct Session<'a> {
     /// The DMA_READ/DMA_WRITE link agreed at VERSION.
     link: Option<Arc<DmaLink>>,
     config: &'a ServerConfig,
-    writer: Arc<MessageWriter>,
+    writer: Arc<dyn Transport>,
     pending: Arc<PendingRequests>,
-    reader: MessageReader,
     client_caps: Option<Capabilities>,
     /// REGION_READ data, reused from one read to the next.
     read_buf: Vec<u8>,
@@ -340,73 +330,103 @@ struct Request<'m> {
     fds: Vec<OwnedFd>,
 }
 
-impl Session<'_> {
-    fn run(&mut self) -> Result<(), ServerError> {
-        loop {
-            let msg = match self.reader.read_message() {
-                Ok(m) => m,
-                Err(FrameError::Closed) => return Ok(()),
-                Err(e) => return Err(e.into()),
+impl<'a> Session<'a> {
+    /// A session of a client just connected, sending through `transport`.
+    pub fn new(
+        function: &'a Mutex<PciFunction>,
+        config: &'a ServerConfig,
+        transport: Arc<dyn Transport>,
+    ) -> Session<'a> {
+        let (memory, dma_queue) = {
+            let function = lock(function);
+            (function.memory().clone(), function.dma_queue().clone())
+        };
+        dma_queue.attach(true);
+        Session {
+            function,
+            memory,
+            dma_queue,
+            deferred: DeferredDma::default(),
+            link: None,
+            config,
+            writer: transport,
+            pending: Arc::new(PendingRequests::default()),
+            client_caps: None,
+            read_buf: Vec::new(),
+            extensions: Vec::new(),
+        }
+    }
+
+    /// The client went away: fails waiting DMA, forgets the client's memory
+    /// and interrupts, and returns the device to power-on state.
+    pub fn end(self) {
+        self.pending.close();
+        self.dma_queue.attach(false);
+        let mut function = lock(self.function);
+        function.memory().set_transport(None);
+        let dropped = function.memory().with_regions(|r| r.clear());
+        debug!(regions = dropped.len(), "DMA regions dropped");
+        drop(dropped);
+        function.reset();
+        function.interrupts().disconnect();
+    }
+
+    /// Handles one message from the client: a command (answered, unless it
+    /// asked for no reply), or the reply to one of our DMA requests. An error
+    /// means the connection cannot go on (an error reply could not be sent).
+    pub fn handle(&mut self, msg: Received<'_>) -> Result<(), ServerError> {
+        let Received {
+            header,
+            payload,
+            fds,
+            oversized,
+            fds_truncated,
+        } = msg;
+        if header.is_reply() {
+            let finished = match self.pending.complete(&header, payload) {
+                Some(piece) => self.deferred.on_reply(
+                    piece,
+                    &header,
+                    payload,
+                    &self.memory,
+                    self.link.as_deref(),
+                    &self.pending,
+                ),
+                None => None,
             };
-            let Received {
-                header,
-                payload,
-                fds,
-                oversized,
-                fds_truncated,
-            } = msg;
-            if header.is_reply() {
-                let finished = match self.pending.complete(&header, payload) {
-                    Some(piece) => self.deferred.on_reply(
-                        piece,
-                        &header,
-                        payload,
-                        &self.memory,
-                        self.link.as_deref(),
-                        &self.pending,
-                    ),
-                    None => None,
-                };
-                if let Some(f) = finished {
-                    self.finish_dma(f);
-                }
-                self.after_message();
-                continue;
-            }
-            // Copy the payload out of the reader's borrow only as a slice reference:
-            // dispatch needs &mut self for replies but not the reader.
-            let payload_ptr = payload as *const [u8];
-            // SAFETY: `payload` points into `self.reader`'s buffer, which nothing
-            // touches until the next read_message() call after dispatch returns;
-            // dispatch never reaches the reader.
-            let payload = unsafe { &*payload_ptr };
-            let req = Request {
-                header,
-                payload,
-                fds,
-            };
-            let errno = if !header.is_command() {
-                Some(libc::EINVAL)
-            } else if oversized {
-                Some(libc::E2BIG)
-            } else if fds_truncated {
-                Some(libc::EINVAL)
-            } else {
-                self.dispatch(req).err()
-            };
-            if let Some(errno) = errno {
-                debug!(
-                    msg_id = header.msg_id,
-                    command = header.command,
-                    errno,
-                    "command failed"
-                );
-                if !header.no_reply() {
-                    self.send_error(&header, errno)?;
-                }
+            if let Some(f) = finished {
+                self.finish_dma(f);
             }
             self.after_message();
+            return Ok(());
         }
+        let req = Request {
+            header,
+            payload,
+            fds,
+        };
+        let errno = if !header.is_command() {
+            Some(libc::EINVAL)
+        } else if oversized {
+            Some(libc::E2BIG)
+        } else if fds_truncated {
+            Some(libc::EINVAL)
+        } else {
+            self.dispatch(req).err()
+        };
+        if let Some(errno) = errno {
+            debug!(
+                msg_id = header.msg_id,
+                command = header.command,
+                errno,
+                "command failed"
+            );
+            if !header.no_reply() {
+                self.send_error(&header, errno)?;
+            }
+        }
+        self.after_message();
+        Ok(())
     }
 
     /// Runs the DMA the model queued while handling the message, and fails

@@ -1,27 +1,33 @@
 //! A whole vfio-user server session fed bytes that a hostile client chose.
 //!
-//! The input is written into one end of a socketpair, whose write side is then
-//! shut down; `Server::serve_connection` serves the other end with an `edu`
+//! For [`run_bytes`], the input is written into one end of a socketpair, whose
+//! write side is then shut down; `Server::serve_connection` serves the other end with an `edu`
 //! function until it sees EOF (or gives up on the stream). Replies are drained and
 //! discarded. No fds travel: what fds can do is covered by the integration tests.
 //!
 //! Two input formats:
-//! - [`run_bytes`]: the raw byte stream, framing and all (target `vfio_user_session`).
+//! - [`run_bytes`]: the raw byte stream, framing and all, through a socketpair
+//!   and the server's own reader (target `vfio_user_session`).
 //! - [`run_messages`]: a valid VERSION first, then well-framed messages built from
 //!   the input, so that mutations reach the command handlers rather than the
-//!   framing (target `vfio_user_messages`). See [`messages_to_bytes`].
+//!   framing (target `vfio_user_messages`), fed straight into the session core
+//!   without a socket or a thread. See [`messages_to_bytes`].
 
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+use std::sync::Arc;
 use umdev::memory::GuestMemory;
 use umdev::vfio_user::wire::{
     Header, Version, WireStruct, FLAGS_ERROR, FLAGS_NO_REPLY, FLAGS_TYPE_COMMAND, FLAGS_TYPE_REPLY,
     HEADER_SIZE,
 };
-use umdev::vfio_user::{Server, ServerConfig};
+
+use umdev::vfio_user::server::MESSAGE_OVERHEAD;
+use umdev::vfio_user::socket::Received;
+use umdev::vfio_user::{MemoryTransport, Server, ServerConfig, Session};
 
 /// What one session did, for tests of the harness.
 #[derive(Debug, Default)]
@@ -42,15 +48,20 @@ pub const MAX_DATA_XFER: u32 = 8192;
 /// server-initiated DMA the fuzz client never answers gives up after 50 ms and
 /// that messages are limited to [`MAX_DATA_XFER`] bytes of data.
 pub fn new_server() -> Server {
-    let config = ServerConfig {
-        dma_timeout: Duration::from_millis(50),
-        max_data_xfer_size: MAX_DATA_XFER,
-        ..ServerConfig::default()
-    };
+    let config = fuzz_config();
     let memory = GuestMemory::new(config.max_dma_maps as usize);
     let function = umdev_edu::new_function(memory, umdev_edu::DEFAULT_DMA_BITS)
         .expect("the edu description is valid");
     Server::new(function, config)
+}
+
+/// The fuzzed server's limits (see [`new_server`]).
+fn fuzz_config() -> ServerConfig {
+    ServerConfig {
+        dma_timeout: Duration::from_millis(50),
+        max_data_xfer_size: MAX_DATA_XFER,
+        ..ServerConfig::default()
+    }
 }
 
 /// Serves one session whose client sends exactly `input`, then hangs up.
@@ -244,7 +255,42 @@ pub fn record(command: u16, kind: u8, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Serves a session whose client sends `messages_to_bytes(input)`.
+/// Feeds the messages of `messages_to_bytes(input)` straight into the session
+/// core ([`Session::handle`]): no socket, no thread; what the session sends
+/// is kept by a [`MemoryTransport`].
 pub fn run_messages(input: &[u8]) -> Outcome {
-    run_bytes(&messages_to_bytes(input))
+    let bytes = messages_to_bytes(input);
+    let server = new_server();
+    let config = fuzz_config();
+    let transport = Arc::new(MemoryTransport::default());
+    let mut session = Session::new(server.function(), &config, transport.clone());
+    let limit = MAX_DATA_XFER as usize + MESSAGE_OVERHEAD;
+    let mut at = 0;
+    let mut clean_end = true;
+    let mut reply_bytes = 0;
+    while at + HEADER_SIZE <= bytes.len() {
+        let header = Header::read_from(&bytes[at..]).expect("a whole header");
+        let end = at + header.size as usize;
+        let payload = &bytes[at + HEADER_SIZE..end];
+        let oversized = payload.len() > limit;
+        let msg = Received {
+            header,
+            payload: if oversized { &[] } else { payload },
+            fds: Vec::new(),
+            oversized,
+            fds_truncated: false,
+        };
+        if session.handle(msg).is_err() {
+            clean_end = false;
+            break;
+        }
+        at = end;
+        reply_bytes += transport.take().iter().map(Vec::len).sum::<usize>();
+    }
+    session.end();
+    Outcome {
+        input_accepted: at,
+        reply_bytes,
+        clean_end,
+    }
 }
