@@ -44,7 +44,9 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     bin
 }
 
-/// A device backend process on a socket in a private temporary directory.
+/// A device backend process on a socket in a private temporary directory,
+/// its stderr in `backend.log` there; killed on drop, the end of its log
+/// printed if the test panicked.
 pub struct Backend {
     pub child: Child,
     pub socket: PathBuf,
@@ -52,36 +54,60 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// The workspace binary `bin` with `extra` arguments, logging at
+    /// `RUST_LOG` (default `debug`).
     pub fn start(bin: &str, extra: &[&str]) -> Backend {
-        let dir = TempDir::new();
-        let socket = dir.path().join("dev.sock");
+        Self::spawn(
+            &workspace_bin(bin),
+            TempDir::new(),
+            "dev.sock",
+            extra,
+            "debug",
+        )
+    }
+
+    pub fn edu() -> Backend {
+        Self::start("umdev-edu", &[])
+    }
+
+    /// `bin` listening on `dir/<socket>` with `args`, logging at `RUST_LOG`
+    /// (else `log_level`); returns once the socket exists (or panics with
+    /// the log if the process died or took 10 s).
+    pub fn spawn<A: AsRef<std::ffi::OsStr>>(
+        bin: &Path,
+        dir: TempDir,
+        socket: &str,
+        args: &[A],
+        log_level: &str,
+    ) -> Backend {
+        let socket = dir.path().join(socket);
         let log = File::create(dir.path().join("backend.log")).unwrap();
-        let child = Command::new(workspace_bin(bin))
+        let child = Command::new(bin)
             .arg("--socket-path")
             .arg(&socket)
-            .args(extra)
+            .args(args)
             .env(
                 "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
+                std::env::var("RUST_LOG").unwrap_or_else(|_| log_level.into()),
             )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("start backend");
+            .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
+        let mut backend = Backend { child, socket, dir };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "backend did not create its socket"
-            );
-            std::thread::sleep(Duration::from_millis(10));
+        while !backend.socket.exists() {
+            if !backend.alive() || Instant::now() > deadline {
+                panic!(
+                    "{} did not create its socket:\n{}",
+                    bin.display(),
+                    backend.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
-        Backend { child, socket, dir }
-    }
-
-    pub fn edu() -> Backend {
-        Self::start("umdev-edu", &[])
+        backend
     }
 
     pub fn connect(&self) -> Client {
@@ -102,8 +128,11 @@ impl Drop for Backend {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("---- backend log ----\n{}", self.log());
+        if std::thread::panicking() || std::env::var_os("UMDEV_TEST_LOG").is_some() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(200)..].join("\n");
+            eprintln!("---- backend log (last 200 lines) ----\n{tail}");
         }
     }
 }

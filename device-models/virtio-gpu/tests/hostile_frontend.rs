@@ -13,6 +13,8 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use umdev_testkit::soak::{open_fds, rss_kib, terminate};
+
 use frontend::{connect_bare, req, resp_type, Backend, Gpu, Options, BACKING_BASE, OK_NODATA};
 use vhost::vhost_user::message::VhostUserHeaderFlag;
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
@@ -23,12 +25,6 @@ const B8G8R8X8: u32 = 2;
 const MIB: u64 = 1 << 20;
 /// What the backend logs when guest memory goes away under it.
 const MEMORY_LOST: &str = "the front-end took guest memory away (SIGBUS)";
-
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
 
 /// What each open fd of `pid` is.
 fn fd_list(pid: u32) -> Vec<String> {
@@ -45,32 +41,6 @@ fn fd_list(pid: u32) -> Vec<String> {
         ))
     })
     .collect()
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// Sends SIGTERM and waits for the process to end: how long that took.
-fn terminate(child: &mut std::process::Child) -> Duration {
-    let start = Instant::now();
-    // SAFETY: kill(2) with a pid of our own child and a signal number.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "the backend did not end within 5 s of SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
 }
 
 /// Waits until the backend's log holds `what` at least `times` times.
@@ -91,13 +61,12 @@ fn wait_log(be: &Backend, what: &str, times: usize) {
 
 /// A started backend and its fd count once a first front-end came and went
 /// (so that lazily made state is counted).
-fn start(name: &str) -> (Backend, usize) {
-    let dir = frontend::temp_dir(name);
-    let be = Backend::start(&dir, &[]);
+fn start() -> (Backend, usize) {
+    let be = Backend::start(umdev_testkit::TempDir::new(), &[]);
     drop(Gpu::connect(&be.socket, Options::default()));
     wait_log(&be, "device reset for the next front-end", 1);
     std::thread::sleep(Duration::from_millis(50));
-    let fds = open_fds(be.child.id());
+    let fds = open_fds(be.process.child.id());
     (be, fds)
 }
 
@@ -111,7 +80,7 @@ fn ok(gpu: &mut Gpu, request: &[u8]) {
 /// it; fds and RSS stay bounded; SIGTERM ends the process within 1 s.
 fn still_sound(mut be: Backend, fds_before: usize) {
     assert!(be.alive(), "backend died:\n{}", be.log_text());
-    let pid = be.child.id();
+    let pid = be.process.child.id();
     {
         let mut gpu = Gpu::connect(&be.socket, Options::default());
         let r = gpu.control(&req::cmd(0x0100, &[]), 408);
@@ -152,7 +121,7 @@ fn still_sound(mut be: Backend, fds_before: usize) {
     };
     let rss = rss_kib(pid);
     assert!(rss < 96 * 1024, "RSS {rss} KiB over 96 MiB");
-    let took = terminate(&mut be.child);
+    let took = terminate(&mut be.process.child);
     eprintln!("fds {fds} (before {fds_before}), RSS {rss} KiB, SIGTERM took {took:?}");
     assert!(took < Duration::from_secs(1), "SIGTERM took {took:?}");
 }
@@ -170,7 +139,7 @@ fn unsealable() -> Options {
 /// stops touching that memory; the next front-end is served.
 #[test]
 fn guest_memory_taken_away_under_the_device() {
-    let (be, fds) = start("hf-memory");
+    let (be, fds) = start();
 
     // Resource backing in the part that goes away.
     {
@@ -233,7 +202,7 @@ fn guest_memory_taken_away_under_the_device() {
 /// it and goes on serving (the migration is the front-end's to lose).
 #[test]
 fn dirty_log_taken_away() {
-    let (be, fds) = start("hf-log");
+    let (be, fds) = start();
     {
         let mut gpu = Gpu::connect(&be.socket, Options::default());
         let log = gpu.start_logging();
@@ -296,7 +265,7 @@ fn as_eventfd(fd: OwnedFd) -> EventFd {
 /// a pipe: requests still complete and nothing blocks.
 #[test]
 fn call_and_kick_fds_that_would_block() {
-    let (be, fds) = start("hf-irqfds");
+    let (be, fds) = start();
     {
         // No EVENT_IDX: every pass signals.
         let mut gpu = Gpu::connect(
@@ -362,7 +331,7 @@ fn call_and_kick_fds_that_would_block() {
 /// the device goes on with its own modes.
 #[test]
 fn display_socket_never_read() {
-    let (be, fds) = start("hf-display");
+    let (be, fds) = start();
     // Never answered: GET_DISPLAY_INFO asks the display first.
     {
         let mut gpu = Gpu::connect(
@@ -427,8 +396,7 @@ fn display_socket_never_read() {
 /// process still ends within 1 s.
 #[test]
 fn sigterm_while_the_display_blocks() {
-    let dir = frontend::temp_dir("hf-sigterm");
-    let mut be = Backend::start(&dir, &[]);
+    let mut be = Backend::start(umdev_testkit::TempDir::new(), &[]);
     let mut gpu = Gpu::connect(
         &be.socket,
         Options {
@@ -442,10 +410,10 @@ fn sigterm_while_the_display_blocks() {
     ok(&mut gpu, &req::create_2d(1, B8G8R8X8, 512, 512));
     gpu.control_nowait(&req::set_scanout(0, 1, [0, 0, 512, 512]), 24);
     std::thread::sleep(Duration::from_millis(200));
-    let took = terminate(&mut be.child);
+    let took = terminate(&mut be.process.child);
     eprintln!("SIGTERM with a vring thread blocked on the display took {took:?}");
     assert!(took < Duration::from_secs(1), "SIGTERM took {took:?}");
-    let status = be.child.try_wait().unwrap().unwrap();
+    let status = be.process.child.try_wait().unwrap().unwrap();
     assert!(status.success(), "{status:?}");
     assert!(!be.socket.exists(), "socket file left behind");
     assert!(be.log_text().contains("did not stop within"));
@@ -466,7 +434,7 @@ fn region(fd: &impl AsRawFd, size: u64, offset: u64) -> VhostUserMemoryRegionInf
 /// and the next front-end is served.
 #[test]
 fn memory_tables_with_untrusted_fds_are_refused() {
-    let (be, fds) = start("hf-tables");
+    let (be, fds) = start();
     let (pipe_r, _pipe_w) = pipe();
     let (sock, _peer) = UnixStream::pair().unwrap();
     let dev_zero = File::options()

@@ -70,8 +70,7 @@ fn rgb_of(bgrx: &[u8]) -> Vec<u8> {
 
 #[test]
 fn display_info_edid_and_config() {
-    let dir = frontend::temp_dir("info");
-    let backend = Backend::start(&dir, &[]);
+    let backend = Backend::start(umdev_testkit::TempDir::new(), &[]);
     let mut gpu = Gpu::connect(&backend.socket, Options::default());
     // Config space: num_scanouts at offset 8.
     let (_, cfg) = gpu
@@ -100,8 +99,7 @@ fn display_info_edid_and_config() {
 
 #[test]
 fn default_mode_and_own_edid_without_a_display() {
-    let dir = frontend::temp_dir("nodisplay");
-    let backend = Backend::start(&dir, &["--mode", "800x600"]);
+    let backend = Backend::start(umdev_testkit::TempDir::new(), &["--mode", "800x600"]);
     let mut gpu = Gpu::connect(
         &backend.socket,
         Options {
@@ -126,8 +124,7 @@ fn default_mode_and_own_edid_without_a_display() {
 
 #[test]
 fn picture_reaches_display_and_png_pixel_for_pixel() {
-    let dir = frontend::temp_dir("draw");
-    let backend = Backend::start(&dir, &[]);
+    let backend = Backend::start(umdev_testkit::TempDir::new(), &[]);
     let mut gpu = Gpu::connect(&backend.socket, Options::default());
     let (w, h) = (200, 150);
     draw(&mut gpu, 7, w, h);
@@ -166,8 +163,7 @@ fn picture_reaches_display_and_png_pixel_for_pixel() {
 
 #[test]
 fn formats_are_converted_and_fences_echoed() {
-    let dir = frontend::temp_dir("formats");
-    let backend = Backend::start(&dir, &[]);
+    let backend = Backend::start(umdev_testkit::TempDir::new(), &[]);
     let mut gpu = Gpu::connect(&backend.socket, Options::default());
     // One R8G8B8A8 pixel row: bytes R, G, B, A.
     ok(&mut gpu, &req::create_2d(3, R8G8B8A8, 2, 1));
@@ -195,8 +191,7 @@ fn formats_are_converted_and_fences_echoed() {
 
 #[test]
 fn hostile_commands_get_error_responses_and_the_backend_lives() {
-    let dir = frontend::temp_dir("hostile");
-    let mut backend = Backend::start(&dir, &["--max-hostmem-mib", "4"]);
+    let mut backend = Backend::start(umdev_testkit::TempDir::new(), &["--max-hostmem-mib", "4"]);
     let mut gpu = Gpu::connect(&backend.socket, Options::default());
     const INVALID_RESOURCE: u32 = 0x1203;
     const INVALID_PARAMETER: u32 = 0x1205;
@@ -316,8 +311,7 @@ fn hostile_commands_get_error_responses_and_the_backend_lives() {
 
 #[test]
 fn cursor_updates_and_moves() {
-    let dir = frontend::temp_dir("cursor");
-    let backend = Backend::start(&dir, &[]);
+    let backend = Backend::start(umdev_testkit::TempDir::new(), &[]);
     let mut gpu = Gpu::connect(&backend.socket, Options::default());
     ok(&mut gpu, &req::create_2d(9, B8G8R8X8, 64, 64));
     let entries = scattered_backing(&gpu, 64, 64);
@@ -344,8 +338,7 @@ fn cursor_updates_and_moves() {
 
 #[test]
 fn dirty_log_marks_backend_writes_only_while_logging() {
-    let dir = frontend::temp_dir("dirtylog");
-    let backend = Backend::start(&dir, &[]);
+    let backend = Backend::start(umdev_testkit::TempDir::new(), &[]);
     let mut gpu = Gpu::connect(&backend.socket, Options::default());
     let log = gpu.start_logging();
     log.clear();
@@ -383,8 +376,7 @@ fn dirty_log_marks_backend_writes_only_while_logging() {
 
 #[test]
 fn reconnect_serves_a_fresh_device() {
-    let dir = frontend::temp_dir("reconnect");
-    let mut backend = Backend::start(&dir, &[]);
+    let mut backend = Backend::start(umdev_testkit::TempDir::new(), &[]);
     {
         let mut gpu = Gpu::connect(&backend.socket, Options::default());
         draw(&mut gpu, 1, 16, 16);
@@ -403,8 +395,7 @@ fn reconnect_serves_a_fresh_device() {
 
 #[test]
 fn driver_reset_is_noticed_by_ring_restart() {
-    let dir = frontend::temp_dir("ringreset");
-    let backend = Backend::start(&dir, &[]);
+    let backend = Backend::start(umdev_testkit::TempDir::new(), &[]);
     let mut gpu = Gpu::connect(&backend.socket, Options::default());
     draw(&mut gpu, 1, 16, 16);
     gpu.cursor(&req::cursor(true, 0, 1, 1, 0, (0, 0)));

@@ -6,10 +6,9 @@
 //! SPEC.md describes the hardware.
 #![allow(dead_code)]
 
-use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -95,80 +94,15 @@ impl Options {
 
 pub use umdev_testkit::TempDir;
 
-/// The `umdev-vgpu` process; killed on drop, its log printed if a test panics.
-pub struct Backend {
-    pub child: Child,
-    pub socket: PathBuf,
-    pub dir: TempDir,
-}
+/// The `umdev-vgpu` process (`UMDEV_VGPU_BIN` runs another binary or a
+/// wrapper such as strace instead), logging at `info` unless `RUST_LOG` says.
+pub use umdev_testkit::Backend;
 
-impl Backend {
-    pub fn start(args: &[String]) -> Backend {
-        Self::start_in(TempDir::new(), args)
-    }
-
-    /// Starts the backend with its socket and log in `dir`.
-    pub fn start_in(dir: TempDir, args: &[String]) -> Backend {
-        let socket = dir.path().join("vgpu.sock");
-        let log = File::create(dir.path().join("backend.log")).unwrap();
-        // UMDEV_VGPU_BIN runs another binary or a wrapper (strace, gdb) instead.
-        let bin = std::env::var_os("UMDEV_VGPU_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_umdev-vgpu")));
-        let child = Command::new(bin)
-            .arg("--socket-path")
-            .arg(&socket)
-            .args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start umdev-vgpu");
-        let mut b = Backend { child, socket, dir };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !b.socket.exists() {
-            if !b.alive() || Instant::now() > deadline {
-                panic!(
-                    "umdev-vgpu {args:?} did not create its socket:\n{}",
-                    b.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        b
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("backend.log")).unwrap_or_default()
-    }
-
-    pub fn alive(&mut self) -> bool {
-        self.child.try_wait().expect("try_wait").is_none()
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() || std::env::var_os("UMDEV_VGPU_TEST_LOG").is_some() {
-            let log = self.log();
-            let tail: String = log
-                .lines()
-                .rev()
-                .take(200)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n");
-            eprintln!("---- umdev-vgpu log (last 200 lines) ----\n{tail}");
-        }
-    }
+pub fn start_backend(dir: TempDir, args: &[String]) -> Backend {
+    let bin = std::env::var_os("UMDEV_VGPU_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_umdev-vgpu")));
+    Backend::spawn(&bin, dir, "vgpu.sock", args, "info")
 }
 
 /// Connects and negotiates `extensions`. The socket file appears at bind(),
@@ -550,7 +484,7 @@ impl Vgpu {
         if let Some(p) = &scanout_png {
             args.extend(["--scanout-png".into(), p.display().to_string()]);
         }
-        let backend = Backend::start_in(dir, &args);
+        let backend = start_backend(dir, &args);
 
         let wanted: &[&str] = match opts.page_track {
             PageTrack::Scan => &[],

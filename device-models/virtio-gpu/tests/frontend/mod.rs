@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,64 +37,40 @@ const VRING_DESC_F_NEXT: u16 = 1;
 const VRING_DESC_F_WRITE: u16 = 2;
 const GPU_SET_SOCKET: u32 = 33;
 
-pub fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("umdev-vgpu-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// The backend process.
+/// The `umdev-virtio-gpu` process in `dir` (a fresh [`TempDir`]), writing
+/// `dir/scanout.png`.
 pub struct Backend {
-    pub child: Child,
+    pub process: umdev_testkit::Backend,
     pub socket: PathBuf,
     pub png: PathBuf,
-    pub log: PathBuf,
 }
 
 impl Backend {
-    pub fn start(dir: &Path, extra: &[&str]) -> Backend {
-        let socket = dir.join("gpu.sock");
-        let png = dir.join("scanout.png");
-        let log = dir.join("backend.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_umdev-virtio-gpu"))
-            .arg("--socket-path")
-            .arg(&socket)
-            .arg("--scanout-png")
-            .arg(&png)
-            .args(extra)
-            .env("RUST_LOG", "debug")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(Instant::now() < deadline, "backend did not listen");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+    pub fn start(dir: umdev_testkit::TempDir, extra: &[&str]) -> Backend {
+        let png = dir.path().join("scanout.png");
+        let mut args = vec!["--scanout-png", png.to_str().expect("UTF-8 path")];
+        args.extend_from_slice(extra);
+        let process = umdev_testkit::Backend::spawn(
+            std::path::Path::new(env!("CARGO_BIN_EXE_umdev-virtio-gpu")),
+            dir,
+            "gpu.sock",
+            &args,
+            "debug",
+        );
         Backend {
-            child,
-            socket,
+            socket: process.socket.clone(),
+            process,
             png,
-            log,
         }
     }
 
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
+        self.process.alive()
     }
 
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.log()
     }
 }
 
