@@ -7,6 +7,7 @@
 
 pub mod benchmark;
 pub mod cli;
+pub mod event;
 pub mod memory;
 pub mod pagetrack;
 pub mod pci;
@@ -15,4 +16,3 @@ pub mod scanout;
 pub mod state;
 pub mod vfio_user;
 pub mod vhost_user;
-pub mod wait;

@@ -80,9 +80,14 @@ pub const ALLOWED: &[(&str, libc::c_long)] = &[
     ("brk", libc::SYS_brk),
     // Backend memory a model owns (zeroing VRAM ranges of a memfd).
     ("fallocate", libc::SYS_fallocate),
-    // Interrupts: eventfds, the INTx resample thread's poll.
+    // Interrupts: eventfds; the session's event loop over helper fds.
     ("eventfd2", libc::SYS_eventfd2),
     ("ppoll", libc::SYS_ppoll),
+    ("epoll_create1", libc::SYS_epoll_create1),
+    ("epoll_ctl", libc::SYS_epoll_ctl),
+    ("epoll_pwait", libc::SYS_epoll_pwait),
+    #[cfg(target_arch = "x86_64")]
+    ("epoll_wait", libc::SYS_epoll_wait),
     // Threads: locks, waits, time, thread start and exit (futex is above).
     ("sched_yield", libc::SYS_sched_yield),
     ("nanosleep", libc::SYS_nanosleep),

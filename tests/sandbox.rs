@@ -59,7 +59,7 @@ fn full_session(c: &mut Client, ram: &MemfdRam) {
     });
     // Fd-less memory, reached only by DMA messages.
     c.dma_map(0x80_0000, 0x1000, None, 0, RW).unwrap();
-    // INTx with an unmask eventfd: the backend starts a thread under the filter.
+    // INTx with an unmask eventfd: the session's event loop serves it.
     let intx = EventFd::new(EFD_NONBLOCK).unwrap();
     let resample = EventFd::new(EFD_NONBLOCK).unwrap();
     c.set_irqs(
@@ -99,10 +99,10 @@ fn backend_runs_confined_by_default() {
     for _ in 0..2 {
         let mut c = be.connect();
         full_session(&mut c, &ram);
-        // Every thread, the session's and the one started for this client's
-        // INTx unmask eventfd, is confined.
+        // One thread serves the connection and this client's INTx unmask
+        // eventfd (the session's event loop), and it is confined.
         let seccomp = thread_status(pid, "Seccomp:");
-        assert!(seccomp.len() >= 2, "threads: {seccomp:?}");
+        assert_eq!(seccomp.len(), 1, "threads: {seccomp:?}");
         assert!(seccomp.iter().all(|s| s == "2"), "{seccomp:?}");
         assert!(thread_status(pid, "NoNewPrivs:").iter().all(|s| s == "1"));
     }
@@ -315,7 +315,8 @@ fn runs_as_an_unprivileged_user_with_only_its_socket_and_memory() {
     assert_eq!(field("CapPrm:"), "0000000000000000");
     assert_eq!(field("NoNewPrivs:"), "1");
     assert_eq!(field("Seccomp:"), "2");
-    // Its fds: stdio, the socket, the client's memory and interrupt eventfds.
+    // Its fds: stdio, the socket, the client's memory and interrupt eventfds,
+    // and the session's epoll once a helper fd (INTx unmask) came.
     let fds = fd_links(pid);
     let log_path = log.to_string_lossy().into_owned();
     for (n, link) in &fds {
@@ -326,6 +327,7 @@ fn runs_as_an_unprivileged_user_with_only_its_socket_and_memory() {
                 link.starts_with("socket:[")
                     || link.starts_with("/memfd:guest-ram")
                     || link == "anon_inode:[eventfd]"
+                    || link == "anon_inode:[eventpoll]"
             }
         };
         assert!(expected, "fd {n} -> {link}; all: {fds:?}");

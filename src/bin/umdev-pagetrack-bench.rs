@@ -238,6 +238,12 @@ fn uffd_latency(ram: &Ram, reps: usize, pages: usize) -> Result<(Duration, Durat
                 .map_err(|e| e.to_string())?,
         )
         .map_err(|e| e.to_string())?;
+    // No session here: a thread of our own serves the fault reader, as a
+    // session's event loop would.
+    let stop = vmm_sys_util::eventfd::EventFd::new(0).map_err(|e| e.to_string())?;
+    let stop_loop = stop.try_clone().map_err(|e| e.to_string())?;
+    let sets = vec![tracker.event_set().clone()];
+    let server = std::thread::spawn(move || umdev::event::serve(sets, &stop_loop));
     let mut first = Vec::new();
     let mut second = Vec::new();
     for _ in 0..reps {
@@ -255,5 +261,7 @@ fn uffd_latency(ram: &Ram, reps: usize, pages: usize) -> Result<(Duration, Durat
             let _ = tracker.untrack(GPA / PAGE_SIZE + p);
         }
     }
+    let _ = stop.write(1);
+    let _ = server.join();
     Ok((median(first), median(second)))
 }

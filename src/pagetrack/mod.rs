@@ -252,6 +252,8 @@ struct Shared {
     syncs: AtomicU64,
     pages_compared: AtomicU64,
     entries_changed: AtomicU64,
+    /// Helper fds (the uffds) for the session's event loop.
+    events: Arc<crate::event::EventSet>,
 }
 
 /// The write-tracking engine of one device. Cheap to clone; usable from any thread.
@@ -283,6 +285,7 @@ impl PageTracker {
                 syncs: AtomicU64::new(0),
                 pages_compared: AtomicU64::new(0),
                 entries_changed: AtomicU64::new(0),
+                events: Arc::default(),
             }),
         }
     }
@@ -303,16 +306,17 @@ impl PageTracker {
             }
         }));
         if kind == SourceKind::Userfault {
-            // Faults are resolved on the uffd reader threads, which must not keep
-            // the tracker alive.
+            // Faults are resolved by the event loop serving the tracker's
+            // event set, which must not keep the tracker alive.
             let weak = Arc::downgrade(&tracker.shared);
             let sink: uffd::Sink = Arc::new(move |event| {
                 if let Some(shared) = weak.upgrade() {
                     PageTracker { shared }.handle_fault_event(event);
                 }
             });
+            let events = tracker.shared.events.clone();
             if let Some(u) = tracker.state().source.as_userfault() {
-                u.set_sink(sink);
+                u.set_sink(sink, events);
             }
         }
         tracker
@@ -579,6 +583,12 @@ impl PageTracker {
     pub fn add_dirty_bitmap(&self, bitmap: DirtyBitmap) -> Result<(), TrackError> {
         self.require_host_mapped(bitmap.gpa(), bitmap.size())?;
         self.state().source.add_bitmap(bitmap)
+    }
+
+    /// Helper fds the session's event loop serves for this tracker (the
+    /// userfaultfds' fault readers).
+    pub fn event_set(&self) -> &Arc<crate::event::EventSet> {
+        &self.shared.events
     }
 
     /// Registers a VMM-shared userfaultfd (uffd source only).

@@ -10,13 +10,17 @@
 //!
 //! A uffd registered by the backend on its *own* mapping would see nothing the
 //! guest writes: only the VMM's mapping is the one the guest writes through.
+//!
+//! Fault messages are read by the session's event loop (`crate::event`): each
+//! registered uffd is an event source of the tracker's set, not a thread.
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 use tracing::{debug, warn};
-use vmm_sys_util::eventfd::EventFd;
+
+use crate::event::{EventSet, EventSource};
 
 use super::{Gfn, Policy, SourceKind, TrackError, WriteSource, PAGE_SIZE};
 
@@ -110,7 +114,7 @@ impl UffdRegistration {
     }
 }
 
-/// A write fault, as the reader thread saw it.
+/// A write fault, as the event loop read it.
 pub(super) struct FaultEvent {
     registration: u64,
     address: u64,
@@ -123,14 +127,30 @@ struct Registration {
     size: u64,
     vmm_address: u64,
     uffd: Arc<OwnedFd>,
-    stop: EventFd,
+    /// Where its fault reader is registered; it leaves with the registration.
+    events: Arc<EventSet>,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        // The reader thread exits on its own; it is not joined, as it may be the
-        // thread dropping us.
-        let _ = self.stop.write(1);
+        self.events.remove(self.uffd.as_raw_fd());
+    }
+}
+
+/// Reads fault messages from one uffd when it is readable.
+struct FaultReader {
+    id: u64,
+    uffd: Arc<OwnedFd>,
+    sink: Sink,
+}
+
+impl EventSource for FaultReader {
+    fn fd(&self) -> RawFd {
+        self.uffd.as_raw_fd()
+    }
+
+    fn ready(&self) {
+        read_faults(self.id, &self.uffd, &*self.sink);
     }
 }
 
@@ -173,7 +193,7 @@ pub struct UserfaultSource {
     ids: HashMap<u64, u64>,
     pages: HashMap<Gfn, PageMode>,
     faults: u64,
-    sink: Option<Sink>,
+    sink: Option<(Sink, Arc<EventSet>)>,
 }
 
 impl UserfaultSource {
@@ -189,8 +209,9 @@ impl UserfaultSource {
         }
     }
 
-    pub(super) fn set_sink(&mut self, sink: Sink) {
-        self.sink = Some(sink);
+    /// Faults go to `sink`; the uffds are watched through `events`.
+    pub(super) fn set_sink(&mut self, sink: Sink, events: Arc<EventSet>) {
+        self.sink = Some((sink, events));
     }
 
     fn reg_for(&self, gfn: Gfn) -> Option<&Registration> {
@@ -311,7 +332,7 @@ impl WriteSource for UserfaultSource {
     }
 
     fn add_uffd(&mut self, reg: UffdRegistration) -> Result<(), TrackError> {
-        let sink = self
+        let (sink, events) = self
             .sink
             .clone()
             .ok_or_else(|| TrackError::Source("no fault handler".into()))?;
@@ -326,16 +347,28 @@ impl WriteSource for UserfaultSource {
         }
         let id = self.next_reg;
         self.next_reg += 1;
-        let stop = EventFd::new(0).map_err(|e| TrackError::Source(e.to_string()))?;
-        let stop_reader = stop
-            .try_clone()
-            .map_err(|e| TrackError::Source(e.to_string()))?;
+        // Read only when readable, never blocking the event loop.
+        // SAFETY: fcntl with integer arguments on the uffd we own.
+        let rc = unsafe {
+            let flags = libc::fcntl(reg.uffd.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(
+                reg.uffd.as_raw_fd(),
+                libc::F_SETFL,
+                flags | libc::O_NONBLOCK,
+            )
+        };
+        if rc < 0 {
+            return Err(TrackError::Source(format!(
+                "userfaultfd: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
         let uffd = Arc::new(reg.uffd);
-        let reader_fd = uffd.clone();
-        std::thread::Builder::new()
-            .name("uffd-faults".into())
-            .spawn(move || read_faults(id, &reader_fd, &stop_reader, &*sink))
-            .map_err(|e| TrackError::Source(e.to_string()))?;
+        events.insert(Arc::new(FaultReader {
+            id,
+            uffd: uffd.clone(),
+            sink,
+        }));
         self.ids.insert(id, reg.gpa);
         self.regs.insert(
             reg.gpa,
@@ -344,7 +377,7 @@ impl WriteSource for UserfaultSource {
                 size: reg.size,
                 vmm_address: reg.vmm_address,
                 uffd,
-                stop,
+                events,
             },
         );
         debug!(gpa = reg.gpa, size = reg.size, "userfaultfd registered");
@@ -360,18 +393,16 @@ impl WriteSource for UserfaultSource {
     }
 }
 
-/// Reads fault messages from `uffd` until `stop` fires or the fd fails.
-fn read_faults(id: u64, uffd: &OwnedFd, stop: &EventFd, sink: &(dyn Fn(FaultEvent) + Send + Sync)) {
+/// Reads the fault messages waiting in `uffd` (non-blocking) and hands each
+/// write fault to `sink`.
+fn read_faults(id: u64, uffd: &OwnedFd, sink: &(dyn Fn(FaultEvent) + Send + Sync)) {
     loop {
-        if crate::wait::wait_readable(uffd.as_raw_fd(), stop.as_raw_fd()) == crate::wait::Wake::Stop
-        {
-            return;
-        }
         let mut msg = [0u8; 32];
         // SAFETY: reads one 32-byte uffd_msg into a local buffer.
         let r = unsafe { libc::read(uffd.as_raw_fd(), msg.as_mut_ptr().cast(), msg.len()) };
         if r != 32 {
-            continue;
+            // Nothing more (EAGAIN), or the fd failed: back to the loop.
+            return;
         }
         if msg[0] != UFFD_EVENT_PAGEFAULT {
             continue;

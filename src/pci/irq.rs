@@ -7,15 +7,13 @@
 //! that fires while masked is remembered as pending (the MSI-X PBA) and signalled
 //! when it is unmasked.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, Weak};
-use std::thread::JoinHandle;
-
-use vmm_sys_util::eventfd::EventFd;
 
 use tracing::{debug, trace};
 
 use super::irqfd::{IrqFd, IrqFdError};
+use crate::event::{EventSet, EventSource};
 
 /// The kinds of interrupt a PCI function has, in vfio's index order (the
 /// transport maps its own numbering onto these).
@@ -143,49 +141,29 @@ struct IrqState {
 pub struct Interrupts {
     state: Mutex<IrqState>,
     counts: [u32; 5],
-    /// Thread unmasking INTx when the client's resample eventfd fires. Kept out of
-    /// `state`: stopping it joins a thread that itself takes the state lock.
-    intx_resampler: Mutex<Option<Resampler>>,
+    /// The unmask eventfd's fd while one is installed (its source is in `events`).
+    intx_unmask: Mutex<Option<RawFd>>,
+    /// Helper fds for the session's event loop (the INTx unmask eventfd).
+    events: Arc<EventSet>,
 }
 
-/// Watches an INTx unmask eventfd (SET_IRQS UNMASK with DATA_EVENTFD): QEMU
-/// with KVM hands one over so that a guest EOI unmasks the line without a message.
-struct Resampler {
-    stop: EventFd,
-    thread: Option<JoinHandle<()>>,
+/// INTx's unmask eventfd (SET_IRQS UNMASK with DATA_EVENTFD): QEMU with KVM
+/// hands one over so that a guest EOI unmasks the line without a message.
+/// Served by the session's event loop (`crate::event`).
+struct IntxUnmask {
+    fd: IrqFd,
+    irqs: Weak<Interrupts>,
 }
 
-impl Resampler {
-    fn spawn(fd: IrqFd, irqs: Weak<Interrupts>) -> Option<Resampler> {
-        let stop = EventFd::new(0).ok()?;
-        let stop_fd = stop.try_clone().ok()?;
-        let thread = std::thread::Builder::new()
-            .name("intx-resample".into())
-            .spawn(move || loop {
-                if crate::wait::wait_readable(fd.as_raw_fd(), stop_fd.as_raw_fd())
-                    == crate::wait::Wake::Stop
-                {
-                    return;
-                }
-                fd.take();
-                match irqs.upgrade() {
-                    Some(irqs) => irqs.unmask_intx(),
-                    None => return,
-                }
-            })
-            .ok()?;
-        Some(Resampler {
-            stop,
-            thread: Some(thread),
-        })
+impl EventSource for IntxUnmask {
+    fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
     }
-}
 
-impl Drop for Resampler {
-    fn drop(&mut self) {
-        let _ = self.stop.write(1);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+    fn ready(&self) {
+        self.fd.take();
+        if let Some(irqs) = self.irqs.upgrade() {
+            irqs.unmask_intx();
         }
     }
 }
@@ -209,7 +187,8 @@ impl Interrupts {
         Arc::new(Interrupts {
             state: Mutex::new(state),
             counts,
-            intx_resampler: Mutex::new(None),
+            intx_unmask: Mutex::new(None),
+            events: Arc::new(EventSet::default()),
         })
     }
 
@@ -410,15 +389,22 @@ impl Interrupts {
     }
 
     fn set_intx_resampler(self: &Arc<Self>, fd: Option<IrqFd>) {
-        let new = fd.and_then(|fd| Resampler::spawn(fd, Arc::downgrade(self)));
-        let old = std::mem::replace(
-            &mut *self
-                .intx_resampler
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-            new,
-        );
-        drop(old);
+        let mut current = self.intx_unmask.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = current.take() {
+            self.events.remove(old);
+        }
+        if let Some(fd) = fd {
+            *current = Some(fd.as_raw_fd());
+            self.events.insert(Arc::new(IntxUnmask {
+                fd,
+                irqs: Arc::downgrade(self),
+            }));
+        }
+    }
+
+    /// Helper fds the session's event loop serves for these interrupts.
+    pub fn event_set(&self) -> &Arc<EventSet> {
+        &self.events
     }
 
     fn check_range(&self, kind: IrqKind, vectors: &VectorRange<'_>) -> Result<(), IrqError> {
@@ -678,7 +664,7 @@ impl Interrupts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     fn efd() -> (EventFd, OwnedFd) {
         let e = EventFd::new(EFD_NONBLOCK).unwrap();
@@ -747,18 +733,18 @@ mod tests {
         assert!(fired(&e));
         irqs.set_intx(true);
         assert!(!fired(&e));
-        // The guest's EOI, as KVM would signal it: the line is unmasked and, still
-        // asserted, fires again.
+        // The guest's EOI, as KVM would signal it: the session's event loop
+        // serves the unmask fd; the line is unmasked and, still asserted,
+        // fires again.
         resample.write(1).unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while !fired(&e) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "resample did not unmask"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        let main = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut lp =
+            crate::event::EventLoop::new(main.as_raw_fd(), vec![irqs.event_set().clone()]).unwrap();
+        assert_eq!(lp.wait().unwrap(), crate::event::Wake::Served);
+        assert!(fired(&e));
+        // Gone with the client.
         irqs.disconnect();
+        assert!(irqs.event_set().is_empty());
     }
 
     #[test]

@@ -34,6 +34,7 @@ use super::pci_map::{self, irq_info_flags, irq_kind_of, region_of};
 use super::socket::{FrameError, MessageReader, MessageWriter, Received, MAX_FDS_PER_MESSAGE};
 use super::transport::Transport;
 use super::wire::*;
+use crate::event::{EventLoop, Wake};
 use crate::memory::{DmaDirection, DmaQueue, DmaRegion, GuestMemory, MemoryError};
 use crate::pagetrack::{DirtyBitmap, SourceKind, UffdRegistration};
 use crate::pci::PciFunction;
@@ -205,8 +206,26 @@ impl Server {
         if self.stop.is_stopped() {
             writer.shutdown();
         }
+        // One thread for the connection and the device's helper fds (INTx
+        // unmask eventfd, userfaultfds); while there are none, the socket is
+        // read directly, with no epoll call on the message path.
+        let sets = {
+            let f = lock(&self.function);
+            vec![
+                f.interrupts().event_set().clone(),
+                f.page_tracker().event_set().clone(),
+            ]
+        };
+        let mut events = EventLoop::new(stream_fd, sets)?;
         let mut session = Session::new(&self.function, &self.config, writer);
         let result = loop {
+            if !reader.has_buffered() && !events.idle() {
+                match events.wait() {
+                    Ok(Wake::Served) => continue,
+                    Ok(Wake::Readable) => {}
+                    Err(e) => break Err(e.into()),
+                }
+            }
             match reader.read_message() {
                 Ok(msg) => {
                     if let Err(e) = session.handle(msg) {
