@@ -122,12 +122,11 @@ impl AuditContext<'_> {
         Ok(u32::from_le_bytes(b))
     }
 
-    /// Translates `[va, va+len)` for reading or writing into extents.
+    /// Translates `[va, va+len)` for reading or writing into extents. A fault
+    /// names the first address that fails, also past `VA_LIMIT` (which
+    /// `translate` refuses: nothing is mapped there).
     fn range(&self, va: u64, len: u64, write: bool) -> Result<Vec<Extent>, Fault> {
-        let end = va
-            .checked_add(len)
-            .filter(|&e| e <= VA_LIMIT)
-            .ok_or_else(|| self.fault(FAULT_NOT_PRESENT, va))?;
+        let end = va.saturating_add(len);
         let mut out: Vec<Extent> = Vec::new();
         let mut cur = va;
         while cur < end {
@@ -138,10 +137,12 @@ impl AuditContext<'_> {
                 .map_err(|r| self.fault(r, cur))?;
             if write {
                 if let Target::Ram(gpa) = t.target {
+                    // Other contexts' ring registers are unchecked until they
+                    // submit: a ring may reach past the top of the address space.
                     let hits_ring = self
                         .rings
                         .iter()
-                        .any(|&(base, size)| gpa < base + size && base < gpa + piece);
+                        .any(|&(base, size)| gpa < base.saturating_add(size) && base < gpa + piece);
                     if hits_ring {
                         return Err(self.fault(FAULT_RING_WRITE, cur));
                     }
@@ -337,3 +338,6 @@ pub fn audit_segment(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

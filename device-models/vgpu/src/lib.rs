@@ -13,6 +13,8 @@ pub use umdev_vgpu_abi::{encode, picture, regs};
 pub mod scanout;
 pub mod shadow;
 mod state;
+#[cfg(test)]
+mod test_fixture;
 pub mod vram;
 
 use std::path::PathBuf;

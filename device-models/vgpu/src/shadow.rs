@@ -325,3 +325,6 @@ impl ShadowPageTables {
         self.epoch += 1;
     }
 }
+
+#[cfg(test)]
+mod tests;
