@@ -24,6 +24,9 @@
 
 use std::io;
 
+use std::collections::BTreeMap;
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompCondition, SeccompFilter, SeccompRule};
 use tracing::info;
 
 /// Exit status of a process that made a denied system call (128 + SIGSYS).
@@ -33,14 +36,12 @@ pub const DENIED_EXIT_STATUS: i32 = 128 + libc::SIGSYS;
 pub enum SandboxError {
     #[error("seccomp filters are not implemented for this architecture; run with --no-seccomp")]
     UnsupportedArch,
-    #[error("prctl(PR_SET_NO_NEW_PRIVS): {0}")]
-    NoNewPrivs(io::Error),
     #[error("installing the SIGSYS handler: {0}")]
     Handler(io::Error),
+    #[error("building the seccomp filter: {0}")]
+    Filter(#[from] seccompiler::BackendError),
     #[error("installing the seccomp filter: {0}")]
-    Install(io::Error),
-    #[error("thread {0} could not take the seccomp filter")]
-    Tsync(i64),
+    Apply(#[source] seccompiler::Error),
     #[error(transparent)]
     Guard(#[from] crate::memory::guard::GuardError),
 }
@@ -156,120 +157,100 @@ pub const CONDITIONAL: &[&str] = &[
     "openat, open (EACCES unless allowed with FILE_OUTPUT)",
 ];
 
-#[cfg(target_arch = "x86_64")]
-const AUDIT_ARCH: u32 = 0xc000_003e;
-#[cfg(target_arch = "aarch64")]
-const AUDIT_ARCH: u32 = 0xc000_00b7;
-
-// Classic BPF opcodes.
-const LD_W_ABS: u16 = 0x20;
-const JEQ_K: u16 = 0x15;
-const JSET_K: u16 = 0x45;
-const RET_K: u16 = 0x06;
-
-// Offsets in struct seccomp_data.
-const NR: u32 = 0;
-const ARCH: u32 = 4;
-/// Low 32 bits of args[0] and args[1] (little-endian).
-const ARG0_LO: u32 = 16;
-const ARG1_LO: u32 = 24;
-
-fn stmt(code: u16, k: u32) -> libc::sock_filter {
-    libc::sock_filter {
-        code,
-        jt: 0,
-        jf: 0,
-        k,
-    }
-}
-
-fn jump(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
-    libc::sock_filter { code, jt, jf, k }
-}
-
-const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
-const DENY: u32 = libc::SECCOMP_RET_TRAP;
-fn errno(e: i32) -> u32 {
-    libc::SECCOMP_RET_ERRNO | (e as u32 & libc::SECCOMP_RET_DATA)
-}
-
-/// The filter program: the default allow-list plus `extra` system calls.
-pub fn build_program(extra: &[libc::c_long]) -> Vec<libc::sock_filter> {
+/// The filters, built with `seccompiler` (rust-vmm's, as Cloud Hypervisor and
+/// Firecracker use), in the order they are installed. A filter has one
+/// verdict for its matches, so the soft refusals are filters of their own,
+/// stacked with the allow-list: the kernel runs every filter and keeps the
+/// strictest verdict (kill > trap > errno > allow), so a call the allow-list
+/// traps stays trapped, and one it allows but a refusal matches fails with
+/// that refusal's errno.
+///
+/// - clone3 fails with ENOSYS (its flags are behind a pointer; the C library
+///   falls back to clone, whose flags the allow-list checks);
+/// - open/openat fail with EACCES (the C library's malloc reads
+///   /proc/sys/vm/overcommit_memory when it first shrinks a heap, and copes),
+///   unless `extra` allows them;
+/// - the allow-list: [`ALLOWED`], `extra`, and the conditional calls (clone
+///   with CLONE_THREAD, tgkill to this process, ioctl UFFDIO_WRITEPROTECT;
+///   clone3, prctl, open/openat and seccomp itself unconditionally, for the
+///   other filters and for installing the last one); anything else traps
+///   (SIGSYS: logged, the process ends);
+/// - last, prctl other than PR_SET_NAME / PR_GET_NAME fails with EPERM.
+///
+/// seccomp(2) stays allowed: a filter added later can only refuse more.
+pub fn build_filters(extra: &[libc::c_long]) -> Result<Vec<BpfProgram>, SandboxError> {
+    use seccompiler::SeccompCmpArgLen::Dword;
+    use seccompiler::SeccompCmpOp::{Eq, MaskedEq, Ne};
+    let cond = |arg: u8, op, value: u64| SeccompCondition::new(arg, Dword, op, value);
+    let rule = |conds: Vec<Result<SeccompCondition, seccompiler::BackendError>>| {
+        SeccompRule::new(conds.into_iter().collect::<Result<Vec<_>, _>>()?)
+    };
     // SAFETY: getpid has no preconditions.
-    let pid = unsafe { libc::getpid() } as u32;
-    let mut p = vec![
-        // Another architecture's system call numbers mean other calls: deny.
-        stmt(LD_W_ABS, ARCH),
-        jump(JEQ_K, AUDIT_ARCH, 1, 0),
-        stmt(RET_K, libc::SECCOMP_RET_KILL_PROCESS),
-        stmt(LD_W_ABS, NR),
-    ];
-    #[cfg(target_arch = "x86_64")]
-    {
-        // x32 system calls (bit 30) are another table.
-        p.push(jump(JSET_K, 0x4000_0000, 0, 1));
-        p.push(stmt(RET_K, DENY));
-    }
-    for nr in ALLOWED
+    let pid = unsafe { libc::getpid() } as u64;
+    let mut allow: BTreeMap<i64, Vec<SeccompRule>> = ALLOWED
         .iter()
         .map(|&(_, nr)| nr)
         .chain(extra.iter().copied())
-    {
-        p.push(jump(JEQ_K, nr as u32, 0, 1));
-        p.push(stmt(RET_K, ALLOW));
+        .map(|nr| (nr, Vec::new()))
+        .collect();
+    let thread = libc::CLONE_THREAD as u64;
+    allow.insert(
+        libc::SYS_clone,
+        vec![rule(vec![cond(0, MaskedEq(thread), thread)])?],
+    );
+    allow.insert(libc::SYS_tgkill, vec![rule(vec![cond(0, Eq, pid)])?]);
+    allow.insert(
+        libc::SYS_ioctl,
+        vec![rule(vec![cond(1, Eq, u64::from(UFFDIO_WRITEPROTECT))])?],
+    );
+    for &nr in SOFTLY_REFUSED.iter().chain(OPENS) {
+        allow.entry(nr).or_default();
     }
-    // clone: threads only (CLONE_THREAD in the flags, args[0] on both arches).
-    p.extend([
-        jump(JEQ_K, libc::SYS_clone as u32, 0, 4),
-        stmt(LD_W_ABS, ARG0_LO),
-        jump(JSET_K, libc::CLONE_THREAD as u32, 0, 1),
-        stmt(RET_K, ALLOW),
-        stmt(RET_K, DENY),
-    ]);
-    // clone3's flags are behind a pointer: make the C library use clone.
-    p.extend([
-        jump(JEQ_K, libc::SYS_clone3 as u32, 0, 1),
-        stmt(RET_K, errno(libc::ENOSYS)),
-    ]);
-    // prctl: naming threads.
-    p.extend([
-        jump(JEQ_K, libc::SYS_prctl as u32, 0, 5),
-        stmt(LD_W_ABS, ARG0_LO),
-        jump(JEQ_K, libc::PR_SET_NAME as u32, 1, 0),
-        jump(JEQ_K, libc::PR_GET_NAME as u32, 0, 1),
-        stmt(RET_K, ALLOW),
-        stmt(RET_K, errno(libc::EPERM)),
-    ]);
-    // tgkill: signals to our own threads (abort(), a panicking thread).
-    p.extend([
-        jump(JEQ_K, libc::SYS_tgkill as u32, 0, 4),
-        stmt(LD_W_ABS, ARG0_LO),
-        jump(JEQ_K, pid, 0, 1),
-        stmt(RET_K, ALLOW),
-        stmt(RET_K, DENY),
-    ]);
-    // Opening files fails softly (the C library's malloc reads
-    // /proc/sys/vm/overcommit_memory when it first shrinks a heap, and copes).
-    p.extend([
-        jump(JEQ_K, libc::SYS_openat as u32, 0, 1),
-        stmt(RET_K, errno(libc::EACCES)),
-    ]);
-    #[cfg(target_arch = "x86_64")]
-    p.extend([
-        jump(JEQ_K, libc::SYS_open as u32, 0, 1),
-        stmt(RET_K, errno(libc::EACCES)),
-    ]);
-    // ioctl: userfaultfd write protection, nothing else.
-    p.extend([
-        jump(JEQ_K, libc::SYS_ioctl as u32, 0, 4),
-        stmt(LD_W_ABS, ARG1_LO),
-        jump(JEQ_K, UFFDIO_WRITEPROTECT, 0, 1),
-        stmt(RET_K, ALLOW),
-        stmt(RET_K, DENY),
-    ]);
-    p.push(stmt(RET_K, DENY));
-    p
+    let filter = |rules: BTreeMap<i64, Vec<SeccompRule>>, mismatch, matched| {
+        SeccompFilter::new(rules, mismatch, matched, TARGET_ARCH)
+            .and_then(BpfProgram::try_from)
+            .map_err(SandboxError::Filter)
+    };
+    let errno = |e: i32| SeccompAction::Errno(e as u32);
+    let mut filters = vec![filter(
+        [(libc::SYS_clone3, Vec::new())].into(),
+        SeccompAction::Allow,
+        errno(libc::ENOSYS),
+    )?];
+    let opens: BTreeMap<i64, Vec<SeccompRule>> = OPENS
+        .iter()
+        .filter(|nr| !extra.contains(nr))
+        .map(|&nr| (nr, Vec::new()))
+        .collect();
+    if !opens.is_empty() {
+        filters.push(filter(opens, SeccompAction::Allow, errno(libc::EACCES))?);
+    }
+    filters.push(filter(allow, SeccompAction::Trap, SeccompAction::Allow)?);
+    let other_prctl = rule(vec![
+        cond(0, Ne, libc::PR_SET_NAME as u64),
+        cond(0, Ne, libc::PR_GET_NAME as u64),
+    ])?;
+    filters.push(filter(
+        [(libc::SYS_prctl, vec![other_prctl])].into(),
+        SeccompAction::Allow,
+        errno(libc::EPERM),
+    )?);
+    Ok(filters)
 }
+
+/// Allowed by the allow-list, refused softly by the filters stacked on it
+/// (seccomp: installing the last filter).
+const SOFTLY_REFUSED: [libc::c_long; 3] = [libc::SYS_clone3, libc::SYS_prctl, libc::SYS_seccomp];
+
+#[cfg(target_arch = "x86_64")]
+const OPENS: &[libc::c_long] = &[libc::SYS_openat, libc::SYS_open];
+#[cfg(not(target_arch = "x86_64"))]
+const OPENS: &[libc::c_long] = &[libc::SYS_openat];
+
+#[cfg(target_arch = "x86_64")]
+const TARGET_ARCH: seccompiler::TargetArch = seccompiler::TargetArch::x86_64;
+#[cfg(target_arch = "aarch64")]
+const TARGET_ARCH: seccompiler::TargetArch = seccompiler::TargetArch::aarch64;
 
 /// Writes "seccomp: system call N denied" and ends the process: a denied call
 /// means the backend does something it never does.
@@ -311,7 +292,7 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
 /// plus `extra` system calls a device model needs.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub fn confine_with(extra: &[libc::c_long]) -> Result<(), SandboxError> {
-    let program = build_program(extra);
+    let programs = build_filters(extra)?;
     // The SIGBUS guard of peer memory needs rt_sigaction, which the filter refuses.
     crate::memory::guard::install()?;
     // glibc installs its internal signal handlers (rt_sigaction, refused by the
@@ -334,29 +315,9 @@ pub fn confine_with(extra: &[libc::c_long]) -> Result<(), SandboxError> {
             return Err(SandboxError::Handler(io::Error::last_os_error()));
         }
     }
-    // SAFETY: prctl with integer arguments only.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(SandboxError::NoNewPrivs(io::Error::last_os_error()));
-    }
-    let prog = libc::sock_fprog {
-        len: program.len() as u16,
-        filter: program.as_ptr() as *mut libc::sock_filter,
-    };
-    // SAFETY: seccomp(2) reads `prog`, which points at `program`, both alive for
-    // the call; the kernel copies the program.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_seccomp,
-            libc::SECCOMP_SET_MODE_FILTER,
-            libc::SECCOMP_FILTER_FLAG_TSYNC,
-            &prog as *const libc::sock_fprog,
-        )
-    };
-    if rc < 0 {
-        return Err(SandboxError::Install(io::Error::last_os_error()));
-    }
-    if rc > 0 {
-        return Err(SandboxError::Tsync(rc));
+    // Every thread of the process at once (TSYNC), in the order built.
+    for program in &programs {
+        seccompiler::apply_filter_all_threads(program).map_err(SandboxError::Apply)?;
     }
     Ok(())
 }
@@ -387,11 +348,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn program_fits_and_ends_in_deny() {
-        let p = build_program(&[]);
-        assert!(p.len() < u16::MAX as usize && p.len() < 4096);
-        let last = p.last().unwrap();
-        assert_eq!((last.code, last.k), (RET_K, DENY));
+    fn filters_build_and_leave_out_what_must_never_run() {
+        let filters = build_filters(&[]).unwrap();
+        assert_eq!(filters.len(), 4);
+        assert!(filters.iter().all(|p| p.len() < 4096));
+        let with_files = build_filters(FILE_OUTPUT).unwrap();
+        assert_eq!(with_files.len(), 3, "open/openat no longer refused");
         // No forbidden call sneaked into the list.
         for bad in [
             libc::SYS_execve,
