@@ -67,31 +67,22 @@ pub enum RunError {
 /// a model's thread (servers without [`run`] take them with
 /// [`wait_for_termination_signal`]).
 pub fn block_termination_signals() {
-    // SAFETY: sigset manipulation on a local set, then pthread_sigmask for the
-    // calling thread; no memory is shared.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in TERMINATION_SIGNALS {
-            libc::sigaddset(&mut set, sig);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    for sig in TERMINATION_SIGNALS {
+        // Only fails for an invalid signal number, which these are not.
+        let _ = vmm_sys_util::signal::block_signal(sig);
     }
 }
 
 /// Waits for SIGTERM, SIGINT or SIGHUP (blocked by [`block_termination_signals`]).
 pub fn wait_for_termination_signal() -> i32 {
-    // SAFETY: as above; sigwait writes the signal number to a local.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in TERMINATION_SIGNALS {
-            libc::sigaddset(&mut set, sig);
-        }
-        let mut sig = 0;
-        libc::sigwait(&set, &mut sig);
-        sig
-    }
+    let Ok(set) = vmm_sys_util::signal::create_sigset(&TERMINATION_SIGNALS) else {
+        return 0;
+    };
+    let mut sig = 0;
+    // SAFETY: sigwait reads a signal set built above and writes the signal
+    // number to a local.
+    unsafe { libc::sigwait(&set, &mut sig) };
+    sig
 }
 
 /// The rest of a PCI device binary's `main` once its arguments are parsed:
@@ -152,7 +143,11 @@ pub fn run(args: &ServerArgs, function: PciFunction) -> Result<(), RunError> {
 /// freed (one small allocation per `run`).
 static SIGNAL_STOP: AtomicPtr<StopHandle> = AtomicPtr::new(std::ptr::null_mut());
 
-extern "C" fn on_termination_signal(_sig: libc::c_int) {
+extern "C" fn on_termination_signal(
+    _sig: libc::c_int,
+    _info: *mut libc::siginfo_t,
+    _ctx: *mut libc::c_void,
+) {
     let stop = SIGNAL_STOP.load(Ordering::SeqCst);
     if !stop.is_null() {
         // SAFETY: a leaked, never freed StopHandle; `stop` is async-signal-safe
@@ -168,27 +163,14 @@ extern "C" fn on_termination_signal(_sig: libc::c_int) {
 /// thread (docs/performance.md, "Where the rest goes").
 fn stop_on_termination_signals(stop: StopHandle) -> std::io::Result<()> {
     SIGNAL_STOP.store(Box::into_raw(Box::new(stop)), Ordering::SeqCst);
-    // SAFETY: sigaction with a zeroed struct, a handler that is an extern "C"
-    // fn doing only async-signal-safe work, and a local signal set; then
-    // pthread_sigmask on the calling thread.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for sig in TERMINATION_SIGNALS {
-            libc::sigaddset(&mut set, sig);
-        }
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_termination_signal as *const () as usize;
-        sa.sa_mask = set;
-        // Restarted calls see the shut-down sockets: accept() fails, recvmsg()
-        // reads end of file.
-        sa.sa_flags = libc::SA_RESTART;
-        for sig in TERMINATION_SIGNALS {
-            if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    // Without SA_RESTART (vmm-sys-util's registration): a call the signal
+    // interrupts fails with EINTR, and every blocking call of the session
+    // retries on EINTR, finding the sockets the handler shut down.
+    for sig in TERMINATION_SIGNALS {
+        vmm_sys_util::signal::register_signal_handler(sig, on_termination_signal)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        vmm_sys_util::signal::unblock_signal(sig)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
     }
     Ok(())
 }

@@ -3,23 +3,18 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
-use std::ptr::NonNull;
+
+use vm_memory::mmap::MmapRegion;
+use vm_memory::FileOffset;
 
 /// A new memfd ([`memfd`](super::memfd)) mapped shared and read-write into
-/// this process for as long as the value lives. The mapping is reached
-/// through [`as_ptr`](Self::as_ptr): whoever reads or writes it decides what
-/// the other side may be doing meanwhile.
+/// this process (a vm-memory `MmapRegion`) for as long as the value lives.
+/// The mapping is reached through [`as_ptr`](Self::as_ptr): whoever reads or
+/// writes it decides what the other side may be doing meanwhile.
 pub struct MappedMemfd {
-    file: File,
-    ptr: NonNull<u8>,
+    map: MmapRegion<()>,
     len: usize,
 }
-
-// SAFETY: the struct owns the mapping and hands out only its address; every
-// access through it is the caller's unsafe code.
-unsafe impl Send for MappedMemfd {}
-// SAFETY: as above: &self gives nothing but the file and the address.
-unsafe impl Sync for MappedMemfd {}
 
 impl MappedMemfd {
     /// `len` bytes (non-zero), mapped lazily.
@@ -45,36 +40,27 @@ impl MappedMemfd {
     }
 
     fn map_file(file: File, len: usize, flags: libc::c_int) -> std::io::Result<MappedMemfd> {
-        // SAFETY: maps `len` bytes of the memfd just sized to `len`, shared, at
-        // an address the kernel picks; unmapped in Drop.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | flags,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        let ptr = NonNull::new(ptr.cast()).ok_or(std::io::ErrorKind::InvalidData)?;
-        Ok(MappedMemfd { file, ptr, len })
+        let map = MmapRegion::build(
+            Some(FileOffset::new(file, 0)),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | flags,
+        )
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(MappedMemfd { map, len })
     }
 
     pub fn file(&self) -> &File {
-        &self.file
+        self.map.file_offset().expect("mapped from a file").file()
     }
 
     pub fn fd(&self) -> RawFd {
-        self.file.as_raw_fd()
+        self.file().as_raw_fd()
     }
 
     /// The first byte of the mapping.
     pub fn as_ptr(&self) -> *mut u8 {
-        self.ptr.as_ptr()
+        self.map.as_ptr()
     }
 
     pub fn len(&self) -> usize {
@@ -83,12 +69,5 @@ impl MappedMemfd {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
-    }
-}
-
-impl Drop for MappedMemfd {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `map`.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
