@@ -160,8 +160,8 @@ pub struct Version {
 }
 
 /// DMA_MAP flags.
-pub const DMA_MAP_FLAG_READ: u32 = vfio::VFIO_DMA_MAP_FLAG_READ as u32;
-pub const DMA_MAP_FLAG_WRITE: u32 = vfio::VFIO_DMA_MAP_FLAG_WRITE as u32;
+pub const DMA_MAP_FLAG_READ: u32 = vfio::VFIO_DMA_MAP_FLAG_READ;
+pub const DMA_MAP_FLAG_WRITE: u32 = vfio::VFIO_DMA_MAP_FLAG_WRITE;
 
 /// DMA_MAP request payload. The fd, if any, travels as SCM_RIGHTS.
 #[repr(C)]
@@ -177,8 +177,8 @@ pub struct DmaMap {
 }
 
 /// DMA_UNMAP flags. Bit 0 asked for a dirty bitmap (obsolete, refused).
-pub const DMA_UNMAP_FLAG_GET_DIRTY_BITMAP: u32 = vfio::VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP as u32;
-pub const DMA_UNMAP_FLAG_ALL: u32 = vfio::VFIO_DMA_UNMAP_FLAG_ALL as u32;
+pub const DMA_UNMAP_FLAG_GET_DIRTY_BITMAP: u32 = vfio::VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP;
+pub const DMA_UNMAP_FLAG_ALL: u32 = vfio::VFIO_DMA_UNMAP_FLAG_ALL;
 
 /// DMA_UNMAP request and reply payload.
 #[repr(C)]
@@ -191,8 +191,8 @@ pub struct DmaUnmap {
 }
 
 /// DEVICE_GET_INFO flags.
-pub const DEVICE_FLAGS_RESET: u32 = vfio::VFIO_DEVICE_FLAGS_RESET as u32;
-pub const DEVICE_FLAGS_PCI: u32 = vfio::VFIO_DEVICE_FLAGS_PCI as u32;
+pub const DEVICE_FLAGS_RESET: u32 = vfio::VFIO_DEVICE_FLAGS_RESET;
+pub const DEVICE_FLAGS_PCI: u32 = vfio::VFIO_DEVICE_FLAGS_PCI;
 
 /// DEVICE_GET_INFO request and reply payload.
 #[repr(C)]
@@ -205,10 +205,10 @@ pub struct DeviceInfo {
 }
 
 /// Region info flags.
-pub const REGION_INFO_FLAG_READ: u32 = vfio::VFIO_REGION_INFO_FLAG_READ as u32;
-pub const REGION_INFO_FLAG_WRITE: u32 = vfio::VFIO_REGION_INFO_FLAG_WRITE as u32;
-pub const REGION_INFO_FLAG_MMAP: u32 = vfio::VFIO_REGION_INFO_FLAG_MMAP as u32;
-pub const REGION_INFO_FLAG_CAPS: u32 = vfio::VFIO_REGION_INFO_FLAG_CAPS as u32;
+pub const REGION_INFO_FLAG_READ: u32 = vfio::VFIO_REGION_INFO_FLAG_READ;
+pub const REGION_INFO_FLAG_WRITE: u32 = vfio::VFIO_REGION_INFO_FLAG_WRITE;
+pub const REGION_INFO_FLAG_MMAP: u32 = vfio::VFIO_REGION_INFO_FLAG_MMAP;
+pub const REGION_INFO_FLAG_CAPS: u32 = vfio::VFIO_REGION_INFO_FLAG_CAPS;
 
 /// Capability id of the sparse mmap capability in a region-info chain.
 pub const REGION_INFO_CAP_SPARSE_MMAP: u16 = 1;
@@ -263,10 +263,10 @@ pub struct RegionIoFds {
 }
 
 /// IRQ info flags.
-pub const IRQ_INFO_EVENTFD: u32 = vfio::VFIO_IRQ_INFO_EVENTFD as u32;
-pub const IRQ_INFO_MASKABLE: u32 = vfio::VFIO_IRQ_INFO_MASKABLE as u32;
-pub const IRQ_INFO_AUTOMASKED: u32 = vfio::VFIO_IRQ_INFO_AUTOMASKED as u32;
-pub const IRQ_INFO_NORESIZE: u32 = vfio::VFIO_IRQ_INFO_NORESIZE as u32;
+pub const IRQ_INFO_EVENTFD: u32 = vfio::VFIO_IRQ_INFO_EVENTFD;
+pub const IRQ_INFO_MASKABLE: u32 = vfio::VFIO_IRQ_INFO_MASKABLE;
+pub const IRQ_INFO_AUTOMASKED: u32 = vfio::VFIO_IRQ_INFO_AUTOMASKED;
+pub const IRQ_INFO_NORESIZE: u32 = vfio::VFIO_IRQ_INFO_NORESIZE;
 
 /// DEVICE_GET_IRQ_INFO request and reply payload.
 #[repr(C)]
@@ -279,15 +279,15 @@ pub struct IrqInfo {
 }
 
 /// SET_IRQS data kinds (exactly one must be set).
-pub const IRQ_SET_DATA_NONE: u32 = vfio::VFIO_IRQ_SET_DATA_NONE as u32;
-pub const IRQ_SET_DATA_BOOL: u32 = vfio::VFIO_IRQ_SET_DATA_BOOL as u32;
-pub const IRQ_SET_DATA_EVENTFD: u32 = vfio::VFIO_IRQ_SET_DATA_EVENTFD as u32;
-pub const IRQ_SET_DATA_MASK: u32 = vfio::VFIO_IRQ_SET_DATA_TYPE_MASK as u32;
+pub const IRQ_SET_DATA_NONE: u32 = vfio::VFIO_IRQ_SET_DATA_NONE;
+pub const IRQ_SET_DATA_BOOL: u32 = vfio::VFIO_IRQ_SET_DATA_BOOL;
+pub const IRQ_SET_DATA_EVENTFD: u32 = vfio::VFIO_IRQ_SET_DATA_EVENTFD;
+pub const IRQ_SET_DATA_MASK: u32 = vfio::VFIO_IRQ_SET_DATA_TYPE_MASK;
 /// SET_IRQS actions (exactly one must be set).
-pub const IRQ_SET_ACTION_MASK: u32 = vfio::VFIO_IRQ_SET_ACTION_MASK as u32;
-pub const IRQ_SET_ACTION_UNMASK: u32 = vfio::VFIO_IRQ_SET_ACTION_UNMASK as u32;
-pub const IRQ_SET_ACTION_TRIGGER: u32 = vfio::VFIO_IRQ_SET_ACTION_TRIGGER as u32;
-pub const IRQ_SET_ACTION_MASK_ALL: u32 = vfio::VFIO_IRQ_SET_ACTION_TYPE_MASK as u32;
+pub const IRQ_SET_ACTION_MASK: u32 = vfio::VFIO_IRQ_SET_ACTION_MASK;
+pub const IRQ_SET_ACTION_UNMASK: u32 = vfio::VFIO_IRQ_SET_ACTION_UNMASK;
+pub const IRQ_SET_ACTION_TRIGGER: u32 = vfio::VFIO_IRQ_SET_ACTION_TRIGGER;
+pub const IRQ_SET_ACTION_MASK_ALL: u32 = vfio::VFIO_IRQ_SET_ACTION_TYPE_MASK;
 
 /// DEVICE_SET_IRQS request payload; for DATA_BOOL `count` bytes follow, for
 /// DATA_EVENTFD the fds travel as SCM_RIGHTS.
@@ -500,20 +500,20 @@ const _: () = {
 
 /// Region indices of a vfio-user PCI device.
 pub const PCI_BAR0_REGION_INDEX: u32 = 0;
-pub const PCI_ROM_REGION_INDEX: u32 = vfio::VFIO_PCI_ROM_REGION_INDEX as u32;
-pub const PCI_CONFIG_REGION_INDEX: u32 = vfio::VFIO_PCI_CONFIG_REGION_INDEX as u32;
-pub const PCI_VGA_REGION_INDEX: u32 = vfio::VFIO_PCI_VGA_REGION_INDEX as u32;
+pub const PCI_ROM_REGION_INDEX: u32 = vfio::VFIO_PCI_ROM_REGION_INDEX;
+pub const PCI_CONFIG_REGION_INDEX: u32 = vfio::VFIO_PCI_CONFIG_REGION_INDEX;
+pub const PCI_VGA_REGION_INDEX: u32 = vfio::VFIO_PCI_VGA_REGION_INDEX;
 /// Regions a PCI device reports (BAR0-5, ROM, config, VGA).
-pub const PCI_NUM_REGIONS: u32 = vfio::VFIO_PCI_NUM_REGIONS as u32;
+pub const PCI_NUM_REGIONS: u32 = vfio::VFIO_PCI_NUM_REGIONS;
 
 /// IRQ indices of a vfio-user PCI device.
-pub const PCI_INTX_IRQ_INDEX: u32 = vfio::VFIO_PCI_INTX_IRQ_INDEX as u32;
-pub const PCI_MSI_IRQ_INDEX: u32 = vfio::VFIO_PCI_MSI_IRQ_INDEX as u32;
-pub const PCI_MSIX_IRQ_INDEX: u32 = vfio::VFIO_PCI_MSIX_IRQ_INDEX as u32;
-pub const PCI_ERR_IRQ_INDEX: u32 = vfio::VFIO_PCI_ERR_IRQ_INDEX as u32;
-pub const PCI_REQ_IRQ_INDEX: u32 = vfio::VFIO_PCI_REQ_IRQ_INDEX as u32;
+pub const PCI_INTX_IRQ_INDEX: u32 = vfio::VFIO_PCI_INTX_IRQ_INDEX;
+pub const PCI_MSI_IRQ_INDEX: u32 = vfio::VFIO_PCI_MSI_IRQ_INDEX;
+pub const PCI_MSIX_IRQ_INDEX: u32 = vfio::VFIO_PCI_MSIX_IRQ_INDEX;
+pub const PCI_ERR_IRQ_INDEX: u32 = vfio::VFIO_PCI_ERR_IRQ_INDEX;
+pub const PCI_REQ_IRQ_INDEX: u32 = vfio::VFIO_PCI_REQ_IRQ_INDEX;
 /// IRQ indices a PCI device reports.
-pub const PCI_NUM_IRQS: u32 = vfio::VFIO_PCI_NUM_IRQS as u32;
+pub const PCI_NUM_IRQS: u32 = vfio::VFIO_PCI_NUM_IRQS;
 
 #[cfg(test)]
 mod tests {
