@@ -337,14 +337,7 @@ fn in_process(config: ServerConfig, max_regions: usize) -> InProcess {
     let results = Arc::new(Mutex::new(Vec::new()));
     let r = results.clone();
     let description = PciDeviceDescription {
-        bars: [
-            Some(BarDef::memory32(0x1000, false)),
-            None,
-            None,
-            None,
-            None,
-            None,
-        ],
+        bars: PciDeviceDescription::only_bar0(BarDef::memory32(0x1000, false)),
         ..PciDeviceDescription::default()
     };
     let function = PciFunction::new(description, GuestMemory::new(max_regions), move |ctx| {

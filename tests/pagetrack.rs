@@ -104,14 +104,7 @@ fn start(source: SourceKind, policy: Policy) -> Rig {
             device_id: 0x00fe,
             ..Default::default()
         },
-        bars: [
-            Some(BarDef::memory32(0x1000, false)),
-            None,
-            None,
-            None,
-            None,
-            None,
-        ],
+        bars: PciDeviceDescription::only_bar0(BarDef::memory32(0x1000, false)),
         page_track_source: source,
         page_track_policy: policy,
         ..Default::default()

@@ -282,8 +282,7 @@ fn msix_vectors_masks_and_pending_bits() {
     c.region_write(0, 0, &[3]).unwrap();
     assert!(fds[3].read().is_err());
     assert_eq!(pba(c), 1 << 3);
-    c.set_irqs(2, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_UNMASK, 3, 1, &[], &[])
-        .unwrap();
+    c.unmask_irq(2, 3).unwrap();
     assert_eq!(fds[3].read().unwrap(), 1, "pending vector fires on unmask");
     assert_eq!(pba(c), 0);
 
@@ -312,15 +311,8 @@ fn msix_vectors_masks_and_pending_bits() {
     assert_eq!(c.region_read(0, entry + 1, 2).unwrap(), [0, 0]);
 
     // De-assigning with no fds: the vector stays quiet.
-    c.set_irqs(
-        2,
-        IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
-        1,
-        1,
-        &[],
-        &[],
-    )
-    .unwrap();
+    let trigger = IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER;
+    c.set_irqs(2, trigger, 1, 1, &[], &[]).unwrap();
     c.region_write(0, 0, &[1]).unwrap();
     assert!(fds[1].read().is_err());
     // DATA_BOOL trigger loops back through the eventfd.

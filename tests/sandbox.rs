@@ -62,15 +62,7 @@ fn full_session(c: &mut Client, ram: &MemfdRam) {
     // INTx with an unmask eventfd: the session's event loop serves it.
     let intx = EventFd::new(EFD_NONBLOCK).unwrap();
     let resample = EventFd::new(EFD_NONBLOCK).unwrap();
-    c.set_irqs(
-        0,
-        IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
-        0,
-        1,
-        &[intx.as_raw_fd()],
-        &[],
-    )
-    .unwrap();
+    c.set_irq_eventfds(0, 0, &[intx.as_raw_fd()]).unwrap();
     c.set_irqs(
         0,
         IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_UNMASK,
@@ -288,15 +280,7 @@ fn runs_as_an_unprivileged_user_with_only_its_socket_and_memory() {
     c.dma_map(0x10_0000, 0x10_0000, Some(ram.fd()), 0, RW)
         .unwrap();
     let msi = EventFd::new(EFD_NONBLOCK).unwrap();
-    c.set_irqs(
-        1,
-        IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
-        0,
-        1,
-        &[msi.as_raw_fd()],
-        &[],
-    )
-    .unwrap();
+    c.set_irq_eventfds(1, 0, &[msi.as_raw_fd()]).unwrap();
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let field = |name: &str| {

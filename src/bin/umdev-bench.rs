@@ -968,14 +968,7 @@ fn enable_msi(c: &mut Client) -> Result<EventFd> {
             let ctl = u16::from_le_bytes([ctl[0], ctl[1]]) | 1;
             c.region_write(CONFIG, at + 2, &ctl.to_le_bytes())?;
             let irq = EventFd::new(EFD_NONBLOCK)?;
-            c.set_irqs(
-                PCI_MSI_IRQ_INDEX,
-                IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
-                0,
-                1,
-                &[irq.as_raw_fd()],
-                &[],
-            )?;
+            c.set_irq_eventfds(PCI_MSI_IRQ_INDEX, 0, &[irq.as_raw_fd()])?;
             return Ok(irq);
         }
         at = u64::from(cap[1]);
@@ -1149,14 +1142,7 @@ impl InProcess {
                 class_code: 0x00ff00,
                 ..Default::default()
             },
-            bars: [
-                Some(BarDef::memory32(4096, false)),
-                None,
-                None,
-                None,
-                None,
-                None,
-            ],
+            bars: PciDeviceDescription::only_bar0(BarDef::memory32(4096, false)),
             ..Default::default()
         };
         let max_maps = ServerConfig::default().max_dma_maps as usize;

@@ -33,6 +33,15 @@ pub struct PciDeviceDescription {
     pub page_track_policy: Policy,
 }
 
+impl PciDeviceDescription {
+    /// The BAR table of a device with one BAR, BAR0 (the common small case).
+    pub fn only_bar0(bar0: BarDef) -> [Option<BarDef>; NUM_BARS] {
+        let mut bars = [None; NUM_BARS];
+        bars[0] = Some(bar0);
+        bars
+    }
+}
+
 /// What a device model gets to reach the world.
 #[derive(Clone)]
 pub struct DeviceContext {

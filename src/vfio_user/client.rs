@@ -436,6 +436,19 @@ impl Client {
         Ok(())
     }
 
+    /// SET_IRQS TRIGGER with eventfds: `fds` become the eventfds of vectors
+    /// `start..` of IRQ index `index`.
+    pub fn set_irq_eventfds(&mut self, index: u32, start: u32, fds: &[RawFd]) -> Result<()> {
+        let flags = IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER;
+        self.set_irqs(index, flags, start, fds.len() as u32, fds, &[])
+    }
+
+    /// SET_IRQS UNMASK of one vector (as QEMU unmasks INTx after an EOI).
+    pub fn unmask_irq(&mut self, index: u32, vector: u32) -> Result<()> {
+        let flags = IRQ_SET_DATA_NONE | IRQ_SET_ACTION_UNMASK;
+        self.set_irqs(index, flags, vector, 1, &[], &[])
+    }
+
     pub fn region_read(&mut self, region: u32, offset: u64, len: usize) -> Result<Vec<u8>> {
         let mut data = vec![0; len];
         self.region_read_into(region, offset, &mut data)?;

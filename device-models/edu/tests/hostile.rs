@@ -212,8 +212,7 @@ fn interrupt_fds_that_would_block() {
     for _ in 0..3 {
         c.write_u32(BAR0, reg::IRQ_RAISE, 0x10).unwrap();
         c.write_u32(BAR0, reg::IRQ_ACK, 0x10).unwrap();
-        c.set_irqs(0, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_UNMASK, 0, 1, &[], &[])
-            .unwrap();
+        c.unmask_irq(0, 0).unwrap();
     }
     c.set_irqs(1, trigger, 0, 1, &[raw(&full_msi)], &[])
         .unwrap();

@@ -255,13 +255,10 @@ fn action(s: &mut Session, rng: &mut Rng, stats: &mut Stats, ram: &MemfdRam) -> 
             // Interrupts with eventfds: the backend must close them when we go.
             let e = EventFd::new(EFD_NONBLOCK).unwrap();
             let index = rng.below(2) as u32;
-            stats.wire.req(s.c.set_irqs(
+            stats.wire.req(s.c.set_irq_eventfds(
                 index,
-                IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
                 0,
-                1,
                 &[std::os::fd::AsRawFd::as_raw_fd(&e)],
-                &[],
             ))?;
             s._eventfds.push(e);
         }

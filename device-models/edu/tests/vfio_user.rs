@@ -119,15 +119,7 @@ fn intx_and_msi_through_eventfds() {
     let mut c = be.connect();
     enable(&mut c);
     let intx = EventFd::new(EFD_NONBLOCK).unwrap();
-    c.set_irqs(
-        0,
-        IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
-        0,
-        1,
-        &[intx.as_raw_fd()],
-        &[],
-    )
-    .unwrap();
+    c.set_irq_eventfds(0, 0, &[intx.as_raw_fd()]).unwrap();
     c.write_u32(BAR0, reg::IRQ_RAISE, 0x10).unwrap();
     assert_eq!(c.read_u32(BAR0, reg::IRQ_STATUS).unwrap(), 0x10);
     assert_eq!(intx.read().unwrap(), 1);
@@ -136,20 +128,11 @@ fn intx_and_msi_through_eventfds() {
     assert!(status[0] & 0x08 != 0);
     c.write_u32(BAR0, reg::IRQ_ACK, 0x10).unwrap();
     assert_eq!(c.read_u32(BAR0, reg::IRQ_STATUS).unwrap(), 0);
-    c.set_irqs(0, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_UNMASK, 0, 1, &[], &[])
-        .unwrap();
+    c.unmask_irq(0, 0).unwrap();
 
     // Factorial with the interrupt bit over MSI.
     let msi = EventFd::new(EFD_NONBLOCK).unwrap();
-    c.set_irqs(
-        1,
-        IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
-        0,
-        1,
-        &[msi.as_raw_fd()],
-        &[],
-    )
-    .unwrap();
+    c.set_irq_eventfds(1, 0, &[msi.as_raw_fd()]).unwrap();
     c.region_write(CONFIG, 0x42, &0x0081u16.to_le_bytes())
         .unwrap(); // MSI enable
     c.write_u32(BAR0, reg::STATUS, 0x80).unwrap();
@@ -449,14 +432,7 @@ fn malformed_and_unknown_commands_get_errors_and_the_stream_stays_in_step() {
         )
         .is_err());
     assert!(c
-        .set_irqs(
-            0,
-            IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
-            0,
-            1,
-            &[e.as_raw_fd(), e.as_raw_fd()],
-            &[]
-        )
+        .set_irq_eventfds(0, 0, &[e.as_raw_fd(), e.as_raw_fd()])
         .is_err());
     // A reply-typed message from the client is ignored; a second VERSION is refused.
     let v = Version { major: 0, minor: 0 };

@@ -46,14 +46,7 @@ pub fn description() -> PciDeviceDescription {
             interrupt_pin: 1,
             ..PciIds::default()
         },
-        bars: [
-            Some(BarDef::memory32(0x1000, false)),
-            None,
-            None,
-            None,
-            None,
-            None,
-        ],
+        bars: PciDeviceDescription::only_bar0(BarDef::memory32(0x1000, false)),
         msix: Some(MsixLayout {
             vectors: 1,
             bar: 0,

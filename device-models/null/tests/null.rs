@@ -60,19 +60,10 @@ fn registers_interrupt_and_dma_over_the_socket() {
     assert_eq!(c.read_u32(0, reg::SCRATCH).unwrap(), 0xcafe_f00d);
 
     let intx = EventFd::new(EFD_NONBLOCK).unwrap();
-    c.set_irqs(
-        0,
-        IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
-        0,
-        1,
-        &[intx.as_raw_fd()],
-        &[],
-    )
-    .unwrap();
+    c.set_irq_eventfds(0, 0, &[intx.as_raw_fd()]).unwrap();
     c.write_u32(0, reg::DOORBELL, 1).unwrap();
     assert_eq!(intx.read().unwrap(), 1);
-    c.set_irqs(0, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_UNMASK, 0, 1, &[], &[])
-        .unwrap();
+    c.unmask_irq(0, 0).unwrap();
 
     let ram = MappedMemfd::new("null-ram", 1 << 20).unwrap();
     c.dma_map(

@@ -730,14 +730,10 @@ fn action(
             // Interrupts re-wired to new eventfds: closed when the client goes.
             let e = EventFd::new(EFD_NONBLOCK).unwrap();
             let v = rng.below(MSIX_VECTORS as u64) as u32;
-            stats.wire.req(gpu.client.set_irqs(
-                PCI_MSIX_IRQ_INDEX,
-                IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
-                v,
-                1,
-                &[e.as_raw_fd()],
-                &[],
-            ))?;
+            stats.wire.req(
+                gpu.client
+                    .set_irq_eventfds(PCI_MSIX_IRQ_INDEX, v, &[e.as_raw_fd()]),
+            )?;
             s._eventfds.push(e);
         }
         15 => {

@@ -578,14 +578,7 @@ impl Vgpu {
             )
             .expect("SET_IRQS MSI-X");
         self.client
-            .set_irqs(
-                PCI_INTX_IRQ_INDEX,
-                IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
-                0,
-                1,
-                &[self.intx.as_raw_fd()],
-                &[],
-            )
+            .set_irq_eventfds(PCI_INTX_IRQ_INDEX, 0, &[self.intx.as_raw_fd()])
             .expect("SET_IRQS INTx");
         if self.opts.msix {
             self.msix_control(0x8000);
