@@ -29,9 +29,9 @@ fn errno<T>(r: Result<T, ClientError>) -> Option<u32> {
     r.err().and_then(|e| e.errno())
 }
 
+/// Memory decoding and bus mastering on, as a guest driver would.
 fn enable(c: &mut Client) {
-    c.region_write(CONFIG, 0x04, &0x0006u16.to_le_bytes())
-        .unwrap();
+    c.enable_device().unwrap();
 }
 
 fn open_fds(pid: u32) -> usize {

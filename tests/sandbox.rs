@@ -17,12 +17,11 @@ use umdev_edu::{reg, DMA_BUF_ADDR, DMA_CMD_RUN, DMA_CMD_TO_RAM, ID_VALUE};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const BAR0: u32 = 0;
-const CONFIG: u32 = PCI_CONFIG_REGION_INDEX;
 const RW: u32 = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE;
 
+/// Memory decoding and bus mastering on, as a guest driver would.
 fn enable(c: &mut Client) {
-    c.region_write(CONFIG, 0x04, &0x0006u16.to_le_bytes())
-        .unwrap();
+    c.enable_device().unwrap();
 }
 
 /// `field:` of /proc/PID/task/TID/status for every thread of `pid`.

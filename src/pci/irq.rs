@@ -97,15 +97,7 @@ impl<'a> VectorRange<'a> {
 pub struct IrqSnapshot {
     /// (masked, pending) per vector of each kind.
     flags: [Vec<(bool, bool)>; 5],
-    msi_enabled: bool,
-    msi_vectors: u32,
-    msix_enabled: bool,
-    msix_function_mask: bool,
-    table_mask: Vec<bool>,
-    msix_table_in_use: bool,
-    intx_level: bool,
-    intx_automasked: bool,
-    intx_disabled: bool,
+    modes: Modes,
 }
 
 #[derive(Default)]
@@ -119,6 +111,13 @@ struct Vector {
 #[derive(Default)]
 struct IrqState {
     vectors: [Vec<Vector>; 5],
+    modes: Modes,
+}
+
+/// Everything of the interrupt state but the vectors: what a snapshot
+/// carries as it is.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Modes {
     msi_enabled: bool,
     /// Vectors the guest enabled in the MSI capability (Multiple Message Enable).
     msi_vectors: u32,
@@ -183,7 +182,7 @@ impl Interrupts {
         for (v, &n) in state.vectors.iter_mut().zip(&counts) {
             v.resize_with(n as usize, Vector::default);
         }
-        state.msix_table_mask = vec![true; msix_vectors as usize];
+        state.modes.msix_table_mask = vec![true; msix_vectors as usize];
         Arc::new(Interrupts {
             state: Mutex::new(state),
             counts,
@@ -219,22 +218,22 @@ impl Interrupts {
 
     /// Whether the guest enabled MSI.
     pub fn msi_enabled(&self) -> bool {
-        self.lock().msi_enabled
+        self.lock().modes.msi_enabled
     }
 
     /// Whether the guest enabled MSI-X.
     pub fn msix_enabled(&self) -> bool {
-        self.lock().msix_enabled
+        self.lock().modes.msix_enabled
     }
 
     /// Signals message vector `vector`: an MSI-X vector when MSI-X is enabled,
     /// else an MSI vector when MSI is enabled; dropped otherwise (as on hardware).
     pub fn notify(&self, vector: u32) {
         let mut s = self.lock();
-        if s.msix_enabled {
+        if s.modes.msix_enabled {
             Self::fire_msix(&mut s, vector);
-        } else if s.msi_enabled {
-            if vector < s.msi_vectors.max(1) {
+        } else if s.modes.msi_enabled {
+            if vector < s.modes.msi_vectors.max(1) {
                 Self::fire(&mut s, IrqKind::Msi, vector, false);
             }
         } else {
@@ -245,7 +244,7 @@ impl Interrupts {
     /// Drives the INTx line.
     pub fn set_intx(&self, asserted: bool) {
         let mut s = self.lock();
-        s.intx_level = asserted;
+        s.modes.intx_level = asserted;
         if !asserted {
             if let Some(v) = s.vectors[0].first_mut() {
                 v.pending = false;
@@ -257,7 +256,7 @@ impl Interrupts {
 
     /// The INTx line level (PCI status register Interrupt Status).
     pub fn intx_level(&self) -> bool {
-        self.lock().intx_level
+        self.lock().modes.intx_level
     }
 
     /// Signals the ERR or REQ eventfd, if the client installed one.
@@ -267,10 +266,14 @@ impl Interrupts {
     }
 
     fn fire_intx(s: &mut IrqState) {
-        if !s.intx_level || s.intx_disabled || s.msi_enabled || s.msix_enabled {
+        if !s.modes.intx_level
+            || s.modes.intx_disabled
+            || s.modes.msi_enabled
+            || s.modes.msix_enabled
+        {
             return;
         }
-        let automasked = s.intx_automasked;
+        let automasked = s.modes.intx_automasked;
         let Some(v) = s.vectors[0].first_mut() else {
             return;
         };
@@ -280,14 +283,15 @@ impl Interrupts {
         }
         if let Some(fd) = &v.eventfd {
             signal(fd);
-            s.intx_automasked = true;
+            s.modes.intx_automasked = true;
             v.pending = false;
         }
     }
 
     fn fire_msix(s: &mut IrqState, vector: u32) {
-        let table_masked = s.msix_table_in_use
-            && s.msix_table_mask
+        let table_masked = s.modes.msix_table_in_use
+            && s.modes
+                .msix_table_mask
                 .get(vector as usize)
                 .copied()
                 .unwrap_or(true);
@@ -295,7 +299,7 @@ impl Interrupts {
             s,
             IrqKind::Msix,
             vector,
-            s.msix_function_mask || table_masked,
+            s.modes.msix_function_mask || table_masked,
         );
     }
 
@@ -320,7 +324,7 @@ impl Interrupts {
 
     /// Signals every pending MSI-X vector that is no longer masked.
     fn flush_msix_pending(s: &mut IrqState) {
-        if !s.msix_enabled {
+        if !s.modes.msix_enabled {
             return;
         }
         for vector in 0..s.vectors[2].len() as u32 {
@@ -335,23 +339,23 @@ impl Interrupts {
     /// The MSI capability's Enable and Multiple Message Enable changed.
     pub fn update_msi(&self, enabled: bool, vectors: u32) {
         let mut s = self.lock();
-        s.msi_enabled = enabled;
-        s.msi_vectors = vectors;
+        s.modes.msi_enabled = enabled;
+        s.modes.msi_vectors = vectors;
     }
 
     /// The MSI-X capability's Enable and Function Mask changed.
     pub fn update_msix(&self, enabled: bool, function_mask: bool) {
         let mut s = self.lock();
-        s.msix_enabled = enabled;
-        s.msix_function_mask = function_mask;
+        s.modes.msix_enabled = enabled;
+        s.modes.msix_function_mask = function_mask;
         Self::flush_msix_pending(&mut s);
     }
 
     /// The client wrote the Vector Control word of table entry `vector`.
     pub fn update_msix_table_mask(&self, vector: u32, masked: bool) {
         let mut s = self.lock();
-        s.msix_table_in_use = true;
-        if let Some(m) = s.msix_table_mask.get_mut(vector as usize) {
+        s.modes.msix_table_in_use = true;
+        if let Some(m) = s.modes.msix_table_mask.get_mut(vector as usize) {
             *m = masked;
         }
         Self::flush_msix_pending(&mut s);
@@ -360,7 +364,7 @@ impl Interrupts {
     /// Command register Interrupt Disable changed.
     pub fn update_intx_disable(&self, disabled: bool) {
         let mut s = self.lock();
-        s.intx_disabled = disabled;
+        s.modes.intx_disabled = disabled;
         if !disabled {
             Self::fire_intx(&mut s);
         }
@@ -384,7 +388,7 @@ impl Interrupts {
         if let Some(v) = s.vectors[0].first_mut() {
             v.masked = false;
         }
-        s.intx_automasked = false;
+        s.modes.intx_automasked = false;
         Self::fire_intx(&mut s);
     }
 
@@ -456,7 +460,7 @@ impl Interrupts {
             *v = Vector::default();
         }
         if kind == IrqKind::Intx {
-            s.intx_automasked = false;
+            s.modes.intx_automasked = false;
         }
         debug!(?kind, "interrupts disabled");
     }
@@ -540,16 +544,16 @@ impl Interrupts {
                 w.bool(v.pending);
             }
         }
-        w.bool(s.msi_enabled);
-        w.u32(s.msi_vectors);
-        w.bool(s.msix_enabled);
-        w.bool(s.msix_function_mask);
-        w.u64(s.msix_table_mask.len() as u64);
-        s.msix_table_mask.iter().for_each(|&m| w.bool(m));
-        w.bool(s.msix_table_in_use);
-        w.bool(s.intx_level);
-        w.bool(s.intx_automasked);
-        w.bool(s.intx_disabled);
+        w.bool(s.modes.msi_enabled);
+        w.u32(s.modes.msi_vectors);
+        w.bool(s.modes.msix_enabled);
+        w.bool(s.modes.msix_function_mask);
+        w.u64(s.modes.msix_table_mask.len() as u64);
+        s.modes.msix_table_mask.iter().for_each(|&m| w.bool(m));
+        w.bool(s.modes.msix_table_in_use);
+        w.bool(s.modes.intx_level);
+        w.bool(s.modes.intx_automasked);
+        w.bool(s.modes.intx_disabled);
     }
 
     /// Reads state as [`save`](Self::save) wrote it, checked against this
@@ -572,59 +576,39 @@ impl Interrupts {
         let (msi_enabled, msi_vectors) = (r.bool()?, r.u32()?);
         let (msix_enabled, msix_function_mask) = (r.bool()?, r.bool()?);
         let n = r.count(1)?;
-        if n != self.lock().msix_table_mask.len() {
+        if n != self.lock().modes.msix_table_mask.len() {
             return Err(StateError::Invalid("MSI-X masks of another count"));
         }
-        let table_mask = (0..n).map(|_| r.bool()).collect::<Result<Vec<_>, _>>()?;
+        let msix_table_mask = (0..n).map(|_| r.bool()).collect::<Result<Vec<_>, _>>()?;
         let msix_table_in_use = r.bool()?;
         let (intx_level, intx_automasked, intx_disabled) = (r.bool()?, r.bool()?, r.bool()?);
         if msi_vectors > self.counts[IrqKind::Msi as usize] {
             return Err(StateError::Invalid("more MSI vectors than the device has"));
         }
-        Ok(IrqSnapshot {
-            flags,
+        let modes = Modes {
             msi_enabled,
             msi_vectors,
             msix_enabled,
             msix_function_mask,
-            table_mask,
+            msix_table_mask,
             msix_table_in_use,
             intx_level,
             intx_automasked,
             intx_disabled,
-        })
+        };
+        Ok(IrqSnapshot { flags, modes })
     }
 
     /// Applies a parsed snapshot; the installed eventfds stay.
     pub fn apply(&self, snap: IrqSnapshot) {
-        let IrqSnapshot {
-            flags,
-            msi_enabled,
-            msi_vectors,
-            msix_enabled,
-            msix_function_mask,
-            table_mask,
-            msix_table_in_use,
-            intx_level,
-            intx_automasked,
-            intx_disabled,
-        } = snap;
         let mut s = self.lock();
-        for (vectors, f) in s.vectors.iter_mut().zip(flags) {
+        for (vectors, f) in s.vectors.iter_mut().zip(snap.flags) {
             for (v, (masked, pending)) in vectors.iter_mut().zip(f) {
                 v.masked = masked;
                 v.pending = pending;
             }
         }
-        s.msi_enabled = msi_enabled;
-        s.msi_vectors = msi_vectors;
-        s.msix_enabled = msix_enabled;
-        s.msix_function_mask = msix_function_mask;
-        s.msix_table_mask = table_mask;
-        s.msix_table_in_use = msix_table_in_use;
-        s.intx_level = intx_level;
-        s.intx_automasked = intx_automasked;
-        s.intx_disabled = intx_disabled;
+        s.modes = snap.modes;
     }
 
     /// Device reset: masks, pending bits and modes to power-on state; the client's
@@ -637,15 +621,11 @@ impl Interrupts {
                 v.pending = false;
             }
         }
-        s.msi_enabled = false;
-        s.msi_vectors = 0;
-        s.msix_enabled = false;
-        s.msix_function_mask = false;
-        s.msix_table_mask.iter_mut().for_each(|m| *m = true);
-        s.msix_table_in_use = false;
-        s.intx_level = false;
-        s.intx_automasked = false;
-        s.intx_disabled = false;
+        let vectors = s.modes.msix_table_mask.len();
+        s.modes = Modes {
+            msix_table_mask: vec![true; vectors],
+            ..Modes::default()
+        };
     }
 
     /// The client went away: forget its eventfds as well.

@@ -436,6 +436,12 @@ impl Client {
         Ok(())
     }
 
+    /// Memory (and I/O) decoding and bus mastering on in the PCI command
+    /// register, as a guest driver does at probe.
+    pub fn enable_device(&mut self) -> Result<()> {
+        self.region_write(PCI_CONFIG_REGION_INDEX, 0x04, &0x0006u16.to_le_bytes())
+    }
+
     /// SET_IRQS TRIGGER with eventfds: `fds` become the eventfds of vectors
     /// `start..` of IRQ index `index`.
     pub fn set_irq_eventfds(&mut self, index: u32, start: u32, fds: &[RawFd]) -> Result<()> {

@@ -179,13 +179,27 @@ impl SharedRam {
             bytes: std::sync::Arc::new(std::sync::Mutex::new(vec![0; size])),
         }
     }
+
+    pub fn read_u32(&self, gpa: u64) -> u32 {
+        let b = self.bytes.lock().unwrap();
+        let at = (gpa - self.base) as usize;
+        u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+    }
+
+    pub fn write(&self, gpa: u64, data: &[u8]) {
+        let mut b = self.bytes.lock().unwrap();
+        let at = (gpa - self.base) as usize;
+        b[at..at + data.len()].copy_from_slice(data);
+    }
 }
 
 impl DmaTarget for SharedRam {
     fn read(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), u32> {
         let bytes = self.bytes.lock().unwrap();
         let at = gpa.checked_sub(self.base).ok_or(libc::EFAULT as u32)? as usize;
-        let src = bytes.get(at..at + buf.len()).ok_or(libc::EFAULT as u32)?;
+        let src = bytes
+            .get(at..at.saturating_add(buf.len()))
+            .ok_or(libc::EFAULT as u32)?;
         buf.copy_from_slice(src);
         Ok(())
     }
@@ -193,7 +207,7 @@ impl DmaTarget for SharedRam {
         let mut bytes = self.bytes.lock().unwrap();
         let at = gpa.checked_sub(self.base).ok_or(libc::EFAULT as u32)? as usize;
         let dst = bytes
-            .get_mut(at..at + data.len())
+            .get_mut(at..at.saturating_add(data.len()))
             .ok_or(libc::EFAULT as u32)?;
         dst.copy_from_slice(data);
         Ok(())

@@ -27,9 +27,9 @@ const RW: u32 = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE;
 const RAM: u64 = 0x10_0000;
 const MIB: usize = 1 << 20;
 
+/// Memory decoding and bus mastering on, as a guest driver would.
 fn enable(c: &mut Client) {
-    c.region_write(CONFIG, 0x04, &0x0006u16.to_le_bytes())
-        .unwrap();
+    c.enable_device().unwrap();
 }
 
 /// Runs an edu DMA of `count` bytes and waits for the engine to finish.

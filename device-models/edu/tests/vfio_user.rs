@@ -18,8 +18,7 @@ const RW: u32 = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE;
 
 /// Memory decoding and bus mastering on, as a guest driver would.
 fn enable(c: &mut Client) {
-    c.region_write(CONFIG, 0x04, &0x0006u16.to_le_bytes())
-        .unwrap();
+    c.enable_device().unwrap();
 }
 
 #[test]

@@ -338,46 +338,7 @@ impl PageAllocator {
 
 /// Guest memory the VMM does not share: the backend reaches it only by
 /// DMA_READ/DMA_WRITE messages, which the client answers from here.
-#[derive(Clone)]
-pub struct MessageRam {
-    pub base: u64,
-    pub bytes: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
-}
-
-impl MessageRam {
-    pub fn read_u32(&self, gpa: u64) -> u32 {
-        let b = self.bytes.lock().unwrap();
-        let at = (gpa - self.base) as usize;
-        u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
-    }
-
-    pub fn write(&self, gpa: u64, data: &[u8]) {
-        let mut b = self.bytes.lock().unwrap();
-        let at = (gpa - self.base) as usize;
-        b[at..at + data.len()].copy_from_slice(data);
-    }
-}
-
-impl umdev::vfio_user::client::DmaTarget for MessageRam {
-    fn read(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), u32> {
-        let bytes = self.bytes.lock().unwrap();
-        let at = gpa.checked_sub(self.base).ok_or(libc::EFAULT as u32)? as usize;
-        let src = bytes
-            .get(at..at.saturating_add(buf.len()))
-            .ok_or(libc::EFAULT as u32)?;
-        buf.copy_from_slice(src);
-        Ok(())
-    }
-    fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), u32> {
-        let mut bytes = self.bytes.lock().unwrap();
-        let at = gpa.checked_sub(self.base).ok_or(libc::EFAULT as u32)? as usize;
-        let dst = bytes
-            .get_mut(at..at.saturating_add(data.len()))
-            .ok_or(libc::EFAULT as u32)?;
-        dst.copy_from_slice(data);
-        Ok(())
-    }
-}
+pub type MessageRam = umdev_testkit::SharedRam;
 
 // ---- VRAM ------------------------------------------------------------------
 
