@@ -19,7 +19,13 @@ pub enum ScanoutError {
     #[error("PNG encoding: {0}")]
     Encode(#[from] png::EncodingError),
     #[error("PNG decoding: {0}")]
-    Decode(String),
+    Decode(#[from] png::DecodingError),
+    /// A well-formed PNG of another pixel format than [`encode_png`] writes.
+    #[error("PNG decoding: {color:?} {depth:?}, not 8-bit RGB")]
+    NotRgb8 {
+        color: png::ColorType,
+        depth: png::BitDepth,
+    },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -100,18 +106,13 @@ pub struct RgbPicture {
 /// Decodes a PNG as [`encode_png`] writes it (8-bit RGB); anything else is an
 /// error, never a panic.
 pub fn decode_png(bytes: &[u8]) -> Result<RgbPicture, ScanoutError> {
-    let reader = png::Decoder::new(bytes).read_info();
-    let mut reader = reader.map_err(|e| ScanoutError::Decode(e.to_string()))?;
+    let mut reader = png::Decoder::new(bytes).read_info()?;
     let (color, depth) = reader.output_color_type();
     if color != png::ColorType::Rgb || depth != png::BitDepth::Eight {
-        return Err(ScanoutError::Decode(format!(
-            "{color:?} {depth:?}, not 8-bit RGB"
-        )));
+        return Err(ScanoutError::NotRgb8 { color, depth });
     }
     let mut buf = vec![0; reader.output_buffer_size()];
-    let info = reader
-        .next_frame(&mut buf)
-        .map_err(|e| ScanoutError::Decode(e.to_string()))?;
+    let info = reader.next_frame(&mut buf)?;
     buf.truncate(info.buffer_size());
     Ok(RgbPicture {
         width: info.width,
@@ -251,7 +252,34 @@ mod tests {
             decode_png(b"not a png"),
             Err(ScanoutError::Decode(_))
         ));
-        assert!(decode_png(&png[..png.len() / 2]).is_err());
+        assert!(matches!(
+            decode_png(&png[..png.len() / 2]),
+            Err(ScanoutError::Decode(_))
+        ));
+        // A valid PNG of another format: the color type and depth are told.
+        let mut gray = Vec::new();
+        {
+            let mut encoder = png::Encoder::new(&mut gray, 2, 1);
+            encoder.set_color(png::ColorType::Grayscale);
+            encoder.set_depth(png::BitDepth::Sixteen);
+            let mut writer = encoder.write_header().unwrap();
+            writer.write_image_data(&[0; 4]).unwrap();
+        }
+        let err = decode_png(&gray).unwrap_err();
+        assert!(matches!(
+            err,
+            ScanoutError::NotRgb8 {
+                color: png::ColorType::Grayscale,
+                depth: png::BitDepth::Sixteen,
+            }
+        ));
+        assert_eq!(
+            err.to_string(),
+            "PNG decoding: Grayscale Sixteen, not 8-bit RGB"
+        );
+        // The png crate's error is the source, not a copy of its text.
+        let err = decode_png(b"not a png").unwrap_err();
+        assert!(std::error::Error::source(&err).is_some_and(|s| s.is::<png::DecodingError>()));
     }
 
     #[test]

@@ -18,6 +18,19 @@ pub enum BarKind {
     Io,
 }
 
+/// Why a [`BarDef`] is not one hardware could have ([`BarDef::validate`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BarError {
+    #[error("BAR size {size:#x} is not a power of two")]
+    NotPowerOfTwo { size: u64 },
+    #[error("I/O BAR size {size:#x} is not 4 bytes to 64 KiB")]
+    IoSize { size: u64 },
+    #[error("32-bit memory BAR size {size:#x} is not 16 bytes to 2 GiB")]
+    Memory32Size { size: u64 },
+    #[error("64-bit memory BAR size {size:#x} is not 16 bytes to 4 EiB")]
+    Memory64Size { size: u64 },
+}
+
 /// A BAR the device implements: its kind and size (a power of two).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BarDef {
@@ -51,19 +64,18 @@ impl BarDef {
 
     /// Checks what hardware could not have: sizes that are not powers of two, too
     /// small, or too large for the BAR kind.
-    pub fn validate(&self) -> Result<(), &'static str> {
-        if !self.size.is_power_of_two() {
-            return Err("BAR size must be a power of two");
+    pub fn validate(&self) -> Result<(), BarError> {
+        let size = self.size;
+        if !size.is_power_of_two() {
+            return Err(BarError::NotPowerOfTwo { size });
         }
         match self.kind {
-            BarKind::Io if !(4..=0x1_0000).contains(&self.size) => {
-                Err("I/O BAR size must be 4 bytes to 64 KiB")
+            BarKind::Io if !(4..=0x1_0000).contains(&size) => Err(BarError::IoSize { size }),
+            BarKind::Memory32 { .. } if !(16..=1 << 31).contains(&size) => {
+                Err(BarError::Memory32Size { size })
             }
-            BarKind::Memory32 { .. } if !(16..=1 << 31).contains(&self.size) => {
-                Err("32-bit memory BAR size must be 16 bytes to 2 GiB")
-            }
-            BarKind::Memory64 { .. } if self.size < 16 || self.size > 1 << 62 => {
-                Err("64-bit memory BAR size out of range")
+            BarKind::Memory64 { .. } if !(16..=1 << 62).contains(&size) => {
+                Err(BarError::Memory64Size { size })
             }
             _ => Ok(()),
         }

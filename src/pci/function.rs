@@ -5,7 +5,7 @@
 
 use tracing::{debug, trace};
 
-use super::bar::{BarDef, BarIndex, NUM_BARS};
+use super::bar::{BarDef, BarError, BarIndex, NUM_BARS};
 use super::capability::{self, CapabilityOffsets};
 use super::config::{
     ConfigSpace, BAR0, COMMAND, COMMAND_BUS_MASTER, COMMAND_INTX_DISABLE, COMMAND_IO,
@@ -56,8 +56,49 @@ pub enum PciError {
         len: usize,
         size: u64,
     },
-    #[error("invalid device description: {0}")]
-    Description(String),
+    #[error("invalid device description: BAR{bar}: {source}")]
+    BarInvalid {
+        bar: BarIndex,
+        #[source]
+        source: BarError,
+    },
+    #[error("invalid device description: 64-bit BAR{bar} needs BAR{} free", .bar + 1)]
+    Bar64NeedsNext { bar: BarIndex },
+    #[error("invalid device description: {vectors} MSI vectors, at most 32")]
+    TooManyMsiVectors { vectors: u32 },
+    #[error("invalid device description: MSI-X BAR{bar} is not implemented")]
+    MsixBarMissing { bar: BarIndex },
+    #[error("invalid device description: MSI-X needs 1 to 2048 vectors, not {vectors}")]
+    MsixVectors { vectors: u16 },
+    #[error(
+        "invalid device description: MSI-X table ({table_offset:#x}) and PBA \
+         ({pba_offset:#x}) must be 8-byte aligned"
+    )]
+    MsixAlignment { table_offset: u64, pba_offset: u64 },
+    #[error(
+        "invalid device description: MSI-X table ({table_offset:#x}+{table_size:#x}) or PBA \
+         ({pba_offset:#x}+{pba_size:#x}) outside BAR{bar} ({bar_size:#x} bytes)"
+    )]
+    MsixOutsideBar {
+        bar: BarIndex,
+        bar_size: u64,
+        table_offset: u64,
+        table_size: u64,
+        pba_offset: u64,
+        pba_size: u64,
+    },
+    #[error(
+        "invalid device description: MSI-X table ({table_offset:#x}+{table_size:#x}) and PBA \
+         ({pba_offset:#x}+{pba_size:#x}) overlap"
+    )]
+    MsixOverlap {
+        table_offset: u64,
+        table_size: u64,
+        pba_offset: u64,
+        pba_size: u64,
+    },
+    #[error("invalid device description: capabilities do not fit in config space")]
+    CapabilitiesFull,
 }
 
 /// What DEVICE_GET_REGION_INFO reports for a region.
@@ -96,7 +137,7 @@ impl PciFunction {
             PCI_CONFIG_SIZE
         };
         let mut config = ConfigSpace::new(size, &description.ids, &description.bars);
-        let full = || PciError::Description("capabilities do not fit in config space".into());
+        let full = || PciError::CapabilitiesFull;
         let mut caps = CapabilityOffsets::default();
         if description.power_management {
             caps.pm = Some(capability::add_pm(&mut config).ok_or_else(full)?);
@@ -484,39 +525,209 @@ impl PciFunction {
 }
 
 fn validate(d: &PciDeviceDescription) -> Result<(), PciError> {
-    let bad = |m: String| Err(PciError::Description(m));
     for (i, bar) in d.bars.iter().enumerate() {
         let Some(bar) = bar else { continue };
-        if let Err(e) = bar.validate() {
-            return bad(format!("BAR{i}: {e}"));
-        }
+        bar.validate()
+            .map_err(|source| PciError::BarInvalid { bar: i, source })?;
         if let super::bar::BarKind::Memory64 { .. } = bar.kind {
             if i == NUM_BARS - 1 || d.bars[i + 1].is_some() {
-                return bad(format!("64-bit BAR{i} needs BAR{} free", i + 1));
+                return Err(PciError::Bar64NeedsNext { bar: i });
             }
         }
     }
     if d.msi_vectors > 32 {
-        return bad("at most 32 MSI vectors".into());
+        return Err(PciError::TooManyMsiVectors {
+            vectors: d.msi_vectors,
+        });
     }
     if let Some(m) = &d.msix {
         let Some(bar) = d.bars.get(m.bar).copied().flatten() else {
-            return bad(format!("MSI-X BAR{} is not implemented", m.bar));
+            return Err(PciError::MsixBarMissing { bar: m.bar });
         };
         if m.vectors == 0 || m.vectors > 2048 {
-            return bad("MSI-X needs 1 to 2048 vectors".into());
+            return Err(PciError::MsixVectors { vectors: m.vectors });
         }
         if m.table_offset % 8 != 0 || m.pba_offset % 8 != 0 {
-            return bad("MSI-X table and PBA must be 8-byte aligned".into());
+            return Err(PciError::MsixAlignment {
+                table_offset: m.table_offset,
+                pba_offset: m.pba_offset,
+            });
         }
-        if m.table_offset + m.table_size() > bar.size || m.pba_offset + m.pba_size() > bar.size {
-            return bad("MSI-X table or PBA outside its BAR".into());
+        let (table_size, pba_size) = (m.table_size(), m.pba_size());
+        let inside = |at: u64, size: u64| at.checked_add(size).is_some_and(|end| end <= bar.size);
+        if !inside(m.table_offset, table_size) || !inside(m.pba_offset, pba_size) {
+            return Err(PciError::MsixOutsideBar {
+                bar: m.bar,
+                bar_size: bar.size,
+                table_offset: m.table_offset,
+                table_size,
+                pba_offset: m.pba_offset,
+                pba_size,
+            });
         }
-        let overlap = m.table_offset < m.pba_offset + m.pba_size()
-            && m.pba_offset < m.table_offset + m.table_size();
+        let overlap =
+            m.table_offset < m.pba_offset + pba_size && m.pba_offset < m.table_offset + table_size;
         if overlap {
-            return bad("MSI-X table and PBA overlap".into());
+            return Err(PciError::MsixOverlap {
+                table_offset: m.table_offset,
+                table_size,
+                pba_offset: m.pba_offset,
+                pba_size,
+            });
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pci::capability::MsixLayout;
+
+    fn with_bar0(bar0: BarDef) -> PciDeviceDescription {
+        PciDeviceDescription {
+            bars: PciDeviceDescription::only_bar0(bar0),
+            ..PciDeviceDescription::default()
+        }
+    }
+
+    fn with_msix(vectors: u16, table_offset: u64, pba_offset: u64) -> PciDeviceDescription {
+        PciDeviceDescription {
+            msix: Some(MsixLayout {
+                vectors,
+                bar: 0,
+                table_offset,
+                pba_offset,
+            }),
+            ..with_bar0(BarDef::memory32(0x1000, false))
+        }
+    }
+
+    #[test]
+    fn descriptions_are_refused_with_what_is_wrong() {
+        let err = validate(&with_bar0(BarDef::io(0x300))).unwrap_err();
+        assert!(matches!(
+            err,
+            PciError::BarInvalid {
+                bar: 0,
+                source: BarError::NotPowerOfTwo { size: 0x300 }
+            }
+        ));
+        assert_eq!(
+            err.to_string(),
+            "invalid device description: BAR0: BAR size 0x300 is not a power of two"
+        );
+        assert!(std::error::Error::source(&err).is_some_and(|s| s.is::<BarError>()));
+        assert!(matches!(
+            validate(&with_bar0(BarDef::io(0x2_0000))),
+            Err(PciError::BarInvalid {
+                source: BarError::IoSize { size: 0x2_0000 },
+                ..
+            })
+        ));
+        assert!(matches!(
+            validate(&with_bar0(BarDef::memory32(8, false))),
+            Err(PciError::BarInvalid {
+                source: BarError::Memory32Size { size: 8 },
+                ..
+            })
+        ));
+        assert!(matches!(
+            validate(&with_bar0(BarDef::memory64(1 << 63, true))),
+            Err(PciError::BarInvalid {
+                source: BarError::Memory64Size { .. },
+                ..
+            })
+        ));
+
+        let mut d = with_bar0(BarDef::memory64(0x1000, false));
+        validate(&d).unwrap();
+        d.bars[1] = Some(BarDef::io(4));
+        let err = validate(&d).unwrap_err();
+        assert!(matches!(err, PciError::Bar64NeedsNext { bar: 0 }));
+        assert_eq!(
+            err.to_string(),
+            "invalid device description: 64-bit BAR0 needs BAR1 free"
+        );
+        let mut d = PciDeviceDescription::default();
+        d.bars[NUM_BARS - 1] = Some(BarDef::memory64(0x1000, false));
+        assert!(matches!(
+            validate(&d),
+            Err(PciError::Bar64NeedsNext { bar: 5 })
+        ));
+
+        let d = PciDeviceDescription {
+            msi_vectors: 33,
+            ..PciDeviceDescription::default()
+        };
+        let err = validate(&d).unwrap_err();
+        assert!(matches!(err, PciError::TooManyMsiVectors { vectors: 33 }));
+        assert_eq!(
+            err.to_string(),
+            "invalid device description: 33 MSI vectors, at most 32"
+        );
+    }
+
+    #[test]
+    fn msix_layouts_are_refused_with_what_is_wrong() {
+        validate(&with_msix(8, 0, 0x800)).unwrap();
+        let d = PciDeviceDescription {
+            msix: Some(MsixLayout {
+                vectors: 1,
+                bar: 2,
+                table_offset: 0,
+                pba_offset: 0x800,
+            }),
+            ..with_bar0(BarDef::memory32(0x1000, false))
+        };
+        assert!(matches!(
+            validate(&d),
+            Err(PciError::MsixBarMissing { bar: 2 })
+        ));
+        assert!(matches!(
+            validate(&with_msix(0, 0, 0x800)),
+            Err(PciError::MsixVectors { vectors: 0 })
+        ));
+        assert!(matches!(
+            validate(&with_msix(2049, 0, 0x800)),
+            Err(PciError::MsixVectors { vectors: 2049 })
+        ));
+        assert!(matches!(
+            validate(&with_msix(8, 4, 0x800)),
+            Err(PciError::MsixAlignment {
+                table_offset: 4,
+                pba_offset: 0x800
+            })
+        ));
+        let err = validate(&with_msix(8, 0xf88, 0x800)).unwrap_err();
+        assert!(matches!(
+            err,
+            PciError::MsixOutsideBar {
+                bar: 0,
+                bar_size: 0x1000,
+                table_offset: 0xf88,
+                table_size: 0x80,
+                ..
+            }
+        ));
+        assert_eq!(
+            err.to_string(),
+            "invalid device description: MSI-X table (0xf88+0x80) or PBA (0x800+0x8) \
+             outside BAR0 (0x1000 bytes)"
+        );
+        let err = validate(&with_msix(8, 0, 0x78)).unwrap_err();
+        assert!(matches!(
+            err,
+            PciError::MsixOverlap {
+                table_offset: 0,
+                table_size: 0x80,
+                pba_offset: 0x78,
+                pba_size: 8
+            }
+        ));
+        assert_eq!(
+            err.to_string(),
+            "invalid device description: MSI-X table (0x0+0x80) and PBA (0x78+0x8) overlap"
+        );
+    }
 }

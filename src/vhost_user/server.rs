@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tracing::{error, info, warn};
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon, VhostUserHandlerError};
 
 use super::backend::{BackendStats, DeviceBackend};
 use super::device::VirtioDevice;
@@ -40,11 +40,57 @@ pub enum VhostUserRunError {
         source: vhost::vhost_user::Error,
     },
     #[error("vhost-user daemon: {0}")]
-    Daemon(String),
+    Daemon(#[from] DaemonError),
     #[error("signal thread: {0}")]
-    Signals(std::io::Error),
+    Signals(#[source] std::io::Error),
     #[error(transparent)]
     Sandbox(#[from] crate::sandbox::SandboxError),
+}
+
+/// A failure of the vhost-user-backend crate's daemon. That crate's
+/// `Error` implements no `std::error::Error` (so it cannot be a `#[source]`)
+/// and holds a panic payload that is not `Sync`, so it is taken apart here:
+/// each variant keeps the underlying error as its source, with the crate's
+/// own message.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot create vhost user handler: {0}")]
+    NewHandler(#[source] VhostUserHandlerError),
+    #[error("cannot create backend listener: {0}")]
+    BackendListener(#[source] vhost::vhost_user::Error),
+    #[error("cannot create backend req handler: {0}")]
+    BackendReqHandler(#[source] vhost::vhost_user::Error),
+    #[error("cannot create vhost-user listener: {0}")]
+    Listener(#[source] vhost::vhost_user::Error),
+    #[error("failed to start daemon: {0}")]
+    Start(#[source] std::io::Error),
+    /// The daemon thread panicked (its payload is dropped, as the crate's
+    /// own message does).
+    #[error("failed to wait for daemon exit")]
+    Wait,
+    #[error("failed to handle request: {0}")]
+    HandleRequest(#[source] vhost::vhost_user::Error),
+}
+
+impl From<vhost_user_backend::Error> for DaemonError {
+    fn from(e: vhost_user_backend::Error) -> Self {
+        use vhost_user_backend::Error as E;
+        match e {
+            E::NewVhostUserHandler(e) => DaemonError::NewHandler(e),
+            E::CreateBackendListener(e) => DaemonError::BackendListener(e),
+            E::CreateBackendReqHandler(e) => DaemonError::BackendReqHandler(e),
+            E::CreateVhostUserListener(e) => DaemonError::Listener(e),
+            E::StartDaemon(e) => DaemonError::Start(e),
+            E::WaitDaemon(_) => DaemonError::Wait,
+            E::HandleRequest(e) => DaemonError::HandleRequest(e),
+        }
+    }
+}
+
+impl From<vhost_user_backend::Error> for VhostUserRunError {
+    fn from(e: vhost_user_backend::Error) -> Self {
+        VhostUserRunError::Daemon(e.into())
+    }
 }
 
 /// System calls a vhost-user backend makes beyond [`crate::sandbox::ALLOWED`]:
@@ -125,13 +171,12 @@ fn serve_connections<D: VirtioDevice>(
             mem.clone(),
             stats.clone(),
         ));
-        let mut daemon = VhostUserDaemon::new(device.name().to_string(), backend, mem)
-            .map_err(|e| VhostUserRunError::Daemon(e.to_string()))?;
+        let mut daemon = VhostUserDaemon::new(device.name().to_string(), backend, mem)?;
         if let Err(e) = daemon.start(listener) {
             if stop.stopped() {
                 break;
             }
-            return Err(VhostUserRunError::Daemon(e.to_string()));
+            return Err(e.into());
         }
         info!("front-end connected");
         *stop.inner.connection.lock().unwrap() = daemon.shutdown_handle();
@@ -208,4 +253,36 @@ pub fn run<D: VirtioDevice>(args: &VhostUserArgs, device: Arc<D>) -> Result<(), 
     let _ = std::fs::remove_file(&args.socket_path);
     drop(done);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn daemon_errors_keep_their_source_and_message() {
+        fn send_sync<T: Send + Sync + 'static>() {}
+        send_sync::<VhostUserRunError>();
+
+        let io = std::io::Error::from_raw_os_error(libc::EAGAIN);
+        let text = io.to_string();
+        let err = VhostUserRunError::from(vhost_user_backend::Error::StartDaemon(io));
+        assert!(matches!(
+            err,
+            VhostUserRunError::Daemon(DaemonError::Start(_))
+        ));
+        assert_eq!(
+            err.to_string(),
+            format!("vhost-user daemon: failed to start daemon: {text}")
+        );
+        let source = std::error::Error::source(&err).unwrap();
+        assert!(source.is::<DaemonError>());
+        assert!(source.source().unwrap().is::<std::io::Error>());
+
+        let err = VhostUserRunError::from(vhost_user_backend::Error::WaitDaemon(Box::new(())));
+        assert_eq!(
+            err.to_string(),
+            "vhost-user daemon: failed to wait for daemon exit"
+        );
+    }
 }

@@ -5,13 +5,32 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use vm_memory::mmap::MmapRegion;
+use vm_memory::mmap::{MmapRegion, MmapRegionError};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestRegionMmap, MemoryRegionAddress};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VramError {
-    #[error("creating VRAM: {0}")]
-    Create(String),
+    #[error("creating VRAM: memfd of {size:#x} bytes: {source}")]
+    Memfd {
+        size: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("creating VRAM: sealing VRAM: {0}")]
+    Seal(#[source] std::io::Error),
+    #[error("creating VRAM: duplicating the memfd: {0}")]
+    Dup(#[source] std::io::Error),
+    #[error("creating VRAM: mapping {size:#x} bytes: {source}")]
+    Map {
+        size: u64,
+        #[source]
+        source: MmapRegionError,
+    },
+    /// `GuestRegionMmap::new` refuses a region that passes the end of the
+    /// guest address space (at guest address 0 none does, but its API allows
+    /// for it).
+    #[error("creating VRAM: mapping {size:#x} bytes at guest address 0 overflows")]
+    MapAddress { size: u64 },
     #[error("VRAM access {offset:#x}+{len:#x} is out of range")]
     Range { offset: u64, len: usize },
 }
@@ -25,7 +44,7 @@ pub struct Vram {
 impl Vram {
     pub fn new(size: u64) -> Result<Self, VramError> {
         let file = umdev::memory::memfd("umdev-vgpu-vram", size)
-            .map_err(|e| VramError::Create(e.to_string()))?;
+            .map_err(|source| VramError::Memfd { size, source })?;
         // The VMM gets this fd (BAR2's mappable area): sealed so it cannot
         // change the size under our mapping (SIGBUS) or seal it further.
         // Hole punching (our `clear`) stays allowed.
@@ -38,24 +57,20 @@ impl Vram {
             )
         };
         if rc != 0 {
-            return Err(VramError::Create(format!(
-                "sealing VRAM: {}",
-                std::io::Error::last_os_error()
-            )));
+            return Err(VramError::Seal(std::io::Error::last_os_error()));
         }
         let mmap = MmapRegion::build(
             Some(FileOffset::new(
-                file.try_clone()
-                    .map_err(|e| VramError::Create(e.to_string()))?,
+                file.try_clone().map_err(VramError::Dup)?,
                 0,
             )),
             size as usize,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_SHARED,
         )
-        .map_err(|e| VramError::Create(e.to_string()))?;
-        let map = GuestRegionMmap::new(mmap, GuestAddress(0))
-            .ok_or_else(|| VramError::Create("mapping".into()))?;
+        .map_err(|source| VramError::Map { size, source })?;
+        let map =
+            GuestRegionMmap::new(mmap, GuestAddress(0)).ok_or(VramError::MapAddress { size })?;
         Ok(Vram {
             file: Arc::new(file),
             map,
@@ -124,5 +139,23 @@ impl Vram {
                 off += n as u64;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creation_errors_keep_their_source() {
+        // An empty mapping is refused by mmap(2).
+        let err = Vram::new(0).err().expect("an empty VRAM is refused");
+        assert!(matches!(err, VramError::Map { size: 0, .. }), "{err:?}");
+        assert!(err
+            .to_string()
+            .starts_with("creating VRAM: mapping 0x0 bytes: "));
+        assert!(std::error::Error::source(&err).is_some_and(|s| s.is::<MmapRegionError>()));
+        let vram = Vram::new(1 << 20).unwrap();
+        assert_eq!(vram.size(), 1 << 20);
     }
 }

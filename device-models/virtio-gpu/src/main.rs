@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use umdev::cli;
+use umdev::scanout::MAX_DIM;
 use umdev::vhost_user::{self, VhostUserArgs};
 use umdev_virtio_gpu::{GpuConfig, VirtioGpu};
 
@@ -33,14 +34,27 @@ struct Args {
     scanout_png: Option<PathBuf>,
 }
 
-fn parse_mode(s: &str) -> Result<(u32, u32), String> {
-    let (w, h) = s.split_once('x').ok_or("expected WIDTHxHEIGHT")?;
-    let w: u32 = w.parse().map_err(|e| format!("width: {e}"))?;
-    let h: u32 = h.parse().map_err(|e| format!("height: {e}"))?;
-    if !(1..=umdev::scanout::MAX_DIM).contains(&w) || !(1..=umdev::scanout::MAX_DIM).contains(&h) {
-        return Err(format!("each side must be 1..={}", umdev::scanout::MAX_DIM));
+/// Why a `--mode` value is not a mode.
+#[derive(Debug, thiserror::Error)]
+enum ModeError {
+    #[error("expected WIDTHxHEIGHT")]
+    Format,
+    #[error("width: {0}")]
+    Width(#[source] std::num::ParseIntError),
+    #[error("height: {0}")]
+    Height(#[source] std::num::ParseIntError),
+    #[error("{width}x{height}: each side must be 1..={MAX_DIM}")]
+    Size { width: u32, height: u32 },
+}
+
+fn parse_mode(s: &str) -> Result<(u32, u32), ModeError> {
+    let (w, h) = s.split_once('x').ok_or(ModeError::Format)?;
+    let width: u32 = w.parse().map_err(ModeError::Width)?;
+    let height: u32 = h.parse().map_err(ModeError::Height)?;
+    if !(1..=MAX_DIM).contains(&width) || !(1..=MAX_DIM).contains(&height) {
+        return Err(ModeError::Size { width, height });
     }
-    Ok((w, h))
+    Ok((width, height))
 }
 
 fn main() -> std::process::ExitCode {
@@ -63,5 +77,31 @@ fn main() -> std::process::ExitCode {
             tracing::error!("{e}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_parse_or_say_what_is_wrong() {
+        assert_eq!(parse_mode("1024x768").unwrap(), (1024, 768));
+        assert!(matches!(parse_mode("1024"), Err(ModeError::Format)));
+        assert!(matches!(parse_mode("ax768"), Err(ModeError::Width(_))));
+        let err = parse_mode("1024x-1").unwrap_err();
+        assert!(matches!(err, ModeError::Height(_)));
+        assert!(err.to_string().starts_with("height: "));
+        let err = parse_mode("0x768").unwrap_err();
+        assert!(matches!(
+            err,
+            ModeError::Size {
+                width: 0,
+                height: 768
+            }
+        ));
+        assert_eq!(err.to_string(), "0x768: each side must be 1..=16384");
+        assert!(parse_mode("16385x1").is_err());
+        assert_eq!(parse_mode("16384x16384").unwrap(), (MAX_DIM, MAX_DIM));
     }
 }

@@ -63,7 +63,7 @@ pub fn to_bgra(format: u32, src: &[u8], dst: &mut Vec<u8>) {
 }
 
 /// Why a resource operation failed; each maps to a virtio-gpu error response.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum ResourceError {
     #[error("resource {0} does not exist")]
     NoSuchResource(u32),
@@ -92,7 +92,7 @@ pub enum ResourceError {
     #[error("transfer reads {end:#x} bytes into a backing of {len:#x}")]
     TransferOutside { end: u64, len: u64 },
     #[error("guest memory of the backing went away: {0}")]
-    Memory(String),
+    Memory(#[from] vm_memory::GuestMemoryError),
 }
 
 impl ResourceError {
@@ -201,8 +201,7 @@ impl Backing {
             let e = self.entries[index];
             let take = ((u64::from(e.length) - within) as usize).min(buf.len() - done);
             if take > 0 {
-                mem.read_slice(&mut buf[done..done + take], GuestAddress(e.addr + within))
-                    .map_err(|err| ResourceError::Memory(err.to_string()))?;
+                mem.read_slice(&mut buf[done..done + take], GuestAddress(e.addr + within))?;
             }
             done += take;
             index += 1;
@@ -368,10 +367,10 @@ mod tests {
             width: 4,
             height: 4,
         };
-        assert_eq!(
+        assert!(matches!(
             r.transfer_to_host(&mem, 1, all, 0),
             Err(ResourceError::NoBacking(1))
-        );
+        ));
         r.backing = Some(
             Backing::new(
                 &mem,
@@ -404,6 +403,28 @@ mod tests {
             Err(ResourceError::RectOutside { .. })
         ));
         assert!(r.transfer_to_host(&mem, 1, all, u64::MAX - 3).is_err());
+        // Backing that is no longer guest memory: vm-memory's error is the source.
+        r.backing = Some(Backing::unchecked(vec![MemEntry {
+            addr: 0x8000,
+            length: 64,
+        }]));
+        let err = r.transfer_to_host(&mem, 1, all, 0).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ResourceError::Memory(vm_memory::GuestMemoryError::InvalidGuestAddress(
+                    GuestAddress(0x8000)
+                ))
+            ),
+            "{err:?}"
+        );
+        assert_eq!(err.response(), resp::ERR_UNSPEC);
+        assert!(err
+            .to_string()
+            .starts_with("guest memory of the backing went away: "));
+        assert!(
+            std::error::Error::source(&err).is_some_and(|s| s.is::<vm_memory::GuestMemoryError>())
+        );
     }
 
     #[test]
