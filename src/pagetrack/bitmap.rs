@@ -34,27 +34,30 @@ impl DirtyBitmap {
 
     /// Maps the bitmap for DMA region `[gpa, gpa+size)` from `file` at `offset`.
     pub fn new(gpa: u64, size: u64, file: File, offset: u64) -> Result<Self, TrackError> {
-        let bad = |m: String| TrackError::Source(m);
         if !gpa.is_multiple_of(PAGE_SIZE) || !size.is_multiple_of(PAGE_SIZE) || size == 0 {
-            return Err(bad(format!(
-                "region {gpa:#x}+{size:#x} is not page aligned"
-            )));
+            return Err(TrackError::Unaligned {
+                what: "dirty-bitmap region",
+                gpa,
+                size,
+            });
         }
         if !offset.is_multiple_of(8) {
-            return Err(bad("bitmap offset must be 8-byte aligned".into()));
+            return Err(TrackError::BitmapOffset(offset));
         }
         let len = Self::bytes_for(size);
-        let meta = file
-            .metadata()
-            .map_err(|e| bad(format!("bitmap fd: {e}")))?;
+        let meta = file.metadata().map_err(TrackError::Fd)?;
         let end = offset
             .checked_add(len)
-            .ok_or_else(|| bad("bitmap range overflows".into()))?;
-        if !meta.is_file() || meta.len() < end {
-            return Err(bad(format!(
-                "bitmap file holds {:#x} bytes, {end:#x} needed for {size:#x} bytes of memory",
-                meta.len()
-            )));
+            .ok_or(TrackError::Wraps { what: "bitmap" })?;
+        if !meta.is_file() {
+            return Err(TrackError::BitmapNotAFile);
+        }
+        if meta.len() < end {
+            return Err(TrackError::BitmapTooShort {
+                len: meta.len(),
+                needed: end,
+                size,
+            });
         }
         crate::memory::regions::seal_against_shrinking(&file);
         // mmap needs a page-aligned file offset: map from the page holding `offset`.
@@ -66,9 +69,8 @@ impl DirtyBitmap {
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_SHARED,
         )
-        .map_err(|e| bad(format!("mapping the bitmap: {e}")))?;
-        let guard = FaultGuard::register(map.as_ptr(), map.size())
-            .map_err(|e| bad(format!("guarding the bitmap: {e}")))?;
+        .map_err(TrackError::BitmapMap)?;
+        let guard = FaultGuard::register(map.as_ptr(), map.size())?;
         Ok(DirtyBitmap {
             gpa,
             size,

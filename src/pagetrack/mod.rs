@@ -100,7 +100,7 @@ impl Default for Policy {
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum TrackError {
     #[error("gfn {0:#x} is not in fd-mapped guest memory")]
     NotMapped(Gfn),
@@ -110,8 +110,34 @@ pub enum TrackError {
     RefcountOverflow(Gfn),
     #[error("already {0} pages tracked")]
     TooManyPages(usize),
-    #[error("{0}")]
-    Source(String),
+    #[error("{what} {gpa:#x}+{size:#x} is not page aligned")]
+    Unaligned {
+        what: &'static str,
+        gpa: u64,
+        size: u64,
+    },
+    #[error("dirty bitmap offset {0:#x} is not 8-byte aligned")]
+    BitmapOffset(u64),
+    #[error("the shared fd: {0}")]
+    Fd(#[source] std::io::Error),
+    #[error("{what} range wraps the address space")]
+    Wraps { what: &'static str },
+    #[error("the bitmap file is not a regular file or memfd")]
+    BitmapNotAFile,
+    #[error("bitmap file holds {len:#x} bytes, {needed:#x} needed for {size:#x} bytes of memory")]
+    BitmapTooShort { len: u64, needed: u64, size: u64 },
+    #[error("mapping the bitmap: {0}")]
+    BitmapMap(#[source] vm_memory::mmap::MmapRegionError),
+    #[error(transparent)]
+    Guard(#[from] crate::memory::guard::GuardError),
+    #[error("the fd is {0}, not a userfaultfd")]
+    NotUserfaultfd(std::path::PathBuf),
+    #[error("no fault handler for the userfaultfd")]
+    NoFaultHandler,
+    #[error("a userfaultfd already covers {gpa:#x}+{size:#x}")]
+    UffdOverlap { gpa: u64, size: u64 },
+    #[error("no fd-mapped DMA region covers {gpa:#x}+{size:#x}")]
+    NotHostMapped { gpa: u64, size: u64 },
     #[error("this device's page-track source does not take {0}")]
     Unsupported(&'static str),
 }
@@ -573,9 +599,7 @@ impl PageTracker {
         if self.shared.memory.is_host_mapped(gpa, size) {
             Ok(())
         } else {
-            Err(TrackError::Source(format!(
-                "no fd-mapped DMA region covers {gpa:#x}+{size:#x}"
-            )))
+            Err(TrackError::NotHostMapped { gpa, size })
         }
     }
 
@@ -681,12 +705,12 @@ mod tests {
         let t = tracker_over_one_page();
         t.track(1).unwrap();
         t.state().pages.get_mut(&1).unwrap().refs = u32::MAX;
-        assert_eq!(t.track(1), Err(TrackError::RefcountOverflow(1)));
+        assert!(matches!(t.track(1), Err(TrackError::RefcountOverflow(1))));
         assert_eq!(t.refcount(1), u32::MAX);
         t.state().pages.get_mut(&1).unwrap().refs = 1;
         t.untrack(1).unwrap();
-        assert_eq!(t.untrack(1), Err(TrackError::NotTracked(1)));
-        assert_eq!(t.track(2), Err(TrackError::NotMapped(2)));
+        assert!(matches!(t.untrack(1), Err(TrackError::NotTracked(1))));
+        assert!(matches!(t.track(2), Err(TrackError::NotMapped(2))));
     }
 
     #[test]

@@ -86,25 +86,24 @@ impl UffdRegistration {
     /// Checks that `uffd` really is a userfaultfd.
     pub fn new(gpa: u64, size: u64, vmm_address: u64, uffd: OwnedFd) -> Result<Self, TrackError> {
         let link = std::fs::read_link(format!("/proc/self/fd/{}", uffd.as_raw_fd()))
-            .map_err(|e| TrackError::Source(format!("uffd: {e}")))?;
+            .map_err(TrackError::Fd)?;
         if link.to_string_lossy() != "anon_inode:[userfaultfd]" {
-            return Err(TrackError::Source(format!(
-                "fd is {}, not a userfaultfd",
-                link.display()
-            )));
+            return Err(TrackError::NotUserfaultfd(link));
         }
         if !gpa.is_multiple_of(PAGE_SIZE)
             || !size.is_multiple_of(PAGE_SIZE)
             || !vmm_address.is_multiple_of(PAGE_SIZE)
             || size == 0
         {
-            return Err(TrackError::Source(
-                "uffd region must be page aligned".into(),
-            ));
+            return Err(TrackError::Unaligned {
+                what: "userfaultfd region",
+                gpa,
+                size,
+            });
         }
-        vmm_address
-            .checked_add(size)
-            .ok_or_else(|| TrackError::Source("uffd region wraps".into()))?;
+        vmm_address.checked_add(size).ok_or(TrackError::Wraps {
+            what: "userfaultfd region",
+        })?;
         Ok(UffdRegistration {
             gpa,
             size,
@@ -332,18 +331,16 @@ impl WriteSource for UserfaultSource {
     }
 
     fn add_uffd(&mut self, reg: UffdRegistration) -> Result<(), TrackError> {
-        let (sink, events) = self
-            .sink
-            .clone()
-            .ok_or_else(|| TrackError::Source("no fault handler".into()))?;
+        let (sink, events) = self.sink.clone().ok_or(TrackError::NoFaultHandler)?;
         let overlaps = self
             .regs
             .values()
             .any(|r| reg.gpa < r.gpa + r.size && r.gpa < reg.gpa + reg.size);
         if overlaps {
-            return Err(TrackError::Source(
-                "a uffd already covers that memory".into(),
-            ));
+            return Err(TrackError::UffdOverlap {
+                gpa: reg.gpa,
+                size: reg.size,
+            });
         }
         let id = self.next_reg;
         self.next_reg += 1;
@@ -358,10 +355,7 @@ impl WriteSource for UserfaultSource {
             )
         };
         if rc < 0 {
-            return Err(TrackError::Source(format!(
-                "userfaultfd: {}",
-                std::io::Error::last_os_error()
-            )));
+            return Err(TrackError::Fd(std::io::Error::last_os_error()));
         }
         let uffd = Arc::new(reg.uffd);
         events.insert(Arc::new(FaultReader {

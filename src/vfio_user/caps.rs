@@ -21,7 +21,7 @@ pub struct Capabilities {
 #[derive(Debug, thiserror::Error)]
 pub enum CapsError {
     #[error("capabilities are not valid UTF-8 JSON: {0}")]
-    Json(String),
+    Json(#[from] serde_json::Error),
     #[error("capabilities JSON has no \"capabilities\" object")]
     NoObject,
     #[error("capability {0} has the wrong type or range")]
@@ -37,7 +37,7 @@ impl Capabilities {
         if text.iter().all(u8::is_ascii_whitespace) {
             return Self::from_object(json!({}));
         }
-        let v: Value = serde_json::from_slice(text).map_err(|e| CapsError::Json(e.to_string()))?;
+        let v: Value = serde_json::from_slice(text)?;
         let obj = v.get("capabilities").cloned().ok_or(CapsError::NoObject)?;
         if !obj.is_object() {
             return Err(CapsError::NoObject);

@@ -24,7 +24,28 @@ pub enum ClientError {
     #[error("server answered command {command} with errno {errno}")]
     Server { command: u16, errno: u32 },
     #[error("protocol: {0}")]
-    Protocol(String),
+    Protocol(#[from] ProtocolError),
+}
+
+/// What a server sent that the protocol does not allow.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("short VERSION reply")]
+    ShortVersion,
+    #[error("server capabilities: {0}")]
+    Capabilities(#[from] super::caps::CapsError),
+    #[error("reply to message {got} while waiting for {want}")]
+    WrongReply { got: u16, want: u16 },
+    #[error("unexpected reply to message {0}")]
+    UnexpectedReply(u16),
+    #[error("region info argsz keeps growing")]
+    RegionInfoGrowing,
+    #[error("REGION_READ reply of {got} bytes for {want}")]
+    ReadSize { want: usize, got: usize },
+    #[error("reply payload of {len} bytes is too short for {what}")]
+    ShortPayload { len: usize, what: &'static str },
+    #[error("region capability chain loops")]
+    CapabilityLoop,
 }
 
 impl ClientError {
@@ -139,10 +160,8 @@ impl Client {
         };
         let json = ours.to_json_bytes();
         let reply = self.request(Command::Version, &[v.as_bytes(), &json], &[])?;
-        let version = Version::read_from(&reply.payload)
-            .ok_or_else(|| ClientError::Protocol("short VERSION reply".into()))?;
-        let caps = Capabilities::parse(&reply.payload[4..])
-            .map_err(|e| ClientError::Protocol(format!("server capabilities: {e}")))?;
+        let version = Version::read_from(&reply.payload).ok_or(ProtocolError::ShortVersion)?;
+        let caps = Capabilities::parse(&reply.payload[4..]).map_err(ProtocolError::Capabilities)?;
         self.server_version = version;
         self.server_caps = Some(caps.clone());
         Ok(caps)
@@ -237,10 +256,11 @@ impl Client {
             let header = msg.header;
             if header.is_reply() {
                 if header.msg_id != id {
-                    return Err(ClientError::Protocol(format!(
-                        "reply to message {} while waiting for {id}",
-                        header.msg_id
-                    )));
+                    return Err(ProtocolError::WrongReply {
+                        got: header.msg_id,
+                        want: id,
+                    }
+                    .into());
                 }
                 if header.is_error() {
                     return Err(ClientError::Server {
@@ -348,10 +368,7 @@ impl Client {
         let msg = self.reader.read_message()?;
         let header = msg.header;
         if header.is_reply() {
-            return Err(ClientError::Protocol(format!(
-                "unexpected reply to message {}",
-                header.msg_id
-            )));
+            return Err(ProtocolError::UnexpectedReply(header.msg_id).into());
         }
         self.dma_requests_served += 1;
         self.dma.serve(&self.writer, &header, msg.payload)
@@ -390,9 +407,7 @@ impl Client {
                 fd: r.fds.pop(),
             });
         }
-        Err(ClientError::Protocol(
-            "region info argsz keeps growing".into(),
-        ))
+        Err(ProtocolError::RegionInfoGrowing.into())
     }
 
     pub fn region_io_fds(&mut self, index: u32) -> Result<RegionIoFds> {
@@ -473,9 +488,11 @@ impl Client {
             let echo: RegionAccess = parse(payload)?;
             let data = &payload[std::mem::size_of::<RegionAccess>()..];
             if echo.count as usize != buf.len() || data.len() != buf.len() {
-                return Err(ClientError::Protocol(
-                    "REGION_READ reply size mismatch".into(),
-                ));
+                return Err(ProtocolError::ReadSize {
+                    want: buf.len(),
+                    got: data.len(),
+                }
+                .into());
             }
             buf.copy_from_slice(data);
             Ok(())
@@ -701,11 +718,11 @@ impl DmaService {
 
 fn parse<T: WireStruct>(payload: &[u8]) -> Result<T> {
     T::read_from(payload).ok_or_else(|| {
-        ClientError::Protocol(format!(
-            "reply payload of {} bytes is too short for {}",
-            payload.len(),
-            std::any::type_name::<T>()
-        ))
+        ProtocolError::ShortPayload {
+            len: payload.len(),
+            what: std::any::type_name::<T>(),
+        }
+        .into()
     })
 }
 
@@ -720,9 +737,7 @@ fn parse_sparse_areas(info: &RegionInfo, payload: &[u8]) -> Result<Vec<SparseMma
     while next != 0 {
         hops += 1;
         if hops > 16 {
-            return Err(ClientError::Protocol(
-                "region capability chain loops".into(),
-            ));
+            return Err(ProtocolError::CapabilityLoop.into());
         }
         let cap: CapHeader = parse(payload.get(next..).unwrap_or(&[]))?;
         if cap.id == REGION_INFO_CAP_SPARSE_MMAP {

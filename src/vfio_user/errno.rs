@@ -43,7 +43,18 @@ impl Errno for TrackError {
             TrackError::NotMapped(_) | TrackError::NotTracked(_) => libc::ENOENT,
             TrackError::RefcountOverflow(_) => libc::EOVERFLOW,
             TrackError::TooManyPages(_) => libc::ENOSPC,
-            TrackError::Source(_) => libc::EINVAL,
+            TrackError::Guard(_) => libc::ENOSPC,
+            TrackError::Unaligned { .. }
+            | TrackError::BitmapOffset(_)
+            | TrackError::Fd(_)
+            | TrackError::Wraps { .. }
+            | TrackError::BitmapNotAFile
+            | TrackError::BitmapTooShort { .. }
+            | TrackError::BitmapMap(_)
+            | TrackError::NotUserfaultfd(_)
+            | TrackError::NoFaultHandler
+            | TrackError::UffdOverlap { .. }
+            | TrackError::NotHostMapped { .. } => libc::EINVAL,
             TrackError::Unsupported(_) => libc::ENOTSUP,
         }
     }
