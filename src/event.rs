@@ -189,10 +189,6 @@ impl EventLoop {
         }
         Ok(wake)
     }
-
-    pub fn main_fd(&self) -> RawFd {
-        self.main
-    }
 }
 
 /// Serves the sources of `sets` until `stop` is signalled: for users of a

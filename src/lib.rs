@@ -8,6 +8,7 @@
 pub mod benchmark;
 pub mod cli;
 pub mod event;
+pub mod fd;
 pub mod memory;
 pub mod pagetrack;
 pub mod pci;

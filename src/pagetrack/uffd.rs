@@ -85,10 +85,9 @@ pub struct UffdRegistration {
 impl UffdRegistration {
     /// Checks that `uffd` really is a userfaultfd.
     pub fn new(gpa: u64, size: u64, vmm_address: u64, uffd: OwnedFd) -> Result<Self, TrackError> {
-        let link = std::fs::read_link(format!("/proc/self/fd/{}", uffd.as_raw_fd()))
-            .map_err(TrackError::Fd)?;
-        if link.to_string_lossy() != "anon_inode:[userfaultfd]" {
-            return Err(TrackError::NotUserfaultfd(link));
+        let kind = crate::fd::kind(uffd.as_raw_fd());
+        if kind != "anon_inode:[userfaultfd]" {
+            return Err(TrackError::NotUserfaultfd(kind.into()));
         }
         if !gpa.is_multiple_of(PAGE_SIZE)
             || !size.is_multiple_of(PAGE_SIZE)
@@ -345,18 +344,7 @@ impl WriteSource for UserfaultSource {
         let id = self.next_reg;
         self.next_reg += 1;
         // Read only when readable, never blocking the event loop.
-        // SAFETY: fcntl with integer arguments on the uffd we own.
-        let rc = unsafe {
-            let flags = libc::fcntl(reg.uffd.as_raw_fd(), libc::F_GETFL);
-            libc::fcntl(
-                reg.uffd.as_raw_fd(),
-                libc::F_SETFL,
-                flags | libc::O_NONBLOCK,
-            )
-        };
-        if rc < 0 {
-            return Err(TrackError::Fd(std::io::Error::last_os_error()));
-        }
+        crate::fd::ensure_nonblocking(reg.uffd.as_raw_fd()).map_err(TrackError::Fd)?;
         let uffd = Arc::new(reg.uffd);
         events.insert(Arc::new(FaultReader {
             id,

@@ -29,32 +29,6 @@ pub enum IrqFdError {
     NonBlocking { fd: RawFd, source: std::io::Error },
 }
 
-/// What `fd` is, as `/proc/self/fd` names it (`anon_inode:[eventfd]`,
-/// `pipe:[...]`, `socket:[...]`, a path), or from its file type where /proc
-/// is not mounted.
-pub fn fd_kind(fd: RawFd) -> String {
-    if let Ok(link) = std::fs::read_link(format!("/proc/self/fd/{fd}")) {
-        return link.to_string_lossy().into_owned();
-    }
-    // SAFETY: fstat fills a zeroed stat struct for a descriptor we were given.
-    let mode = unsafe {
-        let mut st: libc::stat = std::mem::zeroed();
-        if libc::fstat(fd, &mut st) != 0 {
-            return "a closed fd".into();
-        }
-        st.st_mode & libc::S_IFMT
-    };
-    match mode {
-        // Anonymous inodes (eventfd, timerfd, signalfd) have no file type.
-        0 => "anon_inode:[eventfd]".into(),
-        libc::S_IFIFO => "a pipe".into(),
-        libc::S_IFSOCK => "a socket".into(),
-        libc::S_IFREG => "a regular file".into(),
-        libc::S_IFCHR => "a character device".into(),
-        _ => format!("file type {mode:#o}"),
-    }
-}
-
 /// An eventfd that raises one interrupt vector (or unmasks INTx).
 #[derive(Debug)]
 pub struct IrqFd {
@@ -67,25 +41,12 @@ impl IrqFd {
     /// Takes `fd` if it is an eventfd, and makes it non-blocking.
     pub fn new(fd: OwnedFd) -> Result<IrqFd, IrqFdError> {
         let raw = fd.as_raw_fd();
-        let kind = fd_kind(raw);
-        if kind != "anon_inode:[eventfd]" {
+        let kind = crate::fd::kind(raw);
+        if kind != crate::fd::EVENTFD {
             return Err(IrqFdError::NotEventfd { fd: raw, kind });
         }
-        // SAFETY: fcntl with integer arguments on a descriptor we own.
-        let rc = unsafe {
-            let flags = libc::fcntl(raw, libc::F_GETFL);
-            if flags < 0 {
-                flags
-            } else {
-                libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK)
-            }
-        };
-        if rc < 0 {
-            return Err(IrqFdError::NonBlocking {
-                fd: raw,
-                source: std::io::Error::last_os_error(),
-            });
-        }
+        crate::fd::ensure_nonblocking(raw)
+            .map_err(|source| IrqFdError::NonBlocking { fd: raw, source })?;
         Ok(IrqFd {
             fd,
             saturated: AtomicBool::new(false),

@@ -30,9 +30,9 @@ use std::sync::Arc;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::dirty_log::VhostMemory;
+use crate::fd::kind as fd_kind;
 use crate::memory::guard::{FaultGuard, GuardError};
 use crate::memory::regions::{is_hugetlbfs, seal_against_shrinking};
-use crate::pci::irqfd::fd_kind;
 
 /// Why a memory table is not used.
 #[derive(Debug, thiserror::Error)]

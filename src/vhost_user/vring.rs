@@ -11,7 +11,7 @@
 //! as the kick fd would stop it in the read. A stopped vring thread is never
 //! joined, so the next front-end would never be served either. So:
 //! - a kick or call fd must be an eventfd (`/proc/self/fd` names it
-//!   `anon_inode:[eventfd]`, [`fd_kind`]); anything else is refused, logged
+//!   `anon_inode:[eventfd]`, [`crate::fd::kind`]); anything else is refused, logged
 //!   (once per vring) and dropped: a queue without a kick fd is never started,
 //!   one without a call fd is served without interrupts;
 //! - accepted fds are switched to `O_NONBLOCK` (a flag of the open file,
@@ -40,10 +40,7 @@ use vhost_user_backend::{VringRwLock, VringState, VringStateGuard, VringStateMut
 use virtio_queue::Error as QueueError;
 
 use super::dirty_log::VhostMemoryAtomic;
-use crate::pci::irqfd::fd_kind;
-
-/// What `/proc/self/fd` calls an eventfd.
-const EVENTFD: &str = "anon_inode:[eventfd]";
+use crate::fd::{ensure_nonblocking, kind as fd_kind, EVENTFD};
 
 /// One virtqueue of a vhost-user backend (see the module documentation).
 #[derive(Clone)]
@@ -67,25 +64,6 @@ impl Notes {
     fn first(flag: &AtomicBool) -> bool {
         !flag.swap(true, Ordering::Relaxed)
     }
-}
-
-/// Sets `O_NONBLOCK` on `fd` if it is not set. Returns whether it had to.
-fn ensure_nonblocking(fd: RawFd) -> io::Result<bool> {
-    // SAFETY: fcntl with integer arguments on an fd the vring owns (kept
-    // alive by the caller's guard on the vring state).
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if flags & libc::O_NONBLOCK != 0 {
-            return Ok(false);
-        }
-        if libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(true)
 }
 
 impl Vring {
