@@ -5,18 +5,20 @@
 //! DMA_READ/DMA_WRITE message through a [`DmaTransport`]. Device models use the
 //! [`GuestMemory`] handle and never see which of the two they got.
 
+pub mod dirty_log;
 pub mod guard;
 mod mapped_memfd;
 mod queue;
 pub(crate) mod regions;
 
+pub use dirty_log::{DirtyLog, DirtyLogError, LogRange};
 pub use mapped_memfd::MappedMemfd;
 
 pub use queue::{DmaDirection, DmaQueue, QueuedDma, MAX_QUEUED_DMA, MAX_QUEUED_DMA_LEN};
 pub use regions::{DmaRegion, DmaRegions, MappedRegion, RegionBacking};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use vm_memory::{Bytes, MemoryRegionAddress};
 
@@ -126,6 +128,9 @@ struct Shared {
     bus_master: AtomicBool,
     transport: RwLock<Option<Arc<dyn DmaTransport>>>,
     write_observers: RwLock<Vec<WriteObserver>>,
+    /// Set while `dirty_log` holds a log: one load on the write path otherwise.
+    logging: AtomicBool,
+    dirty_log: Mutex<Option<DirtyLog>>,
 }
 
 /// A cloneable handle to guest memory, usable from any thread.
@@ -153,6 +158,8 @@ impl GuestMemory {
                 bus_master: AtomicBool::new(false),
                 transport: RwLock::new(None),
                 write_observers: RwLock::new(Vec::new()),
+                logging: AtomicBool::new(false),
+                dirty_log: Mutex::new(None),
             }),
         }
     }
@@ -290,6 +297,11 @@ impl GuestMemory {
     /// Tells the write observers of a device write that did not go through
     /// [`write`](Self::write) (a queued DMA's message-borne part).
     pub fn observe_write(&self, gpa: u64, len: usize) {
+        self.log_write(gpa, len);
+        self.notify_observers(gpa, len);
+    }
+
+    fn notify_observers(&self, gpa: u64, len: usize) {
         let observers = self
             .shared
             .write_observers
@@ -331,9 +343,66 @@ impl GuestMemory {
         buf: &[u8],
         live: impl Fn() -> bool,
     ) -> Result<(), MemoryError> {
-        self.write_unobserved(gpa, buf, &live)?;
-        self.observe_write(gpa, buf.len());
+        let written = self.write_unobserved(gpa, buf, &live);
+        // Logged even if it failed part-way: some of it may have landed.
+        self.log_write(gpa, buf.len());
+        written?;
+        self.notify_observers(gpa, buf.len());
         Ok(())
+    }
+
+    fn dirty_log(&self) -> std::sync::MutexGuard<'_, Option<DirtyLog>> {
+        self.shared
+            .dirty_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    #[inline]
+    fn log_write(&self, gpa: u64, len: usize) {
+        if self.shared.logging.load(Ordering::Acquire) {
+            if let Some(log) = self.dirty_log().as_mut() {
+                log.mark(gpa, len);
+            }
+        }
+    }
+
+    /// Starts logging the device's writes to `ranges` (none: everywhere) for
+    /// migration; see [`dirty_log`].
+    pub fn start_dirty_log(
+        &self,
+        ranges: Vec<LogRange>,
+        page_size: u64,
+    ) -> Result<(), DirtyLogError> {
+        let mut log = self.dirty_log();
+        if log.is_some() {
+            return Err(DirtyLogError::AlreadyStarted);
+        }
+        *log = Some(DirtyLog::new(ranges, page_size)?);
+        self.shared.logging.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Stops dirty logging and forgets the log; an error if it was off.
+    pub fn stop_dirty_log(&self) -> Result<(), DirtyLogError> {
+        let mut log = self.dirty_log();
+        self.shared.logging.store(false, Ordering::Release);
+        log.take().map(drop).ok_or(DirtyLogError::NotStarted)
+    }
+
+    /// The pages the device wrote in `[iova, iova+length)` since the last
+    /// report, one bit per `page_size`, and clears them ([`DirtyLog::report`]).
+    pub fn report_dirty(
+        &self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<u64>, DirtyLogError> {
+        self.dirty_log()
+            .as_mut()
+            .ok_or(DirtyLogError::NotStarted)?
+            .report(iova, length, page_size, max_bytes)
     }
 
     fn write_unobserved(

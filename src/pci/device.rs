@@ -101,4 +101,17 @@ pub trait PciDevice: Send {
     fn restore(&mut self, _blob: &[u8]) -> Result<(), StateError> {
         Err(StateError::Unsupported)
     }
+    /// Whether [`save`](Self::save) and [`restore`](Self::restore) work, so
+    /// that the device may offer migration to its client.
+    fn migratable(&self) -> bool {
+        false
+    }
+    /// The VMM stops the device for migration: finish the work under way
+    /// (a submission, an engine's queue) so that no interrupt, DMA or state
+    /// change happens after this returns. The framework sends no BAR access
+    /// and starts no queued DMA until [`resume`](Self::resume).
+    fn quiesce(&mut self) {}
+    /// The device runs again after [`quiesce`](Self::quiesce) (the migration
+    /// was cancelled, or this is the destination).
+    fn resume(&mut self) {}
 }

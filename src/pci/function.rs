@@ -510,6 +510,21 @@ impl PciFunction {
         Ok(())
     }
 
+    /// Whether the model can save and restore its state (migration).
+    pub fn migratable(&self) -> bool {
+        self.device.migratable()
+    }
+
+    /// Stops the model's own work for migration ([`PciDevice::quiesce`]).
+    pub fn quiesce(&mut self) {
+        self.device.quiesce();
+    }
+
+    /// Lets the model run again ([`PciDevice::resume`]).
+    pub fn resume(&mut self) {
+        self.device.resume();
+    }
+
     /// Power-on state for everything: config space, MSI-X table, interrupt masks,
     /// bus mastering, and the model.
     pub fn reset(&mut self) {

@@ -75,3 +75,26 @@ impl Errno for IrqError {
         }
     }
 }
+
+impl Errno for crate::migration::MigrationError {
+    fn errno(&self) -> i32 {
+        use crate::migration::MigrationError as E;
+        match self {
+            E::Unsupported => libc::ENOTTY,
+            E::Fsm(_) | E::NotSaving(_) | E::NotResuming(_) | E::Stream(_) | E::State(_) => {
+                libc::EINVAL
+            }
+        }
+    }
+}
+
+impl Errno for crate::memory::DirtyLogError {
+    fn errno(&self) -> i32 {
+        use crate::memory::DirtyLogError as E;
+        match self {
+            E::AlreadyStarted => libc::EBUSY,
+            E::TooManyRanges(_) | E::ReportTooLarge { .. } => libc::E2BIG,
+            E::NotStarted | E::PageSize(_) | E::BadRange { .. } | E::Overlap(_) => libc::EINVAL,
+        }
+    }
+}

@@ -5,6 +5,8 @@ pub mod client;
 mod deferred;
 pub mod dma;
 pub mod errno;
+mod feature;
+pub mod migration_client;
 pub mod pci_map;
 pub mod server;
 pub mod socket;
@@ -12,5 +14,6 @@ pub mod transport;
 pub mod wire;
 
 pub use client::Client;
+pub use migration_client::{migrate, MigrationReport};
 pub use server::{Server, ServerConfig, Session, StopHandle};
 pub use transport::{MemoryTransport, Transport};

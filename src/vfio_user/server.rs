@@ -30,14 +30,16 @@ use super::caps::Capabilities;
 use super::deferred::{DeferredDma, FinishedDma};
 use super::dma::{DmaLink, PendingRequests};
 use super::errno::Errno;
+use super::feature;
 use super::pci_map::{self, irq_info_flags, irq_kind_of, region_of};
 use super::socket::{FrameError, MessageReader, MessageWriter, Received, MAX_FDS_PER_MESSAGE};
 use super::transport::Transport;
 use super::wire::*;
 use crate::event::{EventLoop, Wake};
 use crate::memory::{DmaDirection, DmaQueue, DmaRegion, GuestMemory, MemoryError};
+use crate::migration::{DeviceMigration, MIGRATION_FLAGS};
 use crate::pagetrack::{DirtyBitmap, SourceKind, UffdRegistration};
-use crate::pci::PciFunction;
+use crate::pci::{PciFunction, Region};
 
 /// Limits the server announces and enforces.
 #[derive(Clone, Debug)]
@@ -50,6 +52,8 @@ pub struct ServerConfig {
     pub dma_timeout: std::time::Duration,
     /// Layout of DMA_READ/DMA_WRITE messages (QEMU's differs from the spec's).
     pub dma_layout: DmaLayout,
+    /// Largest device state image a migration destination accepts.
+    pub max_migration_image: u64,
 }
 
 impl Default for ServerConfig {
@@ -60,6 +64,7 @@ impl Default for ServerConfig {
             max_dma_maps: 65535,
             dma_timeout: std::time::Duration::from_secs(10),
             dma_layout: DmaLayout::default(),
+            max_migration_image: crate::migration::DEFAULT_MAX_IMAGE,
         }
     }
 }
@@ -313,10 +318,10 @@ static HANDLERS: &[Handler] = &[
     // Server-to-client commands are not for the client to send.
     row!(DmaRead, refused libc::EINVAL),
     row!(DmaWrite, refused libc::EINVAL),
-    // Migration (issue #17).
-    row!(DeviceFeature, refused libc::ENOTSUP),
-    row!(MigDataRead, refused libc::ENOTSUP),
-    row!(MigDataWrite, refused libc::ENOTSUP),
+    // Migration (src/migration).
+    row!(DeviceFeature, false, device_feature),
+    row!(MigDataRead, false, mig_data_read),
+    row!(MigDataWrite, false, mig_data_write),
     row!(UMDEV_CMD_DIRTY_BITMAP, "UMDEV_DIRTY_BITMAP", extension CAP_UMDEV_DIRTY_BITMAP, true, dirty_bitmap),
     row!(UMDEV_CMD_UFFD, "UMDEV_UFFD", extension CAP_UMDEV_UFFD_WP, true, uffd),
 ];
@@ -340,6 +345,8 @@ pub struct Session<'a> {
     read_buf: Vec<u8>,
     /// umdev extensions both sides announced.
     extensions: Vec<&'static str>,
+    /// The device's migration state and data stream.
+    migration: DeviceMigration,
 }
 
 /// A command as the handlers see it.
@@ -373,6 +380,7 @@ impl<'a> Session<'a> {
             client_caps: None,
             read_buf: Vec::new(),
             extensions: Vec::new(),
+            migration: DeviceMigration::new(MIGRATION_FLAGS, config.max_migration_image),
         }
     }
 
@@ -382,6 +390,11 @@ impl<'a> Session<'a> {
         self.pending.close();
         self.dma_queue.attach(false);
         let mut function = lock(self.function);
+        // Logging for a client that is gone serves no one.
+        let _ = function.memory().stop_dirty_log();
+        if !self.migration.device_runs() {
+            function.resume();
+        }
         function.memory().set_transport(None);
         let dropped = function.memory().with_regions(|r| r.clear());
         debug!(regions = dropped.len(), "DMA regions dropped");
@@ -452,7 +465,8 @@ impl<'a> Session<'a> {
     /// transfers whose replies are overdue. Two loads when there is neither.
     #[inline]
     fn after_message(&mut self) {
-        if self.dma_queue.has_queued() {
+        // A device stopped for migration starts no DMA: it stays queued.
+        if self.dma_queue.has_queued() && self.migration.device_runs() {
             self.run_queued_dma();
         }
         if !self.deferred.is_idle() {
@@ -524,7 +538,79 @@ impl<'a> Session<'a> {
     }
 
     fn device_reset(&mut self, req: Request<'_>) -> HandlerResult {
-        lock(self.function).reset();
+        let mut function = lock(self.function);
+        if !self.migration.device_runs() {
+            function.resume();
+        }
+        function.reset();
+        drop(function);
+        self.migration.reset();
+        self.reply(&req.header, &[], &[])
+    }
+
+    /// BAR accesses reach a device only while it runs; configuration space
+    /// stays reachable in every migration state.
+    #[inline]
+    fn reachable(&self, region: Region) -> HandlerResult {
+        if self.migration.device_runs() || region == Region::Config {
+            Ok(())
+        } else {
+            debug!(state = ?self.migration.state(), "region access while the device is stopped");
+            Err(libc::EBUSY)
+        }
+    }
+
+    // ---- migration -------------------------------------------------------
+
+    fn device_feature(&mut self, req: Request<'_>) -> HandlerResult {
+        let mut function = lock(self.function);
+        let reply = feature::handle(
+            req.payload,
+            feature::FeatureContext {
+                migration: &mut self.migration,
+                function: &mut function,
+                memory: &self.memory,
+                max_reply: self.config.max_data_xfer_size as usize,
+            },
+        )?;
+        drop(function);
+        self.reply(&req.header, &[&reply], &[])
+    }
+
+    fn mig_data_read(&mut self, req: Request<'_>) -> HandlerResult {
+        let ask = MigData::read_from(req.payload).ok_or(libc::EINVAL)?;
+        if ask.size > self.config.max_data_xfer_size {
+            return Err(libc::E2BIG);
+        }
+        let head = std::mem::size_of::<MigData>();
+        if (ask.argsz as usize) < head + ask.size as usize {
+            return Err(libc::EINVAL);
+        }
+        let data = {
+            let function = lock(self.function);
+            self.migration.read(ask.size as usize, &function)
+        }
+        .map_err(|e| {
+            debug!("MIG_DATA_READ refused: {e}");
+            e.errno()
+        })?;
+        let reply = MigData {
+            argsz: (head + data.len()) as u32,
+            size: data.len() as u32,
+        };
+        self.reply(&req.header, &[reply.as_bytes(), &data], &[])
+    }
+
+    fn mig_data_write(&mut self, req: Request<'_>) -> HandlerResult {
+        let ask = MigData::read_from(req.payload).ok_or(libc::EINVAL)?;
+        let data = &req.payload[std::mem::size_of::<MigData>()..];
+        if data.len() != ask.size as usize {
+            return Err(libc::EINVAL);
+        }
+        self.migration.write(data).map_err(|e| {
+            debug!("MIG_DATA_WRITE refused: {e}");
+            e.errno()
+        })?;
         self.reply(&req.header, &[], &[])
     }
 
@@ -866,6 +952,7 @@ impl<'a> Session<'a> {
         let Some(region) = region_of(access.region) else {
             return Err(libc::EINVAL);
         };
+        self.reachable(region)?;
         let read = lock(self.function).region_read(region, access.offset, data);
         let result = match read {
             Ok(()) => self.reply(&req.header, &[access.as_bytes(), data], &[]),
@@ -887,6 +974,7 @@ impl<'a> Session<'a> {
             return Err(libc::EINVAL);
         }
         let region = region_of(access.region).ok_or(libc::EINVAL)?;
+        self.reachable(region)?;
         lock(self.function)
             .region_write(region, access.offset, data)
             .map_err(|e| {
@@ -959,8 +1047,8 @@ impl<'a> Session<'a> {
         {
             return Err(libc::EINVAL);
         }
-        if parsed.iter().any(|e| region_of(e.region).is_none()) {
-            return Err(libc::EINVAL);
+        for e in &parsed {
+            self.reachable(region_of(e.region).ok_or(libc::EINVAL)?)?;
         }
         let mut function = lock(self.function);
         for e in &parsed {

@@ -409,12 +409,67 @@ pub struct WriteMultiEntry {
     pub data: [u8; WRITE_MULTI_DATA],
 }
 
-/// DEVICE_FEATURE payload.
+/// DEVICE_FEATURE payload: this head, then the feature's data.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DeviceFeature {
     pub argsz: u32,
+    /// Feature index (bits 0-15) and GET/SET/PROBE.
     pub flags: u32,
+}
+
+/// DEVICE_FEATURE `flags` bits and feature indices (Linux `vfio.h`).
+pub const FEATURE_MASK: u32 = vfio::VFIO_DEVICE_FEATURE_MASK;
+pub const FEATURE_GET: u32 = vfio::VFIO_DEVICE_FEATURE_GET;
+pub const FEATURE_SET: u32 = vfio::VFIO_DEVICE_FEATURE_SET;
+pub const FEATURE_PROBE: u32 = vfio::VFIO_DEVICE_FEATURE_PROBE;
+pub const FEATURE_MIGRATION: u32 = vfio::VFIO_DEVICE_FEATURE_MIGRATION;
+pub const FEATURE_MIG_DEVICE_STATE: u32 = vfio::VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE;
+pub const FEATURE_DMA_LOGGING_START: u32 = vfio::VFIO_DEVICE_FEATURE_DMA_LOGGING_START;
+pub const FEATURE_DMA_LOGGING_STOP: u32 = vfio::VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP;
+pub const FEATURE_DMA_LOGGING_REPORT: u32 = vfio::VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT;
+pub const FEATURE_MIG_DATA_SIZE: u32 = vfio::VFIO_DEVICE_FEATURE_MIG_DATA_SIZE;
+
+/// MIG_DEVICE_STATE data (`vfio_device_feature_mig_state`); `data_fd` is
+/// unused in vfio-user (-1).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MigDeviceState {
+    pub device_state: u32,
+    pub data_fd: i32,
+}
+
+/// DMA_LOGGING_START data: this head, then `num_ranges` [`DmaLoggingRange`]s.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DmaLoggingControl {
+    pub page_size: u64,
+    pub num_ranges: u32,
+    pub reserved: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DmaLoggingRange {
+    pub iova: u64,
+    pub length: u64,
+}
+
+/// DMA_LOGGING_REPORT request data; the reply adds the bitmap (u64 words).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DmaLoggingReport {
+    pub iova: u64,
+    pub length: u64,
+    pub page_size: u64,
+}
+
+/// MIG_DATA_READ request and reply head, MIG_DATA_WRITE request head.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MigData {
+    pub argsz: u32,
+    pub size: u32,
 }
 
 /// umdev protocol extensions (docs/protocol-extensions.md). Their command numbers
@@ -475,6 +530,11 @@ wire_structs!(
     WriteMultiHeader,
     WriteMultiEntry,
     DeviceFeature,
+    MigDeviceState,
+    DmaLoggingControl,
+    DmaLoggingRange,
+    DmaLoggingReport,
+    MigData,
     u64,
 );
 
@@ -496,6 +556,11 @@ const _: () = {
     assert!(size_of::<WriteMultiHeader>() == 8);
     assert!(size_of::<WriteMultiEntry>() == 24);
     assert!(size_of::<DeviceFeature>() == 8);
+    assert!(size_of::<MigDeviceState>() == 8);
+    assert!(size_of::<DmaLoggingControl>() == 16);
+    assert!(size_of::<DmaLoggingRange>() == 16);
+    assert!(size_of::<DmaLoggingReport>() == 24);
+    assert!(size_of::<MigData>() == 8);
 };
 
 /// Region indices of a vfio-user PCI device.

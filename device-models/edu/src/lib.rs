@@ -306,6 +306,10 @@ impl Edu {
 }
 
 impl PciDevice for Edu {
+    fn migratable(&self) -> bool {
+        true
+    }
+
     fn save(&self) -> Result<Vec<u8>, StateError> {
         Ok(self.save_state())
     }

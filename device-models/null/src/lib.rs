@@ -170,6 +170,10 @@ impl PciDevice for Null {
         }
     }
 
+    fn migratable(&self) -> bool {
+        true
+    }
+
     fn save(&self) -> Result<Vec<u8>, StateError> {
         let mut w = StateWriter::new();
         w.section(b"NULL", STATE_VERSION, |s| {

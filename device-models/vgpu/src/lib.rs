@@ -505,6 +505,16 @@ impl Shared {
     }
 }
 
+impl Vgpu {
+    /// Waits until the engine has run every job posted before this call.
+    fn finish_engine_work(&self) {
+        let (tx, rx) = channel();
+        self.post(Job::Barrier(tx));
+        // No engine (it could not start), or it is gone: nothing runs.
+        let _ = rx.recv();
+    }
+}
+
 impl PciDevice for Vgpu {
     fn bar_read(&mut self, bar: BarIndex, offset: u64, data: &mut [u8]) {
         if bar != MMIO_BAR {
@@ -571,11 +581,18 @@ impl PciDevice for Vgpu {
 
     /// Lets the engine finish what it was given, then saves (`state`).
     fn save(&self) -> Result<Vec<u8>, umdev::state::StateError> {
-        let (tx, rx) = channel();
-        self.post(Job::Barrier(tx));
-        // No engine (it could not start), or it is gone: nothing runs.
-        let _ = rx.recv();
+        self.finish_engine_work();
         Ok(state::save(&self.shared))
+    }
+
+    fn migratable(&self) -> bool {
+        true
+    }
+
+    /// The engine finishes the submissions it was given (their fences and
+    /// interrupts land now); no new ones come while the device is stopped.
+    fn quiesce(&mut self) {
+        self.finish_engine_work();
     }
 
     fn restore(&mut self, blob: &[u8]) -> Result<(), umdev::state::StateError> {
