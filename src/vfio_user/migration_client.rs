@@ -197,53 +197,95 @@ pub struct MigrationReport {
     pub downtime: Duration,
 }
 
-/// Moves a running device from `src` to `dst` as a VMM would: dirty logging
-/// on, PRE_COPY with guest memory copied meanwhile, STOP_COPY, the pages the
-/// device dirtied copied again, RESUMING, RUNNING. `memory` lists the guest
-/// RAM ranges (gpa, size); `copy(gpa, len)` copies that guest memory from the
-/// source VM to the destination VM.
+/// A migration under way, as a VMM drives it: [`begin`](Self::begin) while
+/// the source runs (dirty logging on, PRE_COPY, guest memory copied, the
+/// early device state sent), [`finish`](Self::finish) to stop the source and
+/// start the destination. The guest keeps running on the source in between.
+pub struct Migration {
+    memory: Vec<(u64, u64)>,
+    page: u64,
+    report: MigrationReport,
+}
+
+impl Migration {
+    /// `memory` lists the guest RAM ranges (gpa, size); `copy(gpa, len)`
+    /// copies that guest memory from the source VM to the destination VM.
+    pub fn begin(
+        src: &mut Client,
+        dst: &mut Client,
+        memory: &[(u64, u64)],
+        copy: &mut dyn FnMut(u64, u64),
+    ) -> Result<Migration> {
+        let ranges: Vec<LogRange> = memory
+            .iter()
+            .map(|&(iova, length)| LogRange { iova, length })
+            .collect();
+        let page = src.dma_logging_start(LOG_PAGE_SIZE, &ranges)?;
+        src.set_migration_state(MigrationState::PreCopy as u32)?;
+        dst.set_migration_state(MigrationState::Resuming as u32)?;
+        for &(gpa, size) in memory {
+            copy(gpa, size);
+        }
+        let mut m = Migration {
+            memory: memory.to_vec(),
+            page,
+            report: MigrationReport::default(),
+        };
+        m.precopy(src, dst)?;
+        Ok(m)
+    }
+
+    /// Another pre-copy round: what changed in the device's state since the
+    /// last one. Returns the bytes sent.
+    pub fn precopy(&mut self, src: &mut Client, dst: &mut Client) -> Result<usize> {
+        let data = src.mig_data_read_all()?;
+        dst.mig_data_write_all(&data)?;
+        self.report.precopy_bytes += data.len();
+        Ok(data.len())
+    }
+
+    /// Stops the source (STOP_COPY), sends the rest of its state and copies
+    /// the pages its device dirtied, then starts the destination.
+    pub fn finish(
+        mut self,
+        src: &mut Client,
+        dst: &mut Client,
+        copy: &mut dyn FnMut(u64, u64),
+    ) -> Result<MigrationReport> {
+        let stopped = Instant::now();
+        src.set_migration_state(MigrationState::StopCopy as u32)?;
+        let last = src.mig_data_read_all()?;
+        self.report.stop_copy_bytes = last.len();
+        dst.mig_data_write_all(&last)?;
+        let page = self.page;
+        for &(gpa, size) in &self.memory {
+            let bitmap = src.dma_logging_report(gpa, size, page)?;
+            for (w, &word) in bitmap.iter().enumerate() {
+                let mut bits = word;
+                while bits != 0 {
+                    let bit = u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    let at = gpa + (w as u64 * 64 + bit) * page;
+                    copy(at, page.min(gpa + size - at));
+                    self.report.dirty_pages += 1;
+                }
+            }
+        }
+        dst.set_migration_state(MigrationState::Running as u32)?;
+        self.report.downtime = stopped.elapsed();
+        src.dma_logging_stop()?;
+        src.set_migration_state(MigrationState::Stop as u32)?;
+        Ok(self.report)
+    }
+}
+
+/// [`Migration::begin`] then [`Migration::finish`]: the whole move, with
+/// nothing running on the guest's side in between.
 pub fn migrate(
     src: &mut Client,
     dst: &mut Client,
     memory: &[(u64, u64)],
     copy: &mut dyn FnMut(u64, u64),
 ) -> Result<MigrationReport> {
-    let mut report = MigrationReport::default();
-    let ranges: Vec<LogRange> = memory
-        .iter()
-        .map(|&(iova, length)| LogRange { iova, length })
-        .collect();
-    let page = src.dma_logging_start(LOG_PAGE_SIZE, &ranges)?;
-    src.set_migration_state(MigrationState::PreCopy as u32)?;
-    dst.set_migration_state(MigrationState::Resuming as u32)?;
-    for &(gpa, size) in memory {
-        copy(gpa, size);
-    }
-    let early = src.mig_data_read_all()?;
-    report.precopy_bytes = early.len();
-    dst.mig_data_write_all(&early)?;
-
-    let stopped = Instant::now();
-    src.set_migration_state(MigrationState::StopCopy as u32)?;
-    let last = src.mig_data_read_all()?;
-    report.stop_copy_bytes = last.len();
-    dst.mig_data_write_all(&last)?;
-    for &(gpa, size) in memory {
-        let bitmap = src.dma_logging_report(gpa, size, page)?;
-        for (w, &word) in bitmap.iter().enumerate() {
-            let mut bits = word;
-            while bits != 0 {
-                let bit = bits.trailing_zeros() as u64;
-                bits &= bits - 1;
-                let at = gpa + (w as u64 * 64 + bit) * page;
-                copy(at, page.min(gpa + size - at));
-                report.dirty_pages += 1;
-            }
-        }
-    }
-    dst.set_migration_state(MigrationState::Running as u32)?;
-    report.downtime = stopped.elapsed();
-    src.dma_logging_stop()?;
-    src.set_migration_state(MigrationState::Stop as u32)?;
-    Ok(report)
+    Migration::begin(src, dst, memory, copy)?.finish(src, dst, copy)
 }

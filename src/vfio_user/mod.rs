@@ -14,6 +14,6 @@ pub mod transport;
 pub mod wire;
 
 pub use client::Client;
-pub use migration_client::{migrate, MigrationReport};
+pub use migration_client::{migrate, Migration, MigrationReport};
 pub use server::{Server, ServerConfig, Session, StopHandle};
 pub use transport::{MemoryTransport, Transport};

@@ -168,6 +168,50 @@ pub fn render_ops(ops: &[Op]) -> Vec<u8> {
     fb
 }
 
+/// Where [`commands`] draws, as GPU virtual addresses: the framebuffer
+/// ([`FB_BYTES`]), the staged [`image_bytes`] and one writable scratch line.
+#[derive(Clone, Copy, Debug)]
+pub struct DrawTargets {
+    pub fb_va: u64,
+    pub image_va: u64,
+    pub scratch_va: u64,
+}
+
+/// The vGPU commands that draw `ops` (what [`render_ops`] computes).
+pub fn commands(ops: &[Op], t: DrawTargets) -> Vec<u32> {
+    use crate::encode as cmd;
+    let at = |x: u32, y: u32| t.fb_va + u64::from(y) * u64::from(STRIDE) + 4 * u64::from(x);
+    let mut out = Vec::new();
+    for op in ops {
+        match *op {
+            Op::Clear { color } => out.extend(cmd::fill(t.fb_va, FB_BYTES as u32, color)),
+            Op::Rect { x, y, w, h, color } => {
+                for line in y..y + h {
+                    out.extend(cmd::fill(at(x, line), 4 * w, color));
+                }
+            }
+            Op::RectBlit { x, y, w, h, color } => {
+                out.extend(cmd::fill(t.scratch_va, 4 * w, color));
+                out.extend(cmd::blit(t.scratch_va, 0, at(x, y), STRIDE, 4 * w, h));
+            }
+            Op::Image { x, y } => out.extend(cmd::blit(
+                t.image_va,
+                IMAGE_PITCH,
+                at(x, y),
+                STRIDE,
+                IMAGE_PITCH,
+                IMAGE_HEIGHT,
+            )),
+            Op::CopyLines {
+                src_y,
+                dst_y,
+                lines,
+            } => out.extend(cmd::copy(at(0, src_y), at(0, dst_y), lines * STRIDE)),
+        }
+    }
+    out
+}
+
 /// The framebuffer [`SCENE`] must produce.
 pub fn render() -> Vec<u8> {
     render_ops(SCENE)

@@ -84,37 +84,14 @@ fn r64(p: &DmaPage, off: usize) -> u64 {
 /// The commands that draw `ops` (framebuffer at [`FB_VA`], staged image at
 /// [`IMAGE_VA`], one scratch line at [`SCRATCH_VA`]).
 fn draw_commands(ops: &[picture::Op]) -> Vec<u32> {
-    use picture::{Op, IMAGE_HEIGHT, IMAGE_PITCH, STRIDE};
-    let at = |x: u32, y: u32| FB_VA + u64::from(y) * u64::from(STRIDE) + 4 * u64::from(x);
-    let mut out = Vec::new();
-    for op in ops {
-        match *op {
-            Op::Clear { color } => out.extend(cmd::fill(FB_VA, picture::FB_BYTES as u32, color)),
-            Op::Rect { x, y, w, h, color } => {
-                for line in y..y + h {
-                    out.extend(cmd::fill(at(x, line), 4 * w, color));
-                }
-            }
-            Op::RectBlit { x, y, w, h, color } => {
-                out.extend(cmd::fill(SCRATCH_VA, 4 * w, color));
-                out.extend(cmd::blit(SCRATCH_VA, 0, at(x, y), STRIDE, 4 * w, h));
-            }
-            Op::Image { x, y } => out.extend(cmd::blit(
-                IMAGE_VA,
-                IMAGE_PITCH,
-                at(x, y),
-                STRIDE,
-                IMAGE_PITCH,
-                IMAGE_HEIGHT,
-            )),
-            Op::CopyLines {
-                src_y,
-                dst_y,
-                lines,
-            } => out.extend(cmd::copy(at(0, src_y), at(0, dst_y), lines * STRIDE)),
-        }
-    }
-    out
+    picture::commands(
+        ops,
+        picture::DrawTargets {
+            fb_va: FB_VA,
+            image_va: IMAGE_VA,
+            scratch_va: SCRATCH_VA,
+        },
+    )
 }
 
 // ------------------------------------------------------------------ device --

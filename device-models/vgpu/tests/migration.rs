@@ -1,0 +1,127 @@
+//! The vGPU moved mid-picture from one `umdev-vgpu` process to another over
+//! vfio-user migration v2: the test plays both VMMs (guest RAM copied while
+//! the source runs, then the pages the device's dirty log names), the
+//! destination finishes the picture, pixel for pixel, with its fences in order.
+
+mod driver;
+
+use driver::regs::*;
+use driver::*;
+use umdev::migration::MigrationState;
+use umdev::vfio_user::Migration;
+use umdev_vgpu::picture::{self, DrawTargets, Op};
+
+const FB_VA: u64 = 0x1_0000_0000;
+const IMAGE_VA: u64 = 0x1_0040_0000;
+const SCRATCH_VA: u64 = 0x1_0080_0000;
+const TARGETS: DrawTargets = DrawTargets {
+    fb_va: FB_VA,
+    image_va: IMAGE_VA,
+    scratch_va: SCRATCH_VA,
+};
+
+/// One submission per operation (a FILL per line for rectangles: many
+/// commands), so the picture is a long run of work.
+fn draw(ctx: &mut Ctx, gpu: &mut Vgpu, ops: &[Op]) -> Vec<u32> {
+    ops.iter()
+        .map(|op| ctx.next_fence(gpu, &[picture::commands(&[*op], TARGETS)], false))
+        .collect()
+}
+
+#[test]
+fn a_vgpu_drawing_moves_to_another_process_and_finishes_the_picture() {
+    let mut src = Vgpu::start();
+    let mut dst = Vgpu::start();
+    assert_eq!(src.vram_size, dst.vram_size);
+
+    // The guest's set-up on the source: framebuffer in VRAM, the image staged
+    // in RAM, a scratch line.
+    let mut ctx = src.context_with_ring(0, 1 << 18);
+    let fb_pages = (picture::FB_BYTES as u64).div_ceil(PAGE);
+    ctx.pt
+        .map_range(&mut src, FB_VA, Target::Vram(0), fb_pages, true);
+    let image = picture::image_bytes();
+    let image_gpa = ctx.pt.map_new(
+        &mut src,
+        IMAGE_VA,
+        (image.len() as u64).div_ceil(PAGE),
+        false,
+    );
+    src.ram.write(image_gpa, &image);
+    ctx.pt.map_new(&mut src, SCRATCH_VA, 1, true);
+
+    let scene = picture::SCENE;
+    let (done, rest) = scene.split_at(scene.len() / 3);
+    let (running, after) = rest.split_at(rest.len() / 2);
+    let first = draw(&mut ctx, &mut src, done);
+    src.wait_fence(0, *first.last().unwrap(), TIMEOUT)
+        .expect("first third drawn");
+    let ram = src.ram.size();
+    let mut migration = {
+        let (src_ram, dst_ram) = (&src.ram, &dst.ram);
+        let mut copy = |gpa: u64, len: u64| dst_ram.write(gpa, &src_ram.read(gpa, len as usize));
+        Migration::begin(
+            &mut src.client,
+            &mut dst.client,
+            &[(RAM_GPA, ram)],
+            &mut copy,
+        )
+        .expect("pre-copy")
+    };
+    // The guest keeps drawing during pre-copy: the next third is submitted
+    // and left running when the source stops. The ring pages the guest wrote
+    // meanwhile are copied as the VMM's own dirty tracking would; the pages
+    // the device writes (fences) must come from the device's dirty log.
+    assert_eq!(
+        migration.precopy(&mut src.client, &mut dst.client).unwrap(),
+        0,
+        "nothing changed since the first round"
+    );
+    let ring_before = src.ram.read(ctx.ring.base, ctx.ring.size as usize);
+    let in_flight = draw(&mut ctx, &mut src, running);
+    assert_ne!(
+        src.ram.read(ctx.ring.base, ctx.ring.size as usize),
+        ring_before
+    );
+    dst.ram.write(
+        ctx.ring.base,
+        &src.ram.read(ctx.ring.base, ctx.ring.size as usize),
+    );
+    let report = {
+        let (src_ram, dst_ram) = (&src.ram, &dst.ram);
+        let mut copy = |gpa: u64, len: u64| dst_ram.write(gpa, &src_ram.read(gpa, len as usize));
+        migration
+            .finish(&mut src.client, &mut dst.client, &mut copy)
+            .expect("stop-copy and resume")
+    };
+    eprintln!("migration: {report:?}");
+    // The final image carries the VRAM the running submissions drew.
+    assert!(
+        report.stop_copy_bytes > 1024 && report.dirty_pages > 0,
+        "{report:?}"
+    );
+    assert_eq!(
+        src.client.migration_state().unwrap(),
+        MigrationState::Stop as u32
+    );
+
+    // The destination has every fence the source retired, in order, and
+    // carries on with the last third.
+    let last_in_flight = *in_flight.last().unwrap();
+    dst.wait_fence(0, last_in_flight, TIMEOUT)
+        .expect("the submissions running at the migration are retired");
+    assert_eq!(dst.ctx_read(0, CTX_FENCE_SEQNO), last_in_flight);
+    assert_eq!(dst.ram.read_u32(ctx.fence_gpa), last_in_flight);
+    let last = draw(&mut ctx, &mut dst, after);
+    dst.wait_fence(0, *last.last().unwrap(), TIMEOUT)
+        .expect("last third drawn on the destination");
+    assert_eq!(dst.ram.read_u32(ctx.fence_gpa), *last.last().unwrap());
+    assert_eq!(dst.ctx_read(0, CTX_STATUS) & CTX_STATUS_FAULTED, 0);
+
+    let got = dst.vram_read(0, picture::FB_BYTES);
+    let want = picture::render();
+    let differing = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+    assert_eq!(differing, 0, "framebuffer bytes differing from the picture");
+    assert_eq!(dst.read_reg(REG_GLOBAL_ERROR), 0);
+    assert!(src.backend.alive() && dst.backend.alive());
+}
