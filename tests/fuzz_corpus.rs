@@ -3,7 +3,7 @@
 //! hung a target) run through the same harness code that `cargo fuzz run`
 //! drives, plus the seeds as built from the wire structs. See docs/robustness.md.
 
-use umdev_fuzz_harness::{device_state, pci_config, seeds, session, vgpu, virtio_gpu};
+use umdev_fuzz_harness::{device_state, migration, pci_config, seeds, session, vgpu, virtio_gpu};
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -156,6 +156,24 @@ fn device_state_seeds_restore() {
     for (name, input) in device_state::seeds() {
         device_state::run(&input);
         let _ = name;
+    }
+}
+
+#[test]
+fn migration_stream_corpus() {
+    replay(
+        "migration_stream",
+        3,
+        Duration::from_secs(5),
+        migration::run,
+    );
+}
+
+/// Each seed is a complete stream: it restores and migrates out again.
+#[test]
+fn migration_stream_seeds_restore() {
+    for (_, input) in migration::seeds() {
+        migration::run(&input);
     }
 }
 

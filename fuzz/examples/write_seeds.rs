@@ -15,6 +15,7 @@ fn main() -> std::io::Result<()> {
         ("vgpu_audit", umdev_fuzz::seeds::vgpu_audit_seeds()),
         ("virtio_gpu", umdev_fuzz::virtio_gpu::virtio_gpu_seeds()),
         ("device_state", umdev_fuzz::device_state::seeds()),
+        ("migration_stream", umdev_fuzz::migration::seeds()),
     ];
     for (target, seeds) in sets {
         let dir = root.join(target);

@@ -11,7 +11,7 @@ use umdev::pci::PciFunction;
 use umdev::vhost_user::VirtioDevice;
 use umdev_virtio_gpu::{GpuConfig, VirtioGpu};
 
-fn pci(model: u8) -> PciFunction {
+pub(crate) fn pci(model: u8) -> PciFunction {
     let memory = GuestMemory::new(4);
     match model {
         0 => umdev_null::new_function(memory).expect("null"),
