@@ -91,11 +91,12 @@ impl Client {
         let r = self.request(Command::MigDataRead, &[ask.as_bytes()], &[])?;
         let head = MigData::read_from(&r.payload)
             .ok_or_else(|| short(r.payload.len(), "MIG_DATA_READ reply"))?;
+        // The reply may carry room past `size` (libvfio-user pads it).
         let data = &r.payload[size_of::<MigData>()..];
-        if head.size as usize != data.len() || head.size > size {
+        if head.size > size || head.size as usize > data.len() {
             return Err(short(data.len(), "MIG_DATA_READ data"));
         }
-        Ok(data.to_vec())
+        Ok(data[..head.size as usize].to_vec())
     }
 
     /// Reads migration data until a short read says there is no more for now.

@@ -598,7 +598,11 @@ impl<'a> Session<'a> {
             argsz: (head + data.len()) as u32,
             size: data.len() as u32,
         };
-        self.reply(&req.header, &[reply.as_bytes(), &data], &[])
+        // `argsz` and `size` say how much there is; the message itself has
+        // the room the client asked for, zero-filled past `size`, as
+        // libvfio-user's server sends it (its client takes nothing shorter).
+        let padding = vec![0u8; ask.size as usize - data.len()];
+        self.reply(&req.header, &[reply.as_bytes(), &data, &padding], &[])
     }
 
     fn mig_data_write(&mut self, req: Request<'_>) -> HandlerResult {
