@@ -39,6 +39,7 @@ use crate::event::{EventLoop, Wake};
 use crate::memory::{DmaDirection, DmaQueue, DmaRegion, GuestMemory, MemoryError};
 use crate::migration::{DeviceMigration, MIGRATION_FLAGS};
 use crate::pagetrack::{DirtyBitmap, SourceKind, UffdRegistration};
+use crate::pci::config::{COMMAND_BUS_MASTER, COMMAND_MEMORY};
 use crate::pci::{PciFunction, Region};
 
 /// Limits the server announces and enforces.
@@ -347,6 +348,9 @@ pub struct Session<'a> {
     extensions: Vec<&'static str>,
     /// The device's migration state and data stream.
     migration: DeviceMigration,
+    /// Whether the client asked about migration (DEVICE_FEATURE), or was
+    /// told that it did not (see `warn_if_client_cannot_migrate`).
+    migration_asked: bool,
 }
 
 /// A command as the handlers see it.
@@ -381,6 +385,7 @@ impl<'a> Session<'a> {
             read_buf: Vec::new(),
             extensions: Vec::new(),
             migration: DeviceMigration::new(MIGRATION_FLAGS, config.max_migration_image),
+            migration_asked: false,
         }
     }
 
@@ -563,6 +568,12 @@ impl<'a> Session<'a> {
     // ---- migration -------------------------------------------------------
 
     fn device_feature(&mut self, req: Request<'_>) -> HandlerResult {
+        if let Some(f) = DeviceFeature::read_from(req.payload) {
+            self.migration_asked |= matches!(
+                f.flags & FEATURE_MASK,
+                FEATURE_MIGRATION | FEATURE_MIG_DEVICE_STATE
+            );
+        }
         let mut function = lock(self.function);
         let reply = feature::handle(
             req.payload,
@@ -985,12 +996,34 @@ impl<'a> Session<'a> {
                 debug!("REGION_WRITE refused: {e}");
                 e.errno()
             })?;
+        if region == Region::Config && !self.migration_asked {
+            self.warn_if_client_cannot_migrate();
+        }
         let echo = RegionAccess {
             offset: access.offset,
             region: access.region,
             count: access.count,
         };
         self.reply(&req.header, &[echo.as_bytes()], &[])
+    }
+
+    /// A guest driver enabled the device, and the client never asked about
+    /// migration: QEMU 11.1's vfio-user-pci never does, and live-migrates
+    /// the VM without this device's state (docs/migration.md). Said once, at
+    /// the first moment the backend can tell.
+    #[cold]
+    fn warn_if_client_cannot_migrate(&mut self) {
+        let command = lock(self.function).config().command();
+        if command & (COMMAND_MEMORY | COMMAND_BUS_MASTER) == 0 {
+            return;
+        }
+        warn!(
+            "a guest driver enabled the device, and this client has not asked about \
+             migration (QEMU 11.1's vfio-user-pci never does): if the VM is live-migrated, \
+             the device's state is not carried over and the guest meets an unconfigured \
+             device on the destination (docs/migration.md)"
+        );
+        self.migration_asked = true;
     }
 
     fn agreed(&self, extension: &str) -> bool {

@@ -481,3 +481,24 @@ fn edu_moves_mid_workload_to_another_process_and_finishes_the_same() {
     assert_eq!(regs, want_regs);
     assert_eq!(dst_ram.bytes(), &want_ram[..]);
 }
+
+/// QEMU 11.1's vfio-user-pci never asks about migration and migrates the VM
+/// without the device's state: the backend says so when a guest driver
+/// enables the device on such a client, once; not to a client that asked.
+#[test]
+fn a_client_that_never_asks_about_migration_is_warned_of_once() {
+    const WARNING: &str = "has not asked about migration";
+    let be = Backend::edu();
+    let mut c = be.connect();
+    c.enable_device().unwrap();
+    c.enable_device().unwrap();
+    c.read_u32(BAR0, reg::ID).unwrap();
+    assert_eq!(be.log().matches(WARNING).count(), 1, "{}", be.log());
+    drop(c);
+    let be = Backend::edu();
+    let mut c = be.connect();
+    c.migration_flags().unwrap();
+    c.enable_device().unwrap();
+    c.read_u32(BAR0, reg::ID).unwrap();
+    assert_eq!(be.log().matches(WARNING).count(), 0, "{}", be.log());
+}
