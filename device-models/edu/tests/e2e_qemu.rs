@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use common::e2e::{
     check_results, env, note, run_guest, signal, socket_path, test_dir, workspace_binary, Backend,
-    Diag, Env, Guest, GuestOpts,
+    Diag, Env, Guest, GuestOpts, Qmp,
 };
 use umdev_testkit as common;
 
@@ -303,4 +303,115 @@ fn backend_killed(test: &str, mid_request: bool) {
     assert_same_results(reference, &results, "new backend after the kill");
     drop(second);
     drop(diag);
+}
+
+/// What QEMU 11.1 does to a guest using a umdev device when the VM is
+/// live-migrated (docs/migration.md): QEMU's vfio-user-pci asks the server
+/// nothing about migration, puts nothing of the device (not even its config
+/// space) in the stream, and `migrate` completes. The guest on the
+/// destination keeps its driver's view but meets an unconfigured device.
+/// The source backend warned when the guest enabled the device.
+#[test]
+fn live_migration_under_qemu_carries_no_device_state() {
+    let test = "live_migration_under_qemu_carries_no_device_state";
+    let Some(env) = env(test) else { return };
+    let diag = Diag::default();
+    let dir = test_dir(env, test);
+    let (src_sock, dst_sock) = (socket_path(test), socket_path(&format!("{test}-dst")));
+    let (src_qmp, dst_qmp) = (dir.join("src.qmp"), dir.join("dst.qmp"));
+    let migration = dir.join("migration.sock");
+    let _ = fs::remove_file(&migration);
+    let src_be = start_edu(env, &src_sock, &dir.join("backend-src.log"), &diag);
+    let dst_be = start_edu(env, &dst_sock, &dir.join("backend-dst.log"), &diag);
+    let append = "UMDEV_TESTS=migrated";
+    let mut src = Guest::start(
+        env,
+        &dir,
+        "source",
+        &GuestOpts {
+            memfd: true,
+            append,
+            backend: Some(&src_be),
+            qmp: Some(&src_qmp),
+            ..GuestOpts::default()
+        },
+        &diag,
+    );
+    src.wait_for_line("migrate the VM now", Duration::from_secs(env.timeout));
+    let dst = Guest::start(
+        env,
+        &dir,
+        "destination",
+        &GuestOpts {
+            memfd: true,
+            append,
+            backend: Some(&dst_be),
+            qmp: Some(&dst_qmp),
+            qemu_args: vec!["-incoming".into(), format!("unix:{}", migration.display())],
+            ..GuestOpts::default()
+        },
+        &diag,
+    );
+    let mut qmp = Qmp::connect(&src_qmp).expect("source QMP");
+    // Nothing blocks the migration: no blocker, no device section.
+    let before = qmp.execute("query-migrate", serde_json::json!({})).unwrap();
+    assert!(
+        before.get("blocked-reasons").is_none(),
+        "QEMU now blocks the migration: {before}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(env.timeout);
+    while !migration.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "destination never listened"
+        );
+        sleep(Duration::from_millis(50));
+    }
+    qmp.execute(
+        "migrate",
+        serde_json::json!({"uri": format!("unix:{}", migration.display())}),
+    )
+    .expect("migrate");
+    let status = loop {
+        let q = qmp.execute("query-migrate", serde_json::json!({})).unwrap();
+        let s = q["status"].as_str().unwrap_or("").to_string();
+        if s == "completed" || s == "failed" {
+            break q;
+        }
+        assert!(std::time::Instant::now() < deadline, "migration still {s}");
+        sleep(Duration::from_millis(100));
+    };
+    note(&format!("{test}: {status}"));
+    assert_eq!(status["status"], "completed", "{status}");
+    let (dst_status, messages, results, _) = dst.wait();
+    qmp.quit().expect("quit the source");
+    drop(src);
+    check_results("destination", &results, &messages);
+    assert!(dst_status.success(), "{messages}");
+    let seen = results
+        .lines()
+        .find_map(|l| l.strip_prefix("PASS migrated "))
+        .unwrap_or_else(|| panic!("no migrated result:\n{results}"));
+    note(&format!("{test}: the guest saw {seen}"));
+    let (before, after) = seen.split_once("; after: ").expect("before and after");
+    // Before: the device works and the driver has it enabled.
+    assert!(
+        before.contains("id=0x010000ed") && before.contains("liveness=0xa5a5fffe"),
+        "{before}"
+    );
+    // After: config space is the reset one (no decoding, no BAR address),
+    // so the guest's mapping of BAR0 reaches nothing and reads zeros (QEMU's
+    // unassigned memory): neither the ID nor the registers' values.
+    assert!(after.contains("id=0x00000000"), "{after}");
+    assert!(after.contains("command=0x0000"), "{after}");
+    assert!(after.contains("bar0=0x00000000"), "{after}");
+    assert!(!after.contains("factorial=0x00000078"), "{after}");
+    let src_log = fs::read_to_string(dir.join("backend-src.log")).unwrap_or_default();
+    assert!(
+        src_log.contains("has not asked about migration"),
+        "no warning on the source"
+    );
+    let dst_log = fs::read_to_string(dir.join("backend-dst.log")).unwrap_or_default();
+    assert!(!dst_log.contains("migration: device state restored"));
+    drop((src_be, dst_be, diag));
 }

@@ -897,7 +897,72 @@ fn run_edu_tests(rep: &mut Report, dev: &Path) -> Result<(), String> {
     // Only when named in UMDEV_TESTS: wait for the device to go away (the
     // vfio-user server killed under a running guest).
     rep.run_explicit("device_gone_all_ones", || wait_device_gone(&bar));
+    // Only when named: what the guest meets across a live migration.
+    rep.run_explicit("migrated", || watch_across_migration(&bar, &cfg));
     Ok(())
+}
+
+/// Marker printed once the device is in use, so a harness can live-migrate
+/// the VM.
+const MIGRATE_MARKER: &str = "migration: device in use; migrate the VM now";
+
+/// The device as the guest sees it: registers through the BAR, the command
+/// register and BAR0 through config space.
+fn observe_edu(bar: &Bar, cfg: &PciConfig) -> String {
+    let cfg16 = |at| cfg.read16(at).map_or("?".into(), |v| format!("{v:#06x}"));
+    let cfg32 = |at| cfg.read32(at).map_or("?".into(), |v| format!("{v:#010x}"));
+    format!(
+        "id={:#010x} factorial={:#010x} liveness={:#010x} command={} bar0={}",
+        bar.r32(reg::ID),
+        bar.r32(reg::FACTORIAL),
+        bar.r32(reg::LIVENESS),
+        cfg16(0x04),
+        cfg32(0x10),
+    )
+}
+
+/// Puts the device in use (a factorial, a liveness value), prints
+/// [`MIGRATE_MARKER`], then looks at the device every 200 ms and prints
+/// each change, until it changed and then stayed the same for 2 s (or
+/// `UMDEV_MIGRATE_TIMEOUT` seconds, default 90, passed). The result says
+/// what the guest saw before and after.
+fn watch_across_migration(bar: &Bar, cfg: &PciConfig) -> Result<String, String> {
+    let timeout = std::env::var("UMDEV_MIGRATE_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(90);
+    bar.w32(reg::FACTORIAL, 5);
+    let start = Instant::now();
+    while bar.r32(reg::STATUS) & 1 != 0 {
+        if start.elapsed() > Duration::from_secs(5) {
+            return Err("factorial never finished".into());
+        }
+    }
+    bar.w32(reg::LIVENESS, 0x5a5a_0001);
+    let before = observe_edu(bar, cfg);
+    info(&format!("migration: before {before}"));
+    info(MIGRATE_MARKER);
+    let start = Instant::now();
+    let (mut last, mut changed, mut stable) = (before.clone(), false, 0);
+    while start.elapsed() < Duration::from_secs(timeout) {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = observe_edu(bar, cfg);
+        if now != last {
+            info(&format!(
+                "migration: at {} ms the guest sees {now}",
+                start.elapsed().as_millis()
+            ));
+            (last, changed, stable) = (now, true, 0);
+        } else if changed {
+            stable += 1;
+            if stable >= 10 {
+                return Ok(format!("before: {before}; after: {last}"));
+            }
+        }
+    }
+    Err(format!(
+        "nothing changed in {timeout} s (was the VM migrated?): {before}"
+    ))
 }
 
 /// Marker printed once the device has been exercised and the guest has gone
