@@ -24,6 +24,7 @@ fn quick_run_prints_every_figure() {
         "shadowed PTE updates at a sync point:",
         "BLIT ",
         "COPY ",
+        "migration downtime:",
     ] {
         let line = stdout
             .lines()

@@ -18,6 +18,14 @@
 //!   REGION_WRITE to the sequence number in memory, median of repetitions,
 //!   against a plain trapped register write (a REGION_WRITE round trip).
 //!
+//! - **Migration downtime**: a second `umdev-vgpu`, and the device moved
+//!   between the two over vfio-user migration v2 (`umdev::vfio_user::Migration`:
+//!   PRE_COPY with guest RAM copied, then STOP_COPY, the dirtied pages, the
+//!   destination RUNNING), back and forth; the downtime is STOP_COPY to the
+//!   destination running. Against the downtime of the device with no VRAM in
+//!   use, for K MiB of VRAM drawn before the pre-copy (unchanged at the stop)
+//!   and K MiB redrawn after it (all carried by the stop-copy).
+//!
 //! Each figure is the median over `--reps` repetitions. Ratios, not absolute
 //! numbers, are what carries from one machine to another.
 
@@ -29,7 +37,7 @@ use umdev::memory::MappedMemfd;
 
 use clap::Parser;
 use umdev::vfio_user::wire::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, PCI_CONFIG_REGION_INDEX};
-use umdev::vfio_user::Client;
+use umdev::vfio_user::{Client, Migration};
 use umdev_vgpu::encode as cmd;
 use umdev_vgpu::regs::*;
 
@@ -75,6 +83,7 @@ const FENCE_VA: u64 = 0x7f00_0000_0000;
 const SRC_VA: u64 = 0x1_0000_0000;
 const DST_VA: u64 = 0x2_0000_0000;
 const PTE_VA: u64 = 0x3_0000_0000;
+const VRAM_VA: u64 = 0x5_0000_0000;
 
 // ---------------------------------------------------------------- memory --
 
@@ -130,6 +139,20 @@ impl Ram {
         unsafe { std::ptr::copy_nonoverlapping(s, d, len) }
     }
 
+    /// The VMM's guest RAM copy for a migration from `from` to `to`.
+    fn copier<'a>(from: &'a Ram, to: &'a Ram) -> impl FnMut(u64, u64) + 'a {
+        |gpa, len| to.copy_from(from, gpa, len as usize)
+    }
+
+    /// What the VMM does to migrate guest RAM: copies `[gpa, gpa+len)` from
+    /// `from`.
+    fn copy_from(&self, from: &Ram, gpa: u64, len: usize) {
+        let (s, d) = (from.at(gpa, len, 1), self.at(gpa, len, 1));
+        // SAFETY: both ranges are in bounds of their own mappings (checked
+        // by `at`), which are distinct memfds.
+        unsafe { std::ptr::copy_nonoverlapping(s, d, len) }
+    }
+
     fn fill(&self, gpa: u64, len: usize, byte: u8) {
         // SAFETY: in bounds (checked by `at`).
         unsafe { std::ptr::write_bytes(self.at(gpa, len, 1), byte, len) }
@@ -151,8 +174,8 @@ impl Drop for Server {
     }
 }
 
-fn start_server(bin: &Path, extra: &[String]) -> Result<(Server, PathBuf)> {
-    let dir = std::env::temp_dir().join(format!("umdev-vgpu-bench-{}", std::process::id()));
+fn start_server(bin: &Path, extra: &[String], name: &str) -> Result<(Server, PathBuf)> {
+    let dir = std::env::temp_dir().join(format!("umdev-vgpu-bench-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let socket = dir.join("vgpu.sock");
     let child = std::process::Command::new(bin)
@@ -216,6 +239,10 @@ impl Gpu {
             }
         }
         let mut client = client.ok_or_else(|| BenchError::Setup("cannot connect".into()))?;
+        // A VMM that migrates asks first (and the device must offer it).
+        if client.migration_flags()? & umdev::migration::fsm::MIGRATION_STOP_COPY == 0 {
+            return Err(BenchError::Setup("the device cannot migrate".into()));
+        }
         let ram = Ram::new(ram_mib << 20)?;
         client.dma_map(
             RAM_GPA,
@@ -289,6 +316,23 @@ impl Gpu {
         gpa
     }
 
+    /// Maps `va` to VRAM offset `offset`, writable.
+    fn map_vram(&mut self, va: u64, offset: u64) {
+        let slot = self.leaf_slot(va);
+        self.ram
+            .write_u64(slot, offset | PTE_PRESENT | PTE_WRITABLE | PTE_VRAM);
+    }
+
+    /// Takes over the driver's view of a device migrated here from `from`.
+    fn adopt(&mut self, from: &Gpu) {
+        self.next_page = from.next_page;
+        self.root = from.root;
+        self.ring = from.ring;
+        self.tail = from.tail;
+        self.fence_gpa = from.fence_gpa;
+        self.seq = from.seq;
+    }
+
     fn emit(&mut self, dwords: &[u32]) {
         for &d in dwords {
             self.ram.write_u32(self.ring + u64::from(self.tail), d);
@@ -347,7 +391,7 @@ fn bench(args: &Args) -> Result<()> {
         "reps: {reps} (median), PTEs per sync: {ptes}, copy size: {} KiB",
         copy_bytes >> 10
     );
-    let (_server, socket) = start_server(&bin, &args.server_arg)?;
+    let (_server, socket) = start_server(&bin, &args.server_arg, "src")?;
     let ram_mib = ((2 * copy_bytes as usize) >> 20) + 16;
     let mut gpu = Gpu::new(&socket, ram_mib)?;
 
@@ -464,6 +508,74 @@ fn bench(args: &Args) -> Result<()> {
         gbps(tc),
         gbps(tm),
         gbps(tc) / gbps(tm)
+    );
+
+    // --- Migration downtime.
+    let (_dst_server, dst_socket) = start_server(&bin, &args.server_arg, "dst")?;
+    let mut other = Gpu::new(&dst_socket, ram_mib)?;
+    let vram_bytes: u64 = if args.quick { 1 << 20 } else { 16 << 20 };
+    let mut idle = Vec::new();
+    let mut kept = Vec::new();
+    let mut redrawn = Vec::new();
+    let mut stop_copy_bytes = 0;
+    let mut pattern = 0x0101_0101u32;
+    // First `reps` migrations with no VRAM in use, then VRAM drawn, then
+    // unchanged and redrawn in turn.
+    for rep in 0..3 * reps {
+        let case = if rep < reps { 0 } else { 1 + (rep - reps) % 2 };
+        if rep == reps {
+            // VRAM in use from here on (VRAM_VA mapped once per device).
+            for g in [&mut gpu, &mut other] {
+                for i in 0..vram_bytes / PAGE {
+                    g.map_vram(VRAM_VA + i * PAGE, i * PAGE);
+                }
+            }
+            gpu.run(&cmd::fill(VRAM_VA, vram_bytes as u32, pattern))?;
+        }
+        let (src, dst) = (&mut gpu, &mut other);
+        let memory = [(RAM_GPA, src.ram.0.len() as u64)];
+        let m = Migration::begin(
+            &mut src.client,
+            &mut dst.client,
+            &memory,
+            &mut Ram::copier(&src.ram, &dst.ram),
+        )?;
+        if case == 2 {
+            pattern = pattern.wrapping_add(0x0101_0101);
+            src.run(&cmd::fill(VRAM_VA, vram_bytes as u32, pattern))?;
+            // The ring and the fence the guest wrote meanwhile (the VMM's own
+            // dirty tracking would find them).
+            let (ring, size) = (src.ring, u64::from(RING_SIZE));
+            dst.ram.copy_from(&src.ram, ring, size as usize);
+        }
+        let report = m.finish(
+            &mut src.client,
+            &mut dst.client,
+            &mut Ram::copier(&src.ram, &dst.ram),
+        )?;
+        dst.adopt(src);
+        match case {
+            0 => idle.push(report.downtime),
+            1 => kept.push(report.downtime),
+            _ => {
+                redrawn.push(report.downtime);
+                stop_copy_bytes = report.stop_copy_bytes;
+            }
+        }
+        std::mem::swap(&mut gpu, &mut other);
+        // The device runs where it went: a submission completes there.
+        gpu.run(&[])?;
+    }
+    let (idle, kept, redrawn) = (median(idle), median(kept), median(redrawn));
+    println!(
+        "migration downtime: idle {:.2} ms; {} MiB VRAM unchanged since pre-copy {:.2} ms, ratio {:.2}; redrawn {:.2} ms, ratio {:.2} ({} KiB stop-copy)",
+        us(idle) / 1e3,
+        vram_bytes >> 20,
+        us(kept) / 1e3,
+        us(kept) / us(idle),
+        us(redrawn) / 1e3,
+        us(redrawn) / us(idle),
+        stop_copy_bytes >> 10
     );
     Ok(())
 }
