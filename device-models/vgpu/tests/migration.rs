@@ -125,3 +125,42 @@ fn a_vgpu_drawing_moves_to_another_process_and_finishes_the_picture() {
     assert_eq!(dst.read_reg(REG_GLOBAL_ERROR), 0);
     assert!(src.backend.alive() && dst.backend.alive());
 }
+
+/// The device's dirty log holds what the engine wrote to guest RAM (the
+/// fence, a STORE) and nothing the backend only read: not the page tables
+/// the page tracker snapshots and shadows at each sync, not the ring.
+#[test]
+fn the_dirty_log_has_the_engines_writes_and_not_the_trackers_reads() {
+    let mut gpu = Vgpu::start();
+    let mut ctx = gpu.context(0);
+    let store_gpa = ctx.pt.map_new(&mut gpu, 0x3000_0000, 1, true);
+    ctx.run_ok(&mut gpu, &[]);
+    let ram = gpu.ram.size();
+    let page = gpu.client.dma_logging_start(PAGE, &[]).unwrap();
+    assert_eq!(page, PAGE);
+    // The guest edits its page tables (a new leaf table is shadowed and
+    // tracked at the next sync), then the engine stores and fences.
+    let other = ctx.pt.map_new(&mut gpu, 0x3100_0000, 1, true);
+    ctx.run_ok(
+        &mut gpu,
+        &[
+            cmd::store_dword(0x3000_0010, 7),
+            cmd::store_dword(0x3100_0000, 9),
+        ],
+    );
+    let bitmap = gpu.client.dma_logging_report(RAM_GPA, ram, PAGE).unwrap();
+    let dirty: Vec<u64> = bitmap
+        .iter()
+        .enumerate()
+        .flat_map(|(w, &word)| {
+            (0..64)
+                .filter(move |b| word & 1 << b != 0)
+                .map(move |b| w as u64 * 64 + b)
+        })
+        .map(|pfn| RAM_GPA + pfn * PAGE)
+        .collect();
+    let mut want = vec![ctx.fence_gpa, store_gpa, other];
+    want.sort();
+    assert_eq!(dirty, want, "exactly the fence and the two stored pages");
+    gpu.client.dma_logging_stop().unwrap();
+}
