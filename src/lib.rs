@@ -18,3 +18,4 @@ pub mod scanout;
 pub mod state;
 pub mod vfio_user;
 pub mod vhost_user;
+pub mod vnc;
