@@ -3,7 +3,9 @@
 //! hung a target) run through the same harness code that `cargo fuzz run`
 //! drives, plus the seeds as built from the wire structs. See docs/robustness.md.
 
-use umdev_fuzz_harness::{device_state, migration, pci_config, seeds, session, vgpu, virtio_gpu};
+use umdev_fuzz_harness::{
+    device_state, migration, pci_config, seeds, session, vgpu, virtio_gpu, vnc,
+};
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -175,6 +177,11 @@ fn migration_stream_seeds_restore() {
     for (_, input) in migration::seeds() {
         migration::run(&input);
     }
+}
+
+#[test]
+fn vnc_viewer_corpus() {
+    replay("vnc_viewer", 3, Duration::from_secs(5), vnc::run);
 }
 
 #[test]

@@ -16,6 +16,7 @@ fn main() -> std::io::Result<()> {
         ("virtio_gpu", umdev_fuzz::virtio_gpu::virtio_gpu_seeds()),
         ("device_state", umdev_fuzz::device_state::seeds()),
         ("migration_stream", umdev_fuzz::migration::seeds()),
+        ("vnc_viewer", umdev_fuzz::vnc::seeds()),
     ];
     for (target, seeds) in sets {
         let dir = root.join(target);

@@ -37,7 +37,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 pub use auth::VncPassword;
-pub use viewer::ViewerSession;
+pub use viewer::{handshake, ViewerSession};
 
 /// Viewers served at once.
 pub const MAX_VIEWERS: usize = 16;
@@ -102,6 +102,26 @@ impl std::str::FromStr for Listen {
     }
 }
 
+impl Listen {
+    /// Where display `n` of a multi-display device listens: the next ports
+    /// after the first, or `PATH.n` beside the first socket.
+    pub fn nth(&self, n: u16) -> Listen {
+        match self {
+            Listen::Tcp(a) => {
+                let mut a = *a;
+                a.set_port(a.port().wrapping_add(n));
+                Listen::Tcp(a)
+            }
+            Listen::Unix(p) if n == 0 => Listen::Unix(p.clone()),
+            Listen::Unix(p) => {
+                let mut s = p.clone().into_os_string();
+                s.push(format!(".{n}"));
+                Listen::Unix(s.into())
+            }
+        }
+    }
+}
+
 /// The command-line options of a device binary with a display.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct VncArgs {
@@ -158,18 +178,35 @@ impl VncArgs {
         }))
     }
 
-    /// Starts the server these options ask for (and allows its system calls
-    /// in the sandbox), or nothing without `--vnc`.
+    /// Starts a server per display these options ask for (and allows their
+    /// system calls in the sandbox), or none without `--vnc`: display `n`
+    /// listens where [`Listen::nth`] says.
     pub fn start(
         &self,
         name: &str,
-        source: Arc<dyn FrameSource>,
-    ) -> Result<Option<VncServer>, VncError> {
+        displays: Vec<Arc<dyn FrameSource>>,
+    ) -> Result<Vec<VncServer>, VncError> {
         let Some(config) = self.config(name)? else {
-            return Ok(None);
+            return Ok(Vec::new());
         };
         crate::sandbox::allow_extra(SYSCALLS);
-        VncServer::start(config, source).map(Some)
+        let many = displays.len() > 1;
+        displays
+            .into_iter()
+            .enumerate()
+            .map(|(n, source)| {
+                let config = VncConfig {
+                    listen: config.listen.nth(n as u16),
+                    name: if many {
+                        format!("{name} display {n}")
+                    } else {
+                        name.into()
+                    },
+                    ..config.clone()
+                };
+                VncServer::start(config, source)
+            })
+            .collect()
     }
 }
 

@@ -10,3 +10,4 @@ pub mod seeds;
 pub mod session;
 pub mod vgpu;
 pub mod virtio_gpu;
+pub mod vnc;

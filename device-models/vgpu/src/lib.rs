@@ -108,6 +108,20 @@ pub struct VgpuHandle {
     shared: Weak<Shared>,
 }
 
+impl umdev::vnc::FrameSource for VgpuHandle {
+    /// The scanout's visible pixels (for `--vnc`), read through the GGTT.
+    fn capture(&self) -> Option<umdev::vnc::Frame> {
+        let shared = self.shared.upgrade()?;
+        let mut pixels = Vec::new();
+        let sc = shared.capture_scanout(&mut pixels)?;
+        Some(umdev::vnc::Frame {
+            width: sc.width,
+            height: sc.height,
+            pixels,
+        })
+    }
+}
+
 impl VgpuHandle {
     /// Writes the current picture to the configured PNG path.
     pub fn dump_scanout(&self) {

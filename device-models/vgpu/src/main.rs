@@ -34,6 +34,8 @@ struct Args {
     subsystem_vendor_id: Option<u16>,
     #[arg(long, value_parser = parse_hex16)]
     subsystem_id: Option<u16>,
+    #[command(flatten)]
+    vnc: umdev::vnc::VncArgs,
 }
 
 fn parse_hex16(s: &str) -> Result<u16, std::num::ParseIntError> {
@@ -76,6 +78,17 @@ fn main() -> std::process::ExitCode {
     let memory = GuestMemory::new(umdev::vfio_user::ServerConfig::default().max_dma_maps as usize);
     let (function, handle) = match umdev_vgpu::new_function(memory, config) {
         Ok(f) => f,
+        Err(e) => {
+            tracing::error!("{e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    // Bound before the sandbox; serves until the process ends.
+    let _vnc = match args
+        .vnc
+        .start("umdev-vgpu", vec![std::sync::Arc::new(handle.clone())])
+    {
+        Ok(v) => v,
         Err(e) => {
             tracing::error!("{e}");
             return std::process::ExitCode::FAILURE;

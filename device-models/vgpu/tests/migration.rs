@@ -9,24 +9,7 @@ use driver::regs::*;
 use driver::*;
 use umdev::migration::MigrationState;
 use umdev::vfio_user::Migration;
-use umdev_vgpu::picture::{self, DrawTargets, Op};
-
-const FB_VA: u64 = 0x1_0000_0000;
-const IMAGE_VA: u64 = 0x1_0040_0000;
-const SCRATCH_VA: u64 = 0x1_0080_0000;
-const TARGETS: DrawTargets = DrawTargets {
-    fb_va: FB_VA,
-    image_va: IMAGE_VA,
-    scratch_va: SCRATCH_VA,
-};
-
-/// One submission per operation (a FILL per line for rectangles: many
-/// commands), so the picture is a long run of work.
-fn draw(ctx: &mut Ctx, gpu: &mut Vgpu, ops: &[Op]) -> Vec<u32> {
-    ops.iter()
-        .map(|op| ctx.next_fence(gpu, &[picture::commands(&[*op], TARGETS)], false))
-        .collect()
-}
+use umdev_vgpu::picture;
 
 #[test]
 fn a_vgpu_drawing_moves_to_another_process_and_finishes_the_picture() {
@@ -34,22 +17,8 @@ fn a_vgpu_drawing_moves_to_another_process_and_finishes_the_picture() {
     let mut dst = Vgpu::start();
     assert_eq!(src.vram_size, dst.vram_size);
 
-    // The guest's set-up on the source: framebuffer in VRAM, the image staged
-    // in RAM, a scratch line.
     let mut ctx = src.context_with_ring(0, 1 << 18);
-    let fb_pages = (picture::FB_BYTES as u64).div_ceil(PAGE);
-    ctx.pt
-        .map_range(&mut src, FB_VA, Target::Vram(0), fb_pages, true);
-    let image = picture::image_bytes();
-    let image_gpa = ctx.pt.map_new(
-        &mut src,
-        IMAGE_VA,
-        (image.len() as u64).div_ceil(PAGE),
-        false,
-    );
-    src.ram.write(image_gpa, &image);
-    ctx.pt.map_new(&mut src, SCRATCH_VA, 1, true);
-
+    prepare_picture(&mut src, &ctx);
     let scene = picture::SCENE;
     let (done, rest) = scene.split_at(scene.len() / 3);
     let (running, after) = rest.split_at(rest.len() / 2);

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tracing::{debug, error, info, warn};
 use umdev::vhost_user::{
@@ -494,6 +494,14 @@ impl VirtioGpu {
         Some((s.rect.width, s.rect.height, res.read_bgra(s.rect)))
     }
 
+    /// Scanout `scanout_id` as a live view's frame source (`--vnc`).
+    pub fn display(self: &Arc<Self>, scanout_id: u32) -> Arc<dyn umdev::vnc::FrameSource> {
+        Arc::new(ScanoutView {
+            gpu: Arc::downgrade(self),
+            scanout_id,
+        })
+    }
+
     /// Host memory the resources take now.
     pub fn hostmem(&self) -> u64 {
         self.state().hostmem
@@ -609,5 +617,22 @@ impl VirtioDevice for VirtioGpu {
                 Ok(())
             }
         }
+    }
+}
+
+/// One scanout of a [`VirtioGpu`], as a VNC frame source.
+struct ScanoutView {
+    gpu: std::sync::Weak<VirtioGpu>,
+    scanout_id: u32,
+}
+
+impl umdev::vnc::FrameSource for ScanoutView {
+    fn capture(&self) -> Option<umdev::vnc::Frame> {
+        let (width, height, pixels) = self.gpu.upgrade()?.scanout_picture(self.scanout_id)?;
+        Some(umdev::vnc::Frame {
+            width,
+            height,
+            pixels,
+        })
     }
 }

@@ -32,6 +32,10 @@ struct Args {
     /// Write scanout 0's picture to this PNG file after each flush that shows on it.
     #[arg(long)]
     scanout_png: Option<PathBuf>,
+    /// Each scanout over VNC: scanout N on the port after PORT+N-1, or on
+    /// PATH.N.
+    #[command(flatten)]
+    vnc: umdev::vnc::VncArgs,
 }
 
 /// Why a `--mode` value is not a mode.
@@ -71,6 +75,14 @@ fn main() -> std::process::ExitCode {
         scanout_png: args.scanout_png,
         ..GpuConfig::default()
     }));
+    let displays = (0..args.scanouts).map(|n| device.display(n)).collect();
+    let _vnc = match args.vnc.start("umdev-virtio-gpu", displays) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!("{e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     match vhost_user::run(&args.socket, device) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -178,3 +178,43 @@ fn hostile_blobs_are_refused_and_change_nothing() {
     });
     assert!(small.restore(&blob).is_err());
 }
+
+/// The same scanout through `--vnc`'s frame source: a viewer sees what the
+/// display was sent, before and after the state moved to another device.
+#[test]
+fn a_vnc_viewer_sees_the_scanout_before_and_after_a_restore() {
+    use umdev::vnc::{client::VncClient, Listen, VncConfig, VncServer};
+    let mem = memory();
+    let (gpu, rec) = gpu();
+    let gpu = Arc::new(gpu);
+    first_half(&gpu, &mem);
+    let config = |name: &str| VncConfig {
+        listen: Listen::Tcp("127.0.0.1:0".parse().unwrap()),
+        password: None,
+        fps: 60,
+        name: name.into(),
+    };
+    let shown = |server: &VncServer, want: &[u8]| {
+        let at = Listen::Tcp(server.local_addr().unwrap());
+        let mut c = VncClient::connect(&at, None).unwrap();
+        assert_eq!((c.frame.width, c.frame.height), (W, H));
+        c.request(false).unwrap();
+        c.read_update().unwrap();
+        // The X byte is not carried.
+        let strip = |p: &[u8]| {
+            p.chunks(4)
+                .flat_map(|c| [c[0], c[1], c[2]])
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(strip(&c.frame.pixels), strip(want));
+    };
+    let last = rec.0.lock().unwrap().last().unwrap().2.clone();
+    let source = VncServer::start(config("source"), gpu.display(0)).unwrap();
+    shown(&source, &last);
+    let blob = gpu.save().unwrap();
+    let (restored, _) = self::gpu();
+    let restored = Arc::new(restored);
+    restored.restore(&blob).unwrap();
+    let destination = VncServer::start(config("destination"), restored.display(0)).unwrap();
+    shown(&destination, &last);
+}

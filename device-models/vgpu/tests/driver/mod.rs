@@ -1226,3 +1226,36 @@ pub fn pattern_bytes(pattern: u32, len: usize) -> Vec<u8> {
         .take(len)
         .collect()
 }
+
+// ---- the test picture ------------------------------------------------------------
+
+/// Where the test picture is drawn: the framebuffer in VRAM from offset 0,
+/// the staged image in RAM, a scratch line.
+pub const PICTURE: umdev_vgpu::picture::DrawTargets = umdev_vgpu::picture::DrawTargets {
+    fb_va: 0x1_0000_0000,
+    image_va: 0x1_0040_0000,
+    scratch_va: 0x1_0080_0000,
+};
+
+/// Maps [`PICTURE`]'s targets in `ctx` and stages the image.
+pub fn prepare_picture(gpu: &mut Vgpu, ctx: &Ctx) {
+    use umdev_vgpu::picture;
+    let fb_pages = (picture::FB_BYTES as u64).div_ceil(PAGE);
+    ctx.pt
+        .map_range(gpu, PICTURE.fb_va, Target::Vram(0), fb_pages, true);
+    let image = picture::image_bytes();
+    let pages = (image.len() as u64).div_ceil(PAGE);
+    let image_gpa = ctx.pt.map_new(gpu, PICTURE.image_va, pages, false);
+    gpu.ram.write(image_gpa, &image);
+    ctx.pt.map_new(gpu, PICTURE.scratch_va, 1, true);
+}
+
+/// Submits `ops`, one submission with its fence each; their seqnos.
+pub fn draw(ctx: &mut Ctx, gpu: &mut Vgpu, ops: &[umdev_vgpu::picture::Op]) -> Vec<u32> {
+    ops.iter()
+        .map(|op| {
+            let cmds = umdev_vgpu::picture::commands(&[*op], PICTURE);
+            ctx.next_fence(gpu, &[cmds], false)
+        })
+        .collect()
+}
