@@ -134,3 +134,131 @@ fn pixel_diff_finds_each_differing_pixel() {
     assert!(first[0].starts_with("(1,1)"), "{first:?}");
     assert_eq!(pixel_diff(&want, &want, 2).0, 0);
 }
+
+/// vncdotool's `vncdo` (scripts/setup-vnc-viewer.sh installs it).
+fn vncdo() -> std::path::PathBuf {
+    let cache = std::env::var_os("UMDEV_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(&std::env::var_os("HOME").unwrap_or_default()).join(".cache/umdev")
+        });
+    cache.join("vncdotool/bin/vncdo")
+}
+
+/// A loopback port nobody listens on now.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// The visible `width` x `height` pixels of the test picture, as RGB.
+fn expected_rgb(width: u32, height: u32) -> Vec<u8> {
+    let fb = picture::render();
+    (0..height as usize)
+        .flat_map(|y| {
+            let at = y * picture::STRIDE as usize;
+            fb[at..at + 4 * width as usize]
+                .chunks_exact(4)
+                .flat_map(|p| [p[2], p[1], p[0]])
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// A standard VNC client (vncdotool) watches the vGPU while a Linux guest
+/// drives it under QEMU: two viewers at once, each capturing the picture and
+/// then, on the same connection, the halved mode the guest switches to (a
+/// DesktopSize update); every capture equals the picture pixel for pixel.
+#[test]
+fn vgpu_picture_seen_by_a_standard_vnc_viewer() {
+    let test = "vgpu_picture_seen_by_a_standard_vnc_viewer";
+    let Some(env) = e2e::env(test) else { return };
+    let vncdo = vncdo();
+    if !vncdo.exists() {
+        assert!(
+            !e2e::required(),
+            "{} missing: run scripts/setup-vnc-viewer.sh",
+            vncdo.display()
+        );
+        e2e::note(&format!("{test}: skipped (no vncdotool)"));
+        return;
+    }
+    let bin =
+        e2e::workspace_binary(env, "umdev-vgpu", "umdev-vgpu").unwrap_or_else(|e| panic!("{e}"));
+    let diag = Diag::default();
+    let dir = e2e::test_dir(env, test);
+    let port = free_port();
+    let args = vec!["--vnc".to_string(), format!("127.0.0.1:{port}")];
+    let backend = Backend::start(
+        &bin,
+        &args,
+        &e2e::socket_path(test),
+        &dir.join("backend.log"),
+        &diag,
+    );
+    let mut guest = e2e::Guest::start(
+        env,
+        &dir,
+        "vgpu-vnc",
+        &GuestOpts {
+            memfd: true,
+            append: "UMDEV_DEV=1234:5547 UMDEV_HOLD_MS=6000",
+            backend: Some(&backend),
+            ..GuestOpts::default()
+        },
+        &diag,
+    );
+    guest.wait_for_line(
+        "holding the picture",
+        std::time::Duration::from_secs(env.timeout),
+    );
+    let viewers: Vec<_> = (0..2)
+        .map(|i| {
+            let (first, second) = (
+                dir.join(format!("vnc{i}-a.png")),
+                dir.join(format!("vnc{i}-b.png")),
+            );
+            let _ = (fs::remove_file(&first), fs::remove_file(&second));
+            let child = std::process::Command::new(&vncdo)
+                .arg("-s")
+                .arg(format!("127.0.0.1::{port}"))
+                .arg("capture")
+                .arg(&first)
+                .args(["pause", "7", "capture"])
+                .arg(&second)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("start vncdo");
+            (child, first, second)
+        })
+        .collect();
+    let (status, messages, results, _) = guest.wait();
+    e2e::check_results("vgpu-vnc", &results, &messages);
+    assert!(status.success(), "{messages}");
+    drop(backend);
+    for (out, first, second) in viewers {
+        let out = out.wait_with_output().expect("run vncdo");
+        assert!(
+            out.status.success(),
+            "vncdo: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for (png, (w, h)) in [
+            (&first, (picture::WIDTH, picture::HEIGHT)),
+            (&second, (picture::WIDTH / 2, picture::HEIGHT / 2)),
+        ] {
+            let bytes = fs::read(png).unwrap_or_else(|e| panic!("{}: {e}", png.display()));
+            let got = scanout::decode_png(&bytes).expect("decode the viewer's PNG");
+            assert_eq!((got.width, got.height), (w, h), "{}", png.display());
+            let (count, first) = pixel_diff(&got.rgb, &expected_rgb(w, h), w);
+            assert_eq!(count, 0, "{}:\n{}", png.display(), first.join("\n"));
+        }
+    }
+    e2e::note(&format!(
+        "{test}: two vncdotool viewers saw the picture and the mode change"
+    ));
+    drop(diag);
+}

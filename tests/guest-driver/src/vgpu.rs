@@ -549,6 +549,24 @@ pub fn run_tests(rep: &mut Report, dev: &Path) -> Result<(), String> {
             fnv1a(&got)
         ))
     });
+    // `UMDEV_HOLD_MS=N`: keep the picture on screen N ms (a host-side VNC
+    // viewer looks at it), then halve the mode and keep that N ms too.
+    if let Some(ms) = std::env::var("UMDEV_HOLD_MS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        let sc = |r: u64| (SCANOUT_BASE + r) as usize;
+        info(&format!("vgpu: holding the picture for {ms} ms"));
+        std::thread::sleep(Duration::from_millis(ms));
+        bar.w32(sc(SCANOUT_FB_WIDTH), picture::WIDTH / 2);
+        bar.w32(sc(SCANOUT_FB_HEIGHT), picture::HEIGHT / 2);
+        info(&format!(
+            "vgpu: mode {}x{}, holding for {ms} ms",
+            picture::WIDTH / 2,
+            picture::HEIGHT / 2
+        ));
+        std::thread::sleep(Duration::from_millis(ms));
+    }
     let err = bar.r32(REG_GLOBAL_ERROR as usize);
     if err != 0 {
         rep.result("vgpu_global_error", Err(format!("{err}")));
