@@ -32,6 +32,9 @@ pub struct ServerArgs {
     /// `umdev::sandbox`).
     #[arg(long)]
     pub no_seccomp: bool,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
@@ -57,6 +60,8 @@ pub enum RunError {
     Fd(i32, std::io::Error),
     #[error(transparent)]
     Server(#[from] crate::vfio_user::server::ServerError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     #[error(transparent)]
     Sandbox(#[from] crate::sandbox::SandboxError),
 }
@@ -130,6 +135,20 @@ pub fn run(args: &ServerArgs, function: PciFunction) -> Result<(), RunError> {
         ..ServerConfig::default()
     };
     let server = Server::new(function, config);
+    // Kept for as long as the server runs (the registry holds it weakly).
+    let _metrics = match args.metrics {
+        Some(addr) => {
+            crate::metrics::serve(addr)?;
+            let source = server
+                .function()
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .metrics();
+            crate::metrics::register(&source);
+            Some(source)
+        }
+        None => None,
+    };
     stop_on_termination_signals(server.stop_handle()).map_err(|e| RunError::Fd(-1, e))?;
     let result = serve_as_told(args, &server);
     if server.stop_handle().is_stopped() {

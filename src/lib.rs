@@ -10,6 +10,7 @@ pub mod cli;
 pub mod event;
 pub mod fd;
 pub mod memory;
+pub mod metrics;
 pub mod migration;
 pub mod pagetrack;
 pub mod pci;

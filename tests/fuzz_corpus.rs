@@ -4,7 +4,7 @@
 //! drives, plus the seeds as built from the wire structs. See docs/robustness.md.
 
 use umdev_fuzz_harness::{
-    device_state, migration, pci_config, seeds, session, vgpu, virtio_gpu, vnc,
+    device_state, metrics, migration, pci_config, seeds, session, vgpu, virtio_gpu, vnc,
 };
 
 use std::path::{Path, PathBuf};
@@ -177,6 +177,11 @@ fn migration_stream_seeds_restore() {
     for (_, input) in migration::seeds() {
         migration::run(&input);
     }
+}
+
+#[test]
+fn metrics_request_corpus() {
+    replay("metrics_request", 3, Duration::from_secs(5), metrics::run);
 }
 
 #[test]

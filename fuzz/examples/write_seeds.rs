@@ -17,6 +17,7 @@ fn main() -> std::io::Result<()> {
         ("device_state", umdev_fuzz::device_state::seeds()),
         ("migration_stream", umdev_fuzz::migration::seeds()),
         ("vnc_viewer", umdev_fuzz::vnc::seeds()),
+        ("metrics_request", umdev_fuzz::metrics::seeds()),
     ];
     for (target, seeds) in sets {
         let dir = root.join(target);

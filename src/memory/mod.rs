@@ -131,6 +131,18 @@ struct Shared {
     /// Set while `dirty_log` holds a log: one load on the write path otherwise.
     logging: AtomicBool,
     dirty_log: Mutex<Option<DirtyLog>>,
+    stats: MemoryStats,
+}
+
+/// Device DMA counted by how it reached guest memory, for `--metrics`.
+#[derive(Debug, Default)]
+pub struct MemoryStats {
+    pub maps: AtomicU64,
+    pub unmaps: AtomicU64,
+    pub read_by_fd_bytes: AtomicU64,
+    pub written_by_fd_bytes: AtomicU64,
+    pub read_by_message_bytes: AtomicU64,
+    pub written_by_message_bytes: AtomicU64,
 }
 
 /// A cloneable handle to guest memory, usable from any thread.
@@ -160,6 +172,7 @@ impl GuestMemory {
                 write_observers: RwLock::new(Vec::new()),
                 logging: AtomicBool::new(false),
                 dirty_log: Mutex::new(None),
+                stats: MemoryStats::default(),
             }),
         }
     }
@@ -215,15 +228,18 @@ impl GuestMemory {
     /// tracking, shadowing): not device DMA, so not gated by bus mastering, and
     /// never a message, so it may run on any thread, the session's included.
     pub fn peek(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
-        self.read_with(gpa, buf, |_, gpa, _| Err(MemoryError::NoHostMapping(gpa)))
+        self.read_with(gpa, buf, None, |_, gpa, _| {
+            Err(MemoryError::NoHostMapping(gpa))
+        })
     }
 
-    /// Reads, copying fd-mapped parts directly and handing fd-less parts to
-    /// `by_message`.
+    /// Reads, copying fd-mapped parts directly (counted in `stats`, when
+    /// this is device DMA) and handing fd-less parts to `by_message`.
     fn read_with(
         &self,
         gpa: u64,
         buf: &mut [u8],
+        stats: Option<&MemoryStats>,
         by_message: impl Fn(&dyn DmaTransport, u64, &mut [u8]) -> Result<(), MemoryError>,
     ) -> Result<(), MemoryError> {
         self.access(
@@ -234,10 +250,16 @@ impl GuestMemory {
             |region_off, backing, range| {
                 let dst = &mut buf[range];
                 match backing {
-                    Backing::Mapped(m) => m
-                        .map()
-                        .read_slice(dst, MemoryRegionAddress(region_off))
-                        .map_err(MemoryError::Access),
+                    Backing::Mapped(m) => {
+                        m.map()
+                            .read_slice(dst, MemoryRegionAddress(region_off))
+                            .map_err(MemoryError::Access)?;
+                        if let Some(s) = stats {
+                            s.read_by_fd_bytes
+                                .fetch_add(dst.len() as u64, Ordering::Relaxed);
+                        }
+                        Ok(())
+                    }
                     Backing::Message(t, gpa) => by_message(t, gpa, dst),
                 }
             },
@@ -294,9 +316,57 @@ impl GuestMemory {
         Ok((here, matches!(region.backing, RegionBacking::Mapped(_))))
     }
 
+    /// DMA counters (the server counts maps and unmaps in them).
+    pub fn stats(&self) -> &MemoryStats {
+        &self.shared.stats
+    }
+
+    /// The DMA counters in `--metrics` form.
+    pub fn write_metrics(&self, w: &mut crate::metrics::MetricsWriter) {
+        let s = &self.shared.stats;
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        w.counter(
+            "umdev_dma_maps_total",
+            "DMA_MAP commands taken.",
+            n(&s.maps),
+        );
+        w.counter(
+            "umdev_dma_unmaps_total",
+            "DMA_UNMAP commands taken.",
+            n(&s.unmaps),
+        );
+        w.counters(
+            "umdev_dma_read_bytes_total",
+            "Bytes the device read from guest memory, by path.",
+            "path",
+            &[
+                ("fd", n(&s.read_by_fd_bytes)),
+                ("message", n(&s.read_by_message_bytes)),
+            ],
+        );
+        w.counters(
+            "umdev_dma_written_bytes_total",
+            "Bytes the device wrote to guest memory, by path.",
+            "path",
+            &[
+                ("fd", n(&s.written_by_fd_bytes)),
+                ("message", n(&s.written_by_message_bytes)),
+            ],
+        );
+        w.gauge(
+            "umdev_dma_regions",
+            "DMA regions mapped now.",
+            self.regions().len() as u64,
+        );
+    }
+
     /// Tells the write observers of a device write that did not go through
     /// [`write`](Self::write) (a queued DMA's message-borne part).
     pub fn observe_write(&self, gpa: u64, len: usize) {
+        self.shared
+            .stats
+            .written_by_message_bytes
+            .fetch_add(len as u64, Ordering::Relaxed);
         self.log_write(gpa, len);
         self.notify_observers(gpa, len);
     }
@@ -315,7 +385,13 @@ impl GuestMemory {
     /// Reads guest memory at `gpa` into `buf` as the device (gated by bus mastering).
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         self.check_bus_master()?;
-        self.read_with(gpa, buf, |t, gpa, dst| t.dma_read(gpa, dst))
+        let s = &self.shared.stats;
+        self.read_with(gpa, buf, Some(s), |t, gpa, dst| {
+            t.dma_read(gpa, dst)?;
+            s.read_by_message_bytes
+                .fetch_add(dst.len() as u64, Ordering::Relaxed);
+            Ok(())
+        })
     }
 
     /// Adds an observer of device writes.
@@ -412,6 +488,7 @@ impl GuestMemory {
         live: &dyn Fn() -> bool,
     ) -> Result<(), MemoryError> {
         self.check_bus_master()?;
+        let stats = &self.shared.stats;
         self.access(
             gpa,
             buf.len(),
@@ -420,11 +497,22 @@ impl GuestMemory {
             |region_off, backing, range| {
                 let src = &buf[range];
                 match backing {
-                    Backing::Mapped(m) => m
-                        .map()
-                        .write_slice(src, MemoryRegionAddress(region_off))
-                        .map_err(MemoryError::Access),
-                    Backing::Message(t, gpa) => t.dma_write(gpa, src),
+                    Backing::Mapped(m) => {
+                        m.map()
+                            .write_slice(src, MemoryRegionAddress(region_off))
+                            .map_err(MemoryError::Access)?;
+                        stats
+                            .written_by_fd_bytes
+                            .fetch_add(src.len() as u64, Ordering::Relaxed);
+                        Ok(())
+                    }
+                    Backing::Message(t, gpa) => {
+                        t.dma_write(gpa, src)?;
+                        stats
+                            .written_by_message_bytes
+                            .fetch_add(src.len() as u64, Ordering::Relaxed);
+                        Ok(())
+                    }
                 }
             },
         )

@@ -114,4 +114,9 @@ pub trait PciDevice: Send {
     /// The device runs again after [`quiesce`](Self::quiesce) (the migration
     /// was cancelled, or this is the destination).
     fn resume(&mut self) {}
+    /// The model's own counters for `--metrics` (fences, faults, ...), if it
+    /// keeps any.
+    fn metrics(&self) -> Option<std::sync::Arc<dyn crate::metrics::MetricsSource>> {
+        None
+    }
 }

@@ -3,6 +3,9 @@
 //! [`PciFunction::region_write`]; they route to config space, the MSI-X table or
 //! the model's BAR handlers.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use tracing::{debug, trace};
 
 use super::bar::{BarDef, BarError, BarIndex, NUM_BARS};
@@ -121,6 +124,103 @@ pub struct PciFunction {
     dma: DmaQueue,
     page_tracker: PageTracker,
     device: Box<dyn PciDevice>,
+    stats: Arc<FunctionStats>,
+}
+
+/// Guest accesses a function served, for the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct FunctionStats {
+    /// Per region (BAR 0-5, ROM, config, VGA).
+    reads: [AtomicU64; 9],
+    writes: [AtomicU64; 9],
+    /// Writes the client posted (sent without waiting for a reply).
+    pub posted_writes: AtomicU64,
+}
+
+/// The label of a region's counters.
+const REGION_NAMES: [&str; 9] = [
+    "bar0", "bar1", "bar2", "bar3", "bar4", "bar5", "rom", "config", "vga",
+];
+
+fn region_slot(region: Region) -> usize {
+    match region {
+        Region::Bar(b) => b.min(5),
+        Region::Rom => 6,
+        Region::Config => 7,
+        Region::Vga => 8,
+    }
+}
+
+/// Everything a function counts, as one metrics source: its accesses, its
+/// guest memory's DMA, its page tracker, its model's own.
+struct FunctionMetrics {
+    stats: Arc<FunctionStats>,
+    memory: GuestMemory,
+    tracker: PageTracker,
+    model: Option<Arc<dyn crate::metrics::MetricsSource>>,
+}
+
+impl crate::metrics::MetricsSource for FunctionMetrics {
+    fn write_metrics(&self, w: &mut crate::metrics::MetricsWriter) {
+        let per_region = |a: &[AtomicU64; 9]| -> Vec<(&str, u64)> {
+            REGION_NAMES
+                .iter()
+                .zip(a)
+                .map(|(&n, v)| (n, v.load(Ordering::Relaxed)))
+                .collect()
+        };
+        w.counters(
+            "umdev_region_reads_total",
+            "Trapped guest reads (REGION_READ) per region.",
+            "region",
+            &per_region(&self.stats.reads),
+        );
+        w.counters(
+            "umdev_region_writes_total",
+            "Trapped guest writes (REGION_WRITE, WRITE_MULTI entries) per region.",
+            "region",
+            &per_region(&self.stats.writes),
+        );
+        w.counter(
+            "umdev_posted_writes_total",
+            "Writes the client sent without waiting for a reply.",
+            self.stats.posted_writes.load(Ordering::Relaxed),
+        );
+        self.memory.write_metrics(w);
+        let t = self.tracker.counters();
+        let source = t
+            .source
+            .map_or("none".into(), |k| format!("{k:?}").to_lowercase());
+        w.gauge(
+            "umdev_pagetrack_pages_tracked",
+            "Guest pages write-tracked now.",
+            t.pages_tracked,
+        );
+        w.counters(
+            "umdev_pagetrack_syncs_total",
+            "Sync points of the page tracker, by write source.",
+            "source",
+            &[(source.as_str(), t.syncs)],
+        );
+        w.counter(
+            "umdev_pagetrack_pages_compared_total",
+            "Tracked pages compared with their snapshot at sync points.",
+            t.pages_compared,
+        );
+        w.counter(
+            "umdev_pagetrack_track_writes_total",
+            "track_write notifications (changed 8-byte entries) delivered.",
+            t.entries_changed,
+        );
+        w.counter(
+            "umdev_pagetrack_uffd_faults_total",
+            "Write faults the userfaultfd source resolved.",
+            t.faults,
+        );
+        if let Some(m) = &self.model {
+            m.write_metrics(w);
+        }
+    }
 }
 
 impl PciFunction {
@@ -184,6 +284,7 @@ impl PciFunction {
             page_tracker,
             device,
             description,
+            stats: Arc::default(),
         })
     }
 
@@ -282,6 +383,7 @@ impl PciFunction {
         data: &mut [u8],
     ) -> Result<(), PciError> {
         self.check(region, offset, data.len())?;
+        self.stats.reads[region_slot(region)].fetch_add(1, Ordering::Relaxed);
         let bar = match region {
             Region::Bar(bar) => bar,
             Region::Config => {
@@ -315,6 +417,7 @@ impl PciFunction {
         data: &[u8],
     ) -> Result<(), PciError> {
         self.check(region, offset, data.len())?;
+        self.stats.writes[region_slot(region)].fetch_add(1, Ordering::Relaxed);
         let bar = match region {
             Region::Bar(bar) => bar,
             Region::Config => {
@@ -508,6 +611,22 @@ impl PciFunction {
         let cmd = self.config.command();
         self.memory.set_bus_master(cmd & COMMAND_BUS_MASTER != 0);
         Ok(())
+    }
+
+    /// The access counters (the server counts posted writes in them).
+    pub fn stats(&self) -> &FunctionStats {
+        &self.stats
+    }
+
+    /// This function's counters, its memory's, its tracker's and its
+    /// model's, as one source for `umdev::metrics::register`.
+    pub fn metrics(&self) -> Arc<dyn crate::metrics::MetricsSource> {
+        Arc::new(FunctionMetrics {
+            stats: self.stats.clone(),
+            memory: self.memory.clone(),
+            tracker: self.page_tracker.clone(),
+            model: self.device.metrics(),
+        })
     }
 
     /// Whether the model can save and restore its state (migration).

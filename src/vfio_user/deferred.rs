@@ -181,6 +181,10 @@ impl DeferredDma {
         } else {
             match link.and_then(|l| l.read_reply_data(payload, piece.gpa, piece.len)) {
                 Some(d) => {
+                    memory
+                        .stats()
+                        .read_by_message_bytes
+                        .fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
                     flight.data[piece.offset..piece.offset + piece.len].copy_from_slice(d);
                     Ok(())
                 }

@@ -769,6 +769,7 @@ impl<'a> Session<'a> {
         match result {
             Ok(()) => {
                 debug!(gpa = m.address, size = m.size, with_fd, "DMA map");
+                self.memory.stats().maps.fetch_add(1, Ordering::Relaxed);
                 self.reply(&req.header, &[], &[])
             }
             Err(e) => {
@@ -805,6 +806,7 @@ impl<'a> Session<'a> {
         };
         match removed {
             Ok(regions) => {
+                self.memory.stats().unmaps.fetch_add(1, Ordering::Relaxed);
                 debug!(
                     gpa = u.address,
                     size = u.size,
@@ -990,12 +992,20 @@ impl<'a> Session<'a> {
         }
         let region = region_of(access.region).ok_or(libc::EINVAL)?;
         self.reachable(region)?;
-        lock(self.function)
+        let mut function = lock(self.function);
+        if req.header.no_reply() {
+            function
+                .stats()
+                .posted_writes
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        function
             .region_write(region, access.offset, data)
             .map_err(|e| {
                 debug!("REGION_WRITE refused: {e}");
                 e.errno()
             })?;
+        drop(function);
         if region == Region::Config && !self.migration_asked {
             self.warn_if_client_cannot_migrate();
         }

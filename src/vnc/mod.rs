@@ -285,6 +285,7 @@ impl VncServer {
             stats: VncStats::default(),
             stopping: AtomicBool::new(false),
         });
+        register_metrics(&shared);
         let server = VncServer { shared, listener };
         server.spawn_accept()?;
         let pacer = server.shared.clone();
@@ -429,5 +430,83 @@ fn pace(shared: &Shared) {
         }
         // At most `fps` captures a second, hints included.
         std::thread::sleep(period);
+    }
+}
+
+/// The running servers, for one metrics family per counter with a
+/// `display` label each.
+static DISPLAYS: Mutex<Vec<Weak<Shared>>> = Mutex::new(Vec::new());
+
+fn register_metrics(shared: &Arc<Shared>) {
+    static SOURCE: std::sync::OnceLock<Arc<dyn crate::metrics::MetricsSource>> =
+        std::sync::OnceLock::new();
+    let mut displays = lock(&DISPLAYS);
+    displays.retain(|d| d.strong_count() > 0);
+    displays.push(Arc::downgrade(shared));
+    drop(displays);
+    crate::metrics::register(SOURCE.get_or_init(|| Arc::new(VncMetrics)));
+}
+
+struct VncMetrics;
+
+/// A family: name, help, whether a counter (else a gauge), and its value.
+type Family = (&'static str, &'static str, bool, fn(&VncStats) -> u64);
+
+impl crate::metrics::MetricsSource for VncMetrics {
+    fn write_metrics(&self, w: &mut crate::metrics::MetricsWriter) {
+        let displays: Vec<Arc<Shared>> = lock(&DISPLAYS).iter().filter_map(Weak::upgrade).collect();
+        let family = |get: fn(&VncStats) -> u64| -> Vec<(String, u64)> {
+            displays
+                .iter()
+                .map(|d| (d.config.name.clone(), get(&d.stats)))
+                .collect()
+        };
+        let families: [Family; 6] = [
+            (
+                "umdev_vnc_viewers",
+                "VNC viewers connected now.",
+                false,
+                |s| s.viewers.load(Ordering::Relaxed) as u64,
+            ),
+            (
+                "umdev_vnc_viewers_total",
+                "VNC viewers that connected.",
+                true,
+                |s| s.viewers_total.load(Ordering::Relaxed),
+            ),
+            (
+                "umdev_vnc_viewers_dropped_total",
+                "VNC viewers dropped for an error or a protocol violation.",
+                true,
+                |s| s.viewers_dropped.load(Ordering::Relaxed),
+            ),
+            (
+                "umdev_vnc_sent_bytes_total",
+                "Bytes of updates sent to VNC viewers.",
+                true,
+                |s| s.bytes_sent.load(Ordering::Relaxed),
+            ),
+            (
+                "umdev_vnc_updates_total",
+                "FramebufferUpdates sent to VNC viewers.",
+                true,
+                |s| s.updates_sent.load(Ordering::Relaxed),
+            ),
+            (
+                "umdev_vnc_frames_captured_total",
+                "Scanout frames captured that differed from the last.",
+                true,
+                |s| s.frames_captured.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, counter, get) in families {
+            let samples = family(get);
+            let samples: Vec<(&str, u64)> = samples.iter().map(|(d, v)| (d.as_str(), *v)).collect();
+            if counter {
+                w.counters(name, help, "display", &samples);
+            } else {
+                w.gauges(name, help, "display", &samples);
+            }
+        }
     }
 }

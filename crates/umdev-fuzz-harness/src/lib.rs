@@ -4,6 +4,7 @@
 //! (`tests/fuzz_corpus.rs` in the root workspace). See `docs/robustness.md`.
 
 pub mod device_state;
+pub mod metrics;
 pub mod migration;
 pub mod pci_config;
 pub mod seeds;

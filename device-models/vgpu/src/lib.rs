@@ -9,6 +9,7 @@
 //! doorbell and TLB invalidation post a job to the engine thread.
 
 pub mod command;
+mod metrics;
 pub use umdev_vgpu_abi::{encode, picture, regs};
 pub mod scanout;
 pub mod shadow;
@@ -223,6 +224,7 @@ struct Shared {
     /// `Registers::generation`, readable without the lock (engine writes
     /// check it under the region table's lock).
     live_generation: AtomicU64,
+    stats: metrics::VgpuStats,
 }
 
 /// Why an engine access to a validated target failed (the context sees
@@ -247,6 +249,7 @@ struct ShadowUpdater(Weak<Shared>);
 impl TrackNotifier for ShadowUpdater {
     fn track_write(&self, gpa: u64, new: &[u8; 8]) {
         if let Some(shared) = self.0.upgrade() {
+            shared.stats.shadow_updates.fetch_add(1, Ordering::Relaxed);
             lock(&shared.shadow).on_write(gpa, u64::from_le_bytes(*new));
         }
     }
@@ -289,6 +292,7 @@ impl Vgpu {
             scanout_png,
             scanout_buffer: Mutex::new(Vec::new()),
             live_generation: AtomicU64::new(0),
+            stats: metrics::VgpuStats::default(),
         });
         shared
             .ctx
@@ -486,6 +490,7 @@ impl Shared {
                 if let Err(e) = scanout::write_png(path, sc.width, sc.height, line, &fb) {
                     warn!("scanout PNG: {e}");
                 } else {
+                    self.stats.scanout_pictures.fetch_add(1, Ordering::Relaxed);
                     debug!(path = %path.display(), "scanout written");
                 }
             }
@@ -601,6 +606,10 @@ impl PciDevice for Vgpu {
 
     fn migratable(&self) -> bool {
         true
+    }
+
+    fn metrics(&self) -> Option<Arc<dyn umdev::metrics::MetricsSource>> {
+        Some(Arc::new(metrics::VgpuMetrics(Arc::downgrade(&self.shared))))
     }
 
     /// The engine finishes the submissions it was given (their fences and
@@ -777,7 +786,11 @@ fn write_register(
 fn engine_loop(shared: &Shared, jobs: Receiver<Job>) {
     for job in jobs {
         match job {
-            Job::Submit(n, generation) => run_submission(shared, n, generation),
+            Job::Submit(n, generation) => {
+                let start = std::time::Instant::now();
+                run_submission(shared, n, generation);
+                shared.stats.busy(start.elapsed());
+            }
             Job::Barrier(done) => {
                 let _ = done.send(());
             }
@@ -828,6 +841,7 @@ fn fault(shared: &Shared, n: usize, generation: u64, f: Fault) {
         (c.status & !(0xff00 | CTX_STATUS_BUSY)) | CTX_STATUS_FAULTED | u32::from(f.reason) << 8;
     c.fault_addr = f.addr;
     regs.busy &= !(1 << n);
+    shared.stats.fault(f.reason);
     info!(
         context = n,
         reason = f.reason,
@@ -852,6 +866,7 @@ fn run_submission(shared: &Shared, n: usize, generation: u64) {
         }
         regs.ctx[n].status |= CTX_STATUS_BUSY;
         regs.busy |= 1 << n;
+        shared.stats.submissions.fetch_add(1, Ordering::Relaxed);
         let rings: Vec<(u64, u64)> = regs
             .ctx
             .iter()
@@ -914,7 +929,13 @@ fn run_submission(shared: &Shared, n: usize, generation: u64) {
             audit_segment(&actx, &mut cursor)
         };
         let (plan, more) = match audited {
-            Ok(p) => p,
+            Ok(p) => {
+                shared
+                    .stats
+                    .segments_audited
+                    .fetch_add(1, Ordering::Relaxed);
+                p
+            }
             Err(f) => return fault(shared, n, generation, f),
         };
         if let Err(f) = execute(shared, n, generation, &plan) {
@@ -994,6 +1015,7 @@ fn execute(shared: &Shared, n: usize, generation: u64, plan: &[Step]) -> Result<
                     return Ok(());
                 }
                 regs.ctx[n].fence_seqno = *seqno;
+                shared.stats.fences.fetch_add(1, Ordering::Relaxed);
                 if *irq {
                     shared.raise(&mut regs, Some(n));
                 }
