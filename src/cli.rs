@@ -139,11 +139,7 @@ pub fn run(args: &ServerArgs, function: PciFunction) -> Result<(), RunError> {
     let _metrics = match args.metrics {
         Some(addr) => {
             crate::metrics::serve(addr)?;
-            let source = server
-                .function()
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .metrics();
+            let source = crate::pci::function::FunctionMetrics::source_for(server.function());
             crate::metrics::register(&source);
             Some(source)
         }

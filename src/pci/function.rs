@@ -3,8 +3,7 @@
 //! [`PciFunction::region_write`]; they route to config space, the MSI-X table or
 //! the model's BAR handlers.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use tracing::{debug, trace};
 
@@ -124,17 +123,19 @@ pub struct PciFunction {
     dma: DmaQueue,
     page_tracker: PageTracker,
     device: Box<dyn PciDevice>,
-    stats: Arc<FunctionStats>,
+    counts: AccessCounts,
 }
 
-/// Guest accesses a function served, for the metrics endpoint.
-#[derive(Debug, Default)]
-pub struct FunctionStats {
+/// Guest accesses a function served, for the metrics endpoint. Plain
+/// numbers: only the thread holding the function counts, and the endpoint
+/// reads them under the same lock, so the trapped-access path pays no atomic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AccessCounts {
     /// Per region (BAR 0-5, ROM, config, VGA).
-    reads: [AtomicU64; 9],
-    writes: [AtomicU64; 9],
+    pub reads: [u64; 9],
+    pub writes: [u64; 9],
     /// Writes the client posted (sent without waiting for a reply).
-    pub posted_writes: AtomicU64,
+    pub posted_writes: u64,
 }
 
 /// The label of a region's counters.
@@ -153,38 +154,57 @@ fn region_slot(region: Region) -> usize {
 
 /// Everything a function counts, as one metrics source: its accesses, its
 /// guest memory's DMA, its page tracker, its model's own.
-struct FunctionMetrics {
-    stats: Arc<FunctionStats>,
+pub struct FunctionMetrics {
+    function: Weak<Mutex<PciFunction>>,
     memory: GuestMemory,
     tracker: PageTracker,
     model: Option<Arc<dyn crate::metrics::MetricsSource>>,
 }
 
+impl FunctionMetrics {
+    /// The metrics of the function a server serves.
+    pub fn source_for(
+        function: &Arc<Mutex<PciFunction>>,
+    ) -> Arc<dyn crate::metrics::MetricsSource> {
+        let f = function.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::new(FunctionMetrics {
+            function: Arc::downgrade(function),
+            memory: f.memory.clone(),
+            tracker: f.page_tracker.clone(),
+            model: f.device.metrics(),
+        })
+    }
+}
+
 impl crate::metrics::MetricsSource for FunctionMetrics {
     fn write_metrics(&self, w: &mut crate::metrics::MetricsWriter) {
-        let per_region = |a: &[AtomicU64; 9]| -> Vec<(&str, u64)> {
+        let Some(function) = self.function.upgrade() else {
+            return;
+        };
+        let counts = function.lock().unwrap_or_else(|p| p.into_inner()).counts;
+        let per_region = |a: &[u64; 9]| -> Vec<(&str, u64)> {
             REGION_NAMES
                 .iter()
-                .zip(a)
-                .map(|(&n, v)| (n, v.load(Ordering::Relaxed)))
+                .copied()
+                .zip(a.iter().copied())
                 .collect()
         };
         w.counters(
             "umdev_region_reads_total",
             "Trapped guest reads (REGION_READ) per region.",
             "region",
-            &per_region(&self.stats.reads),
+            &per_region(&counts.reads),
         );
         w.counters(
             "umdev_region_writes_total",
             "Trapped guest writes (REGION_WRITE, WRITE_MULTI entries) per region.",
             "region",
-            &per_region(&self.stats.writes),
+            &per_region(&counts.writes),
         );
         w.counter(
             "umdev_posted_writes_total",
             "Writes the client sent without waiting for a reply.",
-            self.stats.posted_writes.load(Ordering::Relaxed),
+            counts.posted_writes,
         );
         self.memory.write_metrics(w);
         let t = self.tracker.counters();
@@ -284,7 +304,7 @@ impl PciFunction {
             page_tracker,
             device,
             description,
-            stats: Arc::default(),
+            counts: AccessCounts::default(),
         })
     }
 
@@ -383,7 +403,7 @@ impl PciFunction {
         data: &mut [u8],
     ) -> Result<(), PciError> {
         self.check(region, offset, data.len())?;
-        self.stats.reads[region_slot(region)].fetch_add(1, Ordering::Relaxed);
+        self.counts.reads[region_slot(region)] += 1;
         let bar = match region {
             Region::Bar(bar) => bar,
             Region::Config => {
@@ -417,7 +437,7 @@ impl PciFunction {
         data: &[u8],
     ) -> Result<(), PciError> {
         self.check(region, offset, data.len())?;
-        self.stats.writes[region_slot(region)].fetch_add(1, Ordering::Relaxed);
+        self.counts.writes[region_slot(region)] += 1;
         let bar = match region {
             Region::Bar(bar) => bar,
             Region::Config => {
@@ -613,20 +633,14 @@ impl PciFunction {
         Ok(())
     }
 
-    /// The access counters (the server counts posted writes in them).
-    pub fn stats(&self) -> &FunctionStats {
-        &self.stats
+    /// The guest accesses served so far.
+    pub fn counts(&self) -> AccessCounts {
+        self.counts
     }
 
-    /// This function's counters, its memory's, its tracker's and its
-    /// model's, as one source for `umdev::metrics::register`.
-    pub fn metrics(&self) -> Arc<dyn crate::metrics::MetricsSource> {
-        Arc::new(FunctionMetrics {
-            stats: self.stats.clone(),
-            memory: self.memory.clone(),
-            tracker: self.page_tracker.clone(),
-            model: self.device.metrics(),
-        })
+    /// Counts a write the client posted (the server knows, the function not).
+    pub fn count_posted_write(&mut self) {
+        self.counts.posted_writes += 1;
     }
 
     /// Whether the model can save and restore its state (migration).

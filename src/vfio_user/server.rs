@@ -994,10 +994,7 @@ impl<'a> Session<'a> {
         self.reachable(region)?;
         let mut function = lock(self.function);
         if req.header.no_reply() {
-            function
-                .stats()
-                .posted_writes
-                .fetch_add(1, Ordering::Relaxed);
+            function.count_posted_write();
         }
         function
             .region_write(region, access.offset, data)
