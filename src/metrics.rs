@@ -51,7 +51,18 @@ impl MetricsWriter {
 
     /// A counter with one label, a sample per value.
     pub fn counters(&mut self, name: &str, help: &str, label: &str, samples: &[(&str, u64)]) {
-        self.head(name, help, "counter");
+        self.labeled(name, help, "counter", label, samples);
+    }
+
+    fn labeled(
+        &mut self,
+        name: &str,
+        help: &str,
+        kind: &str,
+        label: &str,
+        samples: &[(&str, u64)],
+    ) {
+        self.head(name, help, kind);
         for (v, n) in samples {
             let _ = writeln!(self.out, "{name}{{{label}=\"{}\"}} {n}", escape(v));
         }
@@ -65,10 +76,7 @@ impl MetricsWriter {
 
     /// A gauge with one label, a sample per value.
     pub fn gauges(&mut self, name: &str, help: &str, label: &str, samples: &[(&str, u64)]) {
-        self.head(name, help, "gauge");
-        for (v, n) in samples {
-            let _ = writeln!(self.out, "{name}{{{label}=\"{}\"}} {n}", escape(v));
-        }
+        self.labeled(name, help, "gauge", label, samples);
     }
 
     /// A gauge without labels.

@@ -46,13 +46,18 @@ fn picture(w: u32, h: u32, seed: u8) -> Frame {
     }
 }
 
-fn server(screen: &Arc<Screen>, password: Option<&str>) -> (VncServer, Listen) {
-    let config = VncConfig {
-        listen: Listen::Tcp("127.0.0.1:0".parse().unwrap()),
+/// A server's configuration: `listen`, VNC auth with `password` if any.
+fn config(listen: Listen, password: Option<&str>) -> VncConfig {
+    VncConfig {
+        listen,
         password: password.and_then(VncPassword::from_file_contents),
         fps: 60,
         name: "umdev test".into(),
-    };
+    }
+}
+
+fn server(screen: &Arc<Screen>, password: Option<&str>) -> (VncServer, Listen) {
+    let config = config(Listen::Tcp("127.0.0.1:0".parse().unwrap()), password);
     let s = VncServer::start(config, screen.clone()).unwrap();
     let at = Listen::Tcp(s.local_addr().unwrap());
     (s, at)
@@ -95,16 +100,8 @@ fn raw_and_zrle_in_several_pixel_formats() {
     // Big-endian RGB565 and 8-bit BGR233: the colours come back quantized.
     let formats = [
         PixelFormat {
-            bits_per_pixel: 16,
-            depth: 16,
             big_endian: true,
-            red_max: 31,
-            green_max: 63,
-            blue_max: 31,
-            red_shift: 11,
-            green_shift: 5,
-            blue_shift: 0,
-            ..PixelFormat::XRGB8888
+            ..PixelFormat::RGB565
         },
         PixelFormat {
             bits_per_pixel: 8,
@@ -205,12 +202,7 @@ fn vnc_authentication() {
     let e = VncClient::connect(&at, Some("wrong")).err().unwrap();
     assert!(e.to_string().contains("authentication failed"), "{e}");
     // No password for a non-loopback address: refused at start.
-    let open = VncConfig {
-        listen: Listen::Tcp("0.0.0.0:0".parse().unwrap()),
-        password: None,
-        fps: 30,
-        name: "x".into(),
-    };
+    let open = config(Listen::Tcp("0.0.0.0:0".parse().unwrap()), None);
     assert!(matches!(
         VncServer::start(open, screen.clone()),
         Err(VncError::NeedsPassword(_))
@@ -224,13 +216,7 @@ fn unix_socket_and_scanout_off() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("vnc.sock");
     let screen = Arc::new(Screen::default());
-    let config = VncConfig {
-        listen: Listen::Unix(path.clone()),
-        password: None,
-        fps: 30,
-        name: "off".into(),
-    };
-    let s = VncServer::start(config, screen.clone()).unwrap();
+    let s = VncServer::start(config(Listen::Unix(path.clone()), None), screen.clone()).unwrap();
     let mut c = VncClient::connect(&Listen::Unix(path.clone()), None).unwrap();
     // No scanout yet: a black 640x480 screen.
     assert_eq!((c.frame.width, c.frame.height), (640, 480));

@@ -103,6 +103,20 @@ impl PixelFormat {
         blue_shift: 0,
     };
 
+    /// 16-bit 5-6-5, little-endian (what low-bandwidth viewers ask for).
+    pub const RGB565: PixelFormat = PixelFormat {
+        bits_per_pixel: 16,
+        depth: 16,
+        big_endian: false,
+        true_colour: true,
+        red_max: 31,
+        green_max: 63,
+        blue_max: 31,
+        red_shift: 11,
+        green_shift: 5,
+        blue_shift: 0,
+    };
+
     pub fn to_bytes(self) -> [u8; 16] {
         let mut b = [0u8; 16];
         b[0] = self.bits_per_pixel;
@@ -374,16 +388,8 @@ mod tests {
         pf.check().unwrap();
         assert_eq!(pf.value(&[0x11, 0x22, 0x33, 0]), 0x33_2211);
         let rgb565 = PixelFormat {
-            bits_per_pixel: 16,
-            depth: 16,
             big_endian: true,
-            red_max: 31,
-            green_max: 63,
-            blue_max: 31,
-            red_shift: 11,
-            green_shift: 5,
-            blue_shift: 0,
-            ..pf
+            ..PixelFormat::RGB565
         };
         rgb565.check().unwrap();
         let v = rgb565.value(&[0xff, 0, 0xff, 0]);

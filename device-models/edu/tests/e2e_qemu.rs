@@ -323,33 +323,24 @@ fn live_migration_under_qemu_carries_no_device_state() {
     let _ = fs::remove_file(&migration);
     let src_be = start_edu(env, &src_sock, &dir.join("backend-src.log"), &diag);
     let dst_be = start_edu(env, &dst_sock, &dir.join("backend-dst.log"), &diag);
-    let append = "UMDEV_TESTS=migrated";
-    let mut src = Guest::start(
-        env,
-        &dir,
-        "source",
-        &GuestOpts {
-            memfd: true,
-            append,
-            backend: Some(&src_be),
-            qmp: Some(&src_qmp),
-            ..GuestOpts::default()
-        },
-        &diag,
-    );
+    // Both sides run the guest driver's `migrated` watch (the destination's
+    // resumes where the source's stopped).
+    let side = |backend, qmp, qemu_args| GuestOpts {
+        memfd: true,
+        append: "UMDEV_TESTS=migrated",
+        backend: Some(backend),
+        qmp: Some(qmp),
+        qemu_args,
+        ..GuestOpts::default()
+    };
+    let mut src = Guest::start(env, &dir, "source", &side(&src_be, &src_qmp, vec![]), &diag);
     src.wait_for_line("migrate the VM now", Duration::from_secs(env.timeout));
+    let incoming = vec!["-incoming".into(), format!("unix:{}", migration.display())];
     let dst = Guest::start(
         env,
         &dir,
         "destination",
-        &GuestOpts {
-            memfd: true,
-            append,
-            backend: Some(&dst_be),
-            qmp: Some(&dst_qmp),
-            qemu_args: vec!["-incoming".into(), format!("unix:{}", migration.display())],
-            ..GuestOpts::default()
-        },
+        &side(&dst_be, &dst_qmp, incoming),
         &diag,
     );
     let mut qmp = Qmp::connect(&src_qmp).expect("source QMP");

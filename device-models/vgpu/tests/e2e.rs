@@ -37,40 +37,46 @@ fn pixel_diff(got: &[u8], want: &[u8], width: u32) -> (usize, Vec<String>) {
     (count, first)
 }
 
-#[test]
-fn vgpu_picture_under_qemu() {
-    let test = "vgpu_picture_under_qemu";
-    let Some(env) = e2e::env(test) else { return };
+/// `umdev-vgpu` (default seccomp filter) with `args` and `UMDEV_E2E_VGPU_ARGS`,
+/// logging to the test's `backend.log`.
+fn start_vgpu(env: &e2e::Env, test: &str, args: &[String], diag: &Diag) -> Backend {
     let bin =
         e2e::workspace_binary(env, "umdev-vgpu", "umdev-vgpu").unwrap_or_else(|e| panic!("{e}"));
-    let diag = Diag::default();
-    let dir = e2e::test_dir(env, test);
-    let png = dir.join("scanout.png");
-    // The backend, with its default seccomp filter.
-    let mut args = vec!["--scanout-png".to_string(), png.display().to_string()];
+    let mut args = args.to_vec();
     args.extend(
         std::env::var("UMDEV_E2E_VGPU_ARGS")
             .unwrap_or_default()
             .split_whitespace()
             .map(str::to_owned),
     );
-    let backend = Backend::start(
-        &bin,
-        &args,
-        &e2e::socket_path(test),
-        &dir.join("backend.log"),
-        &diag,
-    );
+    let log = e2e::test_dir(env, test).join("backend.log");
+    Backend::start(&bin, &args, &e2e::socket_path(test), &log, diag)
+}
+
+/// A guest with shared RAM whose driver looks for the vGPU (`append` more).
+fn vgpu_guest<'a>(backend: &'a Backend, append: &'a str) -> GuestOpts<'a> {
+    GuestOpts {
+        memfd: true,
+        append,
+        backend: Some(backend),
+        ..GuestOpts::default()
+    }
+}
+
+#[test]
+fn vgpu_picture_under_qemu() {
+    let test = "vgpu_picture_under_qemu";
+    let Some(env) = e2e::env(test) else { return };
+    let diag = Diag::default();
+    let dir = e2e::test_dir(env, test);
+    let png = dir.join("scanout.png");
+    let args = vec!["--scanout-png".to_string(), png.display().to_string()];
+    let backend = start_vgpu(env, test, &args, &diag);
     let results = e2e::run_guest(
         env,
         &dir,
         "vgpu",
-        &GuestOpts {
-            memfd: true,
-            append: "UMDEV_DEV=1234:5547",
-            backend: Some(&backend),
-            ..GuestOpts::default()
-        },
+        &vgpu_guest(&backend, "UMDEV_DEV=1234:5547"),
         &diag,
     );
     drop(backend);
@@ -183,29 +189,20 @@ fn vgpu_picture_seen_by_a_standard_vnc_viewer() {
         e2e::note(&format!("{test}: skipped (no vncdotool)"));
         return;
     }
-    let bin =
-        e2e::workspace_binary(env, "umdev-vgpu", "umdev-vgpu").unwrap_or_else(|e| panic!("{e}"));
     let diag = Diag::default();
     let dir = e2e::test_dir(env, test);
     let port = free_port();
-    let args = vec!["--vnc".to_string(), format!("127.0.0.1:{port}")];
-    let backend = Backend::start(
-        &bin,
-        &args,
-        &e2e::socket_path(test),
-        &dir.join("backend.log"),
+    let backend = start_vgpu(
+        env,
+        test,
+        &["--vnc".into(), format!("127.0.0.1:{port}")],
         &diag,
     );
     let mut guest = e2e::Guest::start(
         env,
         &dir,
         "vgpu-vnc",
-        &GuestOpts {
-            memfd: true,
-            append: "UMDEV_DEV=1234:5547 UMDEV_HOLD_MS=6000",
-            backend: Some(&backend),
-            ..GuestOpts::default()
-        },
+        &vgpu_guest(&backend, "UMDEV_DEV=1234:5547 UMDEV_HOLD_MS=6000"),
         &diag,
     );
     guest.wait_for_line(
