@@ -4,6 +4,7 @@
 //! ([`e2e`]), soak and attack ([`soak`]).
 
 pub mod e2e;
+pub mod metrics;
 pub mod soak;
 mod tempdir;
 

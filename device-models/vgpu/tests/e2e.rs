@@ -18,6 +18,7 @@ use umdev_testkit as common;
 use std::fs;
 
 use common::e2e::{self, Backend, Diag, GuestOpts};
+use common::metrics::{self, VGPU_FAMILIES};
 use umdev_vgpu::{picture, scanout};
 
 /// The differing pixels of two RGB pictures of the same size: count and the
@@ -141,6 +142,59 @@ fn pixel_diff_finds_each_differing_pixel() {
     assert_eq!(pixel_diff(&want, &want, 2).0, 0);
 }
 
+/// The series the e2e scrapes follow (and `scripts/plot-metrics.py` draws).
+const PLOTTED: &[&str] = &[
+    "umdev_region_writes_total{region=\"bar0\"}",
+    "umdev_region_reads_total{region=\"bar0\"}",
+    "umdev_vgpu_submissions_total",
+    "umdev_vgpu_fences_total",
+    "umdev_pagetrack_track_writes_total",
+    "umdev_vgpu_shadow_updates_total",
+    "umdev_dma_written_bytes_total{path=\"fd\"}",
+    "umdev_vnc_sent_bytes_total{display=\"umdev-vgpu\"}",
+];
+
+/// Scrapes a `--metrics` endpoint every 200 ms on a thread, as Prometheus
+/// would during a run.
+struct Scraper {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(Vec<(u128, Vec<f64>)>, String)>,
+}
+
+impl Scraper {
+    fn start(port: u16) -> Scraper {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let start = std::time::Instant::now();
+            let (mut samples, mut last) = (Vec::new(), String::new());
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let text = metrics::scrape(port);
+                if !text.is_empty() {
+                    let values = PLOTTED
+                        .iter()
+                        .map(|s| metrics::sample(&text, s).unwrap_or(0.0))
+                        .collect();
+                    samples.push((start.elapsed().as_millis(), values));
+                    last = text;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            (samples, last)
+        });
+        Scraper { stop, thread }
+    }
+
+    /// The samples (ms since start, one value per [`PLOTTED`] series) and the
+    /// last scrape's text.
+    fn stop(self) -> (Vec<(u128, Vec<f64>)>, String) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (samples, last) = self.thread.join().expect("scraper");
+        assert!(samples.len() >= 2, "the metrics endpoint never answered");
+        (samples, last)
+    }
+}
+
 /// vncdotool's `vncdo` (scripts/setup-vnc-viewer.sh installs it).
 fn vncdo() -> std::path::PathBuf {
     let cache = std::env::var_os("UMDEV_CACHE")
@@ -191,13 +245,15 @@ fn vgpu_picture_seen_by_a_standard_vnc_viewer() {
     }
     let diag = Diag::default();
     let dir = e2e::test_dir(env, test);
-    let port = free_port();
-    let backend = start_vgpu(
-        env,
-        test,
-        &["--vnc".into(), format!("127.0.0.1:{port}")],
-        &diag,
-    );
+    let (port, metrics_port) = (free_port(), free_port());
+    let args = [
+        "--vnc".into(),
+        format!("127.0.0.1:{port}"),
+        "--metrics".into(),
+        format!("127.0.0.1:{metrics_port}"),
+    ];
+    let backend = start_vgpu(env, test, &args, &diag);
+    let scraper = Scraper::start(metrics_port);
     let mut guest = e2e::Guest::start(
         env,
         &dir,
@@ -234,7 +290,35 @@ fn vgpu_picture_seen_by_a_standard_vnc_viewer() {
     let (status, messages, results, _) = guest.wait();
     e2e::check_results("vgpu-vnc", &results, &messages);
     assert!(status.success(), "{messages}");
+    // The metrics, scraped all along: every family, and the counters moved.
+    let (samples, last) = scraper.stop();
     drop(backend);
+    for &family in VGPU_FAMILIES {
+        assert!(
+            metrics::has_family(&last, family),
+            "no {family} in the last scrape"
+        );
+    }
+    let tsv = dir.join("metrics.tsv");
+    let mut table = format!("ms\t{}\n", PLOTTED.join("\t"));
+    for (ms, values) in &samples {
+        let row: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+        table.push_str(&format!("{ms}\t{}\n", row.join("\t")));
+    }
+    fs::write(&tsv, table).unwrap();
+    let (first, last_row) = (&samples[0].1, &samples[samples.len() - 1].1);
+    for (i, series) in PLOTTED.iter().enumerate() {
+        assert!(
+            last_row[i] > first[i],
+            "{series} did not move: {}",
+            tsv.display()
+        );
+    }
+    e2e::note(&format!(
+        "{test}: {} metrics scrapes, every family present, counters moving ({})",
+        samples.len(),
+        tsv.display()
+    ));
     for (out, first, second) in viewers {
         let out = out.wait_with_output().expect("run vncdo");
         assert!(

@@ -106,30 +106,11 @@ fn a_viewer_sees_the_scanout_pixel_for_pixel() {
     assert!(gpu.backend.alive());
 }
 
-/// GET `path` from the metrics endpoint: status line and body.
-fn http_get(port: u16, request: &[u8]) -> (String, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    // A peer may close (or reset) before taking all of a hostile request.
-    let _ = s.write_all(request);
-    let _ = s.shutdown(std::net::Shutdown::Write);
-    let mut answer = String::new();
-    let _ = s.read_to_string(&mut answer);
-    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
-    (
-        head.lines().next().unwrap_or_default().to_string(),
-        body.to_string(),
-    )
-}
+use umdev_testkit::metrics::{has_family, http as http_get, sample as find, VGPU_FAMILIES};
 
 /// The value of the sample `series` (name and labels) in `text`.
 fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
-        .parse()
-        .unwrap()
+    find(text, series).unwrap_or_else(|| panic!("no {series} in:\n{text}"))
 }
 
 #[test]
@@ -152,31 +133,8 @@ fn metrics_have_every_family_and_move_with_the_workload() {
     });
     let (status, before) = http_get(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
     assert_eq!(status, "HTTP/1.1 200 OK");
-    for family in [
-        "umdev_region_reads_total",
-        "umdev_region_writes_total",
-        "umdev_posted_writes_total",
-        "umdev_dma_maps_total",
-        "umdev_dma_unmaps_total",
-        "umdev_dma_read_bytes_total",
-        "umdev_dma_written_bytes_total",
-        "umdev_pagetrack_syncs_total",
-        "umdev_pagetrack_pages_compared_total",
-        "umdev_pagetrack_track_writes_total",
-        "umdev_pagetrack_uffd_faults_total",
-        "umdev_vgpu_audits_total",
-        "umdev_vgpu_fences_total",
-        "umdev_vgpu_faults_total",
-        "umdev_vgpu_shadow_updates_total",
-        "umdev_vgpu_engine_busy_seconds_total",
-        "umdev_vgpu_scanout_pictures_total",
-        "umdev_vnc_viewers",
-        "umdev_vnc_sent_bytes_total",
-    ] {
-        assert!(
-            before.contains(&format!("# TYPE {family} ")),
-            "no {family}:\n{before}"
-        );
+    for &family in VGPU_FAMILIES {
+        assert!(has_family(&before, family), "no {family}:\n{before}");
     }
     // A workload: a picture, a remap the shadow follows, a fault, a viewer.
     let mut ctx = gpu.context_with_ring(0, 1 << 18);
