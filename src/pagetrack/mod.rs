@@ -24,9 +24,9 @@ pub use uffd::{register_write_protect, UffdRegistration, UserfaultSource};
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::memory::GuestMemory;
 
@@ -38,18 +38,65 @@ pub const ENTRY_SIZE: usize = 8;
 /// Guest frame number.
 pub type Gfn = u64;
 
-/// Receives what the tracker detects. Called without tracker locks held, so a
-/// notifier may track and untrack pages itself.
+/// KVM's `struct kvm_page_track_notifier_node` callbacks: what the tracker
+/// reports. Called without tracker locks held, so a notifier may track and
+/// untrack pages itself; it must not unregister a notifier of the same tracker
+/// (refused, [`NotifierError::InCallback`]) nor call [`PageTracker::sync`]
+/// (refused with a warning: the sync it is part of has not finished).
+pub trait PageTrackNotifier: Send + Sync {
+    /// KVM's `track_write(gpa, new, bytes)`: a write to a tracked page has
+    /// landed, and `new` holds the `new.len()` bytes now at `gpa`. What a write
+    /// is depends on the source (module docs): for umdev's sources a changed
+    /// naturally aligned 8-byte entry, or, for a strict userfaultfd fault that
+    /// changed nothing visible, the faulting entry or page as it is.
+    fn track_write(&self, gpa: u64, new: &[u8]);
+    /// KVM's `track_remove_region(gfn, nr_pages)`: guest memory
+    /// `[gfn, gfn+nr_pages)` is going away (DMA_UNMAP, unmap-all, client loss),
+    /// whether or not this notifier tracks pages there. Pages still tracked in
+    /// it are untracked once every notifier has returned.
+    fn track_remove_region(&self, gfn: Gfn, nr_pages: u64);
+}
+
+/// The entry-sized form of [`PageTrackNotifier`], for users that only take
+/// whole 8-byte entries: every `TrackNotifier` is a `PageTrackNotifier` whose
+/// writes are split into naturally aligned entries (umdev's sources only ever
+/// report whole aligned entries, so nothing is lost).
 pub trait TrackNotifier: Send + Sync {
     /// `new` is the 8-byte entry at `gpa` as it is now.
     fn track_write(&self, gpa: u64, new: &[u8; ENTRY_SIZE]);
-    /// Memory under `[gfn, gfn+nr_pages)` went away; tracking there is gone.
+    /// See [`PageTrackNotifier::track_remove_region`].
     fn track_remove_region(&self, gfn: Gfn, nr_pages: u64);
+}
+
+impl<T: TrackNotifier + ?Sized> PageTrackNotifier for T {
+    fn track_write(&self, gpa: u64, new: &[u8]) {
+        let mut at = gpa;
+        for chunk in new.chunks_exact(ENTRY_SIZE) {
+            let mut entry = [0u8; ENTRY_SIZE];
+            entry.copy_from_slice(chunk);
+            TrackNotifier::track_write(self, at, &entry);
+            at = at.wrapping_add(ENTRY_SIZE as u64);
+        }
+    }
+    fn track_remove_region(&self, gfn: Gfn, nr_pages: u64) {
+        TrackNotifier::track_remove_region(self, gfn, nr_pages);
+    }
 }
 
 /// Names a registered notifier, for removal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NotifierId(u64);
+
+/// Why a notifier could not be unregistered.
+#[derive(Debug, thiserror::Error)]
+pub enum NotifierError {
+    #[error("notifier {0:?} is not registered")]
+    Unknown(NotifierId),
+    /// Unregistering waits for deliveries in progress, this thread's among them:
+    /// from inside a callback that would never return.
+    #[error("notifier {0:?} cannot be unregistered from inside a page-track callback")]
+    InCallback(NotifierId),
+}
 
 /// How writes are detected.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -273,13 +320,180 @@ struct Shared {
     /// Held from comparing to delivering: a sync cannot return while changes that
     /// another path (a uffd fault) took are still on their way to the notifiers.
     delivery: Mutex<()>,
-    notifiers: RwLock<Vec<(NotifierId, Arc<dyn TrackNotifier>)>>,
+    notifiers: RwLock<Vec<Arc<Slot>>>,
     next_notifier: AtomicU64,
     syncs: AtomicU64,
     pages_compared: AtomicU64,
     entries_changed: AtomicU64,
     /// Helper fds (the uffds) for the session's event loop.
     events: Arc<crate::event::EventSet>,
+}
+
+/// The writes one comparison found, delivered after it: `(gpa, new bytes)`.
+#[derive(Default)]
+struct Writes {
+    at: Vec<(u64, usize, usize)>,
+    bytes: Vec<u8>,
+}
+
+impl Writes {
+    fn push(&mut self, gpa: u64, new: &[u8]) {
+        self.at.push((gpa, self.bytes.len(), new.len()));
+        self.bytes.extend_from_slice(new);
+    }
+
+    fn len(&self) -> usize {
+        self.at.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.at.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        self.at
+            .iter()
+            .map(|&(gpa, off, len)| (gpa, &self.bytes[off..off + len]))
+    }
+}
+
+/// One registered notifier. A delivery takes the slot (`calls`), unless it is
+/// retired; unregistering retires it and waits until no call is under way: the
+/// `synchronize_srcu` of KVM's unregister, per notifier.
+struct Slot {
+    id: NotifierId,
+    notifier: Arc<dyn PageTrackNotifier>,
+    calls: Mutex<SlotCalls>,
+    idle: Condvar,
+}
+
+#[derive(Default)]
+struct SlotCalls {
+    retired: bool,
+    under_way: usize,
+}
+
+impl Slot {
+    fn calls(&self) -> MutexGuard<'_, SlotCalls> {
+        self.calls.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the notifier unless the slot is retired.
+    fn call(&self, f: &dyn Fn(&dyn PageTrackNotifier)) {
+        {
+            let mut c = self.calls();
+            if c.retired {
+                return;
+            }
+            c.under_way += 1;
+        }
+        // Ends the call also when `f` unwinds.
+        struct End<'a>(&'a Slot);
+        impl Drop for End<'_> {
+            fn drop(&mut self) {
+                let mut c = self.0.calls();
+                c.under_way -= 1;
+                if c.under_way == 0 {
+                    self.0.idle.notify_all();
+                }
+            }
+        }
+        let _end = End(self);
+        f(&*self.notifier);
+    }
+
+    /// No call starts after this; with `wait`, none is under way when it returns.
+    fn retire(&self, wait: bool) {
+        let mut c = self.calls();
+        c.retired = true;
+        while wait && c.under_way > 0 {
+            c = self.idle.wait(c).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+thread_local! {
+    /// The trackers whose callbacks this thread is inside (by `Shared` address).
+    static IN_CALLBACK: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Marks this thread as inside `shared`'s callbacks while it lives.
+struct CallbackScope(usize);
+
+impl CallbackScope {
+    fn enter(shared: &Arc<Shared>) -> Self {
+        let key = Arc::as_ptr(shared) as usize;
+        IN_CALLBACK.with(|v| v.borrow_mut().push(key));
+        CallbackScope(key)
+    }
+
+    fn inside(shared: &Arc<Shared>) -> bool {
+        let key = Arc::as_ptr(shared) as usize;
+        IN_CALLBACK.with(|v| v.borrow().contains(&key))
+    }
+}
+
+impl Drop for CallbackScope {
+    fn drop(&mut self) {
+        IN_CALLBACK.with(|v| {
+            let mut v = v.borrow_mut();
+            if let Some(i) = v.iter().rposition(|&k| k == self.0) {
+                v.remove(i);
+            }
+        });
+    }
+}
+
+/// A notifier registered with [`PageTracker::register`], KVM's
+/// `kvm_page_track_register_notifier`. Like KVM's registration (which takes a
+/// reference on the VM), it holds the tracker: the tracker outlives it, and
+/// its notifier is only ever called by that live tracker. Dropping it (or
+/// [`unregister`](Self::unregister)) ends the registration and waits for calls
+/// under way on other threads; after that the notifier is never called again
+/// and the tracker lets go of it. Keep it beside what the notifier refers to,
+/// not inside it (the tracker holds the notifier until then).
+pub struct NotifierRegistration {
+    tracker: PageTracker,
+    id: NotifierId,
+    registered: bool,
+}
+
+impl NotifierRegistration {
+    pub fn id(&self) -> NotifierId {
+        self.id
+    }
+
+    pub fn tracker(&self) -> &PageTracker {
+        &self.tracker
+    }
+
+    /// KVM's `kvm_page_track_unregister_notifier`: see
+    /// [`PageTracker::unregister_notifier`]. Refused from inside a callback of
+    /// the same tracker (the registration stays); a second call does nothing.
+    pub fn unregister(&mut self) -> Result<(), NotifierError> {
+        if !self.registered {
+            return Ok(());
+        }
+        self.tracker.unregister_notifier(self.id)?;
+        self.registered = false;
+        Ok(())
+    }
+}
+
+impl Drop for NotifierRegistration {
+    fn drop(&mut self) {
+        if !self.registered {
+            return;
+        }
+        if let Err(e) = self.unregister() {
+            // Inside a callback: waiting would never end. No call starts from
+            // now on; one under way on another thread may still finish.
+            warn!("{e}; retired without waiting");
+            if let Some(slot) = self.tracker.take_slot(self.id) {
+                slot.retire(false);
+            }
+        }
+    }
 }
 
 /// The write-tracking engine of one device. Cheap to clone; usable from any thread.
@@ -411,25 +625,82 @@ impl PageTracker {
         self.state().pages.get(&gfn).map_or(0, |p| p.refs)
     }
 
-    pub fn register_notifier(&self, notifier: Arc<dyn TrackNotifier>) -> NotifierId {
+    /// KVM's `kvm_page_track_register_notifier`, the registration owned by the
+    /// tracker: it lasts until [`unregister_notifier`](Self::unregister_notifier)
+    /// or the tracker's end. [`register`](Self::register) ties it to a guard.
+    pub fn register_notifier(&self, notifier: Arc<dyn PageTrackNotifier>) -> NotifierId {
         let id = NotifierId(self.shared.next_notifier.fetch_add(1, Ordering::Relaxed));
         self.shared
             .notifiers
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .push((id, notifier));
+            .push(Arc::new(Slot {
+                id,
+                notifier,
+                calls: Mutex::default(),
+                idle: Condvar::new(),
+            }));
         id
     }
 
-    pub fn unregister_notifier(&self, id: NotifierId) -> bool {
+    /// KVM's `kvm_page_track_register_notifier`, the registration a guard
+    /// that holds the tracker and unregisters (waiting) when dropped.
+    pub fn register(&self, notifier: Arc<dyn PageTrackNotifier>) -> NotifierRegistration {
+        NotifierRegistration {
+            id: self.register_notifier(notifier),
+            tracker: self.clone(),
+            registered: true,
+        }
+    }
+
+    fn take_slot(&self, id: NotifierId) -> Option<Arc<Slot>> {
         let mut n = self
             .shared
             .notifiers
             .write()
             .unwrap_or_else(|p| p.into_inner());
-        let before = n.len();
-        n.retain(|(i, _)| *i != id);
-        n.len() != before
+        let i = n.iter().position(|s| s.id == id)?;
+        Some(n.remove(i))
+    }
+
+    /// KVM's `kvm_page_track_unregister_notifier`: when this returns, the
+    /// notifier is not called again, and a call under way on another thread
+    /// has finished (KVM's `synchronize_srcu`). Refused from inside a callback
+    /// of this tracker, which that wait would never see end.
+    pub fn unregister_notifier(&self, id: NotifierId) -> Result<(), NotifierError> {
+        if CallbackScope::inside(&self.shared) {
+            return Err(NotifierError::InCallback(id));
+        }
+        let slot = self.take_slot(id).ok_or(NotifierError::Unknown(id))?;
+        slot.retire(true);
+        Ok(())
+    }
+
+    /// Notifiers registered now.
+    pub fn notifier_count(&self) -> usize {
+        self.shared
+            .notifiers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    /// Calls `f` on every registered notifier, this thread marked as inside
+    /// the tracker's callbacks.
+    fn for_each_notifier(&self, f: &dyn Fn(&dyn PageTrackNotifier)) {
+        let slots: Vec<Arc<Slot>> = self
+            .shared
+            .notifiers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if slots.is_empty() {
+            return;
+        }
+        let _scope = CallbackScope::enter(&self.shared);
+        for slot in &slots {
+            slot.call(f);
+        }
     }
 
     /// A sync point over every tracked page. Returns the entries reported.
@@ -453,7 +724,38 @@ impl PageTracker {
     /// A sync point over tracked gfns in `[first, first+count)`.
     pub fn sync_range(&self, first: Gfn, count: u64) -> usize {
         let end = first.saturating_add(count);
-        let mut events: Vec<(u64, [u8; ENTRY_SIZE])> = Vec::new();
+        self.sync_selected(|state| {
+            (
+                state.pages.range(first..end).map(|(&g, _)| g).collect(),
+                state.self_written.range(first..end).copied().collect(),
+            )
+        })
+    }
+
+    /// A sync point over the tracked ones of `gfns` (in any order).
+    pub fn sync_gfns(&self, gfns: &[Gfn]) -> usize {
+        let mut gfns = gfns.to_vec();
+        gfns.sort_unstable();
+        gfns.dedup();
+        self.sync_selected(|state| {
+            gfns.retain(|g| state.pages.contains_key(g));
+            let written = gfns
+                .iter()
+                .copied()
+                .filter(|g| state.self_written.contains(g))
+                .collect();
+            (gfns, written)
+        })
+    }
+
+    /// Compares the tracked gfns `select` names (ascending) and the backend-
+    /// written ones among them, then delivers what changed.
+    fn sync_selected(&self, select: impl FnOnce(&State) -> (Vec<Gfn>, Vec<Gfn>)) -> usize {
+        if CallbackScope::inside(&self.shared) {
+            warn!("page-track sync from inside a page-track callback refused");
+            return 0;
+        }
+        let mut writes = Writes::default();
         let _delivery = self
             .shared
             .delivery
@@ -461,10 +763,9 @@ impl PageTracker {
             .unwrap_or_else(|p| p.into_inner());
         {
             let mut state = self.state();
-            let gfns: Vec<Gfn> = state.pages.range(first..end).map(|(&g, _)| g).collect();
+            let (gfns, written) = select(&state);
             let mut candidates = Vec::with_capacity(gfns.len());
             state.source.candidates(&gfns, &mut candidates);
-            let written: Vec<Gfn> = state.self_written.range(first..end).copied().collect();
             for g in &written {
                 state.self_written.remove(g);
             }
@@ -476,13 +777,13 @@ impl PageTracker {
             let mut current = [0u8; PAGE_SIZE as usize];
             for gfn in candidates {
                 state.source.prepare_compare(gfn);
-                let changed = self.compare(&mut state, gfn, &mut current, &mut events);
+                let changed = self.compare(&mut state, gfn, &mut current, &mut writes);
                 state.source.compared(gfn, changed);
             }
         }
         self.shared.syncs.fetch_add(1, Ordering::Relaxed);
-        self.deliver(&events);
-        events.len()
+        self.deliver(&writes);
+        writes.len()
     }
 
     /// Compares one tracked page with its snapshot, refreshing it; pushes the
@@ -492,7 +793,7 @@ impl PageTracker {
         state: &mut State,
         gfn: Gfn,
         current: &mut [u8; PAGE_SIZE as usize],
-        events: &mut Vec<(u64, [u8; ENTRY_SIZE])>,
+        writes: &mut Writes,
     ) -> bool {
         let Some(page) = state.pages.get_mut(&gfn) else {
             return false;
@@ -510,7 +811,7 @@ impl PageTracker {
         if current[..] == page.snapshot[..] {
             return false;
         }
-        let before = events.len();
+        let before = writes.len();
         for (i, (new, old)) in current
             .chunks_exact(ENTRY_SIZE)
             .zip(page.snapshot.chunks_exact_mut(ENTRY_SIZE))
@@ -518,69 +819,63 @@ impl PageTracker {
         {
             if new != old {
                 old.copy_from_slice(new);
-                let mut entry = [0u8; ENTRY_SIZE];
-                entry.copy_from_slice(new);
-                events.push((gfn * PAGE_SIZE + (i * ENTRY_SIZE) as u64, entry));
+                writes.push(gfn * PAGE_SIZE + (i * ENTRY_SIZE) as u64, new);
             }
         }
         self.shared
             .entries_changed
-            .fetch_add((events.len() - before) as u64, Ordering::Relaxed);
+            .fetch_add((writes.len() - before) as u64, Ordering::Relaxed);
         true
     }
 
-    fn notifiers(&self) -> Vec<(NotifierId, Arc<dyn TrackNotifier>)> {
-        self.shared
-            .notifiers
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    fn deliver(&self, events: &[(u64, [u8; ENTRY_SIZE])]) {
-        if events.is_empty() {
+    fn deliver(&self, writes: &Writes) {
+        if writes.is_empty() {
             return;
         }
-        let notifiers = self.notifiers();
-        for (gpa, entry) in events {
-            for (_, n) in &notifiers {
-                n.track_write(*gpa, entry);
+        self.for_each_notifier(&|n| {
+            for (gpa, bytes) in writes.iter() {
+                n.track_write(gpa, bytes);
             }
-        }
+        });
     }
 
-    /// DMA_UNMAP (or a memory-table change) removed `[gpa, gpa+size)`. If tracked
-    /// pages were there, their state is dropped and `track_remove_region` fires
-    /// once for the region. Call before replying to the client.
+    /// KVM's `kvm_page_track_delete_slot`: guest memory `[gpa, gpa+size)` is
+    /// gone (DMA_UNMAP of a region, unmap-all, client loss). Every notifier
+    /// hears `track_remove_region(first gfn, pages)` whether or not pages were
+    /// tracked there; then the pages still tracked there are dropped, whatever
+    /// their references, with the source's hints for the memory. Call before
+    /// replying to the client.
     pub fn remove_region(&self, gpa: u64, size: u64) {
-        let first = gpa / PAGE_SIZE;
-        let nr = size.div_ceil(PAGE_SIZE);
-        let had_tracked = {
-            let mut state = self.state();
-            let gone: Vec<Gfn> = state
-                .pages
-                .range(first..first.saturating_add(nr))
-                .map(|(&g, _)| g)
-                .collect();
-            for gfn in &gone {
-                state.pages.remove(gfn);
-                state.source.untracked(*gfn);
-            }
-            state.source.region_removed(gpa, size);
-            !gone.is_empty()
-        };
-        if had_tracked {
-            debug!(gpa, size, "tracked memory removed");
-            let notifiers = self
-                .shared
-                .notifiers
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            for (_, n) in &notifiers {
-                n.track_remove_region(first, nr);
-            }
+        if size == 0 {
+            return;
         }
+        let first = gpa / PAGE_SIZE;
+        let nr = gpa.saturating_add(size - 1) / PAGE_SIZE - first + 1;
+        debug!(gpa, size, "guest memory removed");
+        {
+            // Ordered with syncs: no write of a sync that began before is
+            // delivered after this. (A callback calling this is already inside
+            // a delivery that holds the lock.)
+            let _delivery = (!CallbackScope::inside(&self.shared)).then(|| {
+                self.shared
+                    .delivery
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+            });
+            self.for_each_notifier(&|n| n.track_remove_region(first, nr));
+        }
+        let mut state = self.state();
+        let gone: Vec<Gfn> = state
+            .pages
+            .range(first..first.saturating_add(nr))
+            .map(|(&g, _)| g)
+            .collect();
+        for gfn in &gone {
+            state.pages.remove(gfn);
+            state.self_written.remove(gfn);
+            state.source.untracked(*gfn);
+        }
+        state.source.region_removed(gpa, size);
     }
 
     /// Device reset or lost connection: every page untracked, hints dropped.
@@ -641,48 +936,80 @@ impl PageTracker {
     }
 
     fn handle_fault_event(&self, event: uffd::FaultEvent) {
-        let strict_gfn = {
+        let (gfn, gpa) = {
             let mut state = self.state();
             let Some(source) = state.source.as_userfault() else {
                 return;
             };
             match source.fault(event) {
-                Some((gfn, true)) => gfn,
+                Some(uffd::Resolved {
+                    gfn,
+                    gpa,
+                    strict: true,
+                }) => (gfn, gpa),
                 _ => return,
             }
         };
-        // Strict: the writer runs again; report its write as soon as it is visible.
-        // If it does not show within the spin, the page stays writable and dirty
-        // and the next sync point protects and compares it: nothing is lost.
+        // Strict: the writer runs again; report its write as soon as it is
+        // visible. Every fault is reported: one that changed nothing visible
+        // within the spin (a rewrite of the same bytes, or a write still on its
+        // way) is protected again, compared (a write that landed before the
+        // protection is seen; one after it faults again) and reported as the
+        // faulting entry, or page, as it is.
         let _delivery = self
             .shared
             .delivery
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let mut events = Vec::new();
+        let mut writes = Writes::default();
         let mut current = [0u8; PAGE_SIZE as usize];
+        let mut seen = false;
         for _ in 0..STRICT_SPIN {
             let mut state = self.state();
-            let differs = match state.pages.get(&strict_gfn) {
+            let differs = match state.pages.get(&gfn) {
                 Some(page) => {
                     self.shared
                         .memory
-                        .peek(strict_gfn * PAGE_SIZE, &mut current[..])
+                        .peek(gfn * PAGE_SIZE, &mut current[..])
                         .is_ok()
                         && current[..] != page.snapshot[..]
                 }
                 None => return,
             };
             if differs {
-                state.source.prepare_compare(strict_gfn);
-                let changed = self.compare(&mut state, strict_gfn, &mut current, &mut events);
-                state.source.compared(strict_gfn, changed);
+                state.source.prepare_compare(gfn);
+                let changed = self.compare(&mut state, gfn, &mut current, &mut writes);
+                state.source.compared(gfn, changed);
+                seen = true;
                 break;
             }
             drop(state);
             std::thread::yield_now();
         }
-        self.deliver(&events);
+        if !seen {
+            let mut state = self.state();
+            if !state.pages.contains_key(&gfn) {
+                return;
+            }
+            state.source.prepare_compare(gfn);
+            let changed = self.compare(&mut state, gfn, &mut current, &mut writes);
+            state.source.compared(gfn, changed);
+            if let (false, Some(page)) = (changed, state.pages.get(&gfn)) {
+                // A uffd with UFFD_FEATURE_EXACT_ADDRESS names the byte; an
+                // address at a page start may be a masked one: the whole page.
+                let (from, len) = if gpa % PAGE_SIZE != 0 {
+                    ((gpa % PAGE_SIZE) as usize & !(ENTRY_SIZE - 1), ENTRY_SIZE)
+                } else {
+                    (0, PAGE_SIZE as usize)
+                };
+                writes.push(
+                    gfn * PAGE_SIZE + from as u64,
+                    &page.snapshot[from..from + len],
+                );
+                self.shared.entries_changed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.deliver(&writes);
     }
 }
 
@@ -693,11 +1020,232 @@ mod tests {
     use std::os::fd::OwnedFd;
 
     fn tracker_over_one_page() -> PageTracker {
-        let fd = OwnedFd::from(crate::memory::memfd("pt", PAGE_SIZE).unwrap());
+        tracker_over(1).0
+    }
+
+    /// A scan tracker over guest pages 1..1+pages (one DMA region), and the
+    /// memory, writable by the device.
+    fn tracker_over(pages: u64) -> (PageTracker, GuestMemory) {
+        let fd = OwnedFd::from(crate::memory::memfd("pt", pages * PAGE_SIZE).unwrap());
         let memory = GuestMemory::new(4);
-        let region = DmaRegion::mapped(0x1000, PAGE_SIZE, fd, 0, true, true).unwrap();
+        let region = DmaRegion::mapped(0x1000, pages * PAGE_SIZE, fd, 0, true, true).unwrap();
         memory.with_regions(|r| r.insert(region)).unwrap();
-        PageTracker::with_source(memory, SourceKind::Scan, Policy::Strict)
+        memory.set_bus_master(true);
+        let t = PageTracker::with_source(memory.clone(), SourceKind::Scan, Policy::Strict);
+        (t, memory)
+    }
+
+    /// Counts calls; flags any call that starts once `done` is set.
+    #[derive(Default)]
+    struct Watch {
+        calls: AtomicU64,
+        late: AtomicU64,
+        done: std::sync::atomic::AtomicBool,
+    }
+
+    impl PageTrackNotifier for Watch {
+        fn track_write(&self, _: u64, _: &[u8]) {
+            if self.done.load(Ordering::SeqCst) {
+                self.late.fetch_add(1, Ordering::SeqCst);
+            }
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            // A slow notifier: a delivery is under way for a while.
+            for _ in 0..200 {
+                std::hint::spin_loop();
+            }
+        }
+        fn track_remove_region(&self, _: Gfn, _: u64) {}
+    }
+
+    #[test]
+    fn no_call_lands_after_unregister_returns() {
+        let (t, memory) = tracker_over(1);
+        t.track(1).unwrap();
+        let watch = Arc::new(Watch::default());
+        let id = t.register_notifier(watch.clone());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flood = {
+            let (t, stop) = (t.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut round = 0u8;
+                while !stop.load(Ordering::SeqCst) {
+                    round = round.wrapping_add(1);
+                    // Every entry of the page changes: 512 writes a sync.
+                    memory.write(0x1000, &[round; PAGE_SIZE as usize]).unwrap();
+                    t.sync();
+                }
+            })
+        };
+        while watch.calls.load(Ordering::SeqCst) < 2000 {
+            std::thread::yield_now();
+        }
+        t.unregister_notifier(id).unwrap();
+        watch.done.store(true, Ordering::SeqCst);
+        // The flood goes on a while after the return.
+        let until = watch.calls.load(Ordering::SeqCst);
+        let s0 = t.counters().syncs;
+        while t.counters().syncs < s0 + 50 {
+            std::thread::yield_now();
+        }
+        stop.store(true, Ordering::SeqCst);
+        flood.join().unwrap();
+        assert_eq!(
+            watch.late.load(Ordering::SeqCst),
+            0,
+            "a call after unregister"
+        );
+        assert_eq!(watch.calls.load(Ordering::SeqCst), until);
+        assert_eq!(t.notifier_count(), 0);
+        assert_eq!(Arc::strong_count(&watch), 1, "the tracker let go of it");
+    }
+
+    /// Tries to unregister itself (by id, or by dropping its guard) from its
+    /// own callback.
+    #[derive(Default)]
+    struct SelfRemover {
+        me: std::sync::OnceLock<(PageTracker, NotifierId)>,
+        guard: Mutex<Option<NotifierRegistration>>,
+        results: Mutex<Vec<Result<(), String>>>,
+        calls: AtomicU64,
+    }
+
+    impl PageTrackNotifier for SelfRemover {
+        fn track_write(&self, _: u64, _: &[u8]) {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if let Some((t, id)) = self.me.get() {
+                let r = t.unregister_notifier(*id).map_err(|e| e.to_string());
+                self.results.lock().unwrap().push(r);
+                // A sync from here would wait for itself: refused.
+                assert_eq!(t.sync(), 0);
+            }
+            drop(self.guard.lock().unwrap().take());
+        }
+        fn track_remove_region(&self, _: Gfn, _: u64) {}
+    }
+
+    #[test]
+    fn unregister_inside_a_callback_is_refused_not_a_hang() {
+        let (t, memory) = tracker_over(1);
+        t.track(1).unwrap();
+        let n = Arc::new(SelfRemover::default());
+        let id = t.register_notifier(n.clone());
+        let _ = n.me.set((t.clone(), id));
+        memory.write(0x1000, &[1; 8]).unwrap();
+        assert_eq!(t.sync(), 1);
+        let results = std::mem::take(&mut *n.results.lock().unwrap());
+        assert_eq!(results.len(), 1);
+        assert!(results[0]
+            .as_ref()
+            .unwrap_err()
+            .contains("inside a page-track callback"));
+        assert_eq!(t.notifier_count(), 1, "still registered");
+        t.unregister_notifier(id).unwrap();
+
+        // A guard dropped inside its own callback retires the notifier at once.
+        let n = Arc::new(SelfRemover::default());
+        *n.guard.lock().unwrap() = Some(t.register(n.clone()));
+        memory.write(0x1000, &[2; 8]).unwrap();
+        assert_eq!(t.sync(), 1);
+        assert_eq!(t.notifier_count(), 0);
+        memory.write(0x1000, &[3; 8]).unwrap();
+        t.sync();
+        assert_eq!(n.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_registration_holds_the_tracker_and_ends_with_its_guard() {
+        let (t, memory) = tracker_over(1);
+        t.track(1).unwrap();
+        let watch = Arc::new(Watch::default());
+        let reg = t.register(watch.clone());
+        let weak = Arc::downgrade(&t.shared);
+        drop(t);
+        assert!(
+            weak.upgrade().is_some(),
+            "the registration holds the tracker"
+        );
+        memory.write(0x1000, &[1; 8]).unwrap();
+        assert_eq!(reg.tracker().sync(), 1);
+        assert_eq!(watch.calls.load(Ordering::SeqCst), 1);
+        drop(reg);
+        assert!(weak.upgrade().is_none(), "tracker gone with its last user");
+        assert_eq!(Arc::strong_count(&watch), 1);
+        // Explicit unregister, then the guard's drop does nothing more.
+        let (t, _memory) = tracker_over(1);
+        let mut reg = t.register(watch.clone());
+        reg.unregister().unwrap();
+        reg.unregister().unwrap();
+        assert_eq!(t.notifier_count(), 0);
+        drop(reg);
+    }
+
+    /// Records removals and whether the first page was still tracked then.
+    struct Removals {
+        tracker: std::sync::OnceLock<PageTracker>,
+        seen: Mutex<Vec<(Gfn, u64, bool)>>,
+    }
+
+    impl PageTrackNotifier for Removals {
+        fn track_write(&self, _: u64, _: &[u8]) {}
+        fn track_remove_region(&self, gfn: Gfn, nr: u64) {
+            let tracked = self.tracker.get().is_some_and(|t| t.is_tracked(gfn));
+            self.seen.lock().unwrap().push((gfn, nr, tracked));
+        }
+    }
+
+    #[test]
+    fn remove_region_reaches_every_notifier_then_untracks() {
+        let (t, _memory) = tracker_over(4);
+        let a = Arc::new(Removals {
+            tracker: t.clone().into(),
+            seen: Mutex::default(),
+        });
+        let b = Arc::new(Removals {
+            tracker: std::sync::OnceLock::new(),
+            seen: Mutex::default(),
+        });
+        let _ra = t.register(a.clone());
+        let _rb = t.register(b.clone());
+        // Nothing tracked there: reported all the same.
+        t.remove_region(0x3000, 0x2000);
+        t.track(1).unwrap();
+        t.track(1).unwrap();
+        t.track(2).unwrap();
+        // Unaligned: every page it touches.
+        t.remove_region(0x1800, 0x1000);
+        assert_eq!(*a.seen.lock().unwrap(), [(3, 2, false), (1, 2, true)]);
+        assert_eq!(b.seen.lock().unwrap().len(), 2);
+        assert!(
+            !t.is_tracked(1) && !t.is_tracked(2),
+            "dropped after the call"
+        );
+        assert_eq!(t.counters().pages_tracked, 0);
+        t.remove_region(0x1000, 0);
+        assert_eq!(
+            a.seen.lock().unwrap().len(),
+            2,
+            "an empty range is no region"
+        );
+    }
+
+    #[test]
+    fn entry_notifiers_get_long_writes_as_entries() {
+        #[derive(Default)]
+        struct Entries(Mutex<Vec<(u64, [u8; ENTRY_SIZE])>>);
+        impl TrackNotifier for Entries {
+            fn track_write(&self, gpa: u64, new: &[u8; ENTRY_SIZE]) {
+                self.0.lock().unwrap().push((gpa, *new));
+            }
+            fn track_remove_region(&self, _: Gfn, _: u64) {}
+        }
+        let e = Entries::default();
+        let bytes: Vec<u8> = (0..16).collect();
+        PageTrackNotifier::track_write(&e, 0x1010, &bytes);
+        let mut lo = [0u8; 8];
+        lo.copy_from_slice(&bytes[..8]);
+        let mut hi = [0u8; 8];
+        hi.copy_from_slice(&bytes[8..]);
+        assert_eq!(*e.0.lock().unwrap(), [(0x1010, lo), (0x1018, hi)]);
     }
 
     #[test]
@@ -722,7 +1270,10 @@ mod tests {
         }
         let t = tracker_over_one_page();
         let id = t.register_notifier(Arc::new(Nop));
-        assert!(t.unregister_notifier(id));
-        assert!(!t.unregister_notifier(id));
+        t.unregister_notifier(id).unwrap();
+        assert!(matches!(
+            t.unregister_notifier(id),
+            Err(NotifierError::Unknown(i)) if i == id
+        ));
     }
 }

@@ -43,12 +43,15 @@ struct UffdioWriteprotect {
 const UFFDIO_API: u64 = (3 << 30) | (24 << 16) | (UFFDIO << 8) | 0x3F;
 const UFFDIO_REGISTER: u64 = (3 << 30) | (32 << 16) | (UFFDIO << 8);
 const UFFD_API: u64 = 0xAA;
+const UFFD_FEATURE_EXACT_ADDRESS: u64 = 1 << 11;
 const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 const UFFDIO_REGISTER_MODE_WP: u64 = 2;
 
 /// The VMM's side of the uffd extension: a userfaultfd registered in
 /// write-protect mode on `[addr, addr+len)` of the *calling* process's mapping of
-/// guest memory (shared memory), ready to hand to the backend.
+/// guest memory (shared memory), ready to hand to the backend. It asks for exact
+/// fault addresses (Linux 5.18+), so a strict fault that changed nothing visible
+/// is reported as its 8-byte entry rather than its page.
 pub fn register_write_protect(addr: u64, len: u64) -> std::io::Result<OwnedFd> {
     use std::os::fd::FromRawFd;
     let last = std::io::Error::last_os_error;
@@ -59,7 +62,11 @@ pub fn register_write_protect(addr: u64, len: u64) -> std::io::Result<OwnedFd> {
     }
     // SAFETY: a fresh fd we own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let mut api = [UFFD_API, UFFD_FEATURE_WP_HUGETLBFS_SHMEM, 0u64];
+    let mut api = [
+        UFFD_API,
+        UFFD_FEATURE_WP_HUGETLBFS_SHMEM | UFFD_FEATURE_EXACT_ADDRESS,
+        0u64,
+    ];
     // SAFETY: UFFDIO_API reads and writes the 24-byte struct uffdio_api above.
     if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, api.as_mut_ptr()) } != 0 {
         return Err(last());
@@ -116,6 +123,15 @@ impl UffdRegistration {
 pub(super) struct FaultEvent {
     registration: u64,
     address: u64,
+}
+
+/// A fault resolved: its page, the guest address it names (exact when the
+/// VMM's uffd has UFFD_FEATURE_EXACT_ADDRESS, else the page's), and whether the
+/// page is compared at once (strict).
+pub(super) struct Resolved {
+    pub gfn: Gfn,
+    pub gpa: u64,
+    pub strict: bool,
 }
 
 pub(super) type Sink = Arc<dyn Fn(FaultEvent) + Send + Sync>;
@@ -222,15 +238,15 @@ impl UserfaultSource {
     }
 
     /// Resolves a fault: the page becomes writable and the writer runs on.
-    /// Returns the gfn and whether it must be compared right away (strict).
-    pub(super) fn fault(&mut self, event: FaultEvent) -> Option<(Gfn, bool)> {
+    pub(super) fn fault(&mut self, event: FaultEvent) -> Option<Resolved> {
         let gpa_base = *self.ids.get(&event.registration)?;
         let reg = self.regs.get(&gpa_base)?;
         let offset = event.address.checked_sub(reg.vmm_address)?;
         if offset >= reg.size {
             return None;
         }
-        let gfn = (reg.gpa + offset) / PAGE_SIZE;
+        let gpa = reg.gpa + offset;
+        let gfn = gpa / PAGE_SIZE;
         self.faults += 1;
         let policy = self.policy;
         let mode = self.pages.entry(gfn).or_default();
@@ -247,7 +263,7 @@ impl UserfaultSource {
         // Writable again: this wakes the blocked writer.
         let reg = self.reg_for(gfn)?;
         reg.protect(gfn, false);
-        Some((gfn, strict))
+        Some(Resolved { gfn, gpa, strict })
     }
 }
 
@@ -396,7 +412,7 @@ fn read_faults(id: u64, uffd: &OwnedFd, sink: &(dyn Fn(FaultEvent) + Send + Sync
         }
         sink(FaultEvent {
             registration: id,
-            address: address & !(PAGE_SIZE - 1),
+            address,
         });
     }
 }

@@ -403,6 +403,11 @@ impl<'a> Session<'a> {
         function.memory().set_transport(None);
         let dropped = function.memory().with_regions(|r| r.clear());
         debug!(regions = dropped.len(), "DMA regions dropped");
+        // Page tracking hears of each region gone, as on DMA_UNMAP.
+        let tracker = function.page_tracker().clone();
+        for r in &dropped {
+            tracker.remove_region(r.gpa, r.size);
+        }
         drop(dropped);
         function.reset();
         function.interrupts().disconnect();

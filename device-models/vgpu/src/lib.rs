@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use tracing::{debug, info, warn};
 use umdev::memory::GuestMemory;
-use umdev::pagetrack::{Gfn, Policy, SourceKind, TrackNotifier};
+use umdev::pagetrack::{Gfn, NotifierRegistration, PageTrackNotifier, Policy, SourceKind};
 use umdev::pci::{
     BarDef, BarIndex, BarMapping, DeviceContext, MsixLayout, PciDevice, PciDeviceDescription,
     PciError, PciFunction, PciIds,
@@ -206,7 +206,8 @@ struct Ggtt {
 
 enum Job {
     Submit(usize, u64),
-    Invalidate(usize, u64),
+    /// Context, its range (`None`: the whole context), generation.
+    Invalidate(usize, Option<InvRange>, u64),
     /// Answered once every job before it has run (quiescing for a snapshot).
     Barrier(Sender<()>),
 }
@@ -243,20 +244,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Applies guest page-table writes to the shadow.
-struct ShadowUpdater(Weak<Shared>);
-
-impl TrackNotifier for ShadowUpdater {
-    fn track_write(&self, gpa: u64, new: &[u8; 8]) {
-        if let Some(shared) = self.0.upgrade() {
-            shared.stats.shadow_updates.fetch_add(1, Ordering::Relaxed);
-            lock(&shared.shadow).on_write(gpa, u64::from_le_bytes(*new));
-        }
+/// Guest page-table writes go to the shadow. The tracker holds the device's
+/// shared state while `Vgpu::registration` lives.
+impl PageTrackNotifier for Shared {
+    fn track_write(&self, gpa: u64, new: &[u8]) {
+        let applied = lock(&self.shadow).on_write_bytes(gpa, new);
+        self.stats
+            .shadow_updates
+            .fetch_add(applied as u64, Ordering::Relaxed);
     }
     fn track_remove_region(&self, gfn: Gfn, nr_pages: u64) {
-        if let Some(shared) = self.0.upgrade() {
-            lock(&shared.shadow).on_remove_region(gfn, nr_pages);
-        }
+        lock(&self.shadow).on_remove_region(gfn, nr_pages);
     }
 }
 
@@ -264,6 +262,10 @@ pub struct Vgpu {
     shared: Arc<Shared>,
     jobs: Option<Sender<Job>>,
     worker: Option<std::thread::JoinHandle<()>>,
+    /// The shadow's page-track notifier; dropped after the engine stops, it
+    /// unregisters (waiting for a delivery under way) and the tracker lets go
+    /// of `shared`.
+    _registration: NotifierRegistration,
 }
 
 impl Vgpu {
@@ -294,10 +296,7 @@ impl Vgpu {
             live_generation: AtomicU64::new(0),
             stats: metrics::VgpuStats::default(),
         });
-        shared
-            .ctx
-            .page_tracker
-            .register_notifier(Arc::new(ShadowUpdater(Arc::downgrade(&shared))));
+        let registration = shared.ctx.page_tracker.register(shared.clone());
         let (tx, rx) = channel();
         let engine = shared.clone();
         let worker = std::thread::Builder::new()
@@ -311,6 +310,7 @@ impl Vgpu {
             shared,
             jobs: Some(tx),
             worker,
+            _registration: registration,
         }
     }
 
@@ -589,7 +589,7 @@ impl PciDevice for Vgpu {
         drop(regs);
         match job {
             Some(JobKind::Submit(n)) => self.post(Job::Submit(n, generation)),
-            Some(JobKind::Invalidate(n)) => self.post(Job::Invalidate(n, generation)),
+            Some(JobKind::Invalidate(n, range)) => self.post(Job::Invalidate(n, range, generation)),
             None => {}
         }
     }
@@ -638,7 +638,14 @@ impl PciDevice for Vgpu {
 
 enum JobKind {
     Submit(usize),
-    Invalidate(usize),
+    Invalidate(usize, Option<InvRange>),
+}
+
+/// A range TLB invalidation: INV_START and INV_PAGES as written.
+#[derive(Clone, Copy, Debug)]
+struct InvRange {
+    start: u64,
+    pages: u32,
 }
 
 fn read_register(regs: &Registers, offset: u64) -> u64 {
@@ -732,10 +739,15 @@ fn write_register(
                             return Some(JobKind::Submit(n));
                         }
                     }
-                    CTX_TLB_INVALIDATE
-                        if v32 == TLB_INVALIDATE_ALL || v32 == TLB_INVALIDATE_RANGE =>
-                    {
-                        return Some(JobKind::Invalidate(n));
+                    CTX_TLB_INVALIDATE if v32 == TLB_INVALIDATE_ALL => {
+                        return Some(JobKind::Invalidate(n, None));
+                    }
+                    CTX_TLB_INVALIDATE if v32 == TLB_INVALIDATE_RANGE => {
+                        let range = InvRange {
+                            start: c.inv_start,
+                            pages: c.inv_pages,
+                        };
+                        return Some(JobKind::Invalidate(n, Some(range)));
                     }
                     CTX_INV_PAGES => c.inv_pages = v32,
                     CTX_CONTROL => {
@@ -794,10 +806,15 @@ fn engine_loop(shared: &Shared, jobs: Receiver<Job>) {
             Job::Barrier(done) => {
                 let _ = done.send(());
             }
-            Job::Invalidate(n, generation) => {
+            Job::Invalidate(n, range, generation) => {
                 // A missing root only matters to a submission, which reports it.
                 if lock(&shared.regs).generation == generation {
-                    let _ = sync_context(shared, n);
+                    match range {
+                        None => {
+                            let _ = sync_context(shared, n);
+                        }
+                        Some(r) => sync_context_range(shared, n, r),
+                    }
                 }
             }
         }
@@ -807,6 +824,36 @@ fn engine_loop(shared: &Shared, jobs: Receiver<Job>) {
 /// A sync point: the guest's page tables as they are now, and the context's root.
 fn sync_context(shared: &Shared, n: usize) -> Result<Gfn, u8> {
     shared.ctx.page_tracker.sync();
+    context_root(shared, n)
+}
+
+/// A range TLB invalidation (SPEC.md): only the tables that translate
+/// `[INV_START, INV_START + INV_PAGES pages)` are brought up to date, level by
+/// level from the root (a table a synced entry now links is found at the next
+/// level); an edit elsewhere waits for a whole invalidation or a submission.
+fn sync_context_range(shared: &Shared, n: usize, range: InvRange) {
+    let Ok(root) = context_root(shared, n) else {
+        return;
+    };
+    let start = range.start & !(PAGE_SIZE - 1);
+    let end = start
+        .saturating_add(u64::from(range.pages).saturating_mul(PAGE_SIZE))
+        .min(VA_LIMIT);
+    if start >= end {
+        return;
+    }
+    for level in (1..=PT_LEVELS).rev() {
+        let gfns = lock(&shared.shadow).tables_covering(root, level, start, end);
+        if gfns.is_empty() {
+            break;
+        }
+        shared.ctx.page_tracker.sync_gfns(&gfns);
+    }
+}
+
+/// The context's root table, attached afresh if PT_ROOT changed or the
+/// shadow was dropped since.
+fn context_root(shared: &Shared, n: usize) -> Result<Gfn, u8> {
     let (root_gpa, attached) = {
         let regs = lock(&shared.regs);
         (regs.ctx[n].pt_root, regs.ctx[n].attached_root)

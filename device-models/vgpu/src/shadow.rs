@@ -264,6 +264,77 @@ impl ShadowPageTables {
         }
     }
 
+    /// A tracked write of any length (`track_write`): every 8-byte entry it
+    /// touches is re-validated, from `new` where the write covers the entry and
+    /// from guest memory (as it is now) where it covers only part of it.
+    /// Returns the entries applied.
+    pub fn on_write_bytes(&mut self, gpa: u64, new: &[u8]) -> usize {
+        let Some(end) = gpa.checked_add(new.len() as u64) else {
+            return 0;
+        };
+        let mut at = gpa & !7;
+        let mut applied = 0;
+        while at < end {
+            let whole = at >= gpa && end - at >= 8;
+            let mut b = [0u8; 8];
+            let ok = if whole {
+                let off = (at - gpa) as usize;
+                b.copy_from_slice(&new[off..off + 8]);
+                true
+            } else {
+                self.check.memory.peek(at, &mut b).is_ok()
+            };
+            if ok {
+                self.on_write(at, u64::from_le_bytes(b));
+                applied += 1;
+            }
+            let Some(next) = at.checked_add(8) else { break };
+            at = next;
+        }
+        applied
+    }
+
+    /// The gfns of the tables at `level` that translate some of
+    /// `[start, end)` in the tree rooted at `root` (ascending, once each): what
+    /// a range TLB invalidation brings up to date, level by level from the root.
+    pub fn tables_covering(&self, root: Gfn, level: u8, start: u64, end: u64) -> Vec<Gfn> {
+        let mut out = Vec::new();
+        if start < end && (1..=PT_LEVELS).contains(&level) {
+            self.collect_tables(root, PT_LEVELS, 0, level, (start, end), &mut out);
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    fn collect_tables(
+        &self,
+        gfn: Gfn,
+        level: u8,
+        base: u64,
+        want: u8,
+        (start, end): (u64, u64),
+        out: &mut Vec<Gfn>,
+    ) {
+        let Some(t) = self.tables.get(&(gfn, level)) else {
+            return;
+        };
+        if level == want {
+            out.push(gfn);
+            return;
+        }
+        // Each entry of a table at `level` spans this much address space.
+        let span = 1u64 << (12 + 9 * (u64::from(level) - 1));
+        let first = (start.max(base) - base) / span;
+        let last = ((end - 1).min(base + span * PT_ENTRIES as u64 - 1) - base) / span;
+        for i in first..=last {
+            if let Some(Entry::Table(child)) = t.entries.get(i as usize) {
+                let child_base = base + i * span;
+                self.collect_tables(*child, level - 1, child_base, want, (start, end), out);
+            }
+        }
+    }
+
     /// Guest memory under `[gfn, gfn+pages)` is gone (its tracking with it). If any
     /// table lived there, every shadow is dropped: contexts rebuild theirs from the
     /// guest's tables at their next sync point, which also covers the memory
