@@ -20,7 +20,7 @@ pub use regions::{DmaRegion, DmaRegions, MappedRegion, RegionBacking};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use vm_memory::{Bytes, MemoryRegionAddress};
+use vm_memory::{Bytes, GuestMemoryRegion, MemoryRegionAddress, VolatileSlice};
 
 /// A new memfd of `len` bytes (close-on-exec, sealable): guest RAM, VRAM,
 /// bitmaps — every piece of shared memory the project makes.
@@ -360,6 +360,94 @@ impl GuestMemory {
         );
     }
 
+    /// Runs `f` on the host mapping of `[gpa, gpa+len)` for a device access
+    /// in `direction`, when that range lies in one fd-mapped region: a copy
+    /// that needs no buffer (the vGPU's COPY and BLIT). Checked as
+    /// [`read`](Self::read)/[`write_while`](Self::write_while) check: bus
+    /// mastering, `live` (under the region table's lock, which an unmap
+    /// waits for), permissions, a region the client took away; a write is
+    /// logged and observed. `None`: the range is reached by message or
+    /// crosses regions, and nothing was done.
+    pub fn with_mapped<R>(
+        &self,
+        gpa: u64,
+        len: usize,
+        direction: DmaDirection,
+        live: &dyn Fn() -> bool,
+        f: impl FnOnce(VolatileSlice<'_, ()>) -> R,
+    ) -> Result<Option<R>, MemoryError> {
+        self.check_bus_master()?;
+        gpa.checked_add(len as u64)
+            .ok_or(MemoryError::Overflow { gpa, len })?;
+        let regions = self.regions();
+        if !live() {
+            return Err(MemoryError::Unmapped(gpa));
+        }
+        let Some((region, m, slice)) = mapped_slice(&regions, gpa, len, direction)? else {
+            return Ok(None);
+        };
+        let result = f(slice);
+        if m.faulted() {
+            return Err(lost(region, m));
+        }
+        drop(regions);
+        self.note_mapped(gpa, len, direction);
+        Ok(Some(result))
+    }
+
+    /// Copies `len` bytes guest to guest as the device, mapping to mapping
+    /// (overlap allowed: memmove), when both ranges lie each in one
+    /// fd-mapped region; `false` (nothing done) otherwise. Checked as
+    /// [`with_mapped`](Self::with_mapped).
+    pub fn copy_mapped(
+        &self,
+        src: u64,
+        dst: u64,
+        len: usize,
+        live: &dyn Fn() -> bool,
+    ) -> Result<bool, MemoryError> {
+        self.check_bus_master()?;
+        for gpa in [src, dst] {
+            gpa.checked_add(len as u64)
+                .ok_or(MemoryError::Overflow { gpa, len })?;
+        }
+        let regions = self.regions();
+        if !live() {
+            return Err(MemoryError::Unmapped(dst));
+        }
+        let from = mapped_slice(&regions, src, len, DmaDirection::FromGuest)?;
+        let to = mapped_slice(&regions, dst, len, DmaDirection::ToGuest)?;
+        let (Some((sr, sm, s)), Some((dr, dm, d))) = (from, to) else {
+            return Ok(false);
+        };
+        s.copy_to_volatile_slice(d);
+        for (region, m) in [(sr, sm), (dr, dm)] {
+            if m.faulted() {
+                return Err(lost(region, m));
+            }
+        }
+        drop(regions);
+        self.note_mapped(src, len, DmaDirection::FromGuest);
+        self.note_mapped(dst, len, DmaDirection::ToGuest);
+        Ok(true)
+    }
+
+    /// Counts a direct access, and logs and observes a write.
+    fn note_mapped(&self, gpa: u64, len: usize, direction: DmaDirection) {
+        let s = &self.shared.stats;
+        match direction {
+            DmaDirection::FromGuest => {
+                s.read_by_fd_bytes.fetch_add(len as u64, Ordering::Relaxed);
+            }
+            DmaDirection::ToGuest => {
+                s.written_by_fd_bytes
+                    .fetch_add(len as u64, Ordering::Relaxed);
+                self.log_write(gpa, len);
+                self.notify_observers(gpa, len);
+            }
+        }
+    }
+
     /// Tells the write observers of a device write that did not go through
     /// [`write`](Self::write) (a queued DMA's message-borne part).
     pub fn observe_write(&self, gpa: u64, len: usize) {
@@ -564,15 +652,7 @@ impl GuestMemory {
                         copy(region_off, Backing::Mapped(m), range)?;
                     }
                     if m.faulted() {
-                        if m.first_report() {
-                            tracing::error!(
-                                gpa = format_args!("{:#x}", region.gpa),
-                                size = format_args!("{:#x}", region.size),
-                                "the client took a DMA region's memory away (SIGBUS); \
-                                 its accesses fail until it is unmapped"
-                            );
-                        }
-                        return Err(MemoryError::Lost(region.gpa));
+                        return Err(lost(region, m));
                     }
                 }
                 RegionBacking::Message => {
@@ -591,6 +671,56 @@ impl GuestMemory {
         }
         Ok(())
     }
+}
+
+/// The error for an access to a region the client took away (SIGBUS),
+/// logged the first time.
+fn lost(region: &DmaRegion, m: &MappedRegion) -> MemoryError {
+    if m.first_report() {
+        tracing::error!(
+            gpa = format_args!("{:#x}", region.gpa),
+            size = format_args!("{:#x}", region.size),
+            "the client took a DMA region's memory away (SIGBUS); \
+             its accesses fail until it is unmapped"
+        );
+    }
+    MemoryError::Lost(region.gpa)
+}
+
+/// A range's host view, with the region it lies in (for the loss check).
+type HostView<'a> = (&'a DmaRegion, &'a MappedRegion, VolatileSlice<'a, ()>);
+
+/// The host view of `[gpa, gpa+len)` if it lies in one fd-mapped region
+/// that allows `direction`; `None` if it is reached by message or crosses
+/// regions (the caller copies through a buffer then).
+fn mapped_slice(
+    regions: &DmaRegions,
+    gpa: u64,
+    len: usize,
+    direction: DmaDirection,
+) -> Result<Option<HostView<'_>>, MemoryError> {
+    let region = regions.find(gpa).ok_or(MemoryError::Unmapped(gpa))?;
+    let allowed = match direction {
+        DmaDirection::FromGuest => region.readable,
+        DmaDirection::ToGuest => region.writable,
+    };
+    if !allowed {
+        return Err(MemoryError::Permission(region.gpa));
+    }
+    let RegionBacking::Mapped(m) = &region.backing else {
+        return Ok(None);
+    };
+    if gpa + len as u64 > region.end() {
+        return Ok(None);
+    }
+    if m.faulted() {
+        return Err(lost(region, m));
+    }
+    let slice = m
+        .map()
+        .get_slice(MemoryRegionAddress(gpa - region.gpa), len)
+        .map_err(MemoryError::Access)?;
+    Ok(Some((region, m, slice)))
 }
 
 /// The transport while no client is connected: every message access fails.

@@ -424,6 +424,46 @@ impl Shared {
         }
     }
 
+    /// Copies `len` bytes target to target without a buffer, when both are
+    /// host-mapped (VRAM always, guest RAM when fd-mapped in one region);
+    /// `false` when one is not, and nothing was done. Overlap is allowed
+    /// (memmove), as through the buffer.
+    fn copy_direct(
+        &self,
+        from: Target,
+        to: Target,
+        len: usize,
+        generation: u64,
+    ) -> Result<bool, TargetError> {
+        use umdev::memory::DmaDirection::{FromGuest, ToGuest};
+        let live = || self.live_generation.load(Ordering::Acquire) == generation;
+        let memory = &self.ctx.memory;
+        Ok(match (from, to) {
+            (Target::Ram(s), Target::Ram(d)) => memory.copy_mapped(s, d, len, &live)?,
+            (Target::Ram(s), Target::Vram(d)) => {
+                let d = self.vram.slice(d, len)?;
+                memory
+                    .with_mapped(s, len, FromGuest, &live, |s| s.copy_to_volatile_slice(d))?
+                    .is_some()
+            }
+            (Target::Vram(s), Target::Ram(d)) => {
+                let s = self.vram.slice(s, len)?;
+                memory
+                    .with_mapped(d, len, ToGuest, &live, |d| s.copy_to_volatile_slice(d))?
+                    .is_some()
+            }
+            (Target::Vram(s), Target::Vram(d)) => {
+                if !live() {
+                    return Err(TargetError::Reset);
+                }
+                self.vram
+                    .slice(s, len)?
+                    .copy_to_volatile_slice(self.vram.slice(d, len)?);
+                true
+            }
+        })
+    }
+
     /// A write of the engine for a submission of register generation
     /// `generation`: none lands once the device has been reset (the VMM
     /// leaving included) after the submission was taken.
@@ -1081,25 +1121,87 @@ fn copy_extents(
     dst: &[Extent],
     buf: &mut Vec<u8>,
 ) -> Result<(), TargetError> {
-    const PIECE: usize = 64 << 10;
-    if buf.len() < PIECE {
-        buf.resize(PIECE, 0);
-    }
-    let (mut si, mut so, mut di, mut dof) = (0usize, 0u64, 0usize, 0u64);
-    while si < src.len() && di < dst.len() {
-        let n = (src[si].len - so).min(dst[di].len - dof).min(PIECE as u64) as usize;
-        shared.read_target(src[si].target.offset(so), &mut buf[..n])?;
-        shared.write_target(dst[di].target.offset(dof), &buf[..n], generation)?;
-        so += n as u64;
-        dof += n as u64;
-        if so == src[si].len {
-            si += 1;
-            so = 0;
-        }
-        if dof == dst[di].len {
-            di += 1;
-            dof = 0;
-        }
+    const PIECE: u64 = 64 << 10;
+    const DIRECT_PIECE: u64 = 1 << 20;
+    let (mut s, mut d) = (ExtentCursor::new(src), ExtentCursor::new(dst));
+    while let (Some(from), Some(to)) = (s.target(), d.target()) {
+        // Mapping to mapping when both sides allow it, over runs of
+        // contiguous extents, in pieces of at most 1 MiB (a DMA_UNMAP waits
+        // for the piece under way); through the buffer otherwise (memory
+        // reached by message, a range across DMA regions).
+        let n = s.run(DIRECT_PIECE).min(d.run(DIRECT_PIECE)) as usize;
+        let n = if shared.copy_direct(from, to, n, generation)? {
+            n
+        } else {
+            let n = n.min(s.left()).min(d.left()).min(PIECE as usize);
+            if buf.len() < n {
+                buf.resize(PIECE as usize, 0);
+            }
+            shared.read_target(from, &mut buf[..n])?;
+            shared.write_target(to, &buf[..n], generation)?;
+            n
+        };
+        s.advance(n as u64);
+        d.advance(n as u64);
     }
     Ok(())
+}
+
+/// A position in a list of extents.
+struct ExtentCursor<'a> {
+    extents: &'a [Extent],
+    i: usize,
+    off: u64,
+}
+
+impl<'a> ExtentCursor<'a> {
+    fn new(extents: &'a [Extent]) -> Self {
+        ExtentCursor {
+            extents,
+            i: 0,
+            off: 0,
+        }
+    }
+
+    fn target(&self) -> Option<Target> {
+        self.extents.get(self.i).map(|e| e.target.offset(self.off))
+    }
+
+    /// Bytes left in the current extent.
+    fn left(&self) -> usize {
+        self.extents
+            .get(self.i)
+            .map_or(0, |e| (e.len - self.off) as usize)
+    }
+
+    /// Bytes from here on that are contiguous in their target (the next
+    /// extents continuing where the current ends), at most `limit`.
+    fn run(&self, limit: u64) -> u64 {
+        let Some(first) = self.extents.get(self.i) else {
+            return 0;
+        };
+        let mut len = first.len - self.off;
+        let mut end = first.target.offset(first.len);
+        for e in &self.extents[self.i + 1..] {
+            if len >= limit || e.target != end {
+                break;
+            }
+            len += e.len;
+            end = e.target.offset(e.len);
+        }
+        len.min(limit)
+    }
+
+    fn advance(&mut self, mut n: u64) {
+        while let Some(e) = self.extents.get(self.i) {
+            let here = e.len - self.off;
+            if n < here {
+                self.off += n;
+                return;
+            }
+            n -= here;
+            self.i += 1;
+            self.off = 0;
+        }
+    }
 }

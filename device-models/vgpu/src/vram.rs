@@ -6,7 +6,10 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use vm_memory::mmap::{MmapRegion, MmapRegionError};
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestRegionMmap, MemoryRegionAddress};
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress,
+    VolatileSlice,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VramError {
@@ -105,6 +108,15 @@ impl Vram {
                 offset,
                 len: buf.len(),
             })
+    }
+
+    /// The host view of `len` bytes at `offset`, for a copy without a
+    /// buffer (`VolatileSlice::copy_to_volatile_slice`).
+    pub fn slice(&self, offset: u64, len: usize) -> Result<VolatileSlice<'_, ()>, VramError> {
+        self.check(offset, len)?;
+        self.map
+            .get_slice(MemoryRegionAddress(offset), len)
+            .map_err(|_| VramError::Range { offset, len })
     }
 
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), VramError> {

@@ -154,11 +154,14 @@ const PLOTTED: &[&str] = &[
     "umdev_vnc_sent_bytes_total{display=\"umdev-vgpu\"}",
 ];
 
+/// Milliseconds since the start, and one value per [`PLOTTED`] series.
+type Samples = Vec<(u128, Vec<f64>)>;
+
 /// Scrapes a `--metrics` endpoint every 200 ms on a thread, as Prometheus
 /// would during a run.
 struct Scraper {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<(Vec<(u128, Vec<f64>)>, String)>,
+    thread: std::thread::JoinHandle<(Samples, String)>,
 }
 
 impl Scraper {
@@ -187,7 +190,7 @@ impl Scraper {
 
     /// The samples (ms since start, one value per [`PLOTTED`] series) and the
     /// last scrape's text.
-    fn stop(self) -> (Vec<(u128, Vec<f64>)>, String) {
+    fn stop(self) -> (Samples, String) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let (samples, last) = self.thread.join().expect("scraper");
         assert!(samples.len() >= 2, "the metrics endpoint never answered");
