@@ -295,6 +295,24 @@ pub fn audit_segment(
                 if cursor.commands > MAX_COMMANDS_PER_SUBMISSION {
                     return Err(ctx.fault(FAULT_BUDGET, at));
                 }
+                if src_pitch == width && dst_pitch == width {
+                    // Lines back to back on both sides: one range each, as a
+                    // COPY of the same bytes. If a page faults, the lines
+                    // below find which comes first in line order.
+                    let bytes = width * height;
+                    let ranges = (
+                        ctx.range(src_va, bytes, false),
+                        ctx.range(dst_va, bytes, true),
+                    );
+                    if let (Ok(src), Ok(dst)) = ranges {
+                        plan.push(Step::Copy {
+                            src,
+                            dst,
+                            va: dst_va,
+                        });
+                        continue;
+                    }
+                }
                 for row in 0..height {
                     let s = row
                         .checked_mul(src_pitch)
