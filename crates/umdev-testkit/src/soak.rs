@@ -42,6 +42,80 @@ pub fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// A soak run's size: its seed, how many clients at most, and how long it
+/// may take, from `UMDEV_SOAK_SEED`, `UMDEV_SOAK_CLIENTS` and
+/// `UMDEV_SOAK_SECS`, else the test's defaults.
+pub struct Run {
+    pub seed: u64,
+    pub max_clients: u64,
+    pub budget: Duration,
+}
+
+impl Run {
+    /// The run's size from the environment; also quiets the backend's log
+    /// (`RUST_LOG` warn unless set): logging every message at debug level
+    /// would dominate the run.
+    pub fn from_env(seed: u64, clients: u64, secs: u64) -> Run {
+        std::env::set_var(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        );
+        Run {
+            seed: env_u64("UMDEV_SOAK_SEED", seed),
+            max_clients: env_u64("UMDEV_SOAK_CLIENTS", clients),
+            budget: Duration::from_secs(env_u64("UMDEV_SOAK_SECS", secs)),
+        }
+    }
+
+    /// Whether another client comes, `clients` having come since `started`:
+    /// at least 20, then while within the budget, never more than the maximum.
+    pub fn another(&self, clients: u64, started: Instant) -> bool {
+        clients < self.max_clients && (clients < 20 || started.elapsed() < self.budget)
+    }
+}
+
+/// A soak client at `socket`: its raw stream (reads time out after
+/// `timeout`) and a [`Client`] on a clone of it.
+pub fn connect(socket: &std::path::Path, timeout: Duration) -> (UnixStream, Client) {
+    let raw = UnixStream::connect(socket).expect("connect");
+    raw.set_read_timeout(Some(timeout)).unwrap();
+    let c = Client::from_stream(raw.try_clone().unwrap()).unwrap();
+    (raw, c)
+}
+
+/// A client's first message: in `percent` of cases VERSION negotiation
+/// (true if it succeeded), else a VERSION of up to 40 random bytes, which
+/// the server must refuse (false).
+pub fn negotiate_or_junk(c: &mut Client, rng: &mut Rng, percent: u64, tally: &mut Tally) -> bool {
+    tally.messages += 1;
+    if rng.chance(percent) {
+        c.negotiate(&umdev::vfio_user::caps::Capabilities::new(
+            16,
+            1 << 20,
+            64,
+            true,
+        ))
+        .is_ok()
+    } else {
+        tally.malformed += 1;
+        let n = rng.below(40) as usize;
+        let junk = rng.bytes(n);
+        let _ = c.request_raw(Command::Version as u16, &junk);
+        false
+    }
+}
+
+/// Asserts that the backend's (fds, RSS KiB) at the end are as after the
+/// first client: the same fds, resident memory within 4 MiB.
+pub fn assert_as_found(first: (usize, u64), end: (usize, u64)) {
+    let ((fds0, rss0), (fds1, rss1)) = (first, end);
+    assert_eq!(fds1, fds0, "fds leaked");
+    assert!(
+        rss1 <= rss0 + 4096,
+        "resident memory grew from {rss0} KiB to {rss1} KiB"
+    );
+}
+
 /// Messages sent, how many were malformed, and how many got an error reply.
 #[derive(Default, Debug, Clone, Copy)]
 pub struct Tally {

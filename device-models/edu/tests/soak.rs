@@ -19,7 +19,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use common::{Backend, MemfdRam};
-use soak_support::{env_u64, settled, Departures, Rng, Tally};
+use soak_support::{settled, Departures, Rng, Run, Tally};
 use umdev::vfio_user::client::ClientError;
 use umdev::vfio_user::wire::*;
 use umdev::vfio_user::Client;
@@ -317,15 +317,9 @@ fn leave(s: Session, rng: &mut Rng, stats: &mut Stats) {
 
 #[test]
 fn many_hostile_clients_leave_the_backend_as_they_found_it() {
-    let seed = env_u64("UMDEV_SOAK_SEED", DEFAULT_SEED);
-    let max_clients = env_u64("UMDEV_SOAK_CLIENTS", 1500);
-    let budget = Duration::from_secs(env_u64("UMDEV_SOAK_SECS", 20));
+    let run = Run::from_env(DEFAULT_SEED, 1500, 20);
+    let seed = run.seed;
     let mut rng = Rng(seed);
-    // Logging every message at debug level would dominate the run.
-    std::env::set_var(
-        "RUST_LOG",
-        std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-    );
     let mut be = Backend::edu();
     let pid = be.child.id();
     let mut ram = MemfdRam::new(REGIONS * REGION as usize);
@@ -339,29 +333,11 @@ fn many_hostile_clients_leave_the_backend_as_they_found_it() {
     let mut stats = Stats::default();
     let mut baseline = None;
     let started = Instant::now();
-    while stats.clients < max_clients && (stats.clients < 20 || started.elapsed() < budget) {
+    while run.another(stats.clients, started) {
         stats.clients += 1;
-        let raw = UnixStream::connect(&be.socket).expect("connect");
-        raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut c = Client::from_stream(raw.try_clone().unwrap()).unwrap();
+        let (raw, mut c) = soak_support::connect(&be.socket, Duration::from_secs(10));
         // Most clients negotiate; some start with junk or a bad VERSION.
-        let negotiated = if rng.chance(90) {
-            stats.wire.messages += 1;
-            c.negotiate(&umdev::vfio_user::caps::Capabilities::new(
-                16,
-                1 << 20,
-                64,
-                true,
-            ))
-            .is_ok()
-        } else {
-            stats.wire.messages += 1;
-            stats.wire.malformed += 1;
-            let n = rng.below(40) as usize;
-            let junk = rng.bytes(n);
-            let _ = c.request_raw(Command::Version as u16, &junk);
-            false
-        };
+        let negotiated = soak_support::negotiate_or_junk(&mut c, &mut rng, 90, &mut stats.wire);
         let mut s = Session {
             c,
             raw,
@@ -398,7 +374,8 @@ fn many_hostile_clients_leave_the_backend_as_they_found_it() {
         .unwrap();
     assert_eq!(c.read_u32(BAR0, reg::ID).unwrap(), ID_VALUE);
     drop(c);
-    let (fds1, rss1) = settled(pid);
+    let end = settled(pid);
+    let (fds1, rss1) = end;
     // Guard bytes: only the slots were ever DMA targets, sources never.
     let bytes = ram.bytes();
     let mut touched_slots = 0;
@@ -432,11 +409,7 @@ fn many_hostile_clients_leave_the_backend_as_they_found_it() {
          soak: after client 1: {fds0} fds, VmRSS {rss0} KiB; at the end: {fds1} fds, \
          VmRSS {rss1} KiB; {touched_slots}/{REGIONS} DMA slots written"
     );
-    assert_eq!(fds1, fds0, "fds leaked");
-    assert!(
-        rss1 <= rss0 + 4096,
-        "resident memory grew from {rss0} KiB to {rss1} KiB"
-    );
+    soak_support::assert_as_found((fds0, rss0), end);
     assert!(stats.dma_checked > 0, "no DMA was checked: {stats:?}");
     assert!(touched_slots > 0);
     assert!(!be.log().contains("panicked"), "{}", be.log());
