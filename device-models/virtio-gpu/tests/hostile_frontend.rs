@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use umdev_testkit::soak::{open_fds, rss_kib, terminate};
 
-use frontend::{connect_bare, req, resp_type, Backend, Gpu, Options, BACKING_BASE, OK_NODATA};
+use frontend::{connect_bare, req, resp_type, Backend, Gpu, Options, BACKING_BASE};
 use vhost::vhost_user::message::VhostUserHeaderFlag;
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use vm_memory::{Bytes, GuestAddress};
@@ -70,11 +70,6 @@ fn start() -> (Backend, usize) {
     (be, fds)
 }
 
-fn ok(gpu: &mut Gpu, request: &[u8]) {
-    let r = gpu.control(request, 24);
-    assert_eq!(resp_type(&r), OK_NODATA, "request {:x?}", &request[..4]);
-}
-
 /// What must hold after every attack: the backend runs; a fresh front-end
 /// gets GET_DISPLAY_INFO answered from its display and a picture drawn onto
 /// it; fds and RSS stay bounded; SIGTERM ends the process within 1 s.
@@ -83,21 +78,20 @@ fn still_sound(mut be: Backend, fds_before: usize) {
     let pid = be.process.child.id();
     {
         let mut gpu = Gpu::connect(&be.socket, Options::default());
-        let r = gpu.control(&req::cmd(0x0100, &[]), 408);
-        assert_eq!(resp_type(&r), 0x1101);
+        let r = gpu.display_info();
         assert_eq!(
             &r[24 + 8..24 + 20],
             &[128, 2, 0, 0, 224, 1, 0, 0, 1, 0, 0, 0],
             "640x480 from the display"
         );
-        ok(&mut gpu, &req::create_2d(1, B8G8R8X8, 8, 8));
+        gpu.ok(&req::create_2d(1, B8G8R8X8, 8, 8));
         let pixels: Vec<u8> = (0..=255).collect();
         gpu.mem
             .write_slice(&pixels, GuestAddress(BACKING_BASE))
             .unwrap();
-        ok(&mut gpu, &req::attach(1, &[(BACKING_BASE, 256)]));
-        ok(&mut gpu, &req::transfer(1, [0, 0, 8, 8], 0));
-        ok(&mut gpu, &req::set_scanout(0, 1, [0, 0, 8, 8]));
+        gpu.ok(&req::attach(1, &[(BACKING_BASE, 256)]));
+        gpu.ok(&req::transfer(1, [0, 0, 8, 8], 0));
+        gpu.ok(&req::set_scanout(0, 1, [0, 0, 8, 8]));
         let expected: Vec<u8> = pixels
             .chunks_exact(4)
             .flat_map(|p| [p[0], p[1], p[2], 0])
@@ -144,11 +138,11 @@ fn guest_memory_taken_away_under_the_device() {
     // Resource backing in the part that goes away.
     {
         let mut gpu = Gpu::connect(&be.socket, unsealable());
-        ok(&mut gpu, &req::create_2d(1, B8G8R8X8, 64, 64));
+        gpu.ok(&req::create_2d(1, B8G8R8X8, 64, 64));
         gpu.mem
             .write_slice(&[0x5a; 64 * 64 * 4], GuestAddress(BACKING_BASE))
             .unwrap();
-        ok(&mut gpu, &req::attach(1, &[(BACKING_BASE, 64 * 64 * 4)]));
+        gpu.ok(&req::attach(1, &[(BACKING_BASE, 64 * 64 * 4)]));
         // Rings and requests stay (below 1 MiB); the backing goes.
         gpu.mem_file.set_len(BACKING_BASE).unwrap();
         let used = gpu.used_idx(0);
@@ -192,8 +186,7 @@ fn guest_memory_taken_away_under_the_device() {
         gpu.frontend.get_features().unwrap();
         let e = gpu.mem_file.set_len(MIB).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
-        let r = gpu.control(&req::cmd(0x0100, &[]), 408);
-        assert_eq!(resp_type(&r), 0x1101);
+        gpu.display_info();
     }
     still_sound(be, fds);
 }
@@ -208,11 +201,9 @@ fn dirty_log_taken_away() {
         let log = gpu.start_logging();
         log.file.set_len(0).unwrap();
         // The response write marks the log: SIGBUS there.
-        let r = gpu.control(&req::cmd(0x0100, &[]), 408);
-        assert_eq!(resp_type(&r), 0x1101);
+        gpu.display_info();
         wait_log(&be, "took the dirty log away", 1);
-        let r = gpu.control(&req::cmd(0x0100, &[]), 408);
-        assert_eq!(resp_type(&r), 0x1101);
+        gpu.display_info();
     }
     still_sound(be, fds);
 }
@@ -288,8 +279,7 @@ fn call_and_kick_fds_that_would_block() {
         gpu.frontend.get_features().unwrap(); // both taken
         let start = Instant::now();
         for _ in 0..20 {
-            let r = gpu.control(&req::cmd(0x0100, &[]), 408);
-            assert_eq!(resp_type(&r), 0x1101);
+            gpu.display_info();
             gpu.cursor(&req::cursor(true, 0, 1, 1, 0, (0, 0)));
         }
         eprintln!("40 requests in {:?}", start.elapsed());
@@ -302,8 +292,7 @@ fn call_and_kick_fds_that_would_block() {
         let call0 = as_eventfd(OwnedFd::from(sock_theirs));
         gpu.frontend.set_vring_call(0, &call0).unwrap();
         for _ in 0..10 {
-            let r = gpu.control(&req::cmd(0x0100, &[]), 408);
-            assert_eq!(resp_type(&r), 0x1101);
+            gpu.display_info();
         }
         drop(sock_ours);
         wait_log(&be, "not an eventfd: refused", 1);
@@ -318,12 +307,28 @@ fn call_and_kick_fds_that_would_block() {
         let kick1 = as_eventfd(kick_r);
         gpu.frontend.set_vring_kick(1, &kick1).unwrap();
         gpu.frontend.get_features().unwrap();
-        let r = gpu.control(&req::cmd(0x0100, &[]), 408);
-        assert_eq!(resp_type(&r), 0x1101);
+        gpu.display_info();
         wait_log(&be, "kick fd is pipe", 1);
         drop(kick_w);
     }
     still_sound(be, fds);
+}
+
+/// A front-end without a display mode of its own whose display socket
+/// nobody reads (the returned end), SET_SOCKET taken.
+fn unread_display(be: &Backend) -> (Gpu, UnixStream) {
+    let gpu = Gpu::connect(
+        &be.socket,
+        Options {
+            display_mode: None,
+            ..Options::default()
+        },
+    );
+    let (unread, theirs) = UnixStream::pair().unwrap();
+    gpu.set_gpu_socket(&theirs);
+    drop(theirs);
+    gpu.frontend.get_features().unwrap();
+    (gpu, unread)
 }
 
 /// The display socket handed over and never read: the request that talks to
@@ -334,17 +339,7 @@ fn display_socket_never_read() {
     let (be, fds) = start();
     // Never answered: GET_DISPLAY_INFO asks the display first.
     {
-        let mut gpu = Gpu::connect(
-            &be.socket,
-            Options {
-                display_mode: None,
-                ..Options::default()
-            },
-        );
-        let (_unread, theirs) = UnixStream::pair().unwrap();
-        gpu.set_gpu_socket(&theirs);
-        drop(theirs);
-        gpu.frontend.get_features().unwrap(); // SET_SOCKET taken
+        let (mut gpu, _unread) = unread_display(&be);
         let start = Instant::now();
         let r = gpu.control(&req::cmd(0x0100, &[]), 408);
         let took = start.elapsed();
@@ -358,33 +353,23 @@ fn display_socket_never_read() {
         assert!(took < Duration::from_millis(2500), "{took:?}");
         // The channel is closed now: no more waiting.
         let start = Instant::now();
-        ok(&mut gpu, &req::create_2d(1, B8G8R8X8, 512, 512));
-        ok(&mut gpu, &req::set_scanout(0, 1, [0, 0, 512, 512]));
+        gpu.ok(&req::create_2d(1, B8G8R8X8, 512, 512));
+        gpu.ok(&req::set_scanout(0, 1, [0, 0, 512, 512]));
         assert!(start.elapsed() < Duration::from_millis(500));
         wait_log(&be, "display channel:", 1);
     }
     // Never read: a 1 MiB picture does not fit in the socket buffer.
     {
-        let mut gpu = Gpu::connect(
-            &be.socket,
-            Options {
-                display_mode: None,
-                ..Options::default()
-            },
-        );
-        let (_unread, theirs) = UnixStream::pair().unwrap();
-        gpu.set_gpu_socket(&theirs);
-        drop(theirs);
-        gpu.frontend.get_features().unwrap();
-        ok(&mut gpu, &req::create_2d(1, B8G8R8X8, 512, 512));
+        let (mut gpu, _unread) = unread_display(&be);
+        gpu.ok(&req::create_2d(1, B8G8R8X8, 512, 512));
         let start = Instant::now();
-        ok(&mut gpu, &req::set_scanout(0, 1, [0, 0, 512, 512]));
+        gpu.ok(&req::set_scanout(0, 1, [0, 0, 512, 512]));
         let took = start.elapsed();
         eprintln!("SET_SCANOUT to an unread display took {took:?}");
         assert!(took < Duration::from_millis(2500), "{took:?}");
         let start = Instant::now();
         for _ in 0..10 {
-            ok(&mut gpu, &req::flush(1, [0, 0, 512, 512]));
+            gpu.ok(&req::flush(1, [0, 0, 512, 512]));
         }
         assert!(start.elapsed() < Duration::from_millis(1000));
         wait_log(&be, "display channel:", 2);
@@ -397,17 +382,8 @@ fn display_socket_never_read() {
 #[test]
 fn sigterm_while_the_display_blocks() {
     let mut be = Backend::start(umdev_testkit::TempDir::new(), &[]);
-    let mut gpu = Gpu::connect(
-        &be.socket,
-        Options {
-            display_mode: None,
-            ..Options::default()
-        },
-    );
-    let (_unread, theirs) = UnixStream::pair().unwrap();
-    gpu.set_gpu_socket(&theirs);
-    gpu.frontend.get_features().unwrap();
-    ok(&mut gpu, &req::create_2d(1, B8G8R8X8, 512, 512));
+    let (mut gpu, _unread) = unread_display(&be);
+    gpu.ok(&req::create_2d(1, B8G8R8X8, 512, 512));
     gpu.control_nowait(&req::set_scanout(0, 1, [0, 0, 512, 512]), 24);
     std::thread::sleep(Duration::from_millis(200));
     let took = terminate(&mut be.process.child);

@@ -36,11 +36,6 @@ fn scattered_backing(gpu: &Gpu, w: u32, h: u32) -> Vec<(u64, u32)> {
     entries
 }
 
-fn ok(gpu: &mut Gpu, request: &[u8]) {
-    let r = gpu.control(request, 24);
-    assert_eq!(resp_type(&r), OK_NODATA, "request {:x?}", &request[..4]);
-}
-
 fn err(gpu: &mut Gpu, request: &[u8]) -> u32 {
     let t = resp_type(&gpu.control(request, 24));
     assert_ne!(t, OK_NODATA, "request {:x?} should fail", &request[..4]);
@@ -49,12 +44,12 @@ fn err(gpu: &mut Gpu, request: &[u8]) -> u32 {
 
 /// Draws the test picture on scanout 0 through resource `id`.
 fn draw(gpu: &mut Gpu, id: u32, w: u32, h: u32) {
-    ok(gpu, &req::create_2d(id, B8G8R8X8, w, h));
+    gpu.ok(&req::create_2d(id, B8G8R8X8, w, h));
     let entries = scattered_backing(gpu, w, h);
-    ok(gpu, &req::attach(id, &entries));
-    ok(gpu, &req::transfer(id, [0, 0, w, h], 0));
-    ok(gpu, &req::set_scanout(0, id, [0, 0, w, h]));
-    ok(gpu, &req::flush(id, [0, 0, w, h]));
+    gpu.ok(&req::attach(id, &entries));
+    gpu.ok(&req::transfer(id, [0, 0, w, h], 0));
+    gpu.ok(&req::set_scanout(0, id, [0, 0, w, h]));
+    gpu.ok(&req::flush(id, [0, 0, w, h]));
 }
 
 fn decode_png(path: &std::path::Path) -> (u32, u32, Vec<u8>) {
@@ -84,8 +79,7 @@ fn display_info_edid_and_config() {
         .unwrap();
     assert_eq!(u32::from_le_bytes(cfg[8..12].try_into().unwrap()), 1);
 
-    let r = gpu.control(&req::cmd(0x0100, &[]), 408);
-    assert_eq!(resp_type(&r), 0x1101);
+    let r = gpu.display_info();
     // The display's mode (640x480), not the backend's default.
     assert_eq!(
         &r[24 + 8..24 + 20],
@@ -154,8 +148,8 @@ fn picture_reaches_display_and_png_pixel_for_pixel() {
         }
     }
     let offset = u64::from(y0 * stride + x0 * 4);
-    ok(&mut gpu, &req::transfer(7, [x0, y0, rw, rh], offset));
-    ok(&mut gpu, &req::flush(7, [x0, y0, rw, rh]));
+    gpu.ok(&req::transfer(7, [x0, y0, rw, rh], offset));
+    gpu.ok(&req::flush(7, [x0, y0, rw, rh]));
     let display = gpu.display.as_ref().unwrap();
     display.wait_for("the partial update", |s| s.picture == expected);
     assert_eq!(decode_png(&backend.png).2, rgb_of(&expected));
@@ -166,13 +160,13 @@ fn formats_are_converted_and_fences_echoed() {
     let backend = Backend::start(umdev_testkit::TempDir::new(), &[]);
     let mut gpu = Gpu::connect(&backend.socket, Options::default());
     // One R8G8B8A8 pixel row: bytes R, G, B, A.
-    ok(&mut gpu, &req::create_2d(3, R8G8B8A8, 2, 1));
+    gpu.ok(&req::create_2d(3, R8G8B8A8, 2, 1));
     gpu.mem
         .write_slice(&[1, 2, 3, 4, 5, 6, 7, 8], GuestAddress(BACKING_BASE))
         .unwrap();
-    ok(&mut gpu, &req::attach(3, &[(BACKING_BASE, 8)]));
-    ok(&mut gpu, &req::transfer(3, [0, 0, 2, 1], 0));
-    ok(&mut gpu, &req::set_scanout(0, 3, [0, 0, 2, 1]));
+    gpu.ok(&req::attach(3, &[(BACKING_BASE, 8)]));
+    gpu.ok(&req::transfer(3, [0, 0, 2, 1], 0));
+    gpu.ok(&req::set_scanout(0, 3, [0, 0, 2, 1]));
     let r = gpu.control(
         &req::with_hdr(0x0104, req::FLAG_FENCE, 0xfeed, &[0, 0, 2, 1, 3, 0]),
         24,
@@ -236,7 +230,7 @@ fn hostile_commands_get_error_responses_and_the_backend_lives() {
         err(&mut gpu, &req::create_2d(1, B8G8R8X8, 4096, 4096)),
         OUT_OF_MEMORY
     );
-    ok(&mut gpu, &req::create_2d(1, B8G8R8X8, 16, 16));
+    gpu.ok(&req::create_2d(1, B8G8R8X8, 16, 16));
     assert_eq!(
         err(&mut gpu, &req::create_2d(1, B8G8R8X8, 16, 16)),
         INVALID_RESOURCE
@@ -260,7 +254,7 @@ fn hostile_commands_get_error_responses_and_the_backend_lives() {
         err(&mut gpu, &req::transfer(1, [0, 0, 16, 16], 0)),
         INVALID_PARAMETER
     );
-    ok(&mut gpu, &req::attach(1, &[(BACKING_BASE, 512)]));
+    gpu.ok(&req::attach(1, &[(BACKING_BASE, 512)]));
     assert_eq!(
         err(&mut gpu, &req::attach(1, &[(BACKING_BASE, 512)])),
         UNSPEC
@@ -303,8 +297,8 @@ fn hostile_commands_get_error_responses_and_the_backend_lives() {
     gpu.cursor(&req::cursor(false, 0, 1, 1, 1, (0, 0)));
     gpu.cursor(&req::cursor(true, 9, 1, 1, 0, (0, 0)));
     // Still alive and working.
-    ok(&mut gpu, &req::detach(1));
-    ok(&mut gpu, &req::unref(1));
+    gpu.ok(&req::detach(1));
+    gpu.ok(&req::unref(1));
     draw(&mut gpu, 2, 8, 8);
     assert!(backend.alive(), "backend died:\n{}", backend.log_text());
 }
@@ -313,10 +307,10 @@ fn hostile_commands_get_error_responses_and_the_backend_lives() {
 fn cursor_updates_and_moves() {
     let backend = Backend::start(umdev_testkit::TempDir::new(), &[]);
     let mut gpu = Gpu::connect(&backend.socket, Options::default());
-    ok(&mut gpu, &req::create_2d(9, B8G8R8X8, 64, 64));
+    gpu.ok(&req::create_2d(9, B8G8R8X8, 64, 64));
     let entries = scattered_backing(&gpu, 64, 64);
-    ok(&mut gpu, &req::attach(9, &entries));
-    ok(&mut gpu, &req::transfer(9, [0, 0, 64, 64], 0));
+    gpu.ok(&req::attach(9, &entries));
+    gpu.ok(&req::transfer(9, [0, 0, 64, 64], 0));
     gpu.cursor(&req::cursor(false, 0, 100, 50, 9, (3, 4)));
     gpu.cursor(&req::cursor(true, 0, 120, 60, 0, (0, 0)));
     gpu.cursor(&req::cursor(false, 0, 0, 0, 0, (0, 0)));
@@ -342,8 +336,7 @@ fn dirty_log_marks_backend_writes_only_while_logging() {
     let mut gpu = Gpu::connect(&backend.socket, Options::default());
     let log = gpu.start_logging();
     log.clear();
-    let r = gpu.control(&req::cmd(0x0100, &[]), 408);
-    assert_eq!(resp_type(&r), 0x1101);
+    gpu.display_info();
     let dirty = log.dirty_pages();
     // The response buffer (scratch area) and the control queue's used ring.
     let response_page = frontend::SCRATCH / 4096;
@@ -351,10 +344,10 @@ fn dirty_log_marks_backend_writes_only_while_logging() {
     assert!(dirty.contains(&response_page), "{dirty:?}");
     assert!(dirty.contains(&used_ring_page), "{dirty:?}");
     // Nothing the backend only read (the request, the backing).
-    ok(&mut gpu, &req::create_2d(1, B8G8R8X8, 32, 32));
+    gpu.ok(&req::create_2d(1, B8G8R8X8, 32, 32));
     let entries = scattered_backing(&gpu, 32, 32);
-    ok(&mut gpu, &req::attach(1, &entries));
-    ok(&mut gpu, &req::transfer(1, [0, 0, 32, 32], 0));
+    gpu.ok(&req::attach(1, &entries));
+    gpu.ok(&req::transfer(1, [0, 0, 32, 32], 0));
     let backing_pages: Vec<u64> = entries.iter().map(|e| e.0 / 4096).collect();
     assert!(
         log.dirty_pages().iter().all(|p| !backing_pages.contains(p)),
@@ -365,7 +358,7 @@ fn dirty_log_marks_backend_writes_only_while_logging() {
     gpu.set_logging(false);
     log.clear();
     gpu.control(&req::cmd(0x0100, &[]), 408);
-    ok(&mut gpu, &req::flush(1, [0, 0, 32, 32]));
+    gpu.ok(&req::flush(1, [0, 0, 32, 32]));
     assert_eq!(log.dirty_pages(), Vec::<u64>::new(), "logging is off");
 
     // And on again.
@@ -403,7 +396,7 @@ fn driver_reset_is_noticed_by_ring_restart() {
     assert_eq!(err(&mut gpu, &req::create_2d(1, B8G8R8X8, 16, 16)), 0x1203);
     gpu.restart_rings();
     // Rings from 0 on fresh memory: a new driver; its resource 1 is new.
-    ok(&mut gpu, &req::create_2d(1, B8G8R8X8, 8, 8));
+    gpu.ok(&req::create_2d(1, B8G8R8X8, 8, 8));
     gpu.cursor(&req::cursor(true, 0, 2, 2, 0, (0, 0)));
     // The cursor queue restarting too must not reset the device again.
     assert_eq!(err(&mut gpu, &req::create_2d(1, B8G8R8X8, 8, 8)), 0x1203);

@@ -537,11 +537,16 @@ impl Gpu {
     /// Places descriptors (address, length, WRITE flag) as one chain and waits
     /// for the device to use it; returns the used length.
     pub fn submit_raw(&mut self, q: usize, descs: &[(u64, u32, u16)]) -> u32 {
-        let ring = &mut self.rings[q];
-        // One chain in flight at a time: its descriptors start at 0.
-        let head = 0u64;
+        self.write_chain(q, descs);
+        self.publish(q, 0)
+    }
+
+    /// Writes descriptors (address, length, WRITE flag) as one chain on
+    /// queue `q`. One chain in flight at a time: its descriptors start at 0.
+    fn write_chain(&self, q: usize, descs: &[(u64, u32, u16)]) {
+        let ring = &self.rings[q];
         for (i, &(addr, len, flags)) in descs.iter().enumerate() {
-            let d = ring.desc + (head + i as u64) * 16;
+            let d = ring.desc + i as u64 * 16;
             let next = if i + 1 < descs.len() {
                 VRING_DESC_F_NEXT
             } else {
@@ -553,10 +558,9 @@ impl Gpu {
                 .write_obj(flags | next, GuestAddress(d + 12))
                 .unwrap();
             self.mem
-                .write_obj((head + i as u64 + 1) as u16, GuestAddress(d + 14))
+                .write_obj(i as u16 + 1, GuestAddress(d + 14))
                 .unwrap();
         }
-        self.publish(q, head as u16)
     }
 
     /// Makes `head` available on queue `q` and kicks, without waiting.
@@ -587,23 +591,7 @@ impl Gpu {
     /// Places descriptors as one chain (as [`submit_raw`](Self::submit_raw))
     /// and kicks, without waiting for it to be used.
     pub fn submit_raw_nowait(&mut self, q: usize, descs: &[(u64, u32, u16)]) {
-        let ring = &self.rings[q];
-        for (i, &(addr, len, flags)) in descs.iter().enumerate() {
-            let d = ring.desc + i as u64 * 16;
-            let next = if i + 1 < descs.len() {
-                VRING_DESC_F_NEXT
-            } else {
-                0
-            };
-            self.mem.write_obj(addr, GuestAddress(d)).unwrap();
-            self.mem.write_obj(len, GuestAddress(d + 8)).unwrap();
-            self.mem
-                .write_obj(flags | next, GuestAddress(d + 12))
-                .unwrap();
-            self.mem
-                .write_obj(i as u16 + 1, GuestAddress(d + 14))
-                .unwrap();
-        }
+        self.write_chain(q, descs);
         self.publish_nowait(q, 0);
     }
 
@@ -648,6 +636,19 @@ impl Gpu {
         let mut r = outs.remove(0);
         r.truncate(used as usize);
         r
+    }
+
+    /// GET_DISPLAY_INFO, answered with OK_DISPLAY_INFO: the response.
+    pub fn display_info(&mut self) -> Vec<u8> {
+        let r = self.control(&req::cmd(0x0100, &[]), 408);
+        assert_eq!(resp_type(&r), 0x1101);
+        r
+    }
+
+    /// Sends a control request that must be answered OK_NODATA.
+    pub fn ok(&mut self, request: &[u8]) {
+        let r = self.control(request, 24);
+        assert_eq!(resp_type(&r), OK_NODATA, "request {:x?}", &request[..4]);
     }
 
     pub fn cursor(&mut self, request: &[u8]) {
