@@ -35,3 +35,69 @@ pub fn median(mut v: Vec<Duration>) -> Duration {
 pub fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
+
+/// A device binary started for a benchmark run: killed, and its directory
+/// removed, when dropped.
+pub struct Device {
+    pub child: std::process::Child,
+    dir: std::path::PathBuf,
+    /// Where it listens.
+    pub socket: std::path::PathBuf,
+}
+
+impl Device {
+    /// Runs `bin --socket-path DIR/SOCKET EXTRA...` (stdin and stdout null,
+    /// `RUST_LOG` warn unless set) with `dir` made for it, `prepare` having
+    /// had its say on the command first (CPU affinity, say), and waits up to
+    /// 10 s for its socket to appear.
+    pub fn start(
+        bin: &std::path::Path,
+        extra: &[String],
+        dir: std::path::PathBuf,
+        socket: &str,
+        prepare: impl FnOnce(&mut std::process::Command),
+    ) -> Result<Device, String> {
+        use std::process::Stdio;
+        use std::time::Instant;
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let socket = dir.join(socket);
+        let mut cmd = std::process::Command::new(bin);
+        cmd.arg("--socket-path")
+            .arg(&socket)
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        prepare(&mut cmd);
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", bin.display()))?;
+        let mut device = Device { child, dir, socket };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !device.socket.exists() {
+            match device.child.try_wait() {
+                Ok(Some(status)) => {
+                    return Err(format!("{} exited at start: {status}", bin.display()))
+                }
+                Ok(None) => {}
+                Err(e) => return Err(format!("{}: {e}", bin.display())),
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{} made no socket in 10 s", bin.display()));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(device)
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

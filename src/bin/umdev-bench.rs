@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ExitCode, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use umdev::benchmark::machine;
+use umdev::benchmark::{machine, Device};
 
 use clap::Parser;
 use umdev::memory::GuestMemory;
@@ -1185,70 +1185,27 @@ impl Drop for InProcess {
     }
 }
 
-/// A device binary started for the run, killed at the end.
-struct Started {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Drop for Started {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn start_server(bin: &Path, extra: &[String], cpu: Option<usize>) -> Result<(Started, PathBuf)> {
+/// Starts the device binary for the run (its threads on `cpu`, if given).
+fn start_server(bin: &Path, extra: &[String], cpu: Option<usize>) -> Result<Device> {
     let dir = std::env::temp_dir().join(format!("umdev-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let socket = dir.join("dev.sock");
-    let mut cmd = std::process::Command::new(bin);
-    cmd.arg("--socket-path")
-        .arg(&socket)
-        .args(extra)
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    if let Some(cpu) = cpu {
-        let set = cpu_set(cpu);
-        // SAFETY: the closure runs in the child between fork and exec and only
-        // makes one system call (sched_setaffinity on itself, with a set copied
-        // into the closure), which is async-signal-safe. Every thread the server
-        // starts inherits the mask.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+    Device::start(bin, extra, dir, "dev.sock", |cmd| {
+        if let Some(cpu) = cpu {
+            let set = cpu_set(cpu);
+            // SAFETY: the closure runs in the child between fork and exec and
+            // only makes one system call (sched_setaffinity on itself, with a
+            // set copied into the closure), which is async-signal-safe. Every
+            // thread the server starts inherits the mask.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
-    }
-    let child = cmd
-        .spawn()
-        .map_err(|e| BenchError::Setup(format!("starting {}: {e}", bin.display())))?;
-    let mut started = Started { child, dir };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        if let Some(status) = started.child.try_wait()? {
-            return Err(BenchError::Setup(format!(
-                "{} exited at start: {status}",
-                bin.display()
-            )));
-        }
-        if Instant::now() > deadline {
-            return Err(BenchError::Setup(format!(
-                "{} made no socket in 10 s",
-                bin.display()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok((started, socket))
+    })
+    .map_err(BenchError::Setup)
 }
 
 fn memfd() -> Result<File> {
@@ -1281,7 +1238,8 @@ fn run(args: Args) -> Result<()> {
                 Some(b) => b.clone(),
                 None => std::env::current_exe()?.with_file_name("umdev-edu"),
             };
-            let (s, socket) = start_server(&bin, &args.server_arg, server_cpu)?;
+            let s = start_server(&bin, &args.server_arg, server_cpu)?;
+            let socket = s.socket.clone();
             let desc = format!(
                 "{}{} (pid {}, started here){}",
                 bin.display(),

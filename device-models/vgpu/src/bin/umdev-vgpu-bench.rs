@@ -30,9 +30,9 @@
 //! numbers, are what carries from one machine to another.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
-use umdev::benchmark::{machine, median, us};
+use umdev::benchmark::{machine, median, us, Device};
 use umdev::memory::MappedMemfd;
 
 use clap::Parser;
@@ -161,56 +161,9 @@ impl Ram {
 
 // ---------------------------------------------------------------- device --
 
-struct Server {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn start_server(bin: &Path, extra: &[String], name: &str) -> Result<(Server, PathBuf)> {
+fn start_server(bin: &Path, extra: &[String], name: &str) -> Result<Device> {
     let dir = std::env::temp_dir().join(format!("umdev-vgpu-bench-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let socket = dir.join("vgpu.sock");
-    let child = std::process::Command::new(bin)
-        .arg("--socket-path")
-        .arg(&socket)
-        .args(extra)
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .map_err(|e| BenchError::Setup(format!("starting {}: {e}", bin.display())))?;
-    let mut server = Server { child, dir };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(status) = server.child.try_wait()? {
-            return Err(BenchError::Setup(format!(
-                "{} exited: {status}",
-                bin.display()
-            )));
-        }
-        if socket.exists() {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(BenchError::Setup(format!(
-                "{} made no socket in 10 s",
-                bin.display()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok((server, socket))
+    Device::start(bin, extra, dir, "vgpu.sock", |_| {}).map_err(BenchError::Setup)
 }
 
 /// Driver state: the client, guest RAM, page tables, the ring.
@@ -391,9 +344,10 @@ fn bench(args: &Args) -> Result<()> {
         "reps: {reps} (median), PTEs per sync: {ptes}, copy size: {} KiB",
         copy_bytes >> 10
     );
-    let (_server, socket) = start_server(&bin, &args.server_arg, "src")?;
+    let server = start_server(&bin, &args.server_arg, "src")?;
+    let socket = &server.socket;
     let ram_mib = ((2 * copy_bytes as usize) >> 20) + 16;
-    let mut gpu = Gpu::new(&socket, ram_mib)?;
+    let mut gpu = Gpu::new(socket, ram_mib)?;
 
     // --- Set-up: source and destination for copies, the PTEs to rewrite.
     let pages = copy_bytes / PAGE;
@@ -511,8 +465,9 @@ fn bench(args: &Args) -> Result<()> {
     );
 
     // --- Migration downtime.
-    let (_dst_server, dst_socket) = start_server(&bin, &args.server_arg, "dst")?;
-    let mut other = Gpu::new(&dst_socket, ram_mib)?;
+    let dst_server = start_server(&bin, &args.server_arg, "dst")?;
+    let dst_socket = &dst_server.socket;
+    let mut other = Gpu::new(dst_socket, ram_mib)?;
     let vram_bytes: u64 = if args.quick { 1 << 20 } else { 16 << 20 };
     let mut idle = Vec::new();
     let mut kept = Vec::new();
