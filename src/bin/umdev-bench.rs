@@ -931,24 +931,29 @@ struct ClientRam {
     bytes: Vec<u8>,
 }
 
+impl ClientRam {
+    /// Where `[gpa, gpa+len)` is in `bytes`; EFAULT if not all of it is.
+    fn range(&self, gpa: u64, len: usize) -> std::result::Result<std::ops::Range<usize>, u32> {
+        let efault = libc::EFAULT as u32;
+        let at = gpa.checked_sub(self.base).ok_or(efault)? as usize;
+        let end = at.checked_add(len).ok_or(efault)?;
+        if end > self.bytes.len() {
+            return Err(efault);
+        }
+        Ok(at..end)
+    }
+}
+
 impl DmaTarget for ClientRam {
     fn read(&mut self, gpa: u64, buf: &mut [u8]) -> std::result::Result<(), u32> {
-        let at = gpa.checked_sub(self.base).ok_or(libc::EFAULT as u32)? as usize;
-        let src = self
-            .bytes
-            .get(at..at + buf.len())
-            .ok_or(libc::EFAULT as u32)?;
-        buf.copy_from_slice(src);
+        let r = self.range(gpa, buf.len())?;
+        buf.copy_from_slice(&self.bytes[r]);
         Ok(())
     }
 
     fn write(&mut self, gpa: u64, data: &[u8]) -> std::result::Result<(), u32> {
-        let at = gpa.checked_sub(self.base).ok_or(libc::EFAULT as u32)? as usize;
-        let dst = self
-            .bytes
-            .get_mut(at..at + data.len())
-            .ok_or(libc::EFAULT as u32)?;
-        dst.copy_from_slice(data);
+        let r = self.range(gpa, data.len())?;
+        self.bytes[r].copy_from_slice(data);
         Ok(())
     }
 }
