@@ -37,6 +37,18 @@ fn offset(gpu: &Gpu, before: u32) -> u64 {
     u64::from((gpu.ring.tail + 4 * before) % gpu.ring.size)
 }
 
+/// Runs a NOP then `bad`: the submission faults `reason` at `bad`'s ring
+/// offset.
+#[track_caller]
+fn faults_after_a_nop(gpu: &mut Gpu, bad: &[u32], reason: u8) {
+    let at = offset(gpu, 1);
+    assert_eq!(
+        gpu.run(&[nop(), bad.to_vec()]).unwrap_err(),
+        fault(reason, at),
+        "{bad:x?}"
+    );
+}
+
 #[test]
 fn nops_and_an_empty_ring_give_an_empty_plan() {
     let mut gpu = Gpu::new();
@@ -243,12 +255,7 @@ fn malformed_headers_fault_at_their_ring_offset() {
     let mut short_store = store_dword(DATA_VA, 1);
     short_store[0] -= 1;
     for bad in [unknown, short_store, batch_end()] {
-        let at = offset(&gpu, 1);
-        assert_eq!(
-            gpu.run(&[nop(), bad.clone()]).unwrap_err(),
-            fault(FAULT_MALFORMED, at),
-            "{bad:x?}"
-        );
+        faults_after_a_nop(&mut gpu, &bad, FAULT_MALFORMED);
     }
 }
 
@@ -353,12 +360,7 @@ fn misaligned_store_fill_and_fence_are_malformed_at_the_command() {
         fill(DATA_VA, 6, 0),
         fence(DATA_VA + 3, 1, true),
     ] {
-        let at = offset(&gpu, 1);
-        assert_eq!(
-            gpu.run(&[nop(), bad.clone()]).unwrap_err(),
-            fault(FAULT_MALFORMED, at),
-            "{bad:x?}"
-        );
+        faults_after_a_nop(&mut gpu, &bad, FAULT_MALFORMED);
     }
 }
 
@@ -370,12 +372,8 @@ fn commands_over_the_budget_fault_at_the_command_that_went_over() {
     let plan = gpu.run(&[blit(DATA_VA, 0, DATA_VA + 0x100, 0, 4, lines)]);
     assert_eq!(plan.unwrap().len(), MAX_COMMANDS_PER_SUBMISSION);
     // One command more.
-    let at = offset(&gpu, 1);
-    assert_eq!(
-        gpu.run(&[nop(), blit(DATA_VA, 0, DATA_VA + 0x100, 0, 4, lines)])
-            .unwrap_err(),
-        fault(FAULT_BUDGET, at)
-    );
+    let over = blit(DATA_VA, 0, DATA_VA + 0x100, 0, 4, lines);
+    faults_after_a_nop(&mut gpu, &over, FAULT_BUDGET);
 }
 
 #[test]
