@@ -185,14 +185,7 @@ impl Channel {
                 sent += n as usize;
                 continue;
             }
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::WouldBlock => {
-                    self.wait(libc::POLLOUT, deadline, "read the display channel")?
-                }
-                io::ErrorKind::Interrupted => {}
-                _ => return Err(e.into()),
-            }
+            self.after_failure(libc::POLLOUT, deadline, "read the display channel")?;
         }
         Ok(())
     }
@@ -217,16 +210,26 @@ impl Channel {
             if n == 0 {
                 return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
             }
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::WouldBlock => {
-                    self.wait(libc::POLLIN, deadline, "answer on the display channel")?
-                }
-                io::ErrorKind::Interrupted => {}
-                _ => return Err(e.into()),
-            }
+            self.after_failure(libc::POLLIN, deadline, "answer on the display channel")?;
         }
         Ok(())
+    }
+
+    /// After a non-blocking send or receive failed: waits for `events`
+    /// (bounded by `deadline`) if it would have blocked, goes on if it was
+    /// interrupted, else fails with its error.
+    fn after_failure(
+        &self,
+        events: libc::c_short,
+        deadline: Instant,
+        what: &'static str,
+    ) -> Result<(), ChannelError> {
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::WouldBlock => self.wait(events, deadline, what),
+            io::ErrorKind::Interrupted => Ok(()),
+            _ => Err(e.into()),
+        }
     }
 
     /// Sends request `code` with `body` parts; with `reply`, waits for the

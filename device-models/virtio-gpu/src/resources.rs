@@ -300,26 +300,29 @@ mod tests {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0x1000), 0x4000)]).unwrap()
     }
 
+    fn rect(x: u32, y: u32, width: u32, height: u32) -> Rect {
+        Rect {
+            x,
+            y,
+            width,
+            height,
+        }
+    }
+
+    /// Backing entries from (address, length) pairs.
+    fn entries(list: &[(u64, u32)]) -> Vec<MemEntry> {
+        list.iter()
+            .map(|&(addr, length)| MemEntry { addr, length })
+            .collect()
+    }
+
     #[test]
     fn backing_gathers_across_entries_and_rejects_outside() {
         let mem = memory();
         mem.write_slice(&[1, 2, 3, 4], GuestAddress(0x1ffe))
             .unwrap();
         mem.write_slice(&[9, 8], GuestAddress(0x3000)).unwrap();
-        let b = Backing::new(
-            &mem,
-            vec![
-                MemEntry {
-                    addr: 0x1ffe,
-                    length: 2,
-                },
-                MemEntry {
-                    addr: 0x3000,
-                    length: 2,
-                },
-            ],
-        )
-        .unwrap();
+        let b = Backing::new(&mem, entries(&[(0x1ffe, 2), (0x3000, 2)])).unwrap();
         let mut buf = [0; 3];
         b.read_at(&mem, 1, &mut buf).unwrap();
         assert_eq!(buf, [2, 9, 8]);
@@ -330,23 +333,10 @@ mod tests {
         empty.read_at(&mem, 0, &mut []).unwrap();
         assert!(empty.read_at(&mem, 0, &mut [0]).is_err());
         assert!(matches!(
-            Backing::new(
-                &mem,
-                vec![MemEntry {
-                    addr: 0x4ff0,
-                    length: 0x100
-                }]
-            ),
+            Backing::new(&mem, entries(&[(0x4ff0, 0x100)])),
             Err(ResourceError::BadBacking { .. })
         ));
-        assert!(Backing::new(
-            &mem,
-            vec![MemEntry {
-                addr: u64::MAX,
-                length: 2
-            }]
-        )
-        .is_err());
+        assert!(Backing::new(&mem, entries(&[(u64::MAX, 2)])).is_err());
     }
 
     #[test]
@@ -361,53 +351,26 @@ mod tests {
             pixels: vec![0; 64],
             backing: None,
         };
-        let all = Rect {
-            x: 0,
-            y: 0,
-            width: 4,
-            height: 4,
-        };
+        let all = rect(0, 0, 4, 4);
         assert!(matches!(
             r.transfer_to_host(&mem, 1, all, 0),
             Err(ResourceError::NoBacking(1))
         ));
-        r.backing = Some(
-            Backing::new(
-                &mem,
-                vec![MemEntry {
-                    addr: 0x1000,
-                    length: 64,
-                }],
-            )
-            .unwrap(),
-        );
-        let part = Rect {
-            x: 1,
-            y: 1,
-            width: 2,
-            height: 2,
-        };
+        r.backing = Some(Backing::new(&mem, entries(&[(0x1000, 64)])).unwrap());
+        let part = rect(1, 1, 2, 2);
         r.transfer_to_host(&mem, 1, part, 20).unwrap();
         assert_eq!(&r.pixels[20..28], &pixels[20..28]);
         assert_eq!(&r.pixels[36..44], &pixels[36..44]);
         assert_eq!(r.pixels[16], 0);
         assert!(r.transfer_to_host(&mem, 1, all, 4).is_err());
-        let outside = Rect {
-            x: 3,
-            y: 0,
-            width: 2,
-            height: 1,
-        };
+        let outside = rect(3, 0, 2, 1);
         assert!(matches!(
             r.transfer_to_host(&mem, 1, outside, 0),
             Err(ResourceError::RectOutside { .. })
         ));
         assert!(r.transfer_to_host(&mem, 1, all, u64::MAX - 3).is_err());
         // Backing that is no longer guest memory: vm-memory's error is the source.
-        r.backing = Some(Backing::unchecked(vec![MemEntry {
-            addr: 0x8000,
-            length: 64,
-        }]));
+        r.backing = Some(Backing::unchecked(entries(&[(0x8000, 64)])));
         let err = r.transfer_to_host(&mem, 1, all, 0).unwrap_err();
         assert!(
             matches!(
