@@ -266,14 +266,7 @@ fn runs_as_an_unprivileged_user_with_only_its_socket_and_memory() {
     let mut child = spawn_unprivileged(theirs.as_raw_fd(), dir.path(), &log);
     drop(theirs);
     let pid = child.id();
-    let mut c = Client::from_stream(ours).unwrap();
-    c.negotiate(&umdev::vfio_user::caps::Capabilities::new(
-        16,
-        1 << 20,
-        16,
-        false,
-    ))
-    .unwrap();
+    let mut c = common::client_on(ours);
     let ram = MemfdRam::new(0x10_0000);
     full_session(&mut c, &ram);
     c.dma_map(0x10_0000, 0x10_0000, Some(ram.fd()), 0, RW)

@@ -21,25 +21,22 @@ fn access(region: u32, offset: u64, data: &[u8]) -> Vec<u8> {
     p
 }
 
+/// A command record that asks for a reply.
+fn request(command: Command, payload: &[u8]) -> Vec<u8> {
+    record(command as u16, 0, payload)
+}
+
 fn read(region: u32, offset: u64, count: u32) -> Vec<u8> {
-    record(
-        Command::RegionRead as u16,
-        0,
-        RegionAccess {
-            offset,
-            region,
-            count,
-        }
-        .as_bytes(),
-    )
+    let access = RegionAccess {
+        offset,
+        region,
+        count,
+    };
+    request(Command::RegionRead, access.as_bytes())
 }
 
 fn write(region: u32, offset: u64, data: &[u8]) -> Vec<u8> {
-    record(
-        Command::RegionWrite as u16,
-        0,
-        &access(region, offset, data),
-    )
+    request(Command::RegionWrite, &access(region, offset, data))
 }
 
 fn posted(region: u32, offset: u64, data: &[u8]) -> Vec<u8> {
@@ -63,7 +60,7 @@ fn dma_map(address: u64, size: u64) -> Vec<u8> {
         address,
         size,
     };
-    record(Command::DmaMap as u16, 0, m.as_bytes())
+    request(Command::DmaMap, m.as_bytes())
 }
 
 fn dma_unmap(address: u64, size: u64, flags: u32) -> Vec<u8> {
@@ -73,7 +70,7 @@ fn dma_unmap(address: u64, size: u64, flags: u32) -> Vec<u8> {
         address,
         size,
     };
-    record(Command::DmaUnmap as u16, 0, u.as_bytes())
+    request(Command::DmaUnmap, u.as_bytes())
 }
 
 fn set_irqs(index: u32, flags: u32, start: u32, count: u32, data: &[u8]) -> Vec<u8> {
@@ -87,7 +84,7 @@ fn set_irqs(index: u32, flags: u32, start: u32, count: u32, data: &[u8]) -> Vec<
     .as_bytes()
     .to_vec();
     p.extend_from_slice(data);
-    record(Command::DeviceSetIrqs as u16, 0, &p)
+    request(Command::DeviceSetIrqs, &p)
 }
 
 /// Structured records (`vfio_user_messages` inputs), by name.
@@ -95,36 +92,24 @@ pub fn message_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let mut seeds = Vec::new();
     seeds.push(("empty", Vec::new()));
 
-    let mut discovery = record(
-        Command::DeviceGetInfo as u16,
-        0,
-        DeviceInfo {
-            argsz: 16,
-            ..Default::default()
-        }
-        .as_bytes(),
-    );
+    let info = DeviceInfo {
+        argsz: 16,
+        ..Default::default()
+    };
+    let mut discovery = request(Command::DeviceGetInfo, info.as_bytes());
     for index in 0..9 {
         let ri = RegionInfo {
             argsz: 32,
             index,
             ..Default::default()
         };
-        discovery.extend(record(
-            Command::DeviceGetRegionInfo as u16,
-            0,
-            ri.as_bytes(),
-        ));
+        discovery.extend(request(Command::DeviceGetRegionInfo, ri.as_bytes()));
         let io = RegionIoFds {
             argsz: 16,
             index,
             ..Default::default()
         };
-        discovery.extend(record(
-            Command::DeviceGetRegionIoFds as u16,
-            0,
-            io.as_bytes(),
-        ));
+        discovery.extend(request(Command::DeviceGetRegionIoFds, io.as_bytes()));
     }
     for index in 0..5 {
         let ii = IrqInfo {
@@ -132,7 +117,7 @@ pub fn message_seeds() -> Vec<(&'static str, Vec<u8>)> {
             index,
             ..Default::default()
         };
-        discovery.extend(record(Command::DeviceGetIrqInfo as u16, 0, ii.as_bytes()));
+        discovery.extend(request(Command::DeviceGetIrqInfo, ii.as_bytes()));
     }
     discovery.extend(read(CONFIG, 0, 256));
     seeds.push(("discovery", discovery));

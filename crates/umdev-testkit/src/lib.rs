@@ -197,22 +197,42 @@ impl SharedRam {
 impl DmaTarget for SharedRam {
     fn read(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), u32> {
         let bytes = self.bytes.lock().unwrap();
-        let at = gpa.checked_sub(self.base).ok_or(libc::EFAULT as u32)? as usize;
-        let src = bytes
-            .get(at..at.saturating_add(buf.len()))
-            .ok_or(libc::EFAULT as u32)?;
-        buf.copy_from_slice(src);
+        buf.copy_from_slice(&bytes[self.range(bytes.len(), gpa, buf.len())?]);
         Ok(())
     }
     fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), u32> {
         let mut bytes = self.bytes.lock().unwrap();
-        let at = gpa.checked_sub(self.base).ok_or(libc::EFAULT as u32)? as usize;
-        let dst = bytes
-            .get_mut(at..at.saturating_add(data.len()))
-            .ok_or(libc::EFAULT as u32)?;
-        dst.copy_from_slice(data);
+        let r = self.range(bytes.len(), gpa, data.len())?;
+        bytes[r].copy_from_slice(data);
         Ok(())
     }
+}
+
+impl SharedRam {
+    /// Where `[gpa, gpa+len)` is in the `size` bytes; EFAULT if not all of it is.
+    fn range(&self, size: usize, gpa: u64, len: usize) -> Result<std::ops::Range<usize>, u32> {
+        let efault = libc::EFAULT as u32;
+        let at = gpa.checked_sub(self.base).ok_or(efault)? as usize;
+        match at.checked_add(len) {
+            Some(end) if end <= size => Ok(at..end),
+            _ => Err(efault),
+        }
+    }
+}
+
+/// A client on `stream` (the other end handed to a backend as its
+/// connection), VERSION negotiated: 16 fds a message, 1 MiB transfers, 16
+/// DMA maps, no REGION_WRITE_MULTI.
+pub fn client_on(stream: std::os::unix::net::UnixStream) -> Client {
+    let mut c = Client::from_stream(stream).unwrap();
+    c.negotiate(&umdev::vfio_user::caps::Capabilities::new(
+        16,
+        1 << 20,
+        16,
+        false,
+    ))
+    .unwrap();
+    c
 }
 
 /// Polls `f` until it returns Some or `timeout` passes.

@@ -181,13 +181,7 @@ pub fn malformed(
         }
         // REGION_WRITE whose count disagrees with its data.
         3 => {
-            let access = RegionAccess {
-                offset: 0x98,
-                region: 0,
-                count: 8,
-            };
-            let mut p = access.as_bytes().to_vec();
-            p.extend_from_slice(&[0xff; 4]);
+            let p = access_payload(0, 0x98, 8, &[0xff; 4]);
             c.request_raw(Command::RegionWrite as u16, &p).map(|_| ())
         }
         // Out-of-range accesses.
@@ -289,14 +283,22 @@ pub fn post_region_write(raw: &mut UnixStream, region: u32, offset: u64, data: &
         flags: FLAGS_TYPE_COMMAND | FLAGS_NO_REPLY,
         error: 0,
     };
+    let _ = raw.write_all(header.as_bytes());
+    let _ = raw.write_all(&access_payload(region, offset, data.len() as u32, data));
+}
+
+/// A REGION_READ or REGION_WRITE payload: the access (`count` bytes at
+/// `offset` of `region`), then `data` (which a malformed one makes disagree
+/// with `count`).
+pub fn access_payload(region: u32, offset: u64, count: u32, data: &[u8]) -> Vec<u8> {
     let access = RegionAccess {
         offset,
         region,
-        count: data.len() as u32,
+        count,
     };
-    let _ = raw.write_all(header.as_bytes());
-    let _ = raw.write_all(access.as_bytes());
-    let _ = raw.write_all(data);
+    let mut p = access.as_bytes().to_vec();
+    p.extend_from_slice(data);
+    p
 }
 
 pub fn open_fds(pid: u32) -> usize {

@@ -372,13 +372,7 @@ fn malformed_and_unknown_commands_get_errors_and_the_stream_stays_in_step() {
         Some(libc::EINVAL as u32)
     );
     // REGION_WRITE whose count disagrees with its data.
-    let bad = RegionAccess {
-        offset: 0,
-        region: 0,
-        count: 64,
-    };
-    let mut msg = bad.as_bytes().to_vec();
-    msg.extend_from_slice(&[0; 4]);
+    let msg = common::soak::access_payload(0, 0, 64, &[0; 4]);
     assert_eq!(
         errno(c.request_raw(Command::RegionWrite as u16, &msg)),
         Some(libc::EINVAL as u32)
@@ -444,14 +438,8 @@ fn malformed_and_unknown_commands_get_errors_and_the_stream_stays_in_step() {
         .is_err());
     // fds on a command that takes none: refused, and closed by the server.
     let fds = [e.as_raw_fd()];
-    let id_read = RegionAccess {
-        offset: 0,
-        region: 0,
-        count: 4,
-    };
-    assert!(c
-        .request(Command::RegionRead, &[id_read.as_bytes()], &fds)
-        .is_err());
+    let id_read = common::soak::access_payload(0, 0, 4, &[]);
+    assert!(c.request(Command::RegionRead, &[&id_read], &fds).is_err());
     // Still in step.
     assert_eq!(c.read_u32(BAR0, reg::ID).unwrap(), ID_VALUE);
 }
@@ -527,14 +515,7 @@ fn inherited_connected_socket() {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
     let mut child = spawn_with_fd3(theirs.as_raw_fd());
     drop(theirs);
-    let mut c = Client::from_stream(ours).unwrap();
-    c.negotiate(&umdev::vfio_user::caps::Capabilities::new(
-        16,
-        1 << 20,
-        16,
-        false,
-    ))
-    .unwrap();
+    let mut c = common::client_on(ours);
     enable(&mut c);
     assert_eq!(c.read_u32(BAR0, reg::ID).unwrap(), ID_VALUE);
     drop(c);
