@@ -227,6 +227,20 @@ fn encode(var: &VarInfo, rgb: [u8; 3], out: &mut [u8]) {
     out.copy_from_slice(&bytes[..out.len()]);
 }
 
+/// "bpp=B r=OFFSET/LENGTH g=... b=...".
+fn pixel_format(var: &VarInfo) -> String {
+    format!(
+        "bpp={} r={}/{} g={}/{} b={}/{}",
+        var.bits_per_pixel,
+        var.red.offset,
+        var.red.length,
+        var.green.offset,
+        var.green.length,
+        var.blue.offset,
+        var.blue.length
+    )
+}
+
 /// Writes the picture and pushes it to the device; returns "WxH".
 fn draw() -> Result<String, String> {
     let dev = std::env::var("UMDEV_FB_DEV").unwrap_or_else(|_| "/dev/fb0".into());
@@ -238,7 +252,7 @@ fn draw() -> Result<String, String> {
     ioctl(&fb, FBIOGET_FSCREENINFO, &mut fix, "FBIOGET_FSCREENINFO")?;
     let id = String::from_utf8_lossy(&fix.id);
     info(&format!(
-        "fb: {name} id={} {}x{} virtual {}x{} offset {},{} bpp={} r={}/{} g={}/{} b={}/{} line_length={} smem_len={}",
+        "fb: {name} id={} {}x{} virtual {}x{} offset {},{} {} line_length={} smem_len={}",
         id.trim_end_matches('\0'),
         var.xres,
         var.yres,
@@ -246,13 +260,7 @@ fn draw() -> Result<String, String> {
         var.yres_virtual,
         var.xoffset,
         var.yoffset,
-        var.bits_per_pixel,
-        var.red.offset,
-        var.red.length,
-        var.green.offset,
-        var.green.length,
-        var.blue.offset,
-        var.blue.length,
+        pixel_format(&var),
         fix.line_length,
         fix.smem_len
     ));
@@ -261,16 +269,7 @@ fn draw() -> Result<String, String> {
             .iter()
             .any(|c| c.length != 8 || c.offset % 8 != 0 || c.msb_right != 0)
     {
-        return Err(format!(
-            "unsupported pixel format: bpp={} r={}/{} g={}/{} b={}/{}",
-            var.bits_per_pixel,
-            var.red.offset,
-            var.red.length,
-            var.green.offset,
-            var.green.length,
-            var.blue.offset,
-            var.blue.length
-        ));
+        return Err(format!("unsupported pixel format: {}", pixel_format(&var)));
     }
     let bpp = (var.bits_per_pixel / 8) as usize;
     let (w, h) = (var.xres, var.yres);

@@ -273,6 +273,15 @@ impl PciConfig {
         }
         Ok(b)
     }
+    /// Vendor, device, revision and class code.
+    fn ids(&self) -> Result<(u16, u16, u8, u32), String> {
+        Ok((
+            self.read16(0x00)?,
+            self.read16(0x02)?,
+            self.read8(0x08)?,
+            self.read32(0x08)? >> 8,
+        ))
+    }
     fn read8(&self, off: u64) -> Result<u8, String> {
         Ok(self.read::<1>(off)?[0])
     }
@@ -336,30 +345,44 @@ impl Bar {
             len,
         })
     }
-    fn r32(&self, off: usize) -> u32 {
-        assert!(off + 4 <= self.len);
-        // SAFETY: in bounds of the mapping, naturally aligned.
-        unsafe { std::ptr::read_volatile(self.base.add(off).cast::<u32>()) }
+}
+
+/// Memory the device reaches too (a BAR's mapping, a locked DMA page), read
+/// and written with single, naturally aligned volatile accesses.
+///
+/// # Safety
+/// `span` is a live mapping of that many bytes for as long as `self` lives.
+unsafe trait Volatile {
+    /// Start and length of the mapping.
+    fn span(&self) -> (*mut u8, usize);
+
+    /// The `T` at `off`.
+    fn load<T: Copy>(&self, off: usize) -> T {
+        let at = self.at::<T>(off);
+        // SAFETY: in bounds of the live mapping and aligned (`at` checked).
+        unsafe { std::ptr::read_volatile(at) }
     }
-    fn w32(&self, off: usize, v: u32) {
-        assert!(off + 4 <= self.len);
-        // SAFETY: as above.
-        unsafe { std::ptr::write_volatile(self.base.add(off).cast::<u32>(), v) }
+
+    /// Stores `v` at `off`.
+    fn store<T: Copy>(&self, off: usize, v: T) {
+        let at = self.at::<T>(off);
+        // SAFETY: as in `load`.
+        unsafe { std::ptr::write_volatile(at, v) }
     }
-    fn r16(&self, off: usize) -> u16 {
-        assert!(off + 2 <= self.len);
-        // SAFETY: as above.
-        unsafe { std::ptr::read_volatile(self.base.add(off).cast::<u16>()) }
+
+    /// Where the `T` at `off` is, checked to lie in the mapping, aligned.
+    fn at<T>(&self, off: usize) -> *mut T {
+        let (base, len) = self.span();
+        let size = std::mem::size_of::<T>();
+        assert!(off + size <= len && off.is_multiple_of(size), "{off:#x}");
+        base.wrapping_add(off).cast()
     }
-    fn r64(&self, off: usize) -> u64 {
-        assert!(off + 8 <= self.len);
-        // SAFETY: as above.
-        unsafe { std::ptr::read_volatile(self.base.add(off).cast::<u64>()) }
-    }
-    fn w64(&self, off: usize, v: u64) {
-        assert!(off + 8 <= self.len);
-        // SAFETY: as above.
-        unsafe { std::ptr::write_volatile(self.base.add(off).cast::<u64>(), v) }
+}
+
+// SAFETY: `base` is a mapping of `len` bytes, never unmapped.
+unsafe impl Volatile for Bar {
+    fn span(&self) -> (*mut u8, usize) {
+        (self.base, self.len)
     }
 }
 
@@ -390,13 +413,18 @@ impl DmaPage {
         fence(Ordering::SeqCst);
     }
     fn get(&self, i: usize) -> u8 {
-        assert!(i < PAGE);
-        // SAFETY: as above; volatile because the device writes it behind our back.
-        unsafe { std::ptr::read_volatile(self.virt.add(i)) }
+        self.load(i)
     }
     fn bytes(&self, start: usize, len: usize) -> Vec<u8> {
         fence(Ordering::SeqCst);
         (start..start + len).map(|i| self.get(i)).collect()
+    }
+}
+
+// SAFETY: `virt` is a locked page, never unmapped.
+unsafe impl Volatile for DmaPage {
+    fn span(&self) -> (*mut u8, usize) {
+        (self.virt, PAGE)
     }
 }
 
@@ -532,24 +560,24 @@ const DMA_TIMEOUT: Duration = Duration::from_secs(10);
 impl Edu<'_> {
     fn factorial(&self, n: u32) -> Result<u32, String> {
         let b = self.bar;
-        b.w32(reg::FACTORIAL, n);
+        b.store::<u32>(reg::FACTORIAL, n);
         wait_until("factorial (status bit 0)", FACT_TIMEOUT, || {
-            (b.r32(reg::STATUS) & STATUS_COMPUTING == 0).then_some(0)
+            (b.load::<u32>(reg::STATUS) & STATUS_COMPUTING == 0).then_some(0)
         })?;
-        Ok(b.r32(reg::FACTORIAL))
+        Ok(b.load::<u32>(reg::FACTORIAL))
     }
 
     fn dma_program(&self, src: u64, dst: u64, cnt: u64) {
         let b = self.bar;
-        b.w64(reg::DMA_SRC, src);
-        b.w64(reg::DMA_DST, dst);
-        b.w64(reg::DMA_CNT, cnt);
+        b.store::<u64>(reg::DMA_SRC, src);
+        b.store::<u64>(reg::DMA_DST, dst);
+        b.store::<u64>(reg::DMA_CNT, cnt);
     }
 
     fn dma_wait(&self) -> Result<(), String> {
         let b = self.bar;
         wait_until("DMA completion (cmd bit 0)", DMA_TIMEOUT, || {
-            (b.r64(reg::DMA_CMD) & DMA_RUN == 0).then_some(0)
+            (b.load::<u64>(reg::DMA_CMD) & DMA_RUN == 0).then_some(0)
         })?;
         fence(Ordering::SeqCst);
         Ok(())
@@ -559,7 +587,7 @@ impl Edu<'_> {
     fn dma_to_dev(&self, src: u64, dev_off: u64, cnt: u64, extra: u64) -> Result<(), String> {
         fence(Ordering::SeqCst);
         self.dma_program(src, DEV_BUF + dev_off, cnt);
-        self.bar.w64(reg::DMA_CMD, DMA_RUN | extra);
+        self.bar.store::<u64>(reg::DMA_CMD, DMA_RUN | extra);
         self.dma_wait()
     }
 
@@ -567,18 +595,28 @@ impl Edu<'_> {
     fn dma_to_ram(&self, dev_off: u64, dst: u64, cnt: u64, extra: u64) -> Result<(), String> {
         fence(Ordering::SeqCst);
         self.dma_program(DEV_BUF + dev_off, dst, cnt);
-        self.bar.w64(reg::DMA_CMD, DMA_RUN | DMA_TO_RAM | extra);
+        self.bar
+            .store::<u64>(reg::DMA_CMD, DMA_RUN | DMA_TO_RAM | extra);
         self.dma_wait()
     }
 
     fn irq_status(&self) -> u32 {
-        self.bar.r32(reg::IRQ_STATUS)
+        self.bar.load::<u32>(reg::IRQ_STATUS)
+    }
+
+    /// Waits until interrupt status bit(s) `bit` are up: the whole status.
+    fn wait_irq(&self, what: &str, bit: u32) -> Result<u32, String> {
+        let s = wait_until(what, FACT_TIMEOUT, || {
+            let s = self.irq_status();
+            (s & bit != 0).then_some(u64::from(s))
+        })?;
+        Ok(s as u32)
     }
 
     fn ack_all(&self) {
         let s = self.irq_status();
         if s != 0 {
-            self.bar.w32(reg::IRQ_ACK, s);
+            self.bar.store::<u32>(reg::IRQ_ACK, s);
         }
     }
 }
@@ -601,10 +639,7 @@ fn run_edu_tests(rep: &mut Report, dev: &Path) -> Result<(), String> {
     // --- PCI config space and enabling.
     let cfg = PciConfig::open(dev)?;
     rep.run("config_ids", || {
-        let vid = cfg.read16(0x00)?;
-        let did = cfg.read16(0x02)?;
-        let rev = cfg.read8(0x08)?;
-        let class = cfg.read32(0x08)? >> 8;
+        let (vid, did, rev, class) = cfg.ids()?;
         let pin = cfg.read8(0x3d)?;
         Ok(format!(
             "{vid:04x}:{did:04x} rev={rev:#04x} class={class:#08x} pin={pin}"
@@ -637,7 +672,7 @@ fn run_edu_tests(rep: &mut Report, dev: &Path) -> Result<(), String> {
 
     // --- Registers.
     rep.run("id", || {
-        let v = bar.r32(reg::ID);
+        let v = bar.load::<u32>(reg::ID);
         if v & 0xffff != 0x00ed {
             return Err(format!("{v:#010x}: low half is not 0x00ed"));
         }
@@ -646,8 +681,8 @@ fn run_edu_tests(rep: &mut Report, dev: &Path) -> Result<(), String> {
 
     for x in [0x12345678u32, 0, 0xffff_ffff, 0xdead_beef, 0x0000_0001] {
         rep.run(&format!("liveness_{x:08x}"), || {
-            bar.w32(reg::LIVENESS, x);
-            let v = bar.r32(reg::LIVENESS);
+            bar.store::<u32>(reg::LIVENESS, x);
+            let v = bar.load::<u32>(reg::LIVENESS);
             if v != !x {
                 return Err(format!(
                     "wrote {x:#010x}, read {v:#010x}, want {:#010x}",
@@ -663,7 +698,7 @@ fn run_edu_tests(rep: &mut Report, dev: &Path) -> Result<(), String> {
     // a vfio-user device sees them. Informative only, so not a diffed test.
     info(&format!(
         "narrow (2-byte) read of ID: {:#06x}",
-        bar.r16(reg::ID)
+        bar.load::<u16>(reg::ID)
     ));
 
     for n in [0u32, 1, 5, 10, 12, 13] {
@@ -678,7 +713,7 @@ fn run_edu_tests(rep: &mut Report, dev: &Path) -> Result<(), String> {
     }
 
     rep.run("status_idle", || {
-        let s = bar.r32(reg::STATUS);
+        let s = bar.load::<u32>(reg::STATUS);
         if s & STATUS_COMPUTING != 0 {
             return Err(format!("status {s:#x} still computing"));
         }
@@ -691,13 +726,13 @@ fn run_edu_tests(rep: &mut Report, dev: &Path) -> Result<(), String> {
         if before != 0 {
             return Err(format!("irq status {before:#x} before raise"));
         }
-        bar.w32(reg::IRQ_RAISE, 0x0001_0000);
+        bar.store::<u32>(reg::IRQ_RAISE, 0x0001_0000);
         seen.push(edu.irq_status());
-        bar.w32(reg::IRQ_RAISE, 0x0000_0004);
+        bar.store::<u32>(reg::IRQ_RAISE, 0x0000_0004);
         seen.push(edu.irq_status());
-        bar.w32(reg::IRQ_ACK, 0x0001_0000);
+        bar.store::<u32>(reg::IRQ_ACK, 0x0001_0000);
         seen.push(edu.irq_status());
-        bar.w32(reg::IRQ_ACK, 0x0000_0004);
+        bar.store::<u32>(reg::IRQ_ACK, 0x0000_0004);
         seen.push(edu.irq_status());
         let want = [0x0001_0000, 0x0001_0004, 0x0000_0004, 0];
         let shown: Vec<String> = seen.iter().map(|v| format!("{v:#x}")).collect();
@@ -711,8 +746,8 @@ fn run_edu_tests(rep: &mut Report, dev: &Path) -> Result<(), String> {
     });
 
     rep.run("factorial_irq", || {
-        bar.w32(reg::STATUS, STATUS_IRQFACT);
-        let s = bar.r32(reg::STATUS);
+        bar.store::<u32>(reg::STATUS, STATUS_IRQFACT);
+        let s = bar.load::<u32>(reg::STATUS);
         if s & STATUS_IRQFACT == 0 {
             return Err(format!(
                 "status {s:#x}: irq-after-factorial bit did not stick"
@@ -720,14 +755,11 @@ fn run_edu_tests(rep: &mut Report, dev: &Path) -> Result<(), String> {
         }
         let v = edu.factorial(6)?;
         // The irq is raised just after the computing bit clears.
-        let irq = wait_until("factorial irq in 0x24", FACT_TIMEOUT, || {
-            let s = edu.irq_status();
-            (s & IRQ_FACT != 0).then_some(u64::from(s))
-        })? as u32;
-        bar.w32(reg::IRQ_ACK, IRQ_FACT);
+        let irq = edu.wait_irq("factorial irq in 0x24", IRQ_FACT)?;
+        bar.store::<u32>(reg::IRQ_ACK, IRQ_FACT);
         let after = edu.irq_status();
-        bar.w32(reg::STATUS, 0);
-        let s2 = bar.r32(reg::STATUS);
+        bar.store::<u32>(reg::STATUS, 0);
+        let s2 = bar.load::<u32>(reg::STATUS);
         if v != 720 || irq != IRQ_FACT || after != 0 || s2 & STATUS_IRQFACT != 0 {
             return Err(format!(
                 "6!={v} irq={irq:#x} after_ack={after:#x} status={s2:#x}"
@@ -760,9 +792,9 @@ fn run_edu_tests(rep: &mut Report, dev: &Path) -> Result<(), String> {
         // Registers are readable back while no transfer runs.
         edu.dma_program(0x1234_5000, DEV_BUF + 0x10, 0x20);
         let v = (
-            bar.r64(reg::DMA_SRC),
-            bar.r64(reg::DMA_DST),
-            bar.r64(reg::DMA_CNT),
+            bar.load::<u64>(reg::DMA_SRC),
+            bar.load::<u64>(reg::DMA_DST),
+            bar.load::<u64>(reg::DMA_CNT),
         );
         if v != (0x1234_5000, DEV_BUF + 0x10, 0x20) {
             return Err(format!(
@@ -802,18 +834,12 @@ fn run_edu_tests(rep: &mut Report, dev: &Path) -> Result<(), String> {
         src.fill(pattern(3));
         dst.fill(|_| 0);
         edu.dma_to_dev(src.phys, 0, 0x400, DMA_IRQ)?;
-        let s1 = wait_until("DMA irq", FACT_TIMEOUT, || {
-            let s = edu.irq_status();
-            (s & IRQ_DMA != 0).then_some(u64::from(s))
-        })? as u32;
-        bar.w32(reg::IRQ_ACK, IRQ_DMA);
+        let s1 = edu.wait_irq("DMA irq", IRQ_DMA)?;
+        bar.store::<u32>(reg::IRQ_ACK, IRQ_DMA);
         let a1 = edu.irq_status();
         edu.dma_to_ram(0, dst.phys, 0x400, DMA_IRQ)?;
-        let s2 = wait_until("DMA irq", FACT_TIMEOUT, || {
-            let s = edu.irq_status();
-            (s & IRQ_DMA != 0).then_some(u64::from(s))
-        })? as u32;
-        bar.w32(reg::IRQ_ACK, IRQ_DMA);
+        let s2 = edu.wait_irq("DMA irq", IRQ_DMA)?;
+        bar.store::<u32>(reg::IRQ_ACK, IRQ_DMA);
         let a2 = edu.irq_status();
         compare("data", &dst.bytes(0, 0x400), &src.bytes(0, 0x400))?;
         let summary = format!("to_dev irq={s1:#x} ack={a1:#x} to_ram irq={s2:#x} ack={a2:#x}");
@@ -843,27 +869,24 @@ fn run_edu_tests(rep: &mut Report, dev: &Path) -> Result<(), String> {
                 page.fill(|_| 0xcc);
                 fence(Ordering::SeqCst);
                 edu.dma_program(DEV_BUF, page.phys, DEV_BUF_SIZE as u64);
-                bar.w32(reg::IRQ_RAISE, raise);
-                bar.w64(reg::DMA_CMD, DMA_RUN | DMA_TO_RAM | extra);
+                bar.store::<u32>(reg::IRQ_RAISE, raise);
+                bar.store::<u64>(reg::DMA_CMD, DMA_RUN | DMA_TO_RAM | extra);
             } else {
                 page.fill(pattern(100 + r));
                 fence(Ordering::SeqCst);
                 edu.dma_program(page.phys, DEV_BUF, DEV_BUF_SIZE as u64);
-                bar.w32(reg::IRQ_RAISE, raise);
-                bar.w64(reg::DMA_CMD, DMA_RUN | extra);
+                bar.store::<u32>(reg::IRQ_RAISE, raise);
+                bar.store::<u64>(reg::DMA_CMD, DMA_RUN | extra);
             }
             edu.dma_wait().map_err(|e| format!("round {r}: {e}"))?;
             let want_irq = raise | if extra != 0 { IRQ_DMA } else { 0 };
             let irq = if extra != 0 {
-                wait_until("DMA irq", FACT_TIMEOUT, || {
-                    let s = edu.irq_status();
-                    (s & IRQ_DMA != 0).then_some(u64::from(s))
-                })
-                .map_err(|e| format!("round {r}: {e}"))? as u32
+                edu.wait_irq("DMA irq", IRQ_DMA)
+                    .map_err(|e| format!("round {r}: {e}"))?
             } else {
                 edu.irq_status()
             };
-            bar.w32(reg::IRQ_ACK, irq);
+            bar.store::<u32>(reg::IRQ_ACK, irq);
             let after = edu.irq_status();
             if irq != want_irq || after != 0 {
                 return Err(format!(
@@ -913,9 +936,9 @@ fn observe_edu(bar: &Bar, cfg: &PciConfig) -> String {
     let cfg32 = |at| cfg.read32(at).map_or("?".into(), |v| format!("{v:#010x}"));
     format!(
         "id={:#010x} factorial={:#010x} liveness={:#010x} command={} bar0={}",
-        bar.r32(reg::ID),
-        bar.r32(reg::FACTORIAL),
-        bar.r32(reg::LIVENESS),
+        bar.load::<u32>(reg::ID),
+        bar.load::<u32>(reg::FACTORIAL),
+        bar.load::<u32>(reg::LIVENESS),
         cfg16(0x04),
         cfg32(0x10),
     )
@@ -931,14 +954,14 @@ fn watch_across_migration(bar: &Bar, cfg: &PciConfig) -> Result<String, String> 
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(90);
-    bar.w32(reg::FACTORIAL, 5);
+    bar.store::<u32>(reg::FACTORIAL, 5);
     let start = Instant::now();
-    while bar.r32(reg::STATUS) & 1 != 0 {
+    while bar.load::<u32>(reg::STATUS) & 1 != 0 {
         if start.elapsed() > Duration::from_secs(5) {
             return Err("factorial never finished".into());
         }
     }
-    bar.w32(reg::LIVENESS, 0x5a5a_0001);
+    bar.store::<u32>(reg::LIVENESS, 0x5a5a_0001);
     let before = observe_edu(bar, cfg);
     info(&format!("migration: before {before}"));
     info(MIGRATE_MARKER);
@@ -989,14 +1012,14 @@ fn wait_device_gone(bar: &Bar) -> Result<String, String> {
     let pause = Duration::from_millis(env_u64("UMDEV_GONE_PAUSE_MS", 500));
     // Busy phase: the device works.
     for i in 0..50u32 {
-        let id = bar.r32(reg::ID);
+        let id = bar.load::<u32>(reg::ID);
         if id & 0xffff != 0x00ed {
             return Err(format!("ID {id:#010x} in round trip {i}, before the kill"));
         }
         // Never 0, so the expected read-back is never all-ones itself.
         let x = i.wrapping_mul(0x9e37_79b9) | 1;
-        bar.w32(reg::LIVENESS, x);
-        let v = bar.r32(reg::LIVENESS);
+        bar.store::<u32>(reg::LIVENESS, x);
+        let v = bar.load::<u32>(reg::LIVENESS);
         if v != !x {
             return Err(format!(
                 "liveness: wrote {x:#010x}, read {v:#010x} in round trip {i}, before the kill"
@@ -1009,7 +1032,7 @@ fn wait_device_gone(bar: &Bar) -> Result<String, String> {
     loop {
         std::thread::sleep(pause);
         checks += 1;
-        let id = bar.r32(reg::ID);
+        let id = bar.load::<u32>(reg::ID);
         if id == u32::MAX {
             break;
         }
@@ -1024,10 +1047,10 @@ fn wait_device_gone(bar: &Bar) -> Result<String, String> {
         }
     }
     // Gone: every further access reads all-ones too, and does not hang.
-    let ids: Vec<u32> = (0..4).map(|_| bar.r32(reg::ID)).collect();
-    bar.w32(reg::LIVENESS, 0x1234_5678);
-    let live = bar.r32(reg::LIVENESS);
-    let status = bar.r32(reg::STATUS);
+    let ids: Vec<u32> = (0..4).map(|_| bar.load::<u32>(reg::ID)).collect();
+    bar.store::<u32>(reg::LIVENESS, 0x1234_5678);
+    let live = bar.load::<u32>(reg::LIVENESS);
+    let status = bar.load::<u32>(reg::STATUS);
     info(&format!(
         "device_gone: all-ones at check {checks}, {} ms after the marker",
         start.elapsed().as_millis()

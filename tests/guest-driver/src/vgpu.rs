@@ -22,7 +22,8 @@ use std::sync::atomic::{fence, Ordering};
 use std::time::Duration;
 
 use super::{
-    compare, dma_pages, fnv1a, info, wait_until, Bar, DmaPage, PciConfig, Report, ID_REG, PAGE,
+    compare, dma_pages, fnv1a, info, wait_until, Bar, DmaPage, PciConfig, Report, Volatile, ID_REG,
+    PAGE,
 };
 
 // SPEC.md's register map, formats, command encoders and the test picture
@@ -53,31 +54,6 @@ const FENCE_VA: u64 = 0x7f00_0000_0000;
 const OUTSIDE_RAM: u64 = 0x80_0000_0000;
 
 // ------------------------------------------------------------ page access --
-
-fn w32(p: &DmaPage, off: usize, v: u32) {
-    assert!(off + 4 <= PAGE && off.is_multiple_of(4));
-    // SAFETY: inside the locked page, aligned.
-    unsafe { std::ptr::write_volatile(p.virt.add(off).cast::<u32>(), v) }
-}
-
-fn r32(p: &DmaPage, off: usize) -> u32 {
-    assert!(off + 4 <= PAGE && off.is_multiple_of(4));
-    // SAFETY: as above; volatile because the device writes behind our back.
-    unsafe { std::ptr::read_volatile(p.virt.add(off).cast::<u32>()) }
-}
-
-/// One 8-byte store, as a kernel driver writes a page-table entry.
-fn w64(p: &DmaPage, off: usize, v: u64) {
-    assert!(off + 8 <= PAGE && off.is_multiple_of(8));
-    // SAFETY: as above.
-    unsafe { std::ptr::write_volatile(p.virt.add(off).cast::<u64>(), v) }
-}
-
-fn r64(p: &DmaPage, off: usize) -> u64 {
-    assert!(off + 8 <= PAGE && off.is_multiple_of(8));
-    // SAFETY: as above.
-    unsafe { std::ptr::read_volatile(p.virt.add(off).cast::<u64>()) }
-}
 
 // --------------------------------------------------------------- commands --
 
@@ -159,16 +135,16 @@ impl<'a> Gpu<'a> {
     }
 
     fn ctx_r32(&self, reg: u64) -> u32 {
-        self.bar.r32(ctx_reg(CTX, reg) as usize)
+        self.bar.load::<u32>(ctx_reg(CTX, reg) as usize)
     }
     fn ctx_w32(&self, reg: u64, v: u32) {
-        self.bar.w32(ctx_reg(CTX, reg) as usize, v)
+        self.bar.store::<u32>(ctx_reg(CTX, reg) as usize, v)
     }
     fn ctx_r64(&self, reg: u64) -> u64 {
-        self.bar.r64(ctx_reg(CTX, reg) as usize)
+        self.bar.load::<u64>(ctx_reg(CTX, reg) as usize)
     }
     fn ctx_w64(&self, reg: u64, v: u64) {
-        self.bar.w64(ctx_reg(CTX, reg) as usize, v)
+        self.bar.store::<u64>(ctx_reg(CTX, reg) as usize, v)
     }
 
     /// Table page and byte offset of the leaf entry for `va`, creating the
@@ -177,7 +153,7 @@ impl<'a> Gpu<'a> {
         let mut t = 0usize;
         for level in (2..=PT_LEVELS).rev() {
             let off = 8 * pt_index(va, level);
-            let e = r64(&self.tables[t], off);
+            let e = self.tables[t].load::<u64>(off);
             t = if e & PTE_PRESENT != 0 {
                 let phys = e & PTE_ADDR_MASK;
                 self.tables
@@ -186,7 +162,7 @@ impl<'a> Gpu<'a> {
                     .ok_or_else(|| format!("table entry {e:#x} is not one of ours"))?
             } else {
                 let p = self.page()?;
-                w64(&self.tables[t], off, p.phys | PTE_PRESENT);
+                self.tables[t].store::<u64>(off, p.phys | PTE_PRESENT);
                 self.tables.push(p);
                 self.tables.len() - 1
             };
@@ -196,7 +172,7 @@ impl<'a> Gpu<'a> {
 
     fn set_leaf(&mut self, va: u64, raw: u64) -> Result<(), String> {
         let (t, off) = self.leaf_slot(va)?;
-        w64(&self.tables[t], off, raw);
+        self.tables[t].store::<u64>(off, raw);
         fence(Ordering::SeqCst);
         Ok(())
     }
@@ -251,7 +227,7 @@ impl<'a> Gpu<'a> {
             return Err(format!("ring full and context faulted: {f:?}"));
         }
         for &d in dwords {
-            w32(&self.ring, self.tail as usize, d);
+            self.ring.store::<u32>(self.tail as usize, d);
             self.tail = (self.tail + 4) & (size - 1);
         }
         Ok(())
@@ -277,7 +253,7 @@ impl<'a> Gpu<'a> {
             return Err(format!("fault {f:?} instead of fence {seq}"));
         }
         fence(Ordering::SeqCst);
-        let mem = r32(&self.fence_page, 0);
+        let mem = self.fence_page.load::<u32>(0);
         if mem != seq {
             return Err(format!("fence {seq} retired but memory holds {mem}"));
         }
@@ -305,8 +281,7 @@ fn page_bytes(p: &DmaPage) -> Vec<u8> {
 
 fn fill_page(p: &DmaPage, seed: u32) {
     for i in 0..PAGE / 4 {
-        w32(
-            p,
+        p.store::<u32>(
             4 * i,
             seed.wrapping_mul(0x0101_0101) ^ (i as u32).wrapping_mul(2654435761),
         );
@@ -320,10 +295,7 @@ fn fill_page(p: &DmaPage, seed: u32) {
 pub fn run_tests(rep: &mut Report, dev: &Path) -> Result<(), String> {
     let cfg = PciConfig::open(dev)?;
     rep.run("vgpu_config_ids", || {
-        let vid = cfg.read16(0x00)?;
-        let did = cfg.read16(0x02)?;
-        let rev = cfg.read8(0x08)?;
-        let class = cfg.read32(0x08)? >> 8;
+        let (vid, did, rev, class) = cfg.ids()?;
         if (vid, did, class) != (VENDOR_ID, DEVICE_ID, CLASS_CODE) {
             return Err(format!("{vid:04x}:{did:04x} class={class:#08x}"));
         }
@@ -351,9 +323,9 @@ pub fn run_tests(rep: &mut Report, dev: &Path) -> Result<(), String> {
         bar.len, vram.len
     ));
     rep.run("vgpu_id", || {
-        let id = bar.r32(REG_ID as usize);
-        let caps = bar.r32(REG_CAPS as usize);
-        let ggtt = bar.r32(REG_GGTT_SIZE as usize);
+        let id = bar.load::<u32>(REG_ID as usize);
+        let caps = bar.load::<u32>(REG_CAPS as usize);
+        let ggtt = bar.load::<u32>(REG_GGTT_SIZE as usize);
         let want_caps = CONTEXTS as u32 | 17 << 8 | ((vram.len >> 20) as u32) << 16;
         if id != ID_VALUE || caps != want_caps || u64::from(ggtt) != GGTT_ENTRIES {
             return Err(format!(
@@ -363,8 +335,8 @@ pub fn run_tests(rep: &mut Report, dev: &Path) -> Result<(), String> {
         Ok(format!("id={id:#010x} caps={caps:#010x} ggtt={ggtt}"))
     });
     // No interrupt handler here: leave interrupts disabled, clear any status.
-    bar.w32(REG_IRQ_ENABLE as usize, 0);
-    bar.w32(REG_IRQ_STATUS as usize, 0x10f);
+    bar.store::<u32>(REG_IRQ_ENABLE as usize, 0);
+    bar.store::<u32>(REG_IRQ_STATUS as usize, 0x10f);
 
     let pages = dma_pages(96, u64::MAX)?;
     let mut gpu = Gpu::new(&bar, pages)?;
@@ -386,7 +358,7 @@ pub fn run_tests(rep: &mut Report, dev: &Path) -> Result<(), String> {
 
     rep.run("vgpu_store_fence", || {
         gpu.run(&cmd::store_dword(DST_VA + 8, 0xc0ff_ee00))?;
-        let v = r32(&dst, 8);
+        let v = dst.load::<u32>(8);
         if v != 0xc0ff_ee00 {
             return Err(format!("stored {v:#x}"));
         }
@@ -427,7 +399,7 @@ pub fn run_tests(rep: &mut Report, dev: &Path) -> Result<(), String> {
         gpu.set_leaf(HOSTILE_VA, OUTSIDE_RAM | PTE_PRESENT | PTE_WRITABLE)?;
         let start = gpu.tail;
         let f = gpu.run_fault(&cmd::copy(HOSTILE_VA, DST_VA, 64))?;
-        let irq = bar.r32(REG_IRQ_STATUS as usize);
+        let irq = bar.load::<u32>(REG_IRQ_STATUS as usize);
         let status = gpu.ctx_r32(CTX_STATUS);
         let summary = format!(
             "reason={} addr={:#x} head_at_start={} irq_status={irq:#x} status={status:#x}",
@@ -445,9 +417,12 @@ pub fn run_tests(rep: &mut Report, dev: &Path) -> Result<(), String> {
         }
         // Clear the fault and the interrupt status; unmap the bad page.
         gpu.clear_fault();
-        bar.w32(REG_IRQ_STATUS as usize, 1);
+        bar.store::<u32>(REG_IRQ_STATUS as usize, 1);
         gpu.set_leaf(HOSTILE_VA, 0)?;
-        let after = (gpu.ctx_r32(CTX_STATUS), bar.r32(REG_IRQ_STATUS as usize));
+        let after = (
+            gpu.ctx_r32(CTX_STATUS),
+            bar.load::<u32>(REG_IRQ_STATUS as usize),
+        );
         if after.0 & CTX_STATUS_FAULTED != 0 || after.1 != 0 {
             return Err(format!(
                 "{summary}; after clearing: status={:#x} irq_status={:#x}",
@@ -459,7 +434,7 @@ pub fn run_tests(rep: &mut Report, dev: &Path) -> Result<(), String> {
 
     rep.run("vgpu_after_fault", || {
         gpu.run(&cmd::store_dword(DST_VA + 16, 0x600d_600d))?;
-        let v = r32(&dst, 16);
+        let v = dst.load::<u32>(16);
         if v != 0x600d_600d {
             return Err(format!("stored {v:#x}"));
         }
@@ -471,17 +446,17 @@ pub fn run_tests(rep: &mut Report, dev: &Path) -> Result<(), String> {
     rep.run("vgpu_scanout", || {
         for i in 0..fb_pages {
             let entry = pte(Target::Vram((i * PAGE) as u64), true);
-            bar.w64((GGTT_OFFSET + 8 * i as u64) as usize, entry);
+            bar.store::<u64>((GGTT_OFFSET + 8 * i as u64) as usize, entry);
         }
-        let last = bar.r64((GGTT_OFFSET + 8 * (fb_pages as u64 - 1)) as usize);
+        let last = bar.load::<u64>((GGTT_OFFSET + 8 * (fb_pages as u64 - 1)) as usize);
         let sc = |r: u64| (SCANOUT_BASE + r) as usize;
-        bar.w64(sc(SCANOUT_FB_ADDR), 0);
-        bar.w32(sc(SCANOUT_FB_WIDTH), picture::WIDTH);
-        bar.w32(sc(SCANOUT_FB_HEIGHT), picture::HEIGHT);
-        bar.w32(sc(SCANOUT_FB_STRIDE), picture::STRIDE);
-        bar.w32(sc(SCANOUT_FB_FORMAT), FB_FORMAT_XRGB8888);
-        bar.w32(sc(SCANOUT_FB_ENABLE), 1);
-        let err = bar.r32(REG_GLOBAL_ERROR as usize);
+        bar.store::<u64>(sc(SCANOUT_FB_ADDR), 0);
+        bar.store::<u32>(sc(SCANOUT_FB_WIDTH), picture::WIDTH);
+        bar.store::<u32>(sc(SCANOUT_FB_HEIGHT), picture::HEIGHT);
+        bar.store::<u32>(sc(SCANOUT_FB_STRIDE), picture::STRIDE);
+        bar.store::<u32>(sc(SCANOUT_FB_FORMAT), FB_FORMAT_XRGB8888);
+        bar.store::<u32>(sc(SCANOUT_FB_ENABLE), 1);
+        let err = bar.load::<u32>(REG_GLOBAL_ERROR as usize);
         let regs: Vec<u32> = [
             SCANOUT_FB_WIDTH,
             SCANOUT_FB_HEIGHT,
@@ -490,7 +465,7 @@ pub fn run_tests(rep: &mut Report, dev: &Path) -> Result<(), String> {
             SCANOUT_FB_ENABLE,
         ]
         .iter()
-        .map(|&r| bar.r32(sc(r)))
+        .map(|&r| bar.load::<u32>(sc(r)))
         .collect();
         let summary =
             format!("ggtt_entries={fb_pages} last={last:#x} regs={regs:?} global_error={err}");
@@ -521,7 +496,7 @@ pub fn run_tests(rep: &mut Report, dev: &Path) -> Result<(), String> {
         let image_pages = gpu.map_new(IMAGE_VA, image.len().div_ceil(PAGE), false)?;
         for (chunk, page) in image.chunks(PAGE).zip(&image_pages) {
             for (i, d) in chunk.chunks_exact(4).enumerate() {
-                w32(page, 4 * i, u32::from_le_bytes([d[0], d[1], d[2], d[3]]));
+                page.store::<u32>(4 * i, u32::from_le_bytes([d[0], d[1], d[2], d[3]]));
             }
         }
         gpu.map_new(SCRATCH_VA, 1, true)?;
@@ -530,14 +505,14 @@ pub fn run_tests(rep: &mut Report, dev: &Path) -> Result<(), String> {
         batch.extend(cmd::batch_end());
         let batch_pages = gpu.map_new(BATCH_VA, (4 * batch.len()).div_ceil(PAGE), false)?;
         for (i, d) in batch.iter().enumerate() {
-            w32(&batch_pages[4 * i / PAGE], (4 * i) % PAGE, *d);
+            batch_pages[4 * i / PAGE].store::<u32>((4 * i) % PAGE, *d);
         }
         fence(Ordering::SeqCst);
         gpu.run(&cmd::batch_start(BATCH_VA))?;
         // What the GPU drew, read back through BAR2.
         let want = picture::render();
         let got: Vec<u8> = (0..picture::FB_BYTES / 4)
-            .flat_map(|i| vram.r32(4 * i).to_le_bytes())
+            .flat_map(|i| vram.load::<u32>(4 * i).to_le_bytes())
             .collect();
         compare("framebuffer", &got, &want)?;
         Ok(format!(
@@ -558,8 +533,8 @@ pub fn run_tests(rep: &mut Report, dev: &Path) -> Result<(), String> {
         let sc = |r: u64| (SCANOUT_BASE + r) as usize;
         info(&format!("vgpu: holding the picture for {ms} ms"));
         std::thread::sleep(Duration::from_millis(ms));
-        bar.w32(sc(SCANOUT_FB_WIDTH), picture::WIDTH / 2);
-        bar.w32(sc(SCANOUT_FB_HEIGHT), picture::HEIGHT / 2);
+        bar.store::<u32>(sc(SCANOUT_FB_WIDTH), picture::WIDTH / 2);
+        bar.store::<u32>(sc(SCANOUT_FB_HEIGHT), picture::HEIGHT / 2);
         info(&format!(
             "vgpu: mode {}x{}, holding for {ms} ms",
             picture::WIDTH / 2,
@@ -567,7 +542,7 @@ pub fn run_tests(rep: &mut Report, dev: &Path) -> Result<(), String> {
         ));
         std::thread::sleep(Duration::from_millis(ms));
     }
-    let err = bar.r32(REG_GLOBAL_ERROR as usize);
+    let err = bar.load::<u32>(REG_GLOBAL_ERROR as usize);
     if err != 0 {
         rep.result("vgpu_global_error", Err(format!("{err}")));
     }
