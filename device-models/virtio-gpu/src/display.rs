@@ -18,6 +18,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, error, warn};
+// The display channel's requests (QEMU `docs/interop/vhost-user-gpu.rst`).
+use vhost::vhost_user::gpu_message::{GpuBackendReq, VhostUserGpuHeaderFlag};
 
 use crate::protocol::{DisplayMode, Rect, EDID_BLOB_SIZE, MAX_SCANOUTS};
 
@@ -33,21 +35,6 @@ pub const CURSOR_SIZE: u32 = 64;
 /// front-end reading it) and, for a request, answered.
 pub const DISPLAY_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Display channel requests (QEMU `docs/interop/vhost-user-gpu.rst`).
-mod request {
-    pub const GET_PROTOCOL_FEATURES: u32 = 1;
-    pub const SET_PROTOCOL_FEATURES: u32 = 2;
-    pub const GET_DISPLAY_INFO: u32 = 3;
-    pub const CURSOR_POS: u32 = 4;
-    pub const CURSOR_POS_HIDE: u32 = 5;
-    pub const CURSOR_UPDATE: u32 = 6;
-    pub const SCANOUT: u32 = 7;
-    pub const UPDATE: u32 = 8;
-    pub const GET_EDID: u32 = 11;
-}
-
-/// `VHOST_USER_GPU_MSG_FLAG_REPLY`.
-const FLAG_REPLY: u32 = 0x4;
 const HEADER_SIZE: usize = 12;
 /// Largest reply taken (a `virtio_gpu_resp_edid` is 1056 bytes).
 const MAX_REPLY: usize = 4096;
@@ -232,9 +219,15 @@ impl Channel {
         }
     }
 
-    /// Sends request `code` with `body` parts; with `reply`, waits for the
+    /// Sends `request` with `body` parts; with `reply`, waits for the
     /// answer and returns its payload.
-    fn call(&self, code: u32, body: &[&[u8]], reply: bool) -> Result<Vec<u8>, ChannelError> {
+    fn call(
+        &self,
+        request: GpuBackendReq,
+        body: &[&[u8]],
+        reply: bool,
+    ) -> Result<Vec<u8>, ChannelError> {
+        let code = request as u32;
         if self.closed {
             return Err(ChannelError::Closed);
         }
@@ -254,10 +247,11 @@ impl Channel {
         let mut header = [0u8; HEADER_SIZE];
         self.recv_exact(&mut header, deadline)?;
         let word = |i: usize| u32::from_ne_bytes(header[i..i + 4].try_into().unwrap_or_default());
-        let (request, flags, size) = (word(0), word(4), word(8));
-        if request != code || flags & FLAG_REPLY == 0 || size as usize > MAX_REPLY {
+        let (answered, flags, size) = (word(0), word(4), word(8));
+        let is_reply = flags & VhostUserGpuHeaderFlag::REPLY.bits() != 0;
+        if answered != code || !is_reply || size as usize > MAX_REPLY {
             return Err(ChannelError::BadReply {
-                request,
+                request: answered,
                 flags,
                 size,
             });
@@ -299,16 +293,16 @@ impl FrontendDisplay {
     }
 
     /// One message; a failure closes the channel for good (logged once).
-    fn call(&self, code: u32, body: &[&[u8]], reply: bool) -> io::Result<Vec<u8>> {
+    fn call(&self, request: GpuBackendReq, body: &[&[u8]], reply: bool) -> io::Result<Vec<u8>> {
         let mut channel = self.channel.lock().unwrap_or_else(|p| p.into_inner());
-        let result = channel.call(code, body, reply);
+        let result = channel.call(request, body, reply);
         if let Err(e) = &result {
             if !channel.closed {
                 channel.closed = true;
                 // SAFETY: shutdown on the socket we own; the peer sees the end.
                 unsafe { libc::shutdown(channel.sock.as_raw_fd(), libc::SHUT_RDWR) };
                 error!(
-                    request = code,
+                    request = request as u32,
                     "display channel: {e}; closed: no more display output, modes and EDID \
                      are the device's own until the front-end sends another socket"
                 );
@@ -323,7 +317,7 @@ impl FrontendDisplay {
         if let Some(v) = *known {
             return v;
         }
-        let offered = match self.call(request::GET_PROTOCOL_FEATURES, &[], true) {
+        let offered = match self.call(GpuBackendReq::GET_PROTOCOL_FEATURES, &[], true) {
             Ok(f) => f
                 .get(..8)
                 .and_then(|b| b.try_into().ok())
@@ -335,7 +329,7 @@ impl FrontendDisplay {
         };
         let ours = offered & GPU_PROTOCOL_F_EDID;
         if let Err(e) = self.call(
-            request::SET_PROTOCOL_FEATURES,
+            GpuBackendReq::SET_PROTOCOL_FEATURES,
             &[&ours.to_ne_bytes()],
             false,
         ) {
@@ -354,7 +348,7 @@ fn words(values: &[u32]) -> Vec<u8> {
 impl DisplayOutput for FrontendDisplay {
     fn display_info(&self) -> Option<Vec<DisplayMode>> {
         self.edid_supported();
-        match self.call(request::GET_DISPLAY_INFO, &[], true) {
+        match self.call(GpuBackendReq::GET_DISPLAY_INFO, &[], true) {
             Ok(info) if info.len() >= DISPLAY_INFO_SIZE => Some(
                 (0..MAX_SCANOUTS)
                     .map(|i| {
@@ -386,7 +380,7 @@ impl DisplayOutput for FrontendDisplay {
         if !self.edid_supported() {
             return None;
         }
-        match self.call(request::GET_EDID, &[&scanout.to_ne_bytes()], true) {
+        match self.call(GpuBackendReq::GET_EDID, &[&scanout.to_ne_bytes()], true) {
             // struct virtio_gpu_resp_edid: header, size, padding, edid[1024].
             Ok(resp) if resp.len() >= 32 => {
                 let len = (u32_at(&resp, 24) as usize)
@@ -407,12 +401,13 @@ impl DisplayOutput for FrontendDisplay {
 
     fn set_scanout(&self, scanout: u32, width: u32, height: u32) -> io::Result<()> {
         let body = words(&[scanout, width, height]);
-        self.call(request::SCANOUT, &[&body], false).map(drop)
+        self.call(GpuBackendReq::SCANOUT, &[&body], false).map(drop)
     }
 
     fn update(&self, scanout: u32, rect: Rect, bgrx: &[u8]) -> io::Result<()> {
         let body = words(&[scanout, rect.x, rect.y, rect.width, rect.height]);
-        self.call(request::UPDATE, &[&body, bgrx], false).map(drop)
+        self.call(GpuBackendReq::UPDATE, &[&body, bgrx], false)
+            .map(drop)
     }
 
     fn cursor(
@@ -426,19 +421,20 @@ impl DisplayOutput for FrontendDisplay {
         let pos = words(&[scanout, x, y]);
         let Some(image) = image else {
             return self
-                .call(request::CURSOR_POS_HIDE, &[&pos], false)
+                .call(GpuBackendReq::CURSOR_POS_HIDE, &[&pos], false)
                 .map(drop);
         };
         let mut data = vec![0u8; 4 * (CURSOR_SIZE * CURSOR_SIZE) as usize];
         let n = image.len().min(data.len());
         data[..n].copy_from_slice(&image[..n]);
         let hot = words(&[hot.0, hot.1]);
-        self.call(request::CURSOR_UPDATE, &[&pos, &hot, &data], false)
+        self.call(GpuBackendReq::CURSOR_UPDATE, &[&pos, &hot, &data], false)
             .map(drop)
     }
 
     fn move_cursor(&self, scanout: u32, x: u32, y: u32) -> io::Result<()> {
         let pos = words(&[scanout, x, y]);
-        self.call(request::CURSOR_POS, &[&pos], false).map(drop)
+        self.call(GpuBackendReq::CURSOR_POS, &[&pos], false)
+            .map(drop)
     }
 }

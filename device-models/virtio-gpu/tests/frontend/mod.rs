@@ -13,9 +13,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{FrontendReq, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
     MmapRegion, VolatileMemory,
@@ -32,10 +33,6 @@ pub const SCRATCH: u64 = 0x10000;
 pub const SCRATCH_END: u64 = 0x80000;
 /// Where tests put pixel backing.
 pub const BACKING_BASE: u64 = 0x100000;
-
-const VRING_DESC_F_NEXT: u16 = 1;
-const VRING_DESC_F_WRITE: u16 = 2;
-const GPU_SET_SOCKET: u32 = 33;
 
 /// The `umdev-virtio-gpu` process in `dir` (a fresh [`TempDir`]), writing
 /// `dir/scanout.png`.
@@ -450,7 +447,7 @@ impl Gpu {
     /// has no call for it).
     pub fn set_gpu_socket(&self, sock: &UnixStream) {
         let mut hdr = [0u8; 12];
-        hdr[0..4].copy_from_slice(&GPU_SET_SOCKET.to_le_bytes());
+        hdr[0..4].copy_from_slice(&(FrontendReq::GPU_SET_SOCKET as u32).to_le_bytes());
         hdr[4..8].copy_from_slice(&1u32.to_le_bytes());
         self.raw.send_with_fd(&hdr[..], sock.as_raw_fd()).unwrap();
     }
@@ -518,13 +515,13 @@ impl Gpu {
             self.mem
                 .write_slice(&vec![0xee; w as usize], GuestAddress(at))
                 .unwrap();
-            descs.push((at, w, VRING_DESC_F_WRITE));
+            descs.push((at, w, VRING_DESC_F_WRITE as u16));
         }
         let raw: Vec<(u64, u32, u16)> = descs.clone();
         let used = self.submit_raw(q, &raw);
         let outs = descs
             .iter()
-            .filter(|d| d.2 & VRING_DESC_F_WRITE != 0)
+            .filter(|d| d.2 & VRING_DESC_F_WRITE as u16 != 0)
             .map(|&(addr, len, _)| {
                 let mut b = vec![0; len as usize];
                 self.mem.read_slice(&mut b, GuestAddress(addr)).unwrap();
@@ -548,7 +545,7 @@ impl Gpu {
         for (i, &(addr, len, flags)) in descs.iter().enumerate() {
             let d = ring.desc + i as u64 * 16;
             let next = if i + 1 < descs.len() {
-                VRING_DESC_F_NEXT
+                VRING_DESC_F_NEXT as u16
             } else {
                 0
             };
@@ -606,7 +603,7 @@ impl Gpu {
             0,
             &[
                 (req_at, request.len() as u32, 0),
-                (resp_at, resp_len, VRING_DESC_F_WRITE),
+                (resp_at, resp_len, VRING_DESC_F_WRITE as u16),
             ],
         );
     }
