@@ -15,14 +15,16 @@ use crate::protocol::{resp, MemEntry, Rect};
 /// Pixel formats (`enum virtio_gpu_formats`); each names its bytes in memory
 /// order, so `B8G8R8X8` is bytes B, G, R, X (DRM's XRGB8888 on little-endian).
 pub mod format {
-    pub const B8G8R8A8_UNORM: u32 = 1;
-    pub const B8G8R8X8_UNORM: u32 = 2;
-    pub const A8R8G8B8_UNORM: u32 = 3;
-    pub const X8R8G8B8_UNORM: u32 = 4;
-    pub const R8G8B8A8_UNORM: u32 = 67;
-    pub const X8B8G8R8_UNORM: u32 = 68;
-    pub const A8B8G8R8_UNORM: u32 = 121;
-    pub const R8G8B8X8_UNORM: u32 = 134;
+    pub use virtio_bindings::virtio_gpu::{
+        virtio_gpu_formats_VIRTIO_GPU_FORMAT_A8B8G8R8_UNORM as A8B8G8R8_UNORM,
+        virtio_gpu_formats_VIRTIO_GPU_FORMAT_A8R8G8B8_UNORM as A8R8G8B8_UNORM,
+        virtio_gpu_formats_VIRTIO_GPU_FORMAT_B8G8R8A8_UNORM as B8G8R8A8_UNORM,
+        virtio_gpu_formats_VIRTIO_GPU_FORMAT_B8G8R8X8_UNORM as B8G8R8X8_UNORM,
+        virtio_gpu_formats_VIRTIO_GPU_FORMAT_R8G8B8A8_UNORM as R8G8B8A8_UNORM,
+        virtio_gpu_formats_VIRTIO_GPU_FORMAT_R8G8B8X8_UNORM as R8G8B8X8_UNORM,
+        virtio_gpu_formats_VIRTIO_GPU_FORMAT_X8B8G8R8_UNORM as X8B8G8R8_UNORM,
+        virtio_gpu_formats_VIRTIO_GPU_FORMAT_X8R8G8B8_UNORM as X8R8G8B8_UNORM,
+    };
 }
 
 const BYTES_PER_PIXEL: u64 = 4;
