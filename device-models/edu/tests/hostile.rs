@@ -87,6 +87,14 @@ fn start() -> (Backend, usize) {
     (be, fds)
 }
 
+/// [`start`], and a client that enabled the device.
+fn start_enabled() -> (Backend, usize, Client) {
+    let (be, fds) = start();
+    let mut c = be.connect();
+    enable(&mut c);
+    (be, fds, c)
+}
+
 fn errno_of<T: std::fmt::Debug>(r: Result<T, umdev::vfio_user::client::ClientError>) -> u32 {
     r.expect_err("the request should have been refused")
         .errno()
@@ -139,9 +147,7 @@ fn dma_map_refuses_fds_it_cannot_trust() {
 /// into it fails (a logged device error), not the process.
 #[test]
 fn memory_shrunk_under_the_backend_fails_the_access_not_the_backend() {
-    let (be, fds) = start();
-    let mut c = be.connect();
-    enable(&mut c);
+    let (be, fds, mut c) = start_enabled();
     let sealable = MemfdRam::new(MIB);
     c.dma_map(RAM, MIB as u64, Some(sealable.fd()), 0, RW)
         .unwrap();
@@ -185,9 +191,7 @@ fn memory_shrunk_under_the_backend_fails_the_access_not_the_backend() {
 /// an eventfd whose counter is full is taken and signalled without blocking.
 #[test]
 fn interrupt_fds_that_would_block() {
-    let (be, fds) = start();
-    let mut c = be.connect();
-    enable(&mut c);
+    let (be, fds, mut c) = start_enabled();
     let trigger = IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER;
     let (_r, w) = resources::full_pipe();
     let (s, _peer) = resources::full_socket();
