@@ -5,6 +5,8 @@
 //! attack the backend is alive, serves a fresh client correctly, keeps its fds
 //! and memory bounded, and ends on SIGTERM within 1 s.
 
+mod edu_dma;
+
 use umdev_testkit as common;
 use umdev_testkit::soak as soak_support;
 
@@ -34,14 +36,8 @@ fn enable(c: &mut Client) {
 
 /// Runs an edu DMA of `count` bytes and waits for the engine to finish.
 fn dma(c: &mut Client, src: u64, dst: u64, count: u64, to_ram: bool) {
-    c.write_u64(BAR0, reg::DMA_SRC, src).unwrap();
-    c.write_u64(BAR0, reg::DMA_DST, dst).unwrap();
-    c.write_u64(BAR0, reg::DMA_COUNT, count).unwrap();
     let cmd = DMA_CMD_RUN | if to_ram { DMA_CMD_TO_RAM } else { 0 };
-    c.write_u64(BAR0, reg::DMA_CMD, cmd).unwrap();
-    wait_for(Duration::from_secs(10), || {
-        (c.read_u64(BAR0, reg::DMA_CMD).unwrap() & DMA_CMD_RUN == 0).then_some(())
-    });
+    edu_dma::run(c, src, dst, count, cmd);
 }
 
 /// What must hold after every attack: the backend runs, a fresh client gets

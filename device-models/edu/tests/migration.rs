@@ -3,11 +3,11 @@
 //! MIG_DATA streams, DMA logging down to the exact pages, and a device moved
 //! mid-workload from one process to another.
 
+mod edu_dma;
+
 use umdev_testkit as common;
 
-use std::time::Duration;
-
-use common::{wait_for, Backend, MemfdRam, SharedRam};
+use common::{Backend, MemfdRam, SharedRam};
 use umdev::memory::LogRange;
 use umdev::migration::fsm::{ALL_STATES, MIGRATION_FLAGS};
 use umdev::migration::MigrationState::{self, *};
@@ -47,28 +47,13 @@ fn connected(be: &Backend, ram: &MemfdRam) -> Client {
     c
 }
 
-fn wait_dma(c: &mut Client) {
-    wait_for(Duration::from_secs(5), || {
-        (c.read_u64(BAR0, reg::DMA_CMD).unwrap() & DMA_CMD_RUN == 0).then_some(())
-    });
-}
-
 /// edu's DMA from its buffer into RAM at `gpa`.
 fn dma_to_ram(c: &mut Client, gpa: u64, len: u64) {
-    c.write_u64(BAR0, reg::DMA_SRC, DMA_BUF_ADDR).unwrap();
-    c.write_u64(BAR0, reg::DMA_DST, gpa).unwrap();
-    c.write_u64(BAR0, reg::DMA_COUNT, len).unwrap();
-    c.write_u64(BAR0, reg::DMA_CMD, DMA_CMD_RUN | DMA_CMD_TO_RAM)
-        .unwrap();
-    wait_dma(c);
+    edu_dma::run(c, DMA_BUF_ADDR, gpa, len, DMA_CMD_RUN | DMA_CMD_TO_RAM);
 }
 
 fn dma_from_ram(c: &mut Client, gpa: u64, len: u64) {
-    c.write_u64(BAR0, reg::DMA_SRC, gpa).unwrap();
-    c.write_u64(BAR0, reg::DMA_DST, DMA_BUF_ADDR).unwrap();
-    c.write_u64(BAR0, reg::DMA_COUNT, len).unwrap();
-    c.write_u64(BAR0, reg::DMA_CMD, DMA_CMD_RUN).unwrap();
-    wait_dma(c);
+    edu_dma::run(c, gpa, DMA_BUF_ADDR, len, DMA_CMD_RUN);
 }
 
 #[test]
@@ -405,29 +390,14 @@ fn first_half(c: &mut Client) {
     dma_from_ram(c, RAM + 0x1000, 256);
     c.write_u32(BAR0, reg::IRQ_RAISE, 0x40).unwrap();
     // A DMA left running when the migration starts.
-    c.write_u64(BAR0, reg::DMA_SRC, DMA_BUF_ADDR).unwrap();
-    c.write_u64(BAR0, reg::DMA_DST, RAM + 0x4000).unwrap();
-    c.write_u64(BAR0, reg::DMA_COUNT, 128).unwrap();
-    c.region_write_posted(
-        BAR0,
-        reg::DMA_CMD,
-        &(DMA_CMD_RUN | DMA_CMD_TO_RAM).to_le_bytes(),
-    )
-    .unwrap();
+    edu_dma::program(c, DMA_BUF_ADDR, RAM + 0x4000, 128);
+    edu_dma::start_posted(c, DMA_CMD_RUN | DMA_CMD_TO_RAM);
 }
 
 fn second_half(c: &mut Client) -> Vec<u32> {
-    wait_dma(c);
-    c.write_u64(BAR0, reg::DMA_SRC, DMA_BUF_ADDR + 16).unwrap();
-    c.write_u64(BAR0, reg::DMA_DST, RAM + 0x3000).unwrap();
-    c.write_u64(BAR0, reg::DMA_COUNT, 128).unwrap();
-    c.write_u64(
-        BAR0,
-        reg::DMA_CMD,
-        DMA_CMD_RUN | DMA_CMD_TO_RAM | DMA_CMD_IRQ,
-    )
-    .unwrap();
-    wait_dma(c);
+    edu_dma::wait(c);
+    let cmd = DMA_CMD_RUN | DMA_CMD_TO_RAM | DMA_CMD_IRQ;
+    edu_dma::run(c, DMA_BUF_ADDR + 16, RAM + 0x3000, 128, cmd);
     c.write_u32(BAR0, reg::FACTORIAL, 7).unwrap();
     [reg::LIVENESS, reg::FACTORIAL, reg::STATUS, reg::IRQ_STATUS]
         .iter()

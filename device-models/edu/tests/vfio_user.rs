@@ -1,6 +1,8 @@
 //! The real `umdev-edu` binary driven over its UNIX socket by our client: every
 //! command, the error paths, DMA by fd and by message, reconnect, SIGTERM.
 
+mod edu_dma;
+
 use umdev_testkit as common;
 
 use std::os::fd::AsRawFd;
@@ -155,24 +157,9 @@ fn intx_and_msi_through_eventfds() {
 
 fn dma_round_trip(c: &mut Client, ram_base: u64, src: u64, dst: u64) {
     // RAM -> device buffer, then device buffer -> RAM elsewhere.
-    c.write_u64(BAR0, reg::DMA_SRC, ram_base + src).unwrap();
-    c.write_u64(BAR0, reg::DMA_DST, DMA_BUF_ADDR).unwrap();
-    c.write_u64(BAR0, reg::DMA_COUNT, 256).unwrap();
-    c.write_u64(BAR0, reg::DMA_CMD, DMA_CMD_RUN).unwrap();
-    wait_for(Duration::from_secs(5), || {
-        (c.read_u64(BAR0, reg::DMA_CMD).unwrap() & DMA_CMD_RUN == 0).then_some(())
-    });
-    c.write_u64(BAR0, reg::DMA_SRC, DMA_BUF_ADDR).unwrap();
-    c.write_u64(BAR0, reg::DMA_DST, ram_base + dst).unwrap();
-    c.write_u64(
-        BAR0,
-        reg::DMA_CMD,
-        DMA_CMD_RUN | DMA_CMD_TO_RAM | DMA_CMD_IRQ,
-    )
-    .unwrap();
-    wait_for(Duration::from_secs(5), || {
-        (c.read_u64(BAR0, reg::DMA_CMD).unwrap() & DMA_CMD_RUN == 0).then_some(())
-    });
+    edu_dma::run(c, ram_base + src, DMA_BUF_ADDR, 256, DMA_CMD_RUN);
+    let to_ram = DMA_CMD_RUN | DMA_CMD_TO_RAM | DMA_CMD_IRQ;
+    edu_dma::run(c, DMA_BUF_ADDR, ram_base + dst, 256, to_ram);
     assert_eq!(c.read_u32(BAR0, reg::IRQ_STATUS).unwrap() & 0x100, 0x100);
 }
 
@@ -189,15 +176,9 @@ fn dma_through_fd_mapped_memory() {
     // Without bus mastering the engine must not touch memory.
     c.region_write(CONFIG, 0x04, &0x0002u16.to_le_bytes())
         .unwrap();
-    c.write_u64(BAR0, reg::DMA_SRC, DMA_BUF_ADDR).unwrap();
-    c.write_u64(BAR0, reg::DMA_DST, 0x10_0000 + 0x3000).unwrap();
-    c.write_u64(BAR0, reg::DMA_COUNT, 16).unwrap();
     ram.bytes_mut()[0x3000] = 0xee;
-    c.write_u64(BAR0, reg::DMA_CMD, DMA_CMD_RUN | DMA_CMD_TO_RAM)
-        .unwrap();
-    wait_for(Duration::from_secs(5), || {
-        (c.read_u64(BAR0, reg::DMA_CMD).unwrap() & DMA_CMD_RUN == 0).then_some(())
-    });
+    let to_ram = DMA_CMD_RUN | DMA_CMD_TO_RAM;
+    edu_dma::run(&mut c, DMA_BUF_ADDR, 0x10_0000 + 0x3000, 16, to_ram);
     assert_eq!(ram.bytes()[0x3000], 0xee, "DMA without Bus Master Enable");
 
     enable(&mut c);
@@ -240,13 +221,9 @@ fn dma_through_messages(be: Backend, layout: DmaLayout) {
 
     // Now script it: hold the server's DMA_READ unanswered while the client maps,
     // unmaps and reads registers; the server must answer all of that first.
-    c.write_u64(BAR0, reg::DMA_SRC, 0x20_0000 + 0x100).unwrap();
-    c.write_u64(BAR0, reg::DMA_DST, DMA_BUF_ADDR + 0x800)
-        .unwrap();
-    c.write_u64(BAR0, reg::DMA_COUNT, 64).unwrap();
+    edu_dma::program(&mut c, 0x20_0000 + 0x100, DMA_BUF_ADDR + 0x800, 64);
     // Posted, as QEMU sends MMIO writes: no reply can arrive before the request.
-    c.region_write_posted(BAR0, reg::DMA_CMD, &DMA_CMD_RUN.to_le_bytes())
-        .unwrap();
+    edu_dma::start_posted(&mut c, DMA_CMD_RUN);
     let request = c.next_message().unwrap();
     assert_eq!(request.header.command, Command::DmaRead as u16);
     assert!(request.header.is_command());
@@ -256,9 +233,7 @@ fn dma_through_messages(be: Backend, layout: DmaLayout) {
     assert_eq!(c.read_u32(BAR0, reg::ID).unwrap(), ID_VALUE);
     c.dma_unmap(0x40_0000, 0x10000, 0).unwrap();
     c.answer(&request).unwrap();
-    wait_for(Duration::from_secs(5), || {
-        (c.read_u64(BAR0, reg::DMA_CMD).unwrap() & DMA_CMD_RUN == 0).then_some(())
-    });
+    edu_dma::wait(&mut c);
 }
 
 /// A DEVICE_RESET while the server's DMA_READ is unanswered: the late answer
@@ -273,15 +248,8 @@ fn a_reset_during_a_dma_by_message_drops_its_late_result() {
     c.set_dma_target(Box::new(ram.clone()), DmaLayout::Spec);
     c.dma_map(0x20_0000, 0x10000, None, 0, RW).unwrap();
     enable(&mut c);
-    c.write_u64(BAR0, reg::DMA_SRC, 0x20_0000).unwrap();
-    c.write_u64(BAR0, reg::DMA_DST, DMA_BUF_ADDR).unwrap();
-    c.write_u64(BAR0, reg::DMA_COUNT, 64).unwrap();
-    c.region_write_posted(
-        BAR0,
-        reg::DMA_CMD,
-        &(DMA_CMD_RUN | DMA_CMD_IRQ).to_le_bytes(),
-    )
-    .unwrap();
+    edu_dma::program(&mut c, 0x20_0000, DMA_BUF_ADDR, 64);
+    edu_dma::start_posted(&mut c, DMA_CMD_RUN | DMA_CMD_IRQ);
     let request = c.next_message().unwrap();
     assert_eq!(request.header.command, Command::DmaRead as u16);
     c.reset().unwrap();
@@ -291,14 +259,8 @@ fn a_reset_during_a_dma_by_message_drops_its_late_result() {
     assert_eq!(c.read_u64(BAR0, reg::DMA_CMD).unwrap(), 0);
     assert_eq!(c.read_u32(BAR0, reg::IRQ_STATUS).unwrap(), 0);
     // The buffer kept its power-on zeros: copy it out to see.
-    c.write_u64(BAR0, reg::DMA_SRC, DMA_BUF_ADDR).unwrap();
-    c.write_u64(BAR0, reg::DMA_DST, 0x20_0000 + 0x1000).unwrap();
-    c.write_u64(BAR0, reg::DMA_COUNT, 64).unwrap();
-    c.write_u64(BAR0, reg::DMA_CMD, DMA_CMD_RUN | DMA_CMD_TO_RAM)
-        .unwrap();
-    wait_for(Duration::from_secs(5), || {
-        (c.read_u64(BAR0, reg::DMA_CMD).unwrap() & DMA_CMD_RUN == 0).then_some(())
-    });
+    let to_ram = DMA_CMD_RUN | DMA_CMD_TO_RAM;
+    edu_dma::run(&mut c, DMA_BUF_ADDR, 0x20_0000 + 0x1000, 64, to_ram);
     assert_eq!(ram.bytes.lock().unwrap()[0x1000..0x1040], [0u8; 64]);
 }
 
@@ -313,9 +275,7 @@ fn dma_by_message_error_reply_does_not_kill_the_session() {
     c.write_u64(BAR0, reg::DMA_DST, DMA_BUF_ADDR).unwrap();
     c.write_u64(BAR0, reg::DMA_COUNT, 64).unwrap();
     c.write_u64(BAR0, reg::DMA_CMD, DMA_CMD_RUN).unwrap();
-    wait_for(Duration::from_secs(5), || {
-        (c.read_u64(BAR0, reg::DMA_CMD).unwrap() & DMA_CMD_RUN == 0).then_some(())
-    });
+    edu_dma::wait(&mut c);
     assert_eq!(c.read_u32(BAR0, reg::ID).unwrap(), ID_VALUE);
 }
 
