@@ -115,17 +115,8 @@ fn guest_ram_shrunk_under_running_work() {
         .contains("took a DMA region's memory away"));
     // The whole region is out of use (even its intact half) until the VMM
     // unmaps it; mapped again, work goes on.
-    let fd = gpu.ram.mem.fd();
     gpu.client.dma_unmap(RAM_GPA, size, 0).unwrap();
-    gpu.client
-        .dma_map(
-            RAM_GPA,
-            size / 2,
-            Some(fd),
-            0,
-            DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE,
-        )
-        .unwrap();
+    gpu.map_ram(0, size / 2);
     ctx.clear_fault(&mut gpu);
     ctx.run_ok(&mut gpu, &[cmd::store_dword(B_VA, 4)]);
     assert_eq!(gpu.ram.read_u32(low), 4);
@@ -162,11 +153,7 @@ fn a_lost_dirty_bitmap_falls_back_to_scanning() {
 /// 64 KiB stride costs only the visible pixels, frame after frame.
 #[test]
 fn scanout_geometry_cannot_make_the_backend_allocate() {
-    let mut gpu = Vgpu::start_with(Options {
-        scanout_png: true,
-        ..Default::default()
-    });
-    let png = gpu.scanout_png.clone().unwrap();
+    let (mut gpu, png) = Vgpu::start_scanout_png();
     let program = |gpu: &mut Vgpu, w: u32, h: u32, stride: u32| {
         gpu.write_reg64(SCANOUT_BASE + SCANOUT_FB_ADDR, 0, false);
         gpu.scanout_write(SCANOUT_FB_WIDTH, w);

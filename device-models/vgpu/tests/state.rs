@@ -219,6 +219,16 @@ fn second_half(gpu: &mut Gpu, ram: &Ram, t: &mut Tables) {
     );
 }
 
+/// Fresh guest RAM named `name`, a device on it, and the first half of the
+/// workload run there.
+fn after_first_half(name: &str) -> (Ram, Gpu, Tables) {
+    let ram = Ram(MappedMemfd::new(name, RAM_SIZE).unwrap());
+    let mut gpu = Gpu::new(&ram);
+    let mut t = Tables::new(&ram);
+    first_half(&mut gpu, &ram, &mut t);
+    (ram, gpu, t)
+}
+
 fn results(gpu: &mut Gpu, ram: &Ram) -> (Vec<u64>, Vec<u8>, Vec<u8>) {
     (
         gpu.observe(),
@@ -229,20 +239,14 @@ fn results(gpu: &mut Gpu, ram: &Ram) -> (Vec<u64>, Vec<u8>, Vec<u8>) {
 
 #[test]
 fn saved_mid_workload_and_continued_elsewhere_gives_the_same_results() {
-    let ram = Ram(MappedMemfd::new("vgpu-state-ref", RAM_SIZE).unwrap());
-    let mut reference = Gpu::new(&ram);
-    let mut t = Tables::new(&ram);
-    first_half(&mut reference, &ram, &mut t);
+    let (ram, mut reference, mut t) = after_first_half("vgpu-state-ref");
     second_half(&mut reference, &ram, &mut t);
     let want = results(&mut reference, &ram);
     assert_eq!(&want.2[16..20], &0x2222u32.to_le_bytes());
     assert_eq!(&want.2[64..128], &[0x5a; 64][..]);
     assert_eq!(&want.1[12..16], &0x3333u32.to_le_bytes());
 
-    let ram = Ram(MappedMemfd::new("vgpu-state", RAM_SIZE).unwrap());
-    let mut source = Gpu::new(&ram);
-    let mut t = Tables::new(&ram);
-    first_half(&mut source, &ram, &mut t);
+    let (ram, mut source, mut t) = after_first_half("vgpu-state");
     let blob = source.f.save().unwrap();
     let before = source.observe();
     drop(source);
@@ -260,10 +264,7 @@ fn saved_mid_workload_and_continued_elsewhere_gives_the_same_results() {
 /// memory is a global error, not a translation.
 #[test]
 fn hostile_blobs_are_refused_and_ggtt_entries_are_checked_again() {
-    let ram = Ram(MappedMemfd::new("vgpu-state-hostile", RAM_SIZE).unwrap());
-    let mut source = Gpu::new(&ram);
-    let mut t = Tables::new(&ram);
-    first_half(&mut source, &ram, &mut t);
+    let (ram, source, _) = after_first_half("vgpu-state-hostile");
     let blob = source.f.save().unwrap();
     let mut target = Gpu::new(&ram);
     target.w32(ctx_reg(1, CTX_RING_SIZE), 8192);

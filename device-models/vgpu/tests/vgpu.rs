@@ -1361,16 +1361,7 @@ fn guest_memory_unmapped_under_the_device() {
     eprintln!("with guest memory unmapped: {f}");
     assert!(gpu.backend.alive());
     // The same memory back: clear and go on (the tables are read afresh).
-    let fd = gpu.ram.mem.fd();
-    gpu.client
-        .dma_map(
-            RAM_GPA,
-            size,
-            Some(fd),
-            0,
-            DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE,
-        )
-        .unwrap();
+    gpu.map_ram(0, size);
     ctx.clear_fault(&mut gpu);
     ctx.run_ok(&mut gpu, &[cmd::store_dword(A_VA, 3)]);
     assert_eq!(gpu.ram.read_u32(x), 3);
@@ -1385,15 +1376,11 @@ fn memory_mapped_again_is_seen_at_the_next_sync_point() {
     let mut gpu = Vgpu::start();
     let size = gpu.ram.size();
     let half = size / 2;
-    let fd = gpu.ram.mem.fd();
-    let rw = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE;
     // Guest RAM as two regions: the context's tables in the low one; a target
     // page, and the leaf table of B_VA, in the high one.
     gpu.client.dma_unmap(RAM_GPA, size, 0).unwrap();
-    gpu.client.dma_map(RAM_GPA, half, Some(fd), 0, rw).unwrap();
-    gpu.client
-        .dma_map(RAM_GPA + half, half, Some(fd), half, rw)
-        .unwrap();
+    gpu.map_ram(0, half);
+    gpu.map_ram(half, half);
     let mut ctx = gpu.context(0);
     let target = RAM_GPA + half + PAGE;
     ctx.pt.map(&mut gpu, A_VA, Target::Ram(target), true);
@@ -1412,9 +1399,7 @@ fn memory_mapped_again_is_seen_at_the_next_sync_point() {
     expect_fault(f, FAULT_BAD_TABLE, B_VA);
     ctx.clear_fault(&mut gpu);
     // Back, with the same contents: both run.
-    gpu.client
-        .dma_map(RAM_GPA + half, half, Some(fd), half, rw)
-        .unwrap();
+    gpu.map_ram(half, half);
     ctx.run_ok(
         &mut gpu,
         &[cmd::store_dword(A_VA, 3), cmd::store_dword(B_VA, 4)],
@@ -1593,11 +1578,7 @@ fn wait_for_png(path: &std::path::Path, want: &(u32, u32, Vec<u8>)) {
 
 #[test]
 fn scanout_png_after_fence() {
-    let mut gpu = Vgpu::start_with(Options {
-        scanout_png: true,
-        ..Default::default()
-    });
-    let png_path = gpu.scanout_png.clone().unwrap();
+    let (mut gpu, png_path) = Vgpu::start_scanout_png();
     let (w, h, stride) = (64u32, 48u32, 320u32);
     let fb_pages = (stride as u64 * h as u64).div_ceil(PAGE);
     // Framebuffer: GGTT pages 16.. -> VRAM at 0x40000, half of the entries
@@ -1697,11 +1678,7 @@ fn scanout_stride_not_a_multiple_of_four() {
 /// A 32x32 picture in two guest RAM pages through the GGTT; then each
 /// `(register, value)` of `bad` must raise global error 2.
 fn scanout_from_guest_ram(bad: &[(u64, u32)]) {
-    let mut gpu = Vgpu::start_with(Options {
-        scanout_png: true,
-        ..Default::default()
-    });
-    let png_path = gpu.scanout_png.clone().unwrap();
+    let (mut gpu, png_path) = Vgpu::start_scanout_png();
     let (w, h) = (32u32, 32u32);
     let stride = w * 4 * 2;
     // Two guest RAM pages, not contiguous, mapped at GGTT pages 0 and 1.

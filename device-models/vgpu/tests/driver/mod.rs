@@ -430,6 +430,16 @@ impl Vgpu {
         Self::start_with(Options::with_source(source))
     }
 
+    /// A vGPU writing scanout 0 to a PNG after each frame, and that PNG's path.
+    pub fn start_scanout_png() -> (Vgpu, PathBuf) {
+        let gpu = Self::start_with(Options {
+            scanout_png: true,
+            ..Default::default()
+        });
+        let png = gpu.scanout_png.clone().unwrap();
+        (gpu, png)
+    }
+
     pub fn start_with(opts: Options) -> Vgpu {
         let mut args = vec!["--page-track".to_string(), opts.page_track.arg().into()];
         if let Some(mib) = opts.vram_mib {
@@ -525,6 +535,15 @@ impl Vgpu {
 
     /// What a driver does at probe: memory decoding and bus mastering on, MSI-X
     /// (or INTx) wired to eventfds, every interrupt source enabled.
+    /// DMA_MAP of guest RAM `[offset, offset + len)` at `RAM_GPA + offset`
+    /// (its memfd at that offset), as a VMM maps it (again).
+    pub fn map_ram(&mut self, offset: u64, len: u64) {
+        let fd = self.ram.mem.fd();
+        self.client
+            .dma_map(RAM_GPA + offset, len, Some(fd), offset, RW)
+            .unwrap();
+    }
+
     pub fn init(&mut self) {
         self.set_command(0x0006);
         let raw: Vec<RawFd> = self.msix.iter().map(|e| e.as_raw_fd()).collect();
