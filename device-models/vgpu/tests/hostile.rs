@@ -155,12 +155,7 @@ fn a_lost_dirty_bitmap_falls_back_to_scanning() {
 fn scanout_geometry_cannot_make_the_backend_allocate() {
     let (mut gpu, png) = Vgpu::start_scanout_png();
     let program = |gpu: &mut Vgpu, w: u32, h: u32, stride: u32| {
-        gpu.write_reg64(SCANOUT_BASE + SCANOUT_FB_ADDR, 0, false);
-        gpu.scanout_write(SCANOUT_FB_WIDTH, w);
-        gpu.scanout_write(SCANOUT_FB_HEIGHT, h);
-        gpu.scanout_write(SCANOUT_FB_STRIDE, stride);
-        gpu.scanout_write(SCANOUT_FB_FORMAT, FB_FORMAT_XRGB8888);
-        gpu.scanout_write(SCANOUT_FB_ENABLE, 1);
+        gpu.show_xrgb8888(0, false, w, h, stride);
     };
     program(&mut gpu, 4096, 4096, u32::MAX - 3);
     assert_eq!(gpu.read_reg(REG_GLOBAL_ERROR), GLOBAL_ERROR_BAD_SCANOUT);

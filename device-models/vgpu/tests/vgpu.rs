@@ -1592,12 +1592,7 @@ fn scanout_png_after_fence() {
             gpu.ggtt_write_halves(16 + i, e);
         }
     }
-    gpu.write_reg64(SCANOUT_BASE + SCANOUT_FB_ADDR, 16 * PAGE, false);
-    gpu.scanout_write(SCANOUT_FB_WIDTH, w);
-    gpu.scanout_write(SCANOUT_FB_HEIGHT, h);
-    gpu.scanout_write(SCANOUT_FB_STRIDE, stride);
-    gpu.scanout_write(SCANOUT_FB_FORMAT, FB_FORMAT_XRGB8888);
-    gpu.scanout_write(SCANOUT_FB_ENABLE, 1);
+    gpu.show_xrgb8888(16 * PAGE, false, w, h, stride);
     assert_eq!(gpu.read_reg(REG_GLOBAL_ERROR), 0);
 
     // Draw through a context that maps the same VRAM: background, a blitted
@@ -1697,12 +1692,7 @@ fn scanout_from_guest_ram(bad: &[(u64, u32)]) {
             rgb.extend_from_slice(&[r, g, b]);
         }
     }
-    gpu.write_reg64(SCANOUT_BASE + SCANOUT_FB_ADDR, 0, true);
-    gpu.scanout_write(SCANOUT_FB_WIDTH, w);
-    gpu.scanout_write(SCANOUT_FB_HEIGHT, h);
-    gpu.scanout_write(SCANOUT_FB_STRIDE, stride);
-    gpu.scanout_write(SCANOUT_FB_FORMAT, FB_FORMAT_XRGB8888);
-    gpu.scanout_write(SCANOUT_FB_ENABLE, 1);
+    gpu.show_xrgb8888(0, true, w, h, stride);
     let mut ctx = gpu.context(1);
     ctx.run_ok(&mut gpu, &[]);
     wait_for_png(&png_path, &(w, h, rgb));

@@ -727,6 +727,17 @@ impl Vgpu {
         self.write_reg64(ctx_reg(ctx, reg), value, false)
     }
 
+    /// Scanout 0 shows the `w` x `h` XRGB8888 framebuffer at GGTT address
+    /// `fb` (written as two 4-byte halves with `halves`), `stride` bytes a line.
+    pub fn show_xrgb8888(&mut self, fb: u64, halves: bool, w: u32, h: u32, stride: u32) {
+        self.write_reg64(SCANOUT_BASE + SCANOUT_FB_ADDR, fb, halves);
+        self.scanout_write(SCANOUT_FB_WIDTH, w);
+        self.scanout_write(SCANOUT_FB_HEIGHT, h);
+        self.scanout_write(SCANOUT_FB_STRIDE, stride);
+        self.scanout_write(SCANOUT_FB_FORMAT, FB_FORMAT_XRGB8888);
+        self.scanout_write(SCANOUT_FB_ENABLE, 1);
+    }
+
     pub fn scanout_write(&mut self, reg: u64, value: u32) {
         self.write_reg(SCANOUT_BASE + reg, value)
     }
