@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use common::{InProcessServer, MemfdRam};
 use umdev::memory::GuestMemory;
-use umdev::pagetrack::{DirtyBitmap, Gfn, PageTracker, Policy, SourceKind, TrackNotifier};
+use umdev::pagetrack::{DirtyBitmap, Gfn, PageTrackNotifier, PageTracker, Policy, SourceKind};
 use umdev::pci::{
     BarDef, BarIndex, DeviceContext, PciDevice, PciDeviceDescription, PciFunction, PciIds,
 };
@@ -28,16 +28,21 @@ const RW: u32 = DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Event {
-    Write(u64, [u8; 8]),
+    /// gpa and the new bytes (their length is the write's).
+    Write(u64, Vec<u8>),
     Remove(Gfn, u64),
+}
+
+fn w(gpa: u64, new: impl AsRef<[u8]>) -> Event {
+    Event::Write(gpa, new.as_ref().to_vec())
 }
 
 #[derive(Default)]
 struct Recorder(Mutex<Vec<Event>>);
 
-impl TrackNotifier for Recorder {
-    fn track_write(&self, gpa: u64, new: &[u8; 8]) {
-        self.0.lock().unwrap().push(Event::Write(gpa, *new));
+impl PageTrackNotifier for Recorder {
+    fn track_write(&self, gpa: u64, new: &[u8]) {
+        self.0.lock().unwrap().push(Event::Write(gpa, new.to_vec()));
     }
     fn track_remove_region(&self, gfn: Gfn, nr_pages: u64) {
         self.0.lock().unwrap().push(Event::Remove(gfn, nr_pages));
@@ -234,13 +239,13 @@ fn workload(rig: &mut Rig) -> Vec<Event> {
 #[test]
 fn every_source_reports_the_same_writes() {
     let expected = vec![
-        Event::Write(RAM_GPA + 0x10, 0x1111_2222_3333_4444u64.to_le_bytes()),
-        Event::Write(RAM_GPA + 0x1020, 0x0000_0000_aaaa_bbbbu64.to_le_bytes()),
-        Event::Write(RAM_GPA + 0x1800, [7; 8]),
-        Event::Write(RAM_GPA + 0x1808, [7; 8]),
-        Event::Write(RAM_GPA + 0x5ff8, u64::MAX.to_le_bytes()),
+        w(RAM_GPA + 0x10, 0x1111_2222_3333_4444u64.to_le_bytes()),
+        w(RAM_GPA + 0x1020, 0x0000_0000_aaaa_bbbbu64.to_le_bytes()),
+        w(RAM_GPA + 0x1800, [7; 8]),
+        w(RAM_GPA + 0x1808, [7; 8]),
+        w(RAM_GPA + 0x5ff8, u64::MAX.to_le_bytes()),
         // The high half of the same entry, in the next interval: the whole entry.
-        Event::Write(RAM_GPA + 0x1020, 0xcccc_dddd_aaaa_bbbbu64.to_le_bytes()),
+        w(RAM_GPA + 0x1020, 0xcccc_dddd_aaaa_bbbbu64.to_le_bytes()),
     ];
     for (source, policy) in [
         (SourceKind::Scan, Policy::Strict),
@@ -280,10 +285,7 @@ fn halves_of_one_entry_merge_within_an_interval() {
         rig.sync();
         assert_eq!(
             rig.events.take(),
-            [Event::Write(
-                RAM_GPA + 0x2040,
-                0x7777_8888_5555_6666u64.to_le_bytes()
-            )],
+            [w(RAM_GPA + 0x2040, 0x7777_8888_5555_6666u64.to_le_bytes())],
             "{source:?}"
         );
     }
@@ -314,11 +316,7 @@ fn strict_uffd_reports_at_the_fault() {
             }
             std::thread::yield_now();
         };
-        assert_eq!(
-            ev,
-            [Event::Write(RAM_GPA + 0x3100, i.to_le_bytes())],
-            "write {i}"
-        );
+        assert_eq!(ev, [w(RAM_GPA + 0x3100, i.to_le_bytes())], "write {i}");
     }
     assert!(at_fault >= 1, "no write was reported at its fault");
     assert!(rig.tracker.counters().faults >= 5);
@@ -352,7 +350,9 @@ fn a_write_racing_syncs_is_never_lost() {
         writer.join().unwrap();
         rig.sync();
         let last = rig.events.take().into_iter().rev().find_map(|e| match e {
-            Event::Write(gpa, v) if gpa == RAM_GPA + 0x4000 => Some(u64::from_le_bytes(v)),
+            Event::Write(gpa, v) if gpa == RAM_GPA + 0x4000 => {
+                Some(u64::from_le_bytes(v.try_into().unwrap()))
+            }
             _ => None,
         });
         assert_eq!(
@@ -462,4 +462,129 @@ fn reset_drops_all_tracking() {
     assert_eq!(rig.track(rig.gfn(1)), 0);
     rig.client.reset().unwrap();
     assert_eq!(rig.tracker.counters().pages_tracked, 0);
+}
+
+// ---- #18: the KVM API's removal and write semantics, per source -------------
+
+const RAM2_GPA: u64 = 0x80_0000;
+const RAM2_SIZE: usize = 64 << 10;
+
+/// Waits up to 5 s for `n` events.
+fn wait_events(rig: &Rig, n: usize) -> Vec<Event> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let len = rig.events.0.lock().unwrap().len();
+        if len >= n || std::time::Instant::now() > deadline {
+            return rig.events.take();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// KVM calls track_remove_region for every memslot deleted, to every notifier,
+/// with tracked pages there or not: so does umdev for DMA_UNMAP of a region,
+/// unmap-all and the client going away; tracked pages there are gone after.
+#[test]
+fn every_removal_of_guest_memory_reaches_the_notifiers() {
+    let mut rig = start(SourceKind::Scan, Policy::default());
+    let ram2 = MemfdRam::new(RAM2_SIZE);
+    let map2 = |rig: &mut Rig| {
+        rig.client
+            .dma_map(RAM2_GPA, RAM2_SIZE as u64, Some(ram2.fd()), 0, RW)
+            .unwrap()
+    };
+    let remove2 = Event::Remove(RAM2_GPA / 4096, RAM2_SIZE as u64 / 4096);
+    let remove1 = Event::Remove(RAM_GPA / 4096, RAM_SIZE as u64 / 4096);
+    // DMA_UNMAP of a region where nothing is tracked.
+    map2(&mut rig);
+    rig.client.dma_unmap(RAM2_GPA, RAM2_SIZE as u64, 0).unwrap();
+    assert_eq!(rig.events.take(), [remove2.clone()]);
+    // Unmap-all: each region, tracked pages in one of them.
+    map2(&mut rig);
+    assert_eq!(rig.track(rig.gfn(3)), 0);
+    assert_eq!(rig.track(RAM2_GPA / 4096 + 1), 0);
+    rig.client.dma_unmap(0, 0, DMA_UNMAP_FLAG_ALL).unwrap();
+    let mut got = rig.events.take();
+    got.sort_by_key(|e| format!("{e:?}"));
+    let mut want = vec![remove1.clone(), remove2.clone()];
+    want.sort_by_key(|e| format!("{e:?}"));
+    assert_eq!(got, want);
+    assert_eq!(rig.tracker.counters().pages_tracked, 0);
+    // The client goes away with two regions mapped.
+    rig.client
+        .dma_map(RAM_GPA, RAM_SIZE as u64, Some(rig.ram.fd()), 0, RW)
+        .unwrap();
+    map2(&mut rig);
+    assert_eq!(rig.track(rig.gfn(5)), 0);
+    let Rig {
+        _server,
+        client,
+        ram: _ram,
+        events,
+        tracker,
+        ..
+    } = rig;
+    drop(client);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while events.0.lock().unwrap().len() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let mut got = events.take();
+    got.sort_by_key(|e| format!("{e:?}"));
+    assert_eq!(got, want, "client loss");
+    assert_eq!(tracker.counters().pages_tracked, 0);
+}
+
+/// Scan and dirty bitmap compare at sync points: they see the net change of
+/// each 8-byte entry since the last one. A->B->A and a same-value rewrite are
+/// invisible; A->B is one write of the entry's 8 new bytes.
+#[test]
+fn scan_and_bitmap_see_the_net_change_per_entry() {
+    for source in [SourceKind::Scan, SourceKind::DirtyBitmap] {
+        let mut rig = start(source, Policy::Strict);
+        assert_eq!(rig.track(rig.gfn(2)), 0, "{source:?}");
+        let (a, b) = (0xaaaa_u64.to_le_bytes(), 0xbbbb_u64.to_le_bytes());
+        rig.guest_write(0x2100, &a);
+        rig.sync();
+        assert_eq!(rig.events.take(), [w(RAM_GPA + 0x2100, a)], "{source:?}");
+        rig.guest_write(0x2100, &b);
+        rig.guest_write(0x2100, &a);
+        rig.sync();
+        assert_eq!(rig.events.take(), [], "{source:?}: A->B->A is invisible");
+        rig.guest_write(0x2100, &a);
+        rig.sync();
+        assert_eq!(rig.events.take(), [], "{source:?}: a rewrite is invisible");
+        // Two bytes of the entry: reported as the whole entry, 8 bytes.
+        rig.guest_write(0x2102, &[0x11, 0x22]);
+        rig.sync();
+        let mut e = a;
+        e[2..4].copy_from_slice(&[0x11, 0x22]);
+        assert_eq!(rig.events.take(), [w(RAM_GPA + 0x2100, e)], "{source:?}");
+    }
+}
+
+/// The userfaultfd source in strict mode reports every write fault: a write to
+/// a protected page faults, its report comes without a sync, and the page is
+/// protected again before the report. A->B->A is two writes, a same-value
+/// rewrite one (the entry as it is: the VMM's uffd gives exact fault
+/// addresses). Writes that land while the page is writable for a fault just
+/// resolved merge into that fault's report, so each write here waits for the
+/// report of the one before, as a vCPU that traps on each would.
+#[test]
+fn strict_uffd_reports_every_write_fault() {
+    let mut rig = start(SourceKind::Userfault, Policy::Strict);
+    assert_eq!(rig.track(rig.gfn(3)), 0);
+    let (a, b) = (0xaaaa_u64.to_le_bytes(), 0xbbbb_u64.to_le_bytes());
+    let faults = rig.tracker.counters().faults;
+    for (i, v) in [a, b, a, a].into_iter().enumerate() {
+        rig.guest_write(0x3100, &v);
+        assert_eq!(
+            wait_events(&rig, 1),
+            [w(RAM_GPA + 0x3100, v)],
+            "write {i} reported at its fault"
+        );
+        assert_eq!(rig.tracker.counters().faults, faults + i as u64 + 1);
+    }
+    rig.sync();
+    assert_eq!(rig.events.take(), [], "nothing left for the sync point");
 }
