@@ -525,6 +525,66 @@ fn remap_without_invalidate_each_submission_syncs() {
     remap_follows(&mut gpu, Sync::Submission);
 }
 
+/// A range TLB_INVALIDATE brings up to date only the tables that translate
+/// INV_START..INV_PAGES (SPEC.md): a leaf edit inside the range is seen, one
+/// in another subtree is not until a whole invalidation. Seen through the
+/// page tracker's track_write count (`--metrics`): no doorbell may ring in
+/// between, since every submission is a whole sync point.
+#[test]
+fn a_range_invalidate_syncs_only_the_tables_of_its_range() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut gpu = Vgpu::start_with(Options {
+        extra_args: vec!["--metrics".into(), format!("127.0.0.1:{port}")],
+        ..Options::default()
+    });
+    let writes = || {
+        let (_, text) = umdev_testkit::metrics::http(port, b"GET /metrics HTTP/1.0\r\n\r\n");
+        umdev_testkit::metrics::sample(&text, "umdev_pagetrack_track_writes_total")
+            .unwrap_or_else(|| panic!("no track_write count in:\n{text}"))
+    };
+    let wait_writes = |n: f64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while writes() < n && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        writes()
+    };
+    let mut ctx = gpu.context(1);
+    let [x, y, u, z] = [(); 4].map(|_| gpu.alloc.page());
+    ctx.pt.map(&mut gpu, A_VA, Target::Ram(x), true);
+    ctx.pt.map(&mut gpu, B_VA, Target::Ram(y), true);
+    ctx.run_ok(
+        &mut gpu,
+        &[cmd::store_dword(A_VA, 1), cmd::store_dword(B_VA, 2)],
+    );
+    let before = writes();
+    // One leaf entry edited in each subtree (A_VA and B_VA differ at the root).
+    ctx.pt.map(&mut gpu, A_VA, Target::Ram(u), true);
+    ctx.pt.map(&mut gpu, B_VA, Target::Ram(z), true);
+    gpu.ctx_write64(1, CTX_INV_START, A_VA);
+    gpu.ctx_write(1, CTX_INV_PAGES, 1);
+    gpu.ctx_write(1, CTX_TLB_INVALIDATE, TLB_INVALIDATE_RANGE);
+    assert_eq!(wait_writes(before + 1.0), before + 1.0, "the edit in range");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        writes(),
+        before + 1.0,
+        "the edit outside the range is not seen"
+    );
+    gpu.ctx_write(1, CTX_TLB_INVALIDATE, TLB_INVALIDATE_ALL);
+    assert_eq!(wait_writes(before + 2.0), before + 2.0, "whole invalidate");
+    ctx.run_ok(
+        &mut gpu,
+        &[cmd::store_dword(A_VA, 3), cmd::store_dword(B_VA, 4)],
+    );
+    assert_eq!((gpu.ram.read_u32(u), gpu.ram.read_u32(z)), (3, 4));
+    assert_eq!((gpu.ram.read_u32(x), gpu.ram.read_u32(y)), (1, 2));
+}
+
 #[test]
 fn pte_writes_as_two_halves() {
     let mut gpu = Vgpu::start();
