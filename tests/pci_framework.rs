@@ -39,6 +39,13 @@ impl PciDevice for TestDevice {
         match bar {
             0 => data.copy_from_slice(&self.regs[o..o + data.len()]),
             4 => data.copy_from_slice(&self.ports[o..o + data.len()]),
+            // The mmapped half, if read by message: the backend memory itself.
+            2 if offset >= 0x8_0000 => {
+                use std::os::unix::fs::FileExt;
+                if self.vram.read_exact_at(data, offset).is_err() {
+                    data.fill(0xff);
+                }
+            }
             _ => data.fill(0x5a),
         }
     }
@@ -220,12 +227,18 @@ fn sparse_mmap_region_hands_out_its_fd() {
             0x8_0000,
         );
         assert_ne!(p, libc::MAP_FAILED);
-        *(p as *mut u8) = 0x42;
+        std::ptr::copy_nonoverlapping([0x42u8, 0x43, 0x44, 0x45].as_ptr(), p as *mut u8, 4);
         libc::munmap(p, 4096);
     }
-    // The trapped half goes to the model.
     c.region_write(CONFIG, 0x04, &0x0002u16.to_le_bytes())
         .unwrap();
+    // Read back by REGION_READ (which the server gives to the device): the
+    // bytes written through the mapping, in the backend's memory.
+    assert_eq!(
+        c.region_read(2, 0x8_0000, 4).unwrap(),
+        [0x42, 0x43, 0x44, 0x45]
+    );
+    // The trapped half goes to the model.
     assert_eq!(c.region_read(2, 0x10, 2).unwrap(), [0x5a, 0x5a]);
 }
 
