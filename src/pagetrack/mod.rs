@@ -2,13 +2,41 @@
 //! that lives outside the VMM and so cannot trap guest writes itself.
 //!
 //! Users [`PageTracker::track`] and [`PageTracker::untrack`] gfns (refcounted: many
-//! users may track one page) and register [`TrackNotifier`]s. Writes are
+//! users may track one page) and register [`PageTrackNotifier`]s. Writes are
 //! *detected*: every tracked page has a snapshot, and at a sync point
 //! ([`PageTracker::sync`]) the pages a [`WriteSource`] names as candidates are
 //! compared with it. Each changed naturally aligned 8-byte entry becomes one
-//! `track_write(gpa, new_bytes)`, in address order, after the write has landed.
-//! When DMA_UNMAP takes memory from under tracked pages, `track_remove_region`
-//! fires once for the region and the tracking state there is dropped.
+//! `track_write(gpa, new bytes)`, in address order, after the write has landed.
+//! When guest memory goes away, `track_remove_region` reaches every notifier
+//! and the tracking state there is dropped after it.
+//!
+//! # KVM's API and umdev's
+//!
+//! | KVM (`arch/x86/kvm/mmu/page_track.c`, Linux 6.7+) | umdev | difference |
+//! |---|---|---|
+//! | `kvm_write_track_add_gfn(kvm, gfn)` | [`PageTracker::track`] | refcount `u32` (KVM: `u16`, WARN on overflow), overflow is [`TrackError::RefcountOverflow`]; a gfn outside fd-mapped memory is [`TrackError::NotMapped`] (KVM: `-EINVAL` outside a memslot); at most [`DEFAULT_MAX_TRACKED_PAGES`] pages, each with a 4 KiB snapshot |
+//! | `kvm_write_track_remove_gfn(kvm, gfn)` | [`PageTracker::untrack`] | an untracked gfn is [`TrackError::NotTracked`] (KVM: WARN) |
+//! | `kvm_page_track_register_notifier(kvm, node)` (takes a VM reference) | [`PageTracker::register`] → [`NotifierRegistration`], or [`PageTracker::register_notifier`] → [`NotifierId`] | the guard holds the tracker as KVM's reference holds the VM, and unregisters when dropped; KVM's `-ESRCH` for another process's VM has no equivalent. The id form leaves the notifier to the tracker until unregistered or the tracker ends |
+//! | `kvm_page_track_unregister_notifier(kvm, node)` (`synchronize_srcu`) | [`PageTracker::unregister_notifier`], [`NotifierRegistration::unregister`], its `Drop` | waits per notifier: after it returns the notifier is never called, calls under way on other threads have finished, the tracker has let go of it. From inside a callback of the same tracker it is refused ([`NotifierError::InCallback`]) where KVM would deadlock; a guard dropped there retires the notifier without waiting |
+//! | `track_write(gpa, new, bytes, node)`, called by `kvm_page_track_write` after each emulated write to a tracked page | [`PageTrackNotifier::track_write`]`(gpa, new)`, `new.len()` the bytes | KVM traps every guest write and reports it exactly. umdev sees memory, not writes: scan and dirty bitmap report the **net change of each 8-byte entry at a sync point** (A->B->A and a rewrite of the same bytes are invisible, two writes to one entry between syncs are one report); the uffd source in strict mode reports **every write fault** at once (a fault that changed nothing: the faulting entry, or the whole page when the VMM's uffd lacks `UFFD_FEATURE_EXACT_ADDRESS`, as it now is), but writes that land while the page is writable for a fault just resolved merge into that fault's report, and out-of-sync pages behave like scan. Writes the backend itself makes (`GuestMemory::write`) are compared at the next sync whatever the source |
+//! | `track_remove_region(gfn, nr_pages, node)`, from `kvm_page_track_delete_slot` on memslot deletion | [`PageTrackNotifier::track_remove_region`], from [`PageTracker::remove_region`] on DMA_UNMAP of a region, unmap-all (each region) and client loss (each region) | the same: every notifier, the region's first gfn and page count, tracked pages there or not; tracked gfns there are dropped after the call, whatever their refcount. KVM calls it with the memslot already invalid; umdev with the region already out of the table (reads there fail) |
+//! | `kvm_page_track_is_valid_gfn` | `GuestMemory::is_host_mapped` | |
+//! | (none: KVM's writes are trapped, nothing to sync) | [`PageTracker::sync`], [`PageTracker::sync_range`], [`PageTracker::sync_gfns`] | the sync point where detection happens; refused from inside a callback |
+//! | (none) | [`PageTracker::reset`] | device reset: every page untracked without a notification (no memory went away) |
+//!
+//! What a separate process cannot match: KVM write-protects tracked gfns in the
+//! guest's own page tables (EPT/NPT) and emulates each write, so it knows the
+//! address, bytes and length of every write, before any other vCPU can act on
+//! it. A vfio-user or vhost-user backend has no hold on the guest's page
+//! tables; it only shares the memory. So umdev reports after the fact: at a
+//! sync point (scan, bitmap), or at the first write fault through a
+//! userfaultfd the VMM registered on its own mapping (the guest writes through
+//! that mapping; a uffd on the backend's mapping sees nothing). Even in strict
+//! mode the faulting vCPU runs on once the page is made writable, so the
+//! bytes reported are what the page holds when the handler looks, not the
+//! exact bytes of the write, and a second write racing that window is merged.
+//! Dirty logging through KVM (`KVM_GET_DIRTY_LOG`, dirty rings) works only in
+//! the VMM's process.
 //!
 //! Sources: [`SourceKind::Scan`] compares every tracked page (works with every
 //! VMM); [`SourceKind::DirtyBitmap`] compares only pages the VMM marked in a
