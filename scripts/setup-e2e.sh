@@ -99,51 +99,10 @@ ensure_host_tool() { # tool package
     command -v "$1" >/dev/null 2>&1 || die "could not install $2"
 }
 
-# apt-get / apt-cache against the private configuration only.
-APT_OPTS=()
-setup_private_apt() {
-    mkdir -p "$APTROOT/etc/sources.list.d" "$APTROOT/etc/preferences.d" \
-        "$APTROOT/etc/apt.conf.d" "$APTROOT/lists/partial" "$APTROOT/cache" \
-        "$DEBS/partial"
-    : > "$APTROOT/status"
-    local signed="[signed-by=$KEYRING]"
-    cat > "$APTROOT/etc/sources.list" <<EOF
-deb $signed $MIRROR $SUITE main
-deb $signed $MIRROR $SUITE-updates main
-deb $signed $SECURITY_MIRROR $SUITE-security main
-EOF
-    if [ "$QEMU_SUITE" != "$SUITE" ]; then
-        echo "deb $signed $MIRROR $QEMU_SUITE main" >> "$APTROOT/etc/sources.list"
-    fi
-    APT_OPTS=(
-        -o "Dir::Etc=$APTROOT/etc"
-        -o "Dir::Etc::sourcelist=$APTROOT/etc/sources.list"
-        -o "Dir::Etc::sourceparts=$APTROOT/etc/sources.list.d"
-        -o "Dir::Etc::preferences=$APTROOT/etc/preferences"
-        -o "Dir::Etc::preferencesparts=$APTROOT/etc/preferences.d"
-        -o "Dir::State=$APTROOT"
-        -o "Dir::State::lists=$APTROOT/lists"
-        -o "Dir::State::status=$APTROOT/status"
-        -o "Dir::State::extended_states=$APTROOT/extended_states"
-        -o "Dir::Cache=$APTROOT/cache"
-        -o "Dir::Cache::archives=$DEBS"
-        -o "APT::Architecture=amd64"
-        -o "APT::Architectures::=amd64"
-        -o "APT::Install-Recommends=false"
-        -o "APT::Sandbox::User=root"
-        -o "Acquire::Languages=none"
-        -o "Debug::NoLocking=1"
-        -o "quiet=1"
-    )
-}
-papt_get() { apt-get "${APT_OPTS[@]}" "$@"; }
-papt_cache() { apt-cache "${APT_OPTS[@]}" "$@"; }
-
-# "Inst pkg (version suite [arch])" lines -> "pkg version arch"
-inst_lines() { sed -n 's/^Inst \([^ ]*\) (\([^ ]*\) [^[]*\[\([a-z0-9]*\)\].*/\1 \2 \3/p'; }
-deb_file() { # pkg version arch -> file name apt stores it under
-    echo "${1}_${2//:/%3a}_${3}.deb"
-}
+# apt-get / apt-cache against the private configuration only (setup_private_apt,
+# papt_get, papt_cache, inst_lines, deb_file; shared with setup-kbuild.sh).
+# shellcheck source=scripts/lib-private-apt.sh
+. "$(dirname "$0")/lib-private-apt.sh"
 
 bytes_of() { { du -scb "$@" 2>/dev/null || true; } | awk '$2=="total"{s=$1} END{printf "%.1f MB", s/1e6}'; }
 
