@@ -4,7 +4,11 @@
 # sysfs and devtmpfs and runs the driver on the serial console; and the guest
 # kernel modules setup-e2e.sh extracted (virtio_gpu and its dependencies) in
 # /lib/modules/umdev with their load.list, which the driver loads only in the
-# modes that need them (UMDEV_MODE=fb).
+# modes that need them (UMDEV_MODE=fb); and, when scripts/setup-kbuild.sh has
+# been run, the vGPU's Linux driver umdev_vgpu.ko (scripts/build-guest-module.sh)
+# in /lib/modules/umdev-kmod, loaded by /init only when the kernel command line
+# says UMDEV_VGPU_KMOD=1 (load, print its kernel log lines, unload again before
+# the guest driver runs) or UMDEV_VGPU_KMOD=keep (leave it bound).
 #
 # Idempotent: the archive is rebuilt only when the driver binary, busybox, the
 # modules or the init script changed (a content hash is kept next to the archive).
@@ -17,6 +21,9 @@
 #   UMDEV_BUSYBOX       static busybox to use (default $UMDEV_CACHE/guest/busybox)
 #   UMDEV_MODULES       directory of <name>.ko files and load.list (default
 #                       $UMDEV_CACHE/guest/modules; left out when missing)
+#   UMDEV_KMOD          the vGPU driver module (default: built by
+#                       scripts/build-guest-module.sh into $UMDEV_CACHE/guest/kmod;
+#                       left out when scripts/setup-kbuild.sh has not been run)
 #   UMDEV_GUEST_DRIVER  use this driver binary instead of building tests/guest-driver
 #   UMDEV_INITRAMFS     output path (default <repo>/target/e2e/initramfs.cpio.gz)
 set -euo pipefail
@@ -72,6 +79,31 @@ export PATH=/bin
 for d in /sys/bus/pci/devices/*; do
     echo "INFO pci $(basename "$d") $(cat "$d/vendor"):$(cat "$d/device") class=$(cat "$d/class")"
 done
+# The vGPU's kernel driver, on request only (the userspace driver below uses
+# the same device): its kernel log lines are echoed as "INFO kmod: ...".
+case ${UMDEV_VGPU_KMOD:-0} in
+    0) ;;
+    1|keep)
+        kmod=/lib/modules/umdev-kmod/umdev_vgpu.ko
+        if [ ! -f "$kmod" ]; then
+            echo "FAIL init UMDEV_VGPU_KMOD: umdev_vgpu.ko is not in the initramfs (run scripts/setup-kbuild.sh)"
+        elif insmod "$kmod"; then
+            seen=$(dmesg | grep -c umdev_vgpu)
+            dmesg | grep umdev_vgpu | sed 's/^/INFO kmod: /'
+            if [ "$UMDEV_VGPU_KMOD" = 1 ]; then
+                if rmmod umdev_vgpu; then
+                    dmesg | grep umdev_vgpu | tail -n +"$((seen + 1))" | sed 's/^/INFO kmod: /'
+                    echo "INFO kmod: unloaded"
+                else
+                    echo "FAIL init rmmod umdev_vgpu failed"
+                fi
+            fi
+        else
+            echo "FAIL init insmod umdev_vgpu.ko failed"
+            dmesg | tail -n 20 | sed 's/^/INFO kmod: /'
+        fi ;;
+    *) echo "FAIL init UMDEV_VGPU_KMOD=$UMDEV_VGPU_KMOD (want 1 or keep)" ;;
+esac
 if [ "${UMDEV_SHELL:-0}" = 1 ]; then
     echo "INFO init: UMDEV_SHELL=1, starting a shell (exit it to run the driver)"
     setsid cttyhack sh
@@ -86,7 +118,22 @@ poweroff -f
 EOF
 )
 
-# 3. Rebuild only when something changed.
+# 3. The vGPU's kernel driver (cached; nothing when there is no kbuild root).
+if [ -n "${UMDEV_KMOD:-}" ]; then
+    KMOD=$UMDEV_KMOD
+    [ -s "$KMOD" ] || die "UMDEV_KMOD=$KMOD is not a file"
+else
+    KMOD=$("$REPO/scripts/build-guest-module.sh" --quiet --if-set-up | tail -n1) ||
+        die "scripts/build-guest-module.sh failed"
+fi
+KMODFILES=()
+if [ -n "$KMOD" ]; then
+    KMODFILES=("$KMOD")
+else
+    say "no kbuild root (run scripts/setup-kbuild.sh): umdev_vgpu.ko left out"
+fi
+
+# 4. Rebuild only when something changed.
 MODFILES=()
 if [ -s "$MODULES/load.list" ]; then
     MODFILES=("$MODULES/load.list")
@@ -97,7 +144,7 @@ if [ -s "$MODULES/load.list" ]; then
 else
     say "no kernel modules at $MODULES (run scripts/setup-e2e.sh): left out"
 fi
-HASH=$( { sha256sum "$DRIVER" "$BUSYBOX" "${MODFILES[@]}" | cut -d' ' -f1; printf '%s\n' "$INIT_SCRIPT" | sha256sum | cut -d' ' -f1; } | sha256sum | cut -d' ' -f1)
+HASH=$( { sha256sum "$DRIVER" "$BUSYBOX" "${MODFILES[@]}" "${KMODFILES[@]}" | cut -d' ' -f1; printf '%s\n' "$INIT_SCRIPT" | sha256sum | cut -d' ' -f1; } | sha256sum | cut -d' ' -f1)
 if [ -s "$OUT" ] && [ "$(cat "$OUT.hash" 2>/dev/null)" = "$HASH" ]; then
     say "up to date: $OUT"
     echo "$OUT"
@@ -115,6 +162,10 @@ printf '%s\n' "$INIT_SCRIPT" > "$STAGE/init"
 if [ "${#MODFILES[@]}" -gt 0 ]; then
     mkdir -p "$STAGE/lib/modules/umdev"
     cp "${MODFILES[@]}" "$STAGE/lib/modules/umdev/"
+fi
+if [ "${#KMODFILES[@]}" -gt 0 ]; then
+    mkdir -p "$STAGE/lib/modules/umdev-kmod"
+    cp "${KMODFILES[0]}" "$STAGE/lib/modules/umdev-kmod/umdev_vgpu.ko"
 fi
 chmod 755 "$STAGE/init" "$STAGE/bin/busybox" "$STAGE/bin/umdev-guest-driver"
 ( cd "$STAGE" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 ) | gzip -6 -n > "$OUT.tmp"

@@ -8,6 +8,7 @@ cd "$REPO"
 
 echo "== e2e set-up (cached)"
 scripts/setup-e2e.sh --quiet
+scripts/setup-kbuild.sh --quiet
 scripts/setup-vnc-viewer.sh --quiet
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -19,7 +19,7 @@ use std::fs;
 
 use common::e2e::{self, Backend, Diag, GuestOpts};
 use common::metrics::{self, VGPU_FAMILIES};
-use umdev_vgpu::{picture, scanout};
+use umdev_vgpu::{picture, regs, scanout};
 
 /// The differing pixels of two RGB pictures of the same size: count and the
 /// first few as text.
@@ -345,4 +345,86 @@ fn vgpu_picture_seen_by_a_standard_vnc_viewer() {
         "{test}: two vncdotool viewers saw the picture and the mode change"
     ));
     drop(diag);
+}
+
+/// The vGPU's Linux driver (device-models/vgpu/guest/linux, built for the
+/// guest kernel by scripts/setup-kbuild.sh + scripts/build-guest-module.sh and
+/// put in the initramfs): with `UMDEV_VGPU_KMOD=1` the guest's init loads it,
+/// it binds to 1234:5547, reads the ID and CAPS registers through BAR0 and
+/// logs them, and unloads cleanly; the userspace driver then still finds a
+/// working device.
+#[test]
+fn vgpu_kernel_module_binds() {
+    let test = "vgpu_kernel_module_binds";
+    let Some(env) = e2e::env(test) else { return };
+    let cache = std::env::var_os("UMDEV_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/umdev")
+        });
+    if !cache.join("kbuild-root/.umdev-kbuild").exists() && !e2e::required() {
+        e2e::note(&format!(
+            "{test}: skipped: run scripts/setup-kbuild.sh (no kbuild root; \
+             UMDEV_E2E=1 makes this a failure)"
+        ));
+        return;
+    }
+    let diag = Diag::default();
+    let dir = e2e::test_dir(env, test);
+    let backend = start_vgpu(env, test, &[], &diag);
+    let guest = e2e::Guest::start(
+        env,
+        &dir,
+        "vgpu",
+        &vgpu_guest(
+            &backend,
+            "UMDEV_DEV=1234:5547 UMDEV_TESTS=vgpu_context UMDEV_VGPU_KMOD=1",
+        ),
+        &diag,
+    );
+    let serial = guest.serial.clone();
+    let (status, messages, results, elapsed) = guest.wait();
+    drop(backend);
+    e2e::note(&format!("{test}: vgpu: {:.1}s", elapsed.as_secs_f64()));
+    e2e::check_results("vgpu", &results, &messages);
+    assert!(
+        status.success(),
+        "run-guest.sh failed ({status}):\n{messages}"
+    );
+    assert!(
+        results.lines().any(|l| l.starts_with("PASS vgpu_context ")),
+        "no PASS vgpu_context after the module was unloaded:\n{results}"
+    );
+
+    let log = fs::read(&serial).unwrap_or_else(|e| panic!("{}: {e}", serial.display()));
+    let log = String::from_utf8_lossy(&log).replace('\r', "");
+    let kmod: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("INFO kmod: "))
+        .collect();
+    // dev_info: "umdev_vgpu 0000:01:00.0: 1234:5547 id=0x55470001 vram=64 MiB contexts=4"
+    let bound = format!(
+        "1234:5547 id=0x{:08x} vram={} MiB contexts={}",
+        regs::ID_VALUE,
+        regs::DEFAULT_VRAM_MIB,
+        regs::CONTEXTS
+    );
+    assert!(
+        kmod.iter()
+            .any(|l| l.contains("umdev_vgpu ") && l.ends_with(&bound)),
+        "no {bound:?} from umdev_vgpu.ko on the guest console:\n{}",
+        kmod.join("\n")
+    );
+    assert!(
+        kmod.iter()
+            .any(|l| l.contains("umdev_vgpu ") && l.ends_with(": removed")),
+        "umdev_vgpu.ko did not log its removal:\n{}",
+        kmod.join("\n")
+    );
+    assert!(
+        kmod.contains(&"INFO kmod: unloaded"),
+        "umdev_vgpu.ko was not unloaded:\n{}",
+        kmod.join("\n")
+    );
 }
