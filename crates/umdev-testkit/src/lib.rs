@@ -111,8 +111,21 @@ impl Backend {
         backend
     }
 
+    /// A negotiated client. The socket file appears a moment before the
+    /// backend listens on it: a refusal is retried for up to 5 s.
     pub fn connect(&self) -> Client {
-        Client::connect(&self.socket).expect("connect and negotiate")
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match Client::connect(&self.socket) {
+                Err(umdev::vfio_user::client::ClientError::Connect(e))
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                r => return r.expect("connect and negotiate"),
+            }
+        }
     }
 
     pub fn log(&self) -> String {
