@@ -295,7 +295,8 @@ pub fn audit_segment(
                 if cursor.commands > MAX_COMMANDS_PER_SUBMISSION {
                     return Err(ctx.fault(FAULT_BUDGET, at));
                 }
-                if src_pitch == width && dst_pitch == width {
+                let fits = |va: u64| va.checked_add(width * height).is_some();
+                if src_pitch == width && dst_pitch == width && fits(src_va) && fits(dst_va) {
                     // Lines back to back on both sides: one range each, as a
                     // COPY of the same bytes. If a page faults, the lines
                     // below find which comes first in line order.
