@@ -126,7 +126,10 @@ impl AuditContext<'_> {
     /// names the first address that fails, also past `VA_LIMIT` (which
     /// `translate` refuses: nothing is mapped there).
     fn range(&self, va: u64, len: u64, write: bool) -> Result<Vec<Extent>, Fault> {
-        let end = va.saturating_add(len);
+        // A range that wraps the address space faults at its start.
+        let end = va
+            .checked_add(len)
+            .ok_or_else(|| self.fault(FAULT_NOT_PRESENT, va))?;
         let mut out: Vec<Extent> = Vec::new();
         let mut cur = va;
         while cur < end {
