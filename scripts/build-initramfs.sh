@@ -6,9 +6,10 @@
 # /lib/modules/umdev with their load.list, which the driver loads only in the
 # modes that need them (UMDEV_MODE=fb); and, when scripts/setup-kbuild.sh has
 # been run, the vGPU's Linux driver umdev_vgpu.ko (scripts/build-guest-module.sh)
-# in /lib/modules/umdev-kmod, loaded by /init only when the kernel command line
-# says UMDEV_VGPU_KMOD=1 (load, print its kernel log lines, unload again before
-# the guest driver runs) or UMDEV_VGPU_KMOD=keep (leave it bound).
+# in /lib/modules/umdev-kmod (with "deps", the guest modules it needs, in load
+# order), loaded by /init only when the kernel command line says
+# UMDEV_VGPU_KMOD=1 (load, print its kernel log lines, unload again before the
+# guest driver runs) or UMDEV_VGPU_KMOD=keep (leave it bound).
 #
 # Idempotent: the archive is rebuilt only when the driver binary, busybox, the
 # modules or the init script changed (a content hash is kept next to the archive).
@@ -85,6 +86,11 @@ case ${UMDEV_VGPU_KMOD:-0} in
     0) ;;
     1|keep)
         kmod=/lib/modules/umdev-kmod/umdev_vgpu.ko
+        # Its dependencies (drm, ...) first, from the guest's modules.
+        for m in $(cat /lib/modules/umdev-kmod/deps 2>/dev/null); do
+            [ -d "/sys/module/$m" ] || insmod "/lib/modules/umdev/$m.ko" ||
+                echo "FAIL init insmod $m.ko (needed by umdev_vgpu.ko) failed"
+        done
         if [ ! -f "$kmod" ]; then
             echo "FAIL init UMDEV_VGPU_KMOD: umdev_vgpu.ko is not in the initramfs (run scripts/setup-kbuild.sh)"
         elif insmod "$kmod"; then
@@ -127,8 +133,23 @@ else
         die "scripts/build-guest-module.sh failed"
 fi
 KMODFILES=()
+KMODDEPS=
+# A module's depends= (.modinfo), as words.
+modinfo_depends() { LC_ALL=C tr '\0' '\n' < "$1" | LC_ALL=C sed -n 's/^depends=//p' | head -n1 | tr ',' ' '; }
 if [ -n "$KMOD" ]; then
     KMODFILES=("$KMOD")
+    # What it needs among the guest modules above, dependencies first.
+    declare -A KSEEN=()
+    kmod_visit() {
+        local m=$1 d
+        [ -z "${KSEEN[$m]:-}" ] || return 0
+        KSEEN[$m]=1
+        [ -f "$MODULES/$m.ko" ] ||
+            die "umdev_vgpu.ko needs the module $m, which is not in $MODULES (scripts/setup-e2e.sh GUEST_MODULES)"
+        for d in $(modinfo_depends "$MODULES/$m.ko"); do kmod_visit "$d"; done
+        KMODDEPS="$KMODDEPS $m"
+    }
+    for d in $(modinfo_depends "$KMOD"); do kmod_visit "$d"; done
 else
     say "no kbuild root (run scripts/setup-kbuild.sh): umdev_vgpu.ko left out"
 fi
@@ -166,6 +187,7 @@ fi
 if [ "${#KMODFILES[@]}" -gt 0 ]; then
     mkdir -p "$STAGE/lib/modules/umdev-kmod"
     cp "${KMODFILES[0]}" "$STAGE/lib/modules/umdev-kmod/umdev_vgpu.ko"
+    echo "${KMODDEPS# }" > "$STAGE/lib/modules/umdev-kmod/deps"
 fi
 chmod 755 "$STAGE/init" "$STAGE/bin/busybox" "$STAGE/bin/umdev-guest-driver"
 ( cd "$STAGE" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 ) | gzip -6 -n > "$OUT.tmp"

@@ -16,9 +16,12 @@
 use umdev_testkit as common;
 
 use std::fs;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
 
 use common::e2e::{self, Backend, Diag, GuestOpts};
 use common::metrics::{self, VGPU_FAMILIES};
+use umdev_test_patterns as fb_pattern;
 use umdev_vgpu::{picture, regs, scanout};
 
 /// The differing pixels of two RGB pictures of the same size: count and the
@@ -347,16 +350,11 @@ fn vgpu_picture_seen_by_a_standard_vnc_viewer() {
     drop(diag);
 }
 
-/// The vGPU's Linux driver (device-models/vgpu/guest/linux, built for the
-/// guest kernel by scripts/setup-kbuild.sh + scripts/build-guest-module.sh and
-/// put in the initramfs): with `UMDEV_VGPU_KMOD=1` the guest's init loads it,
-/// it binds to 1234:5547, reads the ID and CAPS registers through BAR0 and
-/// logs them, and unloads cleanly; the userspace driver then still finds a
-/// working device.
-#[test]
-fn vgpu_kernel_module_binds() {
-    let test = "vgpu_kernel_module_binds";
-    let Some(env) = e2e::env(test) else { return };
+/// The e2e set-up, when the guest's initramfs can carry the vGPU's kernel
+/// driver (scripts/setup-kbuild.sh has been run; a failure if not and
+/// `UMDEV_E2E=1`: the guest then reports the module missing).
+fn kmod_env(test: &str) -> Option<&'static e2e::Env> {
+    let env = e2e::env(test)?;
     let cache = std::env::var_os("UMDEV_CACHE")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| {
@@ -368,8 +366,21 @@ fn vgpu_kernel_module_binds() {
             "{test}: skipped: run scripts/setup-kbuild.sh (no kbuild root; \
              UMDEV_E2E=1 makes this a failure)"
         ));
-        return;
+        return None;
     }
+    Some(env)
+}
+
+/// The vGPU's Linux driver (device-models/vgpu/guest/linux, built for the
+/// guest kernel by scripts/setup-kbuild.sh + scripts/build-guest-module.sh and
+/// put in the initramfs): with `UMDEV_VGPU_KMOD=1` the guest's init loads it,
+/// it binds to 1234:5547, reads the ID and CAPS registers through BAR0 and
+/// logs them, and unloads cleanly; the userspace driver then still finds a
+/// working device.
+#[test]
+fn vgpu_kernel_module_binds() {
+    let test = "vgpu_kernel_module_binds";
+    let Some(env) = kmod_env(test) else { return };
     let diag = Diag::default();
     let dir = e2e::test_dir(env, test);
     let backend = start_vgpu(env, test, &[], &diag);
@@ -427,4 +438,102 @@ fn vgpu_kernel_module_binds() {
         "umdev_vgpu.ko was not unloaded:\n{}",
         kmod.join("\n")
     );
+}
+
+/// The vGPU's Linux driver as a display: with `UMDEV_VGPU_KMOD=keep` the
+/// module stays bound and registers a DRM device with fbdev emulation; the
+/// guest driver's fb mode draws the test picture (`umdev-test-patterns`) on
+/// its `/dev/fb0`; the kernel copies it into VRAM, which the module has mapped
+/// for scanout 0 through the GGTT. The backend's scanout PNG (SIGUSR1) must
+/// equal the picture pixel for pixel at the module's preferred 1024x768.
+#[test]
+fn vgpu_kernel_module_scanout() {
+    let test = "vgpu_kernel_module_scanout";
+    let Some(env) = kmod_env(test) else { return };
+    let diag = Diag::default();
+    let dir = e2e::test_dir(env, test);
+    let png = dir.join("scanout.png");
+    let _ = fs::remove_file(&png);
+    let args = vec!["--scanout-png".to_string(), png.display().to_string()];
+    let backend = start_vgpu(env, test, &args, &diag);
+    let mut guest = e2e::Guest::start(
+        env,
+        &dir,
+        "vgpu",
+        &vgpu_guest(
+            &backend,
+            "UMDEV_VGPU_KMOD=keep UMDEV_MODE=fb UMDEV_FB_HOLD_SECS=60",
+        ),
+        &diag,
+    );
+    guest.wait_for_line(fb_pattern::MARKER, Duration::from_secs(env.timeout));
+    let serial = guest.serial_text();
+    let size = serial
+        .lines()
+        .find_map(|l| l.strip_prefix("PASS fb_pattern_written "))
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.split_once('x'))
+        .and_then(|(w, h)| Some((w.parse::<u32>().ok()?, h.parse::<u32>().ok()?)));
+    assert_eq!(size, Some((1024, 768)), "fb size on the guest console");
+    let (width, height) = (1024u32, 768u32);
+    let mut want = Vec::with_capacity(width as usize * height as usize * 3);
+    for y in 0..height {
+        for x in 0..width {
+            want.extend_from_slice(&fb_pattern::rgb(x, y));
+        }
+    }
+
+    // The picture is in VRAM once the kernel's damage worker ran: ask for
+    // captures until one matches, for a while.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let last = loop {
+        let before = fs::metadata(&png).and_then(|m| m.modified()).ok();
+        e2e::signal(&backend.child, libc::SIGUSR1);
+        let wait_file = Instant::now() + Duration::from_secs(5);
+        while fs::metadata(&png).and_then(|m| m.modified()).ok() == before
+            && Instant::now() < wait_file
+        {
+            sleep(Duration::from_millis(50));
+        }
+        let what = match fs::read(&png)
+            .map_err(|e| e.to_string())
+            .and_then(|b| scanout::decode_png(&b).map_err(|e| e.to_string()))
+        {
+            Err(e) => format!("{}: {e}", png.display()),
+            Ok(got) if (got.width, got.height) != (width, height) => {
+                format!(
+                    "scanout {}x{}, want {width}x{height}",
+                    got.width, got.height
+                )
+            }
+            Ok(got) => {
+                let (count, first) = pixel_diff(&got.rgb, &want, width);
+                if count == 0 {
+                    break None;
+                }
+                format!("{count} pixels differ: {}", first.join(", "))
+            }
+        };
+        if Instant::now() >= deadline {
+            break Some(what);
+        }
+        sleep(Duration::from_millis(300));
+    };
+    drop(guest);
+    drop(backend);
+    if let Some(what) = last {
+        let expected = dir.join("expected.png");
+        let mut xrgb = Vec::with_capacity(want.len() / 3 * 4);
+        for p in want.chunks_exact(3) {
+            xrgb.extend_from_slice(&[p[2], p[1], p[0], 0]);
+        }
+        let _ = scanout::write_png(&expected, width, height, width as usize * 4, &xrgb);
+        panic!(
+            "the scanout is not the picture drawn on /dev/fb0 ({what}); expected: {}",
+            expected.display()
+        );
+    }
+    e2e::note(&format!(
+        "{test}: scanout {width}x{height} matches the picture drawn through umdev_vgpu.ko"
+    ));
 }
