@@ -110,6 +110,33 @@ case ${UMDEV_VGPU_KMOD:-0} in
         fi ;;
     *) echo "FAIL init UMDEV_VGPU_KMOD=$UMDEV_VGPU_KMOD (want 1 or keep)" ;;
 esac
+# UMDEV_CONSOLE=1 (with UMDEV_VGPU_KMOD=keep): the Linux console (fbcon) on
+# the vGPU's fbdev shows a known screen on tty1 (a text line, then at row 4,
+# column 3 the bright-green full blocks "# ## ###"), reported as
+# "PASS console_marker rows=R cols=C fb=WxH"; the guest then holds it for
+# UMDEV_CONSOLE_HOLD_SECS (60) and powers off without running the driver.
+if [ "${UMDEV_CONSOLE:-0}" = 1 ]; then
+    n=0
+    while [ ! -e /sys/class/graphics/fb0 ] && [ "$n" -lt 50 ]; do sleep 0.1; n=$((n + 1)); done
+    if [ ! -e /sys/class/graphics/fb0 ]; then
+        echo "FAIL console_marker no framebuffer (is UMDEV_VGPU_KMOD=keep set?)"
+    else
+        # No blinking cursor: the screen must stay still to be compared.
+        echo 0 > /sys/class/graphics/fbcon/cursor_blink 2>/dev/null
+        tty=/dev/tty1
+        size=$(stty -F "$tty" size)
+        block='\342\226\210'
+        printf '\033[?25l\033[2J\033[H' > "$tty"
+        printf 'umdev vgpu console: Linux %s on %s\n' "$(uname -r)" "$(cat /sys/class/graphics/fb0/name)" > "$tty"
+        printf "\\033[4;3H\\033[1;32m$block $block$block $block$block$block\\033[0m\\n" > "$tty"
+        # Below it, for people looking: the kernel's lines about this display.
+        { printf '\033[6;1H'; dmesg | grep -E 'umdev_vgpu|fbcon|Console: switching' | tail -n 12; } > "$tty"
+        echo "PASS console_marker rows=${size% *} cols=${size#* } fb=$(tr , x < /sys/class/graphics/fb0/virtual_size)"
+    fi
+    sleep "${UMDEV_CONSOLE_HOLD_SECS:-60}"
+    echo "INFO init: powering off"
+    poweroff -f
+fi
 if [ "${UMDEV_SHELL:-0}" = 1 ]; then
     echo "INFO init: UMDEV_SHELL=1, starting a shell (exit it to run the driver)"
     setsid cttyhack sh

@@ -483,42 +483,20 @@ fn vgpu_kernel_module_scanout() {
         }
     }
 
-    // The picture is in VRAM once the kernel's damage worker ran: ask for
-    // captures until one matches, for a while.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let last = loop {
-        let before = fs::metadata(&png).and_then(|m| m.modified()).ok();
-        e2e::signal(&backend.child, libc::SIGUSR1);
-        let wait_file = Instant::now() + Duration::from_secs(5);
-        while fs::metadata(&png).and_then(|m| m.modified()).ok() == before
-            && Instant::now() < wait_file
-        {
-            sleep(Duration::from_millis(50));
+    // The picture is in VRAM once the kernel's damage worker ran.
+    let last = capture_until(&backend, &png, Duration::from_secs(15), |got| {
+        if (got.width, got.height) != (width, height) {
+            return Err(format!(
+                "scanout {}x{}, want {width}x{height}",
+                got.width, got.height
+            ));
         }
-        let what = match fs::read(&png)
-            .map_err(|e| e.to_string())
-            .and_then(|b| scanout::decode_png(&b).map_err(|e| e.to_string()))
-        {
-            Err(e) => format!("{}: {e}", png.display()),
-            Ok(got) if (got.width, got.height) != (width, height) => {
-                format!(
-                    "scanout {}x{}, want {width}x{height}",
-                    got.width, got.height
-                )
-            }
-            Ok(got) => {
-                let (count, first) = pixel_diff(&got.rgb, &want, width);
-                if count == 0 {
-                    break None;
-                }
-                format!("{count} pixels differ: {}", first.join(", "))
-            }
-        };
-        if Instant::now() >= deadline {
-            break Some(what);
+        match pixel_diff(&got.rgb, &want, width) {
+            (0, _) => Ok(()),
+            (count, first) => Err(format!("{count} pixels differ: {}", first.join(", "))),
         }
-        sleep(Duration::from_millis(300));
-    };
+    })
+    .err();
     drop(guest);
     drop(backend);
     if let Some(what) = last {
@@ -536,4 +514,200 @@ fn vgpu_kernel_module_scanout() {
     e2e::note(&format!(
         "{test}: scanout {width}x{height} matches the picture drawn through umdev_vgpu.ko"
     ));
+}
+
+/// Asks the backend for scanout PNGs (SIGUSR1 with `--scanout-png png`) until
+/// `check` accepts one or `timeout` passes: the accepted picture, or the last
+/// complaint. Pictures the guest draws reach VRAM a little later (the kernel's
+/// damage worker), so one capture is not enough.
+fn capture_until(
+    backend: &Backend,
+    png: &std::path::Path,
+    timeout: Duration,
+    mut check: impl FnMut(&scanout::RgbPicture) -> Result<(), String>,
+) -> Result<scanout::RgbPicture, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let before = fs::metadata(png).and_then(|m| m.modified()).ok();
+        e2e::signal(&backend.child, libc::SIGUSR1);
+        let wait_file = Instant::now() + Duration::from_secs(5);
+        while fs::metadata(png).and_then(|m| m.modified()).ok() == before
+            && Instant::now() < wait_file
+        {
+            sleep(Duration::from_millis(50));
+        }
+        let complaint = match fs::read(png)
+            .map_err(|e| e.to_string())
+            .and_then(|b| scanout::decode_png(&b).map_err(|e| e.to_string()))
+        {
+            Err(e) => format!("{}: {e}", png.display()),
+            Ok(got) => match check(&got) {
+                Ok(()) => return Ok(got),
+                Err(e) => e,
+            },
+        };
+        if Instant::now() >= deadline {
+            return Err(complaint);
+        }
+        sleep(Duration::from_millis(300));
+    }
+}
+
+/// The marker the guest's init prints on the console (scripts/build-initramfs.sh,
+/// `UMDEV_CONSOLE=1`): at character row 3, column 2 (from 0), full blocks where
+/// this says `#`, in bright green (VGA palette colour 10).
+const CONSOLE_MARKER: &str = "# ## ###";
+const CONSOLE_MARKER_AT: (u32, u32) = (2, 3);
+const CONSOLE_GREEN: [u8; 3] = [0x55, 0xff, 0x55];
+const CONSOLE_BLACK: [u8; 3] = [0, 0, 0];
+
+/// Where the console marker is wrong in `got`, for a `cols` x `rows` console
+/// on it: each marker cell must be solid green or solid black, and the first
+/// text line (row 0) must have lit pixels.
+fn console_marker_errors(got: &scanout::RgbPicture, cols: u32, rows: u32) -> Vec<String> {
+    let (cw, ch) = (got.width / cols, got.height / rows);
+    let pixel = |x: u32, y: u32| {
+        let at = 3 * (y as usize * got.width as usize + x as usize);
+        [got.rgb[at], got.rgb[at + 1], got.rgb[at + 2]]
+    };
+    let mut errors = Vec::new();
+    let (col0, row) = CONSOLE_MARKER_AT;
+    for (i, c) in CONSOLE_MARKER.chars().enumerate() {
+        let want = if c == '#' {
+            CONSOLE_GREEN
+        } else {
+            CONSOLE_BLACK
+        };
+        let col = col0 + i as u32;
+        let wrong = (0..ch)
+            .flat_map(|dy| (0..cw).map(move |dx| (dx, dy)))
+            .map(|(dx, dy)| (col * cw + dx, row * ch + dy))
+            .find(|&(x, y)| pixel(x, y) != want);
+        if let Some((x, y)) = wrong {
+            errors.push(format!(
+                "cell ({col},{row}) at ({x},{y}) is {:02x?}, want {want:02x?}",
+                pixel(x, y)
+            ));
+        }
+    }
+    let lit = (0..ch)
+        .flat_map(|y| (0..got.width).map(move |x| (x, y)))
+        .filter(|&(x, y)| pixel(x, y) != CONSOLE_BLACK)
+        .count();
+    if lit == 0 {
+        errors.push("the first console line has no text".into());
+    }
+    errors
+}
+
+/// The Linux console on the vGPU: with `UMDEV_VGPU_KMOD=keep UMDEV_CONSOLE=1`
+/// the module's fbdev emulation carries fbcon, and init prints a known screen
+/// on tty1. The backend's scanout PNG shows it at the mode the driver set
+/// (1024x768): the first line has text and the marker's cells are exactly the
+/// console's bright green and black. A standard VNC viewer (vncdotool) sees
+/// the same screen pixel for pixel; its capture is kept as `console-vnc.png`
+/// (docs/images/vgpu-console-vncdo.png comes from it).
+#[test]
+fn vgpu_kernel_module_console() {
+    let test = "vgpu_kernel_module_console";
+    let Some(env) = kmod_env(test) else { return };
+    let vncdo = vncdo();
+    let diag = Diag::default();
+    let dir = e2e::test_dir(env, test);
+    let png = dir.join("scanout.png");
+    let _ = fs::remove_file(&png);
+    let port = free_port();
+    let args = vec![
+        "--scanout-png".to_string(),
+        png.display().to_string(),
+        "--vnc".into(),
+        format!("127.0.0.1:{port}"),
+    ];
+    let backend = start_vgpu(env, test, &args, &diag);
+    let mut guest = e2e::Guest::start(
+        env,
+        &dir,
+        "vgpu",
+        &vgpu_guest(
+            &backend,
+            "UMDEV_VGPU_KMOD=keep UMDEV_CONSOLE=1 UMDEV_CONSOLE_HOLD_SECS=60",
+        ),
+        &diag,
+    );
+    guest.wait_for_line("console_marker", Duration::from_secs(env.timeout));
+    let serial = guest.serial_text();
+    let line = serial
+        .lines()
+        .find(|l| l.contains("console_marker"))
+        .unwrap_or_default()
+        .to_owned();
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(line.starts_with("PASS console_marker "), "{line}");
+    let (rows, cols): (u32, u32) = (
+        field("rows=").parse().expect("rows"),
+        field("cols=").parse().expect("cols"),
+    );
+    assert_eq!(field("fb="), "1024x768", "{line}");
+
+    let got = capture_until(&backend, &png, Duration::from_secs(15), |got| {
+        if (got.width, got.height) != (1024, 768) {
+            return Err(format!(
+                "scanout {}x{}, want 1024x768",
+                got.width, got.height
+            ));
+        }
+        match console_marker_errors(got, cols, rows) {
+            e if e.is_empty() => Ok(()),
+            e => Err(e.join("; ")),
+        }
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "the console marker is not on the scanout ({e}); see {}",
+            png.display()
+        )
+    });
+    e2e::note(&format!(
+        "{test}: fbcon {cols}x{rows} on the scanout at 1024x768, marker pixels exact"
+    ));
+
+    if vncdo.exists() {
+        let shot = dir.join("console-vnc.png");
+        let _ = fs::remove_file(&shot);
+        let out = std::process::Command::new(&vncdo)
+            .arg("-s")
+            .arg(format!("127.0.0.1::{port}"))
+            .arg("capture")
+            .arg(&shot)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run vncdo");
+        assert!(
+            out.status.success(),
+            "vncdo: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let seen = scanout::decode_png(&fs::read(&shot).unwrap()).expect("decode vncdo's PNG");
+        assert_eq!((seen.width, seen.height), (got.width, got.height));
+        let (count, first) = pixel_diff(&seen.rgb, &got.rgb, got.width);
+        assert_eq!(count, 0, "vncdo's capture differs:\n{}", first.join("\n"));
+        e2e::note(&format!(
+            "{test}: vncdotool sees the console ({})",
+            shot.display()
+        ));
+    } else {
+        assert!(
+            !e2e::required(),
+            "{} missing: run scripts/setup-vnc-viewer.sh",
+            vncdo.display()
+        );
+    }
+    drop(guest);
+    drop(backend);
 }
