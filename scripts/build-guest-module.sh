@@ -45,7 +45,7 @@ HEADERS=$(field headers)
 [ -n "$KREL" ] && [ -f "$KROOT$HEADERS/Makefile" ] ||
     die "the kbuild root at $KROOT is incomplete: run scripts/setup-kbuild.sh"
 
-SOURCES=("$SRC/$MODULE.c" "$SRC/Kbuild" "$SRC/Makefile")
+SOURCES=("$SRC/$MODULE.c" "$SRC/${MODULE}_drm.h" "$SRC/Kbuild" "$SRC/Makefile")
 for f in "${SOURCES[@]}"; do [ -f "$f" ] || die "missing $f"; done
 HASH=$( { sha256sum "${SOURCES[@]}" | cut -d' ' -f1; cat "$KROOT/.umdev-kbuild"; } | sha256sum | cut -d' ' -f1)
 OUT=$OUTDIR/$MODULE.ko
