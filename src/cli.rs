@@ -136,20 +136,18 @@ pub fn run(args: &ServerArgs, function: PciFunction) -> Result<(), RunError> {
     };
     let server = Server::new(function, config);
     // Kept for as long as the server runs (the registry holds it weakly).
-    let _metrics = match args.metrics {
-        Some(addr) => {
-            crate::metrics::serve(addr)?;
-            let source = crate::pci::function::FunctionMetrics::source_for(server.function());
-            crate::metrics::register(&source);
-            Some(source)
-        }
-        None => None,
-    };
+    let counters = crate::pci::function::FunctionMetrics::source_for(server.function());
+    if let Some(addr) = args.metrics {
+        crate::metrics::serve(addr)?;
+        crate::metrics::register(&counters);
+    }
     stop_on_termination_signals(server.stop_handle()).map_err(|e| RunError::Fd(-1, e))?;
     let result = serve_as_told(args, &server);
     if server.stop_handle().is_stopped() {
         info!("stopped by a termination signal");
     }
+    // What the run did, also without a scraper (the e2e tests read it).
+    info!("counters at exit: {}", crate::metrics::summary(&*counters));
     result
 }
 

@@ -119,6 +119,19 @@ pub fn render() -> String {
     w.finish()
 }
 
+/// The non-zero samples of `source`, as `name{labels} value` joined by ", ":
+/// what a run did, for a log line when no scraper was watching.
+pub fn summary(source: &dyn MetricsSource) -> String {
+    let mut w = MetricsWriter::default();
+    source.write_metrics(&mut w);
+    let text = w.finish();
+    let samples: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.ends_with(" 0"))
+        .collect();
+    samples.join(", ")
+}
+
 /// What a client asked for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Request {
@@ -263,6 +276,19 @@ mod tests {
             w.counter("umdev_test_total", "A test counter.", 2);
             w.counters("umdev_test_by_total", "By kind.", "kind", &[("a\"b", 1)]);
         }
+    }
+
+    #[test]
+    fn summary_lists_non_zero_samples_only() {
+        struct Some0;
+        impl MetricsSource for Some0 {
+            fn write_metrics(&self, w: &mut MetricsWriter) {
+                w.counter("umdev_zero_total", "Nothing.", 0);
+                w.counters("umdev_by_total", "By kind.", "kind", &[("a", 0), ("b", 10)]);
+            }
+        }
+        assert_eq!(summary(&Two), "umdev_test_total 2, umdev_test_by_total{kind=\"a\\\"b\"} 1");
+        assert_eq!(summary(&Some0), "umdev_by_total{kind=\"b\"} 10");
     }
 
     #[test]

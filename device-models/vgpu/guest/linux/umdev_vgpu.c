@@ -729,8 +729,17 @@ static int umdev_vgpu_ctx_acquire(struct umdev_vgpu *vgpu, struct umdev_vgpu_fil
 	writel(UMDEV_VGPU_CTX_CONTROL_ENABLE | UMDEV_VGPU_CTX_CONTROL_CLEAR,
 	       umdev_vgpu_ctx_reg(ctx, UMDEV_VGPU_CTX_CONTROL));
 	ctx->tail = readl(umdev_vgpu_ctx_reg(ctx, UMDEV_VGPU_CTX_RING_HEAD)) &
-		    (UMDEV_VGPU_RING_SIZE - 1) & ~(UMDEV_VGPU_SUBMIT_DWORDS * 4 - 1);
-	writel(ctx->tail, umdev_vgpu_ctx_reg(ctx, UMDEV_VGPU_CTX_RING_TAIL));
+		    (UMDEV_VGPU_RING_SIZE - 1) & ~3;
+	/* Submissions start 32-byte aligned (none wraps): NOPs up to there. */
+	if (ctx->tail % (UMDEV_VGPU_SUBMIT_DWORDS * 4)) {
+		while (ctx->tail % (UMDEV_VGPU_SUBMIT_DWORDS * 4)) {
+			ctx->ring[ctx->tail / 4] = UMDEV_VGPU_CMD(UMDEV_VGPU_OP_NOP, 0, 1);
+			ctx->tail += 4;
+		}
+		ctx->tail &= UMDEV_VGPU_RING_SIZE - 1;
+		wmb();
+		writel(ctx->tail, umdev_vgpu_ctx_reg(ctx, UMDEV_VGPU_CTX_RING_TAIL));
+	}
 	vgpu->irq_enable |= BIT(ctx->id);
 	writel(vgpu->irq_enable, vgpu->mmio + UMDEV_VGPU_REG_IRQ_ENABLE);
 	drm_dev_exit(idx);
