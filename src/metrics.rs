@@ -287,7 +287,10 @@ mod tests {
                 w.counters("umdev_by_total", "By kind.", "kind", &[("a", 0), ("b", 10)]);
             }
         }
-        assert_eq!(summary(&Two), "umdev_test_total 2, umdev_test_by_total{kind=\"a\\\"b\"} 1");
+        assert_eq!(
+            summary(&Two),
+            "umdev_test_total 2, umdev_test_by_total{kind=\"a\\\"b\"} 1"
+        );
         assert_eq!(summary(&Some0), "umdev_by_total{kind=\"b\"} 10");
     }
 

@@ -12,6 +12,7 @@ pub mod command;
 mod metrics;
 pub use umdev_vgpu_abi::{encode, picture, regs};
 pub mod scanout;
+pub mod sched;
 pub mod shadow;
 mod state;
 #[cfg(test)]
@@ -20,8 +21,9 @@ pub mod vram;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Instant;
 
 use tracing::{debug, info, warn};
 use umdev::memory::GuestMemory;
@@ -33,11 +35,12 @@ use umdev::pci::{
 
 use command::{audit_segment, AuditContext, Cursor, Extent, Fault, Step};
 use regs::*;
+use sched::{EngineShare, Progress, Scheduler, Task};
 use shadow::{ShadowPageTables, Target, TargetCheck, Translation};
 use vram::Vram;
 
 /// How to build a vGPU.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct VgpuConfig {
     pub ids: PciIds,
     pub vram_mib: u32,
@@ -45,6 +48,14 @@ pub struct VgpuConfig {
     pub scanout_png: Option<PathBuf>,
     pub page_track: SourceKind,
     pub policy: Policy,
+    /// Hardware contexts the device has (1 to 4; CAPS says how many).
+    pub contexts: usize,
+    /// GGTT entries (a power of two, 1024 to 131072; GGTT_SIZE says how
+    /// many): the display's aperture is this many 4 KiB pages.
+    pub ggtt_entries: u32,
+    /// The engine its submissions run on, shared with other vGPUs (a parent's
+    /// scheduler); `None`: an engine of its own.
+    pub engine: Option<EngineShare>,
 }
 
 impl Default for VgpuConfig {
@@ -63,6 +74,9 @@ impl Default for VgpuConfig {
             scanout_png: None,
             page_track: SourceKind::Scan,
             policy: Policy::default(),
+            contexts: CONTEXTS,
+            ggtt_entries: GGTT_ENTRIES as u32,
+            engine: None,
         }
     }
 }
@@ -75,6 +89,10 @@ pub enum VgpuError {
     Pci(#[from] PciError),
     #[error("VRAM size must be a power of two from 1 to 4096 MiB")]
     VramSize,
+    #[error("a vGPU has 1 to {CONTEXTS} contexts, not {0}")]
+    Contexts(usize),
+    #[error("GGTT entries must be a power of two from 1024 to {GGTT_ENTRIES}, not {0}")]
+    GgttEntries(u32),
 }
 
 /// The PCI description of a vGPU with `config`.
@@ -140,10 +158,25 @@ pub fn new_function(
     if !config.vram_mib.is_power_of_two() || config.vram_mib > 4096 {
         return Err(VgpuError::VramSize);
     }
+    if !(1..=CONTEXTS).contains(&config.contexts) {
+        return Err(VgpuError::Contexts(config.contexts));
+    }
+    let entries = config.ggtt_entries;
+    if !entries.is_power_of_two() || !(1024..=GGTT_ENTRIES as u32).contains(&entries) {
+        return Err(VgpuError::GgttEntries(entries));
+    }
     let vram = Vram::new(u64::from(config.vram_mib) << 20)?;
     let mut handle = None;
-    let function = PciFunction::new(description(&config), memory, |ctx| {
-        let vgpu = Vgpu::new(ctx, vram, config.scanout_png.clone());
+    let description = description(&config);
+    let engine = config
+        .engine
+        .unwrap_or_else(|| Scheduler::start().share("vgpu", 1));
+    let layout = Layout {
+        contexts: config.contexts,
+        ggtt_entries: entries as usize,
+    };
+    let function = PciFunction::new(description, memory, |ctx| {
+        let vgpu = Vgpu::new(ctx, vram, config.scanout_png.clone(), layout, engine);
         handle = Some(VgpuHandle {
             shared: Arc::downgrade(&vgpu.shared),
         });
@@ -182,6 +215,22 @@ struct Scanout {
     enable: u32,
 }
 
+/// What a vGPU has of the hardware the spec allows (its type's slice).
+#[derive(Clone, Copy, Debug)]
+struct Layout {
+    contexts: usize,
+    ggtt_entries: usize,
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Layout {
+            contexts: CONTEXTS,
+            ggtt_entries: GGTT_ENTRIES as usize,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Registers {
     irq_status: u32,
@@ -194,6 +243,8 @@ struct Registers {
     generation: u64,
     /// VRAM size, for CAPS (kept across reset).
     vram_mib: u32,
+    /// Contexts and GGTT size, for CAPS and GGTT_SIZE (kept across reset).
+    layout: Layout,
 }
 
 struct Ggtt {
@@ -204,12 +255,71 @@ struct Ggtt {
     pending_low: std::collections::HashMap<usize, u32>,
 }
 
+/// Engine work one vGPU posts to its [`EngineShare`].
 enum Job {
     Submit(usize, u64),
     /// Context, its range (`None`: the whole context), generation.
     Invalidate(usize, Option<InvRange>, u64),
     /// Answered once every job before it has run (quiescing for a snapshot).
     Barrier(Sender<()>),
+}
+
+/// A [`Job`] as the engine runs it: a submission goes on across slices.
+struct EngineTask {
+    shared: Arc<Shared>,
+    job: Job,
+    run: Option<SubmissionRun>,
+}
+
+impl Task for EngineTask {
+    fn run(&mut self, deadline: Instant) -> Progress {
+        let shared = &*self.shared;
+        match &self.job {
+            Job::Submit(n, generation) => {
+                let start = Instant::now();
+                if self.run.is_none() {
+                    self.run = SubmissionRun::begin(shared, *n, *generation);
+                }
+                let progress = match &mut self.run {
+                    Some(run) => run.run(shared, deadline),
+                    None => Progress::Done,
+                };
+                shared.stats.busy(start.elapsed());
+                progress
+            }
+            Job::Barrier(done) => {
+                let _ = done.send(());
+                Progress::Done
+            }
+            Job::Invalidate(n, range, generation) => {
+                // A missing root only matters to a submission, which reports it.
+                if lock(&shared.regs).generation == *generation {
+                    match range {
+                        None => {
+                            let _ = sync_context(shared, *n);
+                        }
+                        Some(r) => sync_context_range(shared, *n, *r),
+                    }
+                }
+                Progress::Done
+            }
+        }
+    }
+
+    /// A doorbell or whole invalidation already queued for the same context
+    /// and generation covers this one.
+    fn coalesce_key(&self) -> Option<u64> {
+        match self.job {
+            Job::Submit(n, g) => Some(g << 8 | n as u64),
+            Job::Invalidate(n, None, g) => Some(g << 8 | 0x10 | n as u64),
+            _ => None,
+        }
+    }
+
+    /// Range invalidations past the queue limit: the next submission syncs.
+    fn optional(&self) -> bool {
+        matches!(self.job, Job::Invalidate(_, Some(_), _))
+    }
 }
 
 struct Shared {
@@ -260,8 +370,8 @@ impl PageTrackNotifier for Shared {
 
 pub struct Vgpu {
     shared: Arc<Shared>,
-    jobs: Option<Sender<Job>>,
-    worker: Option<std::thread::JoinHandle<()>>,
+    /// Dropped first: queued work goes, running work finishes.
+    engine: Option<EngineShare>,
     /// The shadow's page-track notifier; dropped after the engine stops, it
     /// unregisters (waiting for a delivery under way) and the tracker lets go
     /// of `shared`.
@@ -269,7 +379,13 @@ pub struct Vgpu {
 }
 
 impl Vgpu {
-    fn new(ctx: DeviceContext, vram: Vram, scanout_png: Option<PathBuf>) -> Self {
+    fn new(
+        ctx: DeviceContext,
+        vram: Vram,
+        scanout_png: Option<PathBuf>,
+        layout: Layout,
+        engine: EngineShare,
+    ) -> Self {
         let check = TargetCheck {
             memory: ctx.memory.clone(),
             vram_size: vram.size(),
@@ -277,6 +393,7 @@ impl Vgpu {
         let shared = Arc::new(Shared {
             regs: Mutex::new(Registers {
                 vram_mib: (vram.size() >> 20) as u32,
+                layout,
                 ..Registers::default()
             }),
             shadow: Mutex::new(ShadowPageTables::new(
@@ -284,8 +401,8 @@ impl Vgpu {
                 check.clone(),
             )),
             ggtt: Mutex::new(Ggtt {
-                raw: vec![0; GGTT_ENTRIES as usize],
-                shadow: vec![None; GGTT_ENTRIES as usize],
+                raw: vec![0; layout.ggtt_entries],
+                shadow: vec![None; layout.ggtt_entries],
                 pending_low: Default::default(),
             }),
             ctx,
@@ -297,36 +414,28 @@ impl Vgpu {
             stats: metrics::VgpuStats::default(),
         });
         let registration = shared.ctx.page_tracker.register(shared.clone());
-        let (tx, rx) = channel();
-        let engine = shared.clone();
-        let worker = std::thread::Builder::new()
-            .name("vgpu-engine".into())
-            .spawn(move || engine_loop(&engine, rx))
-            .ok();
-        if worker.is_none() {
-            warn!("vgpu: the engine thread could not start; submissions will not run");
-        }
         Vgpu {
             shared,
-            jobs: Some(tx),
-            worker,
+            engine: Some(engine),
             _registration: registration,
         }
     }
 
     fn post(&self, job: Job) {
-        if let Some(tx) = &self.jobs {
-            let _ = tx.send(job);
+        if let Some(engine) = &self.engine {
+            engine.post(Box::new(EngineTask {
+                shared: self.shared.clone(),
+                job,
+                run: None,
+            }));
         }
     }
 }
 
 impl Drop for Vgpu {
     fn drop(&mut self) {
-        self.jobs = None;
-        if let Some(w) = self.worker.take() {
-            let _ = w.join();
-        }
+        // The engine lets go of this vGPU before the page tracker does.
+        self.engine = None;
     }
 }
 
@@ -375,8 +484,12 @@ impl Shared {
         self.raise(regs, None);
     }
 
+    /// Writes past this vGPU's GGTT size are ignored.
     fn ggtt_write(&self, index: usize, half: Option<bool>, value: u64) {
         let mut ggtt = lock(&self.ggtt);
+        if index >= ggtt.raw.len() {
+            return;
+        }
         let raw = match half {
             None => value,
             Some(false) => {
@@ -413,8 +526,9 @@ impl Shared {
         }
     }
 
+    /// Entries past this vGPU's GGTT size read as 0.
     fn ggtt_read(&self, index: usize) -> u64 {
-        lock(&self.ggtt).raw[index]
+        lock(&self.ggtt).raw.get(index).copied().unwrap_or(0)
     }
 
     fn read_target(&self, target: Target, buf: &mut [u8]) -> Result<(), TargetError> {
@@ -490,7 +604,9 @@ impl Shared {
         if sc.enable == 0 || sc.format != FB_FORMAT_XRGB8888 {
             return None;
         }
-        let len = scanout::check_geometry(sc.fb_addr, sc.width, sc.height, sc.stride).ok()?;
+        let aperture = lock(&self.ggtt).raw.len() as u64 * PAGE_SIZE;
+        let len =
+            scanout::check_geometry(aperture, sc.fb_addr, sc.width, sc.height, sc.stride).ok()?;
         fb.clear();
         fb.resize(len, 0);
         let line = 4 * sc.width as usize;
@@ -692,16 +808,16 @@ fn read_register(regs: &Registers, offset: u64) -> u64 {
     match offset {
         REG_ID => u64::from(ID_VALUE),
         REG_CAPS => {
-            (CONTEXTS as u64)
-                | (u64::from(GGTT_ENTRIES.trailing_zeros()) << 8)
+            (regs.layout.contexts as u64)
+                | (u64::from(regs.layout.ggtt_entries.trailing_zeros()) << 8)
                 | (u64::from(regs.vram_mib) << 16)
         }
         REG_STATUS => u64::from(regs.busy),
         REG_IRQ_STATUS => u64::from(regs.irq_status),
         REG_IRQ_ENABLE => u64::from(regs.irq_enable),
         REG_GLOBAL_ERROR => u64::from(regs.global_error),
-        REG_GGTT_SIZE => GGTT_ENTRIES,
-        o if (CTX_BASE..CTX_BASE + CONTEXTS as u64 * CTX_STRIDE).contains(&o) => {
+        REG_GGTT_SIZE => regs.layout.ggtt_entries as u64,
+        o if (CTX_BASE..CTX_BASE + regs.layout.contexts as u64 * CTX_STRIDE).contains(&o) => {
             let c = &regs.ctx[((o - CTX_BASE) / CTX_STRIDE) as usize];
             let r = (o - CTX_BASE) % CTX_STRIDE;
             let (base, v) = match r & !7 {
@@ -759,10 +875,10 @@ fn write_register(
             shared.update_intx(regs);
         }
         REG_IRQ_ENABLE => {
-            regs.irq_enable = v32 & (IRQ_GLOBAL_ERROR | ((1 << CONTEXTS) - 1));
+            regs.irq_enable = v32 & (IRQ_GLOBAL_ERROR | ((1 << regs.layout.contexts) - 1));
             shared.update_intx(regs);
         }
-        o if (CTX_BASE..CTX_BASE + CONTEXTS as u64 * CTX_STRIDE).contains(&o) => {
+        o if (CTX_BASE..CTX_BASE + regs.layout.contexts as u64 * CTX_STRIDE).contains(&o) => {
             let n = ((o - CTX_BASE) / CTX_STRIDE) as usize;
             let r = (o - CTX_BASE) % CTX_STRIDE;
             let c = &mut regs.ctx[n];
@@ -820,7 +936,14 @@ fn write_register(
                 SCANOUT_FB_ENABLE => {
                     s.enable = v32 & 1;
                     let valid = s.format == FB_FORMAT_XRGB8888
-                        && scanout::check_geometry(s.fb_addr, s.width, s.height, s.stride).is_ok();
+                        && scanout::check_geometry(
+                            regs.layout.ggtt_entries as u64 * PAGE_SIZE,
+                            s.fb_addr,
+                            s.width,
+                            s.height,
+                            s.stride,
+                        )
+                        .is_ok();
                     if s.enable != 0 && !valid {
                         shared.global_error(regs, GLOBAL_ERROR_BAD_SCANOUT);
                     }
@@ -834,32 +957,6 @@ fn write_register(
 }
 
 // ---- the engine --------------------------------------------------------------
-
-fn engine_loop(shared: &Shared, jobs: Receiver<Job>) {
-    for job in jobs {
-        match job {
-            Job::Submit(n, generation) => {
-                let start = std::time::Instant::now();
-                run_submission(shared, n, generation);
-                shared.stats.busy(start.elapsed());
-            }
-            Job::Barrier(done) => {
-                let _ = done.send(());
-            }
-            Job::Invalidate(n, range, generation) => {
-                // A missing root only matters to a submission, which reports it.
-                if lock(&shared.regs).generation == generation {
-                    match range {
-                        None => {
-                            let _ = sync_context(shared, n);
-                        }
-                        Some(r) => sync_context_range(shared, n, r),
-                    }
-                }
-            }
-        }
-    }
-}
 
 /// A sync point: the guest's page tables as they are now, and the context's root.
 fn sync_context(shared: &Shared, n: usize) -> Result<Gfn, u8> {
@@ -938,174 +1035,231 @@ fn fault(shared: &Shared, n: usize, generation: u64, f: Fault) {
     shared.raise(&mut regs, Some(n));
 }
 
-fn run_submission(shared: &Shared, n: usize, generation: u64) {
-    let (ring_base, ring_size, head, tail, rings) = {
-        let mut regs = lock(&shared.regs);
-        if regs.generation != generation {
-            return;
-        }
-        let c = regs.ctx[n];
-        if c.control & CTX_CONTROL_ENABLE == 0
-            || c.status & CTX_STATUS_FAULTED != 0
-            || c.head == c.tail
-        {
-            return;
-        }
-        regs.ctx[n].status |= CTX_STATUS_BUSY;
-        regs.busy |= 1 << n;
-        shared.stats.submissions.fetch_add(1, Ordering::Relaxed);
-        let rings: Vec<(u64, u64)> = regs
-            .ctx
-            .iter()
-            .filter(|c| c.control & CTX_CONTROL_ENABLE != 0 && c.ring_size != 0)
-            .map(|c| (c.ring_base, u64::from(c.ring_size)))
-            .collect();
-        (c.ring_base, c.ring_size, c.head, c.tail, rings)
-    };
-    let bad_ring = !ring_size.is_power_of_two()
-        || !(RING_SIZE_MIN..=RING_SIZE_MAX).contains(&ring_size)
-        || !ring_base.is_multiple_of(PAGE_SIZE)
-        || tail >= ring_size
-        || !tail.is_multiple_of(4)
-        || !shared
-            .ctx
-            .memory
-            .is_host_mapped(ring_base, u64::from(ring_size));
-    if bad_ring {
-        return fault(
-            shared,
-            n,
-            generation,
-            Fault {
-                reason: FAULT_BAD_RING,
-                addr: ring_base,
-            },
-        );
-    }
-    if !shared.ctx.memory.bus_master() {
-        return fault(
-            shared,
-            n,
-            generation,
-            Fault {
-                reason: FAULT_DMA_ERROR,
-                addr: ring_base,
-            },
-        );
-    }
-    let mut cursor = Cursor::new(head, tail);
-    loop {
-        let root = match sync_context(shared, n) {
-            Ok(r) => r,
-            Err(reason) => {
-                let addr = lock(&shared.regs).ctx[n].pt_root;
-                return fault(shared, n, generation, Fault { reason, addr });
+/// One context's submission on the engine: HEAD to the TAIL rung, segment by
+/// segment (each audited whole, then run step by step), stoppable between
+/// steps (commands) when its slice is over.
+struct SubmissionRun {
+    n: usize,
+    generation: u64,
+    ring_base: u64,
+    ring_size: u32,
+    tail: u32,
+    rings: Vec<(u64, u64)>,
+    cursor: Cursor,
+    /// The audited segment being run and the next step of it.
+    plan: Vec<Step>,
+    next: usize,
+    /// More segments after this plan (a TLB_INVALIDATE split the submission).
+    more: bool,
+    /// The bounce buffer for COPY/BLIT lines that cannot copy directly.
+    buf: Vec<u8>,
+}
+
+impl SubmissionRun {
+    /// Takes context `n`'s work (HEAD..TAIL) if it has any and may run;
+    /// `None` when it has none or faulted at once (ring or bus mastering).
+    fn begin(shared: &Shared, n: usize, generation: u64) -> Option<SubmissionRun> {
+        let (ring_base, ring_size, head, tail, rings) = {
+            let mut regs = lock(&shared.regs);
+            if regs.generation != generation {
+                return None;
             }
+            let c = regs.ctx[n];
+            if c.control & CTX_CONTROL_ENABLE == 0
+                || c.status & CTX_STATUS_FAULTED != 0
+                || c.head == c.tail
+            {
+                return None;
+            }
+            regs.ctx[n].status |= CTX_STATUS_BUSY;
+            regs.busy |= 1 << n;
+            shared.stats.submissions.fetch_add(1, Ordering::Relaxed);
+            let rings: Vec<(u64, u64)> = regs
+                .ctx
+                .iter()
+                .filter(|c| c.control & CTX_CONTROL_ENABLE != 0 && c.ring_size != 0)
+                .map(|c| (c.ring_base, u64::from(c.ring_size)))
+                .collect();
+            (c.ring_base, c.ring_size, c.head, c.tail, rings)
         };
-        let audited = {
-            let shadow = lock(&shared.shadow);
-            let actx = AuditContext {
-                shadow: &shadow,
-                root,
-                memory: &shared.ctx.memory,
-                vram: &shared.vram,
-                ring_base,
-                ring_size,
-                rings: &rings,
+        let bad_ring = !ring_size.is_power_of_two()
+            || !(RING_SIZE_MIN..=RING_SIZE_MAX).contains(&ring_size)
+            || !ring_base.is_multiple_of(PAGE_SIZE)
+            || tail >= ring_size
+            || !tail.is_multiple_of(4)
+            || !shared
+                .ctx
+                .memory
+                .is_host_mapped(ring_base, u64::from(ring_size));
+        let early = if bad_ring {
+            Some(FAULT_BAD_RING)
+        } else if !shared.ctx.memory.bus_master() {
+            Some(FAULT_DMA_ERROR)
+        } else {
+            None
+        };
+        if let Some(reason) = early {
+            let f = Fault {
+                reason,
+                addr: ring_base,
             };
-            audit_segment(&actx, &mut cursor)
+            fault(shared, n, generation, f);
+            return None;
+        }
+        Some(SubmissionRun {
+            n,
+            generation,
+            ring_base,
+            ring_size,
+            tail,
+            rings,
+            cursor: Cursor::new(head, tail),
+            plan: Vec::new(),
+            next: 0,
+            more: true,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Audits the next segment at a sync point.
+    fn audit_next(&mut self, shared: &Shared) -> Result<(), Fault> {
+        let root = sync_context(shared, self.n).map_err(|reason| Fault {
+            reason,
+            addr: lock(&shared.regs).ctx[self.n].pt_root,
+        })?;
+        let shadow = lock(&shared.shadow);
+        let actx = AuditContext {
+            shadow: &shadow,
+            root,
+            memory: &shared.ctx.memory,
+            vram: &shared.vram,
+            ring_base: self.ring_base,
+            ring_size: self.ring_size,
+            rings: &self.rings,
         };
-        let (plan, more) = match audited {
-            Ok(p) => {
-                shared
-                    .stats
-                    .segments_audited
-                    .fetch_add(1, Ordering::Relaxed);
-                p
+        let (plan, more) = audit_segment(&actx, &mut self.cursor)?;
+        drop(shadow);
+        shared
+            .stats
+            .segments_audited
+            .fetch_add(1, Ordering::Relaxed);
+        self.plan = plan;
+        self.next = 0;
+        self.more = more;
+        Ok(())
+    }
+
+    /// Runs until the submission (and any rung while it ran) is done, a fault,
+    /// or `deadline` at a step boundary.
+    fn run(&mut self, shared: &Shared, deadline: Instant) -> Progress {
+        loop {
+            if self.next == self.plan.len() && self.more {
+                if let Err(f) = self.audit_next(shared) {
+                    fault(shared, self.n, self.generation, f);
+                    return Progress::Done;
+                }
             }
-            Err(f) => return fault(shared, n, generation, f),
-        };
-        if let Err(f) = execute(shared, n, generation, &plan) {
-            return fault(shared, n, generation, f);
+            while self.next < self.plan.len() {
+                if self.next > 0 && Instant::now() >= deadline {
+                    return Progress::Preempted;
+                }
+                let step = &self.plan[self.next];
+                if let Err(f) = execute_step(shared, self.n, self.generation, step, &mut self.buf) {
+                    fault(shared, self.n, self.generation, f);
+                    return Progress::Done;
+                }
+                self.next += 1;
+            }
+            if self.more {
+                continue;
+            }
+            let mut regs = lock(&shared.regs);
+            if regs.generation != self.generation {
+                return Progress::Done;
+            }
+            let n = self.n;
+            regs.ctx[n].head = self.tail;
+            regs.ctx[n].status &= !CTX_STATUS_BUSY;
+            regs.busy &= !(1 << n);
+            // More work may have been rung while this ran.
+            let again = regs.ctx[n].tail != self.tail;
+            drop(regs);
+            if !again {
+                return Progress::Done;
+            }
+            match SubmissionRun::begin(shared, n, self.generation) {
+                Some(next) => *self = next,
+                None => return Progress::Done,
+            }
+            if Instant::now() >= deadline {
+                return Progress::Preempted;
+            }
         }
-        if !more {
-            break;
-        }
-    }
-    let mut regs = lock(&shared.regs);
-    if regs.generation != generation {
-        return;
-    }
-    regs.ctx[n].head = tail;
-    regs.ctx[n].status &= !CTX_STATUS_BUSY;
-    regs.busy &= !(1 << n);
-    // More work may have been rung while this ran.
-    let again = regs.ctx[n].tail != tail;
-    drop(regs);
-    if again {
-        run_submission(shared, n, generation);
     }
 }
 
-/// Runs an audited plan. Guest memory may still go away under it (DMA_UNMAP): such
-/// an access fails cleanly and faults the context.
-fn execute(shared: &Shared, n: usize, generation: u64, plan: &[Step]) -> Result<(), Fault> {
+/// Runs one audited step. Guest memory may still go away under it (DMA_UNMAP):
+/// such an access fails cleanly and faults the context. `buf` is the bounce
+/// buffer COPY/BLIT lines share.
+fn execute_step(
+    shared: &Shared,
+    n: usize,
+    generation: u64,
+    step: &Step,
+    buf: &mut Vec<u8>,
+) -> Result<(), Fault> {
     let dma = |va: u64| Fault {
         reason: FAULT_DMA_ERROR,
         addr: va,
     };
-    // One bounce buffer for every COPY/BLIT line of the plan.
-    let mut buf = Vec::new();
-    for step in plan {
-        match step {
-            Step::Store { dst, value, va } => {
-                shared
-                    .write_target(*dst, &value.to_le_bytes(), generation)
-                    .map_err(|_| dma(*va))?;
-            }
-            Step::Fill { dst, pattern, va } => {
-                let chunk: Vec<u8> = pattern
-                    .to_le_bytes()
-                    .iter()
-                    .copied()
-                    .cycle()
-                    .take(64 << 10)
-                    .collect();
-                for e in dst {
-                    let mut done = 0u64;
-                    while done < e.len {
-                        let n = (e.len - done).min(chunk.len() as u64) as usize;
-                        shared
-                            .write_target(e.target.offset(done), &chunk[..n], generation)
-                            .map_err(|_| dma(*va))?;
-                        done += n as u64;
-                    }
+    match step {
+        Step::Store { dst, value, va } => {
+            shared
+                .write_target(*dst, &value.to_le_bytes(), generation)
+                .map_err(|_| dma(*va))?;
+        }
+        Step::Fill { dst, pattern, va } => {
+            let chunk: Vec<u8> = pattern
+                .to_le_bytes()
+                .iter()
+                .copied()
+                .cycle()
+                .take(64 << 10)
+                .collect();
+            for e in dst {
+                let mut done = 0u64;
+                while done < e.len {
+                    let n = (e.len - done).min(chunk.len() as u64) as usize;
+                    shared
+                        .write_target(e.target.offset(done), &chunk[..n], generation)
+                        .map_err(|_| dma(*va))?;
+                    done += n as u64;
                 }
             }
-            Step::Copy { src, dst, va } => {
-                copy_extents(shared, generation, src, dst, &mut buf).map_err(|_| dma(*va))?
+        }
+        Step::Copy { src, dst, va } => {
+            copy_extents(shared, generation, src, dst, buf).map_err(|_| dma(*va))?
+        }
+        Step::Fence {
+            dst,
+            seqno,
+            irq,
+            va,
+        } => {
+            // The picture first: once the guest sees the fence, the PNG of
+            // everything before it is in place.
+            shared.write_scanout();
+            shared
+                .write_target(*dst, &seqno.to_le_bytes(), generation)
+                .map_err(|_| dma(*va))?;
+            let mut regs = lock(&shared.regs);
+            if regs.generation != generation {
+                return Ok(());
             }
-            Step::Fence {
-                dst,
-                seqno,
-                irq,
-                va,
-            } => {
-                // The picture first: once the guest sees the fence, the PNG of
-                // everything before it is in place.
-                shared.write_scanout();
-                shared
-                    .write_target(*dst, &seqno.to_le_bytes(), generation)
-                    .map_err(|_| dma(*va))?;
-                let mut regs = lock(&shared.regs);
-                if regs.generation != generation {
-                    return Ok(());
-                }
-                regs.ctx[n].fence_seqno = *seqno;
-                shared.stats.fences.fetch_add(1, Ordering::Relaxed);
-                if *irq {
-                    shared.raise(&mut regs, Some(n));
-                }
+            regs.ctx[n].fence_seqno = *seqno;
+            shared.stats.fences.fetch_add(1, Ordering::Relaxed);
+            if *irq {
+                shared.raise(&mut regs, Some(n));
             }
         }
     }

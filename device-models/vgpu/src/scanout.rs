@@ -9,16 +9,18 @@ pub use umdev::scanout::{
 /// FB_WIDTH/FB_HEIGHT 1-4096).
 pub const MAX_DIM: u32 = 4096;
 
-/// GGTT address space, in bytes: the framebuffer must lie inside it.
+/// The full GGTT's address space, in bytes (a vGPU with fewer GGTT entries has
+/// less): the framebuffer must lie inside it.
 pub const APERTURE: u64 = crate::regs::GGTT_ENTRIES * crate::regs::PAGE_SIZE;
 
 /// Checks a scanout's geometry before anything is allocated for it (SPEC.md,
 /// scanout registers): sides 1-4096, a stride that is a multiple of 4 and at
 /// least 4 x width, and every byte it reads (`stride x (height-1) + 4 x width`
-/// from FB_ADDR) inside the GGTT aperture. Returns the bytes of a captured
+/// from FB_ADDR) inside the GGTT `aperture` (bytes). Returns the bytes of a captured
 /// picture, which holds the visible pixels only (4 x width x height, at most
 /// 64 MiB whatever the stride).
 pub fn check_geometry(
+    aperture: u64,
     fb_addr: u64,
     width: u32,
     height: u32,
@@ -29,7 +31,7 @@ pub fn check_geometry(
         return Err(ScanoutError::Stride { stride, width });
     }
     let reads = required_len(width, height, stride)? as u64;
-    let room = APERTURE.saturating_sub(fb_addr);
+    let room = aperture.saturating_sub(fb_addr);
     if reads > room {
         return Err(ScanoutError::ShortBuffer {
             len: room as usize,
@@ -70,25 +72,28 @@ mod tests {
     /// visible picture, nor read past the aperture.
     #[test]
     fn geometry_is_bounded_by_the_aperture_and_the_picture() {
-        assert_eq!(check_geometry(0, 4096, 4096, 4 * 4096).unwrap(), 64 << 20);
         assert_eq!(
-            check_geometry(0, 16, 4096, 64 << 10).unwrap(),
+            check_geometry(APERTURE, 0, 4096, 4096, 4 * 4096).unwrap(),
+            64 << 20
+        );
+        assert_eq!(
+            check_geometry(APERTURE, 0, 16, 4096, 64 << 10).unwrap(),
             16 * 4 * 4096
         );
         assert!(matches!(
-            check_geometry(0, 4096, 4096, u32::MAX - 3),
+            check_geometry(APERTURE, 0, 4096, 4096, u32::MAX - 3),
             Err(ScanoutError::ShortBuffer { .. })
         ));
         assert!(matches!(
-            check_geometry(APERTURE - 4096, 1024, 2, 4096),
+            check_geometry(APERTURE, APERTURE - 4096, 1024, 2, 4096),
             Err(ScanoutError::ShortBuffer { .. })
         ));
         assert!(matches!(
-            check_geometry(u64::MAX, 1, 1, 4),
+            check_geometry(APERTURE, u64::MAX, 1, 1, 4),
             Err(ScanoutError::ShortBuffer { .. })
         ));
         assert!(matches!(
-            check_geometry(0, 8, 8, 34),
+            check_geometry(APERTURE, 0, 8, 8, 34),
             Err(ScanoutError::Stride { .. })
         ));
     }

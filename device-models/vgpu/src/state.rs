@@ -148,9 +148,16 @@ fn parse(shared: &Shared, blob: &[u8]) -> Result<Parsed, StateError> {
     if u64::from(vram_mib) << 20 != shared.vram.size() {
         return Err(StateError::Invalid("vGPU with another VRAM size"));
     }
+    let layout = lock(&shared.regs).layout;
+    let ggtt_entries = layout.ggtt_entries as u64;
     let mut ctx = [Context::default(); CONTEXTS];
-    for c in &mut ctx {
+    for (i, c) in ctx.iter_mut().enumerate() {
         *c = read_context(&mut s)?;
+        if i >= layout.contexts && c.control != 0 {
+            return Err(StateError::Invalid(
+                "a context this vGPU does not have is enabled",
+            ));
+        }
     }
     let fb_addr = s.u64()?;
     let mut v = [0u32; 5];
@@ -162,7 +169,7 @@ fn parse(shared: &Shared, blob: &[u8]) -> Result<Parsed, StateError> {
     let mut ggtt = Vec::with_capacity(n);
     for _ in 0..n {
         let (i, e) = (s.u32()? as usize, s.u64()?);
-        if i as u64 >= GGTT_ENTRIES {
+        if i as u64 >= ggtt_entries {
             return Err(StateError::Invalid("GGTT index out of range"));
         }
         ggtt.push((i, e));
@@ -171,7 +178,7 @@ fn parse(shared: &Shared, blob: &[u8]) -> Result<Parsed, StateError> {
     let mut pending_low = Vec::with_capacity(n);
     for _ in 0..n {
         let (i, low) = (s.u32()? as usize, s.u32()?);
-        if i as u64 >= GGTT_ENTRIES {
+        if i as u64 >= ggtt_entries {
             return Err(StateError::Invalid("GGTT index out of range"));
         }
         pending_low.push((i, low));
@@ -206,6 +213,7 @@ fn parse(shared: &Shared, blob: &[u8]) -> Result<Parsed, StateError> {
             },
             generation: 0,
             vram_mib,
+            layout,
         },
         ggtt,
         pending_low,

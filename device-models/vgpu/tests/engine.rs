@@ -1,0 +1,139 @@
+//! The vGPU's slice of the hardware and its place on a shared engine, in
+//! process: a vGPU has the contexts and GGTT its config gives it (a parent's
+//! instance type) and nothing past them; two vGPUs on one scheduler each get
+//! the engine, and a long submission of one is preempted at a command
+//! boundary so the other's short one completes first.
+
+mod inprocess;
+
+use std::time::Duration;
+
+use inprocess::*;
+use umdev::memory::MappedMemfd;
+use umdev_vgpu::encode::{self as cmd, pte};
+use umdev_vgpu::regs::*;
+use umdev_vgpu::sched::Scheduler;
+use umdev_vgpu::VgpuConfig;
+
+fn ram(name: &str) -> Ram {
+    Ram(MappedMemfd::new(name, RAM_SIZE).unwrap())
+}
+
+#[test]
+fn a_vgpu_has_the_contexts_and_ggtt_of_its_config_and_nothing_past_them() {
+    let ram = ram("vgpu-layout");
+    let config = VgpuConfig {
+        vram_mib: 1,
+        contexts: 1,
+        ggtt_entries: 1024,
+        ..VgpuConfig::default()
+    };
+    let mut gpu = Gpu::with_config(&ram, config);
+    let caps = gpu.r32(REG_CAPS);
+    assert_eq!(caps & 0xff, 1, "contexts in CAPS {caps:#x}");
+    assert_eq!(
+        (caps >> 8) & 0xff,
+        10,
+        "log2 GGTT entries in CAPS {caps:#x}"
+    );
+    assert_eq!(caps >> 16, 1, "VRAM MiB in CAPS {caps:#x}");
+    assert_eq!(gpu.r32(REG_GGTT_SIZE), 1024);
+
+    // The last entry is there; the one after it is not.
+    gpu.w64(GGTT_OFFSET + 8 * 1023, pte(0x1000, true, true));
+    assert_eq!(gpu.r64(GGTT_OFFSET + 8 * 1023), pte(0x1000, true, true));
+    gpu.w64(GGTT_OFFSET + 8 * 1024, pte(0x1000, true, true));
+    assert_eq!(gpu.r64(GGTT_OFFSET + 8 * 1024), 0);
+    assert_eq!(gpu.r32(REG_GLOBAL_ERROR), 0);
+
+    // Context 1 does not exist: its registers read 0 and ignore writes.
+    gpu.w64(ctx_reg(1, CTX_RING_BASE), RING);
+    gpu.w32(ctx_reg(1, CTX_CONTROL), CTX_CONTROL_ENABLE);
+    assert_eq!(gpu.r64(ctx_reg(1, CTX_RING_BASE)), 0);
+    assert_eq!(gpu.r32(ctx_reg(1, CTX_STATUS)), 0);
+    gpu.w32(REG_IRQ_ENABLE, 0xffff_ffff);
+    assert_eq!(gpu.r32(REG_IRQ_ENABLE), IRQ_GLOBAL_ERROR | 1);
+
+    // A scanout reaching past the 4 MiB aperture is refused.
+    let sc = |r| SCANOUT_BASE + r;
+    gpu.w64(sc(SCANOUT_FB_ADDR), 1023 * 4096);
+    gpu.w32(sc(SCANOUT_FB_WIDTH), 1024);
+    gpu.w32(sc(SCANOUT_FB_HEIGHT), 2);
+    gpu.w32(sc(SCANOUT_FB_STRIDE), 4096);
+    gpu.w32(sc(SCANOUT_FB_FORMAT), FB_FORMAT_XRGB8888);
+    gpu.w32(sc(SCANOUT_FB_ENABLE), 1);
+    assert_eq!(gpu.r32(REG_GLOBAL_ERROR), GLOBAL_ERROR_BAD_SCANOUT);
+}
+
+#[test]
+fn configs_outside_the_spec_are_refused() {
+    for (contexts, ggtt_entries) in [(0, 1024), (5, 1024), (1, 1000), (1, 512), (1, 1 << 18)] {
+        let config = VgpuConfig {
+            vram_mib: 1,
+            contexts,
+            ggtt_entries,
+            ..VgpuConfig::default()
+        };
+        let memory = umdev::memory::GuestMemory::new(8);
+        let err = umdev_vgpu::new_function(memory, config).err();
+        assert!(
+            err.is_some(),
+            "{contexts} contexts, {ggtt_entries} GGTT entries"
+        );
+    }
+}
+
+/// VA range `[BIG_VA, + BIG_PAGES pages)` maps one RAM page again and again,
+/// so a FILL can move many bytes with little guest RAM.
+const BIG_VA: u64 = 0x4000_0000;
+const BIG_PAGES: u64 = 4096;
+const DATA_PAGE: u64 = RAM_GPA + 0x20_0000;
+const FENCE_PAGE: u64 = RAM_GPA + 0x20_2000;
+
+fn prepare(gpu: &mut Gpu, ram: &Ram, big: bool) {
+    let mut t = Tables::new(ram);
+    t.map(ram, FENCE_VA, FENCE_PAGE, false);
+    t.map(ram, A_VA, DATA_PAGE, false);
+    if big {
+        for p in 0..BIG_PAGES {
+            t.map(ram, BIG_VA + p * 4096, DATA_PAGE, false);
+        }
+    }
+    gpu.program(Tables::ROOT);
+}
+
+#[test]
+fn a_long_submission_on_a_shared_engine_is_preempted_for_a_neighbour() {
+    let engine = Scheduler::start();
+    let config = |name| VgpuConfig {
+        vram_mib: 1,
+        engine: Some(engine.share(name, 1)),
+        ..VgpuConfig::default()
+    };
+    let (ram_a, ram_b) = (ram("vgpu-engine-a"), ram("vgpu-engine-b"));
+    let mut a = Gpu::with_config(&ram_a, config("a"));
+    let mut b = Gpu::with_config(&ram_b, config("b"));
+    prepare(&mut a, &ram_a, true);
+    prepare(&mut b, &ram_b, false);
+
+    // 15 FILLs of 16 MiB each: 240 MiB for A, within one submission's budget.
+    let fill = cmd::fill(BIG_VA, (BIG_PAGES * 4096) as u32, 0xa5a5_a5a5);
+    let long: Vec<Vec<u32>> = (0..15).map(|_| fill.clone()).collect();
+    let seq_a = a.submit(&ram_a, &long);
+    std::thread::sleep(Duration::from_millis(2));
+    b.run(&ram_b, &[cmd::store_dword(A_VA, 0xb0b0)]);
+    let a_done_when_b_was = a.r32(ctx_reg(0, CTX_FENCE_SEQNO)) == seq_a;
+    a.wait_fence(seq_a, Duration::from_secs(60));
+    assert_eq!(&ram_b.read(DATA_PAGE, 4)[..], &0xb0b0u32.to_le_bytes());
+    assert_eq!(ram_a.read(DATA_PAGE, 4096), vec![0xa5; 4096]);
+    assert!(
+        !a_done_when_b_was,
+        "B's one-command submission waited for A's 240 MiB"
+    );
+    let shares = engine.shares();
+    assert_eq!(shares.len(), 2);
+    assert!(shares
+        .iter()
+        .all(|(_, _, s)| s.tasks > 0 && !s.busy.is_zero()));
+    assert!(shares[0].2.preemptions > 0, "{shares:?}");
+}

@@ -1,0 +1,200 @@
+//! An in-process vGPU over a memfd of guest RAM, driven through its PCI
+//! function (no socket): the harness of the state and engine tests.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use umdev::memory::{DmaRegion, GuestMemory, MappedMemfd};
+use umdev::pci::{PciFunction, Region};
+use umdev_vgpu::encode::{self as cmd, pte};
+use umdev_vgpu::regs::*;
+use umdev_vgpu::VgpuConfig;
+
+pub const RAM_GPA: u64 = 0x4000_0000;
+pub const RAM_SIZE: usize = 4 << 20;
+pub const BAR0: Region = Region::Bar(0);
+pub const A_VA: u64 = 0x1000_0000;
+pub const FENCE_VA: u64 = 0x7fff_f000;
+pub const VRAM_VA: u64 = 0x2000_0000;
+pub const RING: u64 = RAM_GPA + 0x1000;
+pub const RING_SIZE: u32 = 4096;
+
+/// Guest RAM shared by the source and the destination (the VMM migrates it;
+/// the device does not).
+pub struct Ram(pub MappedMemfd);
+
+impl Ram {
+    pub fn write(&self, gpa: u64, data: &[u8]) {
+        let at = (gpa - RAM_GPA) as usize;
+        assert!(at + data.len() <= RAM_SIZE);
+        // SAFETY: in bounds of the live mapping; the device reads it only at
+        // submissions, which the test orders after its writes.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.0.as_ptr().add(at), data.len()) }
+    }
+    pub fn read(&self, gpa: u64, len: usize) -> Vec<u8> {
+        let at = (gpa - RAM_GPA) as usize;
+        let mut v = vec![0; len];
+        // SAFETY: in bounds of the live mapping; read after the device is idle.
+        unsafe { std::ptr::copy_nonoverlapping(self.0.as_ptr().add(at), v.as_mut_ptr(), len) }
+        v
+    }
+    pub fn u64(&self, gpa: u64, v: u64) {
+        self.write(gpa, &v.to_le_bytes());
+    }
+}
+
+pub struct Gpu {
+    pub f: PciFunction,
+    pub tail: u32,
+    pub seq: u32,
+}
+
+impl Gpu {
+    pub fn new(ram: &Ram) -> Gpu {
+        Gpu::with_config(
+            ram,
+            VgpuConfig {
+                vram_mib: 1,
+                ..VgpuConfig::default()
+            },
+        )
+    }
+
+    /// A vGPU built with `config` over `ram` (all of it DMA-mapped), with
+    /// memory and bus mastering enabled.
+    pub fn with_config(ram: &Ram, config: VgpuConfig) -> Gpu {
+        let memory = GuestMemory::new(8);
+        let fd = ram.0.file().try_clone().unwrap();
+        let region = DmaRegion::mapped(RAM_GPA, RAM_SIZE as u64, fd.into(), 0, true, true).unwrap();
+        memory.with_regions(|r| r.insert(region)).unwrap();
+        let (mut f, _) = umdev_vgpu::new_function(memory, config).unwrap();
+        f.region_write(Region::Config, 0x04, &6u16.to_le_bytes())
+            .unwrap();
+        Gpu { f, tail: 0, seq: 0 }
+    }
+
+    pub fn w32(&mut self, offset: u64, v: u32) {
+        self.f.region_write(BAR0, offset, &v.to_le_bytes()).unwrap();
+    }
+    pub fn w64(&mut self, offset: u64, v: u64) {
+        self.f.region_write(BAR0, offset, &v.to_le_bytes()).unwrap();
+    }
+    pub fn r32(&mut self, offset: u64) -> u32 {
+        let mut b = [0; 4];
+        self.f.region_read(BAR0, offset, &mut b).unwrap();
+        u32::from_le_bytes(b)
+    }
+    pub fn r64(&mut self, offset: u64) -> u64 {
+        let mut b = [0; 8];
+        self.f.region_read(BAR0, offset, &mut b).unwrap();
+        u64::from_le_bytes(b)
+    }
+
+    /// Context 0 with its ring; page tables rooted at `root`.
+    pub fn program(&mut self, root: u64) {
+        self.w64(ctx_reg(0, CTX_PT_ROOT), root);
+        self.w64(ctx_reg(0, CTX_RING_BASE), RING);
+        self.w32(ctx_reg(0, CTX_RING_SIZE), RING_SIZE);
+        self.w32(ctx_reg(0, CTX_CONTROL), CTX_CONTROL_ENABLE);
+    }
+
+    /// Writes `cmds` and a fence into the ring, rings, waits for the fence.
+    pub fn run(&mut self, ram: &Ram, cmds: &[Vec<u32>]) {
+        let seq = self.submit(ram, cmds);
+        self.wait_fence(seq, Duration::from_secs(10));
+    }
+
+    /// Writes `cmds` and a fence into context 0's ring and rings: the fence's
+    /// sequence number.
+    pub fn submit(&mut self, ram: &Ram, cmds: &[Vec<u32>]) -> u32 {
+        self.seq += 1;
+        let mut words: Vec<u32> = cmds.iter().flatten().copied().collect();
+        words.extend(cmd::fence(FENCE_VA, self.seq, false));
+        for w in words {
+            ram.write(RING + u64::from(self.tail), &w.to_le_bytes());
+            self.tail = (self.tail + 4) % RING_SIZE;
+        }
+        self.w32(ctx_reg(0, CTX_RING_TAIL), self.tail);
+        self.seq
+    }
+
+    /// Waits until context 0's FENCE_SEQNO is `seq` (no fault meanwhile).
+    pub fn wait_fence(&mut self, seq: u32, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.r32(ctx_reg(0, CTX_FENCE_SEQNO)) != seq {
+            let status = self.r32(ctx_reg(0, CTX_STATUS));
+            assert_eq!(status & CTX_STATUS_FAULTED, 0, "fault {status:#x}");
+            assert!(Instant::now() < deadline, "fence {seq} did not come");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// What a guest can read: every context register, the global ones, the
+    /// GGTT entries the test uses.
+    pub fn observe(&mut self) -> Vec<u64> {
+        let mut v = vec![
+            u64::from(self.r32(REG_IRQ_STATUS)),
+            u64::from(self.r32(REG_GLOBAL_ERROR)),
+        ];
+        for n in 0..CONTEXTS {
+            for r in [CTX_PT_ROOT, CTX_RING_BASE, CTX_FAULT_ADDR] {
+                v.push(self.r64(ctx_reg(n, r)));
+            }
+            for r in [
+                CTX_RING_SIZE,
+                CTX_RING_HEAD,
+                CTX_RING_TAIL,
+                CTX_STATUS,
+                CTX_FENCE_SEQNO,
+            ] {
+                v.push(u64::from(self.r32(ctx_reg(n, r))));
+            }
+        }
+        for i in 0..4 {
+            v.push(self.r64(GGTT_OFFSET + 8 * i));
+        }
+        v
+    }
+}
+
+/// Page tables for VA -> target in RAM pages from 0x10000 on: level-4 root
+/// at RAM_GPA + 0x10000.
+pub struct Tables {
+    next: u64,
+}
+
+impl Tables {
+    pub const ROOT: u64 = RAM_GPA + 0x10000;
+
+    pub fn new(ram: &Ram) -> Tables {
+        ram.write(Self::ROOT, &[0; 4096]);
+        Tables {
+            next: Self::ROOT + 0x1000,
+        }
+    }
+
+    /// The slot of `va`'s leaf entry, making the tables on the way.
+    pub fn leaf_slot(&mut self, ram: &Ram, va: u64) -> u64 {
+        let mut table = Self::ROOT;
+        for level in (2..=4).rev() {
+            let index = (va >> (12 + 9 * (level - 1))) & 511;
+            let slot = table + 8 * index;
+            let entry = u64::from_le_bytes(ram.read(slot, 8).try_into().unwrap());
+            table = if entry & PTE_PRESENT != 0 {
+                entry & PTE_ADDR_MASK
+            } else {
+                let t = self.next;
+                self.next += 0x1000;
+                ram.write(t, &[0; 4096]);
+                ram.u64(slot, pte(t, false, true));
+                t
+            };
+        }
+        table + 8 * ((va >> 12) & 511)
+    }
+
+    pub fn map(&mut self, ram: &Ram, va: u64, addr: u64, vram: bool) {
+        let slot = self.leaf_slot(ram, va);
+        ram.u64(slot, pte(addr, vram, true));
+    }
+}
