@@ -131,36 +131,70 @@ impl AuditContext<'_> {
             .checked_add(len)
             .ok_or_else(|| self.fault(FAULT_NOT_PRESENT, va))?;
         let mut out: Vec<Extent> = Vec::new();
+        // The GPU address where each extent starts (for a RING_WRITE's address).
+        let mut starts: Vec<u64> = Vec::new();
         let mut cur = va;
         while cur < end {
-            let piece = (PAGE_SIZE - cur % PAGE_SIZE).min(end - cur);
-            let t = self
-                .shadow
-                .translate(self.root, cur, write)
-                .map_err(|r| self.fault(r, cur))?;
-            if write {
-                if let Target::Ram(gpa) = t.target {
-                    // Other contexts' ring registers are unchecked until they
-                    // submit: a ring may reach past the top of the address space.
-                    let hits_ring = self
-                        .rings
-                        .iter()
-                        .any(|&(base, size)| gpa < base.saturating_add(size) && base < gpa + piece);
-                    if hits_ring {
-                        return Err(self.fault(FAULT_RING_WRITE, cur));
+            // One leaf table's pages at a time: the upper levels walked once.
+            let next = self.shadow.translate_span(
+                self.root,
+                cur,
+                end,
+                write,
+                |reason, at| self.fault(reason, at),
+                |at, t| {
+                    let piece = (PAGE_SIZE - at % PAGE_SIZE).min(end - at);
+                    match out.last_mut() {
+                        Some(last) if last.target.offset(last.len) == t.target => last.len += piece,
+                        _ => {
+                            out.push(Extent {
+                                target: t.target,
+                                len: piece,
+                            });
+                            starts.push(at);
+                        }
                     }
-                }
+                    Ok(())
+                },
+            );
+            match next {
+                Ok(n) => cur = n,
+                // A ring written before the page that failed is the first fault.
+                Err(f) => return Err(self.ring_write(&out, &starts, write).unwrap_or(f)),
             }
-            match out.last_mut() {
-                Some(last) if last.target.offset(last.len) == t.target => last.len += piece,
-                _ => out.push(Extent {
-                    target: t.target,
-                    len: piece,
-                }),
-            }
-            cur += piece;
+        }
+        if let Some(f) = self.ring_write(&out, &starts, write) {
+            return Err(f);
         }
         Ok(out)
+    }
+}
+
+impl AuditContext<'_> {
+    /// For a write: RING_WRITE at the first page piece of `extents` (which
+    /// start at `starts`) that reaches into any context's ring. Other contexts'
+    /// ring registers are unchecked until they submit: a ring may reach past
+    /// the top of the address space.
+    fn ring_write(&self, extents: &[Extent], starts: &[u64], write: bool) -> Option<Fault> {
+        if !write {
+            return None;
+        }
+        extents.iter().zip(starts).find_map(|(e, &va)| {
+            let Target::Ram(gpa) = e.target else {
+                return None;
+            };
+            let end = gpa.saturating_add(e.len);
+            self.rings
+                .iter()
+                .filter(|&&(base, size)| gpa < base.saturating_add(size) && base < end)
+                // The start of the page piece holding the first byte in a ring.
+                .map(|&(base, _)| {
+                    let first = va + base.saturating_sub(gpa);
+                    va.max(first - first % PAGE_SIZE)
+                })
+                .min()
+                .map(|at| self.fault(FAULT_RING_WRITE, at))
+        })
     }
 }
 

@@ -388,6 +388,63 @@ impl ShadowPageTables {
         Err(FAULT_BAD_TABLE)
     }
 
+    /// Translates the pages of `[va, end)` that one leaf table maps (from `va`
+    /// to the end of its table or `end`), walking the upper levels once:
+    /// `each(page_va, translation)` for every page in order (the first one's
+    /// translation at `va`'s offset in its page), then the address where the
+    /// next leaf table starts (or `end`). A page that does not translate stops
+    /// it with `fault(reason, address)`; so does an error from `each`.
+    pub fn translate_span<E>(
+        &self,
+        root: Gfn,
+        va: u64,
+        end: u64,
+        write: bool,
+        fault: impl Fn(u8, u64) -> E,
+        mut each: impl FnMut(u64, Translation) -> Result<(), E>,
+    ) -> Result<u64, E> {
+        if va >= VA_LIMIT {
+            return Err(fault(FAULT_NOT_PRESENT, va));
+        }
+        let mut gfn = root;
+        for level in (2..=PT_LEVELS).rev() {
+            let table = self
+                .tables
+                .get(&(gfn, level))
+                .ok_or_else(|| fault(FAULT_BAD_TABLE, va))?;
+            gfn = match table.entries[pt_index(va, level)] {
+                Entry::Empty => return Err(fault(FAULT_NOT_PRESENT, va)),
+                Entry::Bad(r) => return Err(fault(r, va)),
+                Entry::Table(child) => child,
+                Entry::Page(_) => return Err(fault(FAULT_BAD_TABLE, va)),
+            };
+        }
+        let leaf = self
+            .tables
+            .get(&(gfn, 1))
+            .ok_or_else(|| fault(FAULT_BAD_TABLE, va))?;
+        let table_end = (va | (PAGE_SIZE * 512 - 1)).saturating_add(1);
+        let stop = end.min(table_end);
+        let mut cur = va;
+        while cur < stop {
+            match leaf.entries[pt_index(cur, 1)] {
+                Entry::Page(t) if !write || t.writable => each(
+                    cur,
+                    Translation {
+                        target: t.target.offset(cur % PAGE_SIZE),
+                        writable: t.writable,
+                    },
+                )?,
+                Entry::Page(_) => return Err(fault(FAULT_READ_ONLY, cur)),
+                Entry::Empty => return Err(fault(FAULT_NOT_PRESENT, cur)),
+                Entry::Bad(r) => return Err(fault(r, cur)),
+                Entry::Table(_) => return Err(fault(FAULT_BAD_TABLE, cur)),
+            }
+            cur = (cur - cur % PAGE_SIZE).saturating_add(PAGE_SIZE);
+        }
+        Ok(stop)
+    }
+
     /// Drops every table and its tracking.
     pub fn reset(&mut self) {
         for ((gfn, _), _) in self.tables.drain() {
