@@ -9,6 +9,7 @@
 //! doorbell and TLB invalidation post a job to the engine thread.
 
 pub mod command;
+pub mod inprocess;
 mod metrics;
 pub use umdev_vgpu_abi::{encode, picture, regs};
 pub mod scanout;
@@ -272,7 +273,7 @@ struct EngineTask {
 }
 
 impl Task for EngineTask {
-    fn run(&mut self, deadline: Instant) -> Progress {
+    fn run(&mut self, should_yield: &dyn Fn() -> bool) -> Progress {
         let shared = &*self.shared;
         match &self.job {
             Job::Submit(n, generation) => {
@@ -281,7 +282,7 @@ impl Task for EngineTask {
                     self.run = SubmissionRun::begin(shared, *n, *generation);
                 }
                 let progress = match &mut self.run {
-                    Some(run) => run.run(shared, deadline),
+                    Some(run) => run.run(shared, should_yield),
                     None => Progress::Done,
                 };
                 shared.stats.busy(start.elapsed());
@@ -1035,6 +1036,11 @@ fn fault(shared: &Shared, n: usize, generation: u64, f: Fault) {
     shared.raise(&mut regs, Some(n));
 }
 
+/// The most bytes one engine step moves: a FILL or COPY is cut into pieces
+/// of this size, the points where another vGPU may take the engine (about
+/// 10 us of copying).
+const STEP_BYTES: u64 = 64 << 10;
+
 /// One context's submission on the engine: HEAD to the TAIL rung, segment by
 /// segment (each audited whole, then run step by step), stoppable between
 /// steps (commands) when its slice is over.
@@ -1139,6 +1145,8 @@ impl SubmissionRun {
         };
         let (plan, more) = audit_segment(&actx, &mut self.cursor)?;
         drop(shadow);
+        // Pieces the engine can stop between (another vGPU's turn).
+        let plan = command::split_steps(plan, STEP_BYTES);
         shared
             .stats
             .segments_audited
@@ -1150,8 +1158,8 @@ impl SubmissionRun {
     }
 
     /// Runs until the submission (and any rung while it ran) is done, a fault,
-    /// or `deadline` at a step boundary.
-    fn run(&mut self, shared: &Shared, deadline: Instant) -> Progress {
+    /// or `should_yield()` at a step boundary.
+    fn run(&mut self, shared: &Shared, should_yield: &dyn Fn() -> bool) -> Progress {
         loop {
             if self.next == self.plan.len() && self.more {
                 if let Err(f) = self.audit_next(shared) {
@@ -1160,7 +1168,7 @@ impl SubmissionRun {
                 }
             }
             while self.next < self.plan.len() {
-                if self.next > 0 && Instant::now() >= deadline {
+                if self.next > 0 && should_yield() {
                     return Progress::Preempted;
                 }
                 let step = &self.plan[self.next];
@@ -1191,7 +1199,7 @@ impl SubmissionRun {
                 Some(next) => *self = next,
                 None => return Progress::Done,
             }
-            if Instant::now() >= deadline {
+            if should_yield() {
                 return Progress::Preempted;
             }
         }
@@ -1219,13 +1227,9 @@ fn execute_step(
                 .map_err(|_| dma(*va))?;
         }
         Step::Fill { dst, pattern, va } => {
-            let chunk: Vec<u8> = pattern
-                .to_le_bytes()
-                .iter()
-                .copied()
-                .cycle()
-                .take(64 << 10)
-                .collect();
+            // The pattern over at most 64 KiB (a step moves 64 KiB at most).
+            let bytes = dst.iter().map(|e| e.len).sum::<u64>().min(64 << 10);
+            let chunk = pattern.to_le_bytes().repeat(bytes.div_ceil(4) as usize);
             for e in dst {
                 let mut done = 0u64;
                 while done < e.len {

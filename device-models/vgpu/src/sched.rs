@@ -7,11 +7,13 @@
 //! time: every share has a virtual time that advances by the engine time it
 //! used divided by its weight, and the share with work and the smallest
 //! virtual time runs next, for at most [`SLICE`] (a task that is not done by
-//! then is preempted at its next command boundary and goes on later). Two
-//! saturating shares with weights 1 and 3 get 25% and 75% of the engine; a
-//! share that only wakes now and then waits at most one slice of each busy
-//! neighbour. A share that was idle does not bank credit: it rejoins at the
-//! smallest virtual time among the busy ones.
+//! then is preempted at its next boundary and goes on later). Two
+//! saturating shares with weights 1 and 3 get 25% and 75% of the engine. A
+//! share that was idle does not bank credit: it rejoins at the smallest
+//! virtual time among the busy ones, and its arrival asks the running task to
+//! stop at its next boundary, so a share that only wakes now and then waits
+//! for one piece of its neighbour's work (the vGPU cuts FILLs and COPYs into
+//! 128 KiB pieces), not for a slice.
 //!
 //! A flood of work from one share cannot starve the others (fair queuing) or
 //! grow the queue without bound: a task may name a key, and a queued task
@@ -21,6 +23,7 @@
 //! next submission syncs the tables anyway).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -41,9 +44,9 @@ pub enum Progress {
 
 /// Work for the engine.
 pub trait Task: Send {
-    /// Runs until done, or until `deadline` has passed at a point where it can
-    /// stop (it makes some progress on every call).
-    fn run(&mut self, deadline: Instant) -> Progress;
+    /// Runs until done, or until `should_yield()` says so at a point where it
+    /// can stop (it makes some progress on every call).
+    fn run(&mut self, should_yield: &dyn Fn() -> bool) -> Progress;
 
     /// Queued tasks of the share with the same key make this one redundant (the
     /// key must tell apart whatever makes two tasks differ, e.g. a reset
@@ -114,6 +117,8 @@ impl State {
 
 struct Inner {
     state: Mutex<State>,
+    /// Another share became busy: the running task should stop soon.
+    preempt: AtomicBool,
     /// Work arrived or the engine went idle or a task finished.
     changed: Condvar,
 }
@@ -137,6 +142,7 @@ impl Scheduler {
     pub fn start() -> Arc<Scheduler> {
         let inner = Arc::new(Inner {
             state: Mutex::new(State::default()),
+            preempt: AtomicBool::new(false),
             changed: Condvar::new(),
         });
         let engine = inner.clone();
@@ -208,7 +214,7 @@ impl EngineShare {
         if self.scheduler.thread.is_none() {
             // No engine thread: run it here, whole.
             let mut task = task;
-            while task.run(Instant::now() + SLICE) == Progress::Preempted {}
+            while task.run(&|| false) == Progress::Preempted {}
             return;
         }
         let key = task.coalesce_key();
@@ -223,13 +229,17 @@ impl EngineShare {
             share.stats.dropped += 1;
             return;
         }
-        if share.queue.is_empty() {
+        let arriving = share.queue.is_empty();
+        if arriving {
             // Back from idle: no credit for the time it had no work.
             if let Some(floor) = floor {
                 share.vtime = share.vtime.max(floor);
             }
         }
         share.queue.push_back(QueuedTask { task, key });
+        if arriving && st.running.is_some_and(|r| r != self.id) {
+            inner.preempt.store(true, Ordering::Relaxed);
+        }
         drop(st);
         inner.changed.notify_all();
     }
@@ -297,10 +307,13 @@ fn engine_loop(inner: &Inner) {
             continue;
         };
         st.running = Some(id);
+        inner.preempt.store(false, Ordering::Relaxed);
         drop(st);
 
         let start = Instant::now();
-        let progress = queued.task.run(start + SLICE);
+        let deadline = start + SLICE;
+        let should_yield = || inner.preempt.load(Ordering::Relaxed) || Instant::now() >= deadline;
+        let progress = queued.task.run(&should_yield);
         let used = start.elapsed();
 
         st = inner.lock();
@@ -327,7 +340,7 @@ fn engine_loop(inner: &Inner) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::AtomicU64;
 
     /// Burns engine time in steps of `step`, counting its slices.
     struct Spin {
@@ -337,7 +350,7 @@ mod tests {
     }
 
     impl Task for Spin {
-        fn run(&mut self, deadline: Instant) -> Progress {
+        fn run(&mut self, should_yield: &dyn Fn() -> bool) -> Progress {
             loop {
                 let t = Instant::now();
                 while t.elapsed() < self.step {
@@ -348,7 +361,7 @@ mod tests {
                 if self.left.is_zero() {
                     return Progress::Done;
                 }
-                if Instant::now() >= deadline {
+                if should_yield() {
                     return Progress::Preempted;
                 }
             }
@@ -357,7 +370,7 @@ mod tests {
 
     struct Mark(Arc<Mutex<Vec<u32>>>, u32, Option<u64>);
     impl Task for Mark {
-        fn run(&mut self, _: Instant) -> Progress {
+        fn run(&mut self, _: &dyn Fn() -> bool) -> Progress {
             self.0.lock().unwrap().push(self.1);
             Progress::Done
         }
@@ -370,7 +383,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         struct Barrier(std::sync::mpsc::Sender<()>);
         impl Task for Barrier {
-            fn run(&mut self, _: Instant) -> Progress {
+            fn run(&mut self, _: &dyn Fn() -> bool) -> Progress {
                 let _ = self.0.send(());
                 Progress::Done
             }

@@ -1,5 +1,5 @@
-//! `umdev-vgpu-bench --quick` against the real `umdev-vgpu`: it must complete and
-//! print every figure. No timing is checked (the figures belong in
+//! `umdev-vgpu-bench --quick` against the real `umdev-vgpu`, and
+//! `umdev-vgpu-sched-bench --quick`: each must complete and print every figure. No timing is checked (the figures belong in
 //! docs/performance.md, not in assertions).
 
 use std::process::Command;
@@ -25,6 +25,32 @@ fn quick_run_prints_every_figure() {
         "BLIT ",
         "COPY ",
         "migration downtime:",
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(figure))
+            .unwrap_or_else(|| panic!("no {figure:?} line:\n{stdout}"));
+        assert!(line.contains("ratio "), "no ratio in {line:?}");
+    }
+}
+
+#[test]
+fn scheduler_bench_quick_run_prints_every_figure() {
+    let out = Command::new(env!("CARGO_BIN_EXE_umdev-vgpu-sched-bench"))
+        .arg("--quick")
+        .output()
+        .expect("run umdev-vgpu-sched-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "umdev-vgpu-sched-bench failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for figure in [
+        "engine shares, weights 1:1:",
+        "engine shares, weights 1:3:",
+        "light submission-to-fence latency next to a flood:",
     ] {
         let line = stdout
             .lines()

@@ -4,24 +4,17 @@
 //! the engine, and a long submission of one is preempted at a command
 //! boundary so the other's short one completes first.
 
-mod inprocess;
-
 use std::time::Duration;
 
-use inprocess::*;
-use umdev::memory::MappedMemfd;
 use umdev_vgpu::encode::{self as cmd, pte};
+use umdev_vgpu::inprocess::*;
 use umdev_vgpu::regs::*;
 use umdev_vgpu::sched::Scheduler;
 use umdev_vgpu::VgpuConfig;
 
-fn ram(name: &str) -> Ram {
-    Ram(MappedMemfd::new(name, RAM_SIZE).unwrap())
-}
-
 #[test]
 fn a_vgpu_has_the_contexts_and_ggtt_of_its_config_and_nothing_past_them() {
-    let ram = ram("vgpu-layout");
+    let ram = Ram::new("vgpu-layout");
     let config = VgpuConfig {
         vram_mib: 1,
         contexts: 1,
@@ -83,25 +76,6 @@ fn configs_outside_the_spec_are_refused() {
     }
 }
 
-/// VA range `[BIG_VA, + BIG_PAGES pages)` maps one RAM page again and again,
-/// so a FILL can move many bytes with little guest RAM.
-const BIG_VA: u64 = 0x4000_0000;
-const BIG_PAGES: u64 = 4096;
-const DATA_PAGE: u64 = RAM_GPA + 0x20_0000;
-const FENCE_PAGE: u64 = RAM_GPA + 0x20_2000;
-
-fn prepare(gpu: &mut Gpu, ram: &Ram, big: bool) {
-    let mut t = Tables::new(ram);
-    t.map(ram, FENCE_VA, FENCE_PAGE, false);
-    t.map(ram, A_VA, DATA_PAGE, false);
-    if big {
-        for p in 0..BIG_PAGES {
-            t.map(ram, BIG_VA + p * 4096, DATA_PAGE, false);
-        }
-    }
-    gpu.program(Tables::ROOT);
-}
-
 #[test]
 fn a_long_submission_on_a_shared_engine_is_preempted_for_a_neighbour() {
     let engine = Scheduler::start();
@@ -110,11 +84,11 @@ fn a_long_submission_on_a_shared_engine_is_preempted_for_a_neighbour() {
         engine: Some(engine.share(name, 1)),
         ..VgpuConfig::default()
     };
-    let (ram_a, ram_b) = (ram("vgpu-engine-a"), ram("vgpu-engine-b"));
+    let (ram_a, ram_b) = (Ram::new("vgpu-engine-a"), Ram::new("vgpu-engine-b"));
     let mut a = Gpu::with_config(&ram_a, config("a"));
     let mut b = Gpu::with_config(&ram_b, config("b"));
-    prepare(&mut a, &ram_a, true);
-    prepare(&mut b, &ram_b, false);
+    standard_mappings(&mut a, &ram_a, true);
+    standard_mappings(&mut b, &ram_b, false);
 
     // 15 FILLs of 16 MiB each: 240 MiB for A, within one submission's budget.
     let fill = cmd::fill(BIG_VA, (BIG_PAGES * 4096) as u32, 0xa5a5_a5a5);

@@ -4,11 +4,9 @@
 //! sees), with the same results as a vGPU that never stopped; hostile blobs
 //! refused without a change.
 
-mod inprocess;
-
-use inprocess::*;
 use umdev::memory::{DmaRegion, GuestMemory, MappedMemfd};
 use umdev_vgpu::encode::{self as cmd, pte};
+use umdev_vgpu::inprocess::*;
 use umdev_vgpu::regs::*;
 use umdev_vgpu::VgpuConfig;
 

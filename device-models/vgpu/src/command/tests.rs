@@ -462,3 +462,58 @@ fn another_context_s_ring_at_the_top_of_the_address_space_is_harmless() {
     let plan = gpu.run(&[store_dword(DATA_VA, 1)]).unwrap();
     assert_eq!(store_of(&plan[0]), (Target::Ram(gpu.data), 1, DATA_VA));
 }
+
+#[test]
+fn big_fills_and_copies_split_into_steps_of_the_same_bytes() {
+    let dst = vec![
+        extent(Target::Ram(0x10_0000), 0x3000),
+        extent(Target::Vram(0x8000), 0x1000),
+    ];
+    let src = vec![extent(Target::Vram(0), 0x4000)];
+    let plan = vec![
+        Step::Fill {
+            dst: dst.clone(),
+            pattern: 7,
+            va: 0x40,
+        },
+        Step::Copy {
+            src: src.clone(),
+            dst: dst.clone(),
+            va: 0x80,
+        },
+        Step::Fill {
+            dst: vec![extent(Target::Ram(0), 0x800)],
+            pattern: 1,
+            va: 0xc0,
+        },
+    ];
+    let steps = super::split_steps(plan, 0x1800);
+    assert_eq!(steps.len(), 3 + 3 + 1);
+    let fills: Vec<Vec<Extent>> = steps[..3]
+        .iter()
+        .map(|s| match s {
+            Step::Fill {
+                dst,
+                pattern: 7,
+                va: 0x40,
+            } => dst.clone(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        fills,
+        vec![
+            vec![extent(Target::Ram(0x10_0000), 0x1800)],
+            vec![extent(Target::Ram(0x10_1800), 0x1800)],
+            vec![extent(Target::Vram(0x8000), 0x1000)],
+        ]
+    );
+    for (i, s) in steps[3..6].iter().enumerate() {
+        let (src, dst, va) = copy_of(s);
+        assert_eq!(va, 0x80);
+        let len = |e: &[Extent]| e.iter().map(|e| e.len).sum::<u64>();
+        assert_eq!(len(src), len(dst));
+        assert_eq!(src[0].target, Target::Vram(0x1800 * i as u64));
+    }
+    assert!(matches!(steps[6], Step::Fill { pattern: 1, .. }));
+}

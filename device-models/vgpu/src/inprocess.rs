@@ -1,29 +1,50 @@
 //! An in-process vGPU over a memfd of guest RAM, driven through its PCI
-//! function (no socket): the harness of the state and engine tests.
-#![allow(dead_code)]
+//! function (no socket, no VMM): guest RAM, 4-level page tables and context
+//! 0's ring written straight into memory. The harness of the state and
+//! engine tests and of the scheduler benchmark. It panics on what a test
+//! would fail on (a fault, a fence that does not come).
 
 use std::time::{Duration, Instant};
 
+use crate::encode::{self as cmd, pte};
+use crate::regs::*;
+use crate::VgpuConfig;
 use umdev::memory::{DmaRegion, GuestMemory, MappedMemfd};
 use umdev::pci::{PciFunction, Region};
-use umdev_vgpu::encode::{self as cmd, pte};
-use umdev_vgpu::regs::*;
-use umdev_vgpu::VgpuConfig;
 
+/// Guest RAM: 4 MiB at 1 GiB.
 pub const RAM_GPA: u64 = 0x4000_0000;
 pub const RAM_SIZE: usize = 4 << 20;
 pub const BAR0: Region = Region::Bar(0);
+/// GPU addresses the tests map: a data page, the fence page, VRAM.
 pub const A_VA: u64 = 0x1000_0000;
 pub const FENCE_VA: u64 = 0x7fff_f000;
 pub const VRAM_VA: u64 = 0x2000_0000;
+/// Context 0's ring.
 pub const RING: u64 = RAM_GPA + 0x1000;
 pub const RING_SIZE: u32 = 4096;
+/// [`standard_mappings`]: `[BIG_VA, + BIG_PAGES pages)` maps [`DATA_PAGE`]
+/// again and again, so a FILL can move many bytes with little guest RAM.
+pub const BIG_VA: u64 = 0x4000_0000;
+pub const BIG_PAGES: u64 = 4096;
+pub const DATA_PAGE: u64 = RAM_GPA + 0x20_0000;
+pub const FENCE_PAGE: u64 = RAM_GPA + 0x20_2000;
 
 /// Guest RAM shared by the source and the destination (the VMM migrates it;
 /// the device does not).
 pub struct Ram(pub MappedMemfd);
 
 impl Ram {
+    /// Fresh zeroed guest RAM (a memfd named `name`).
+    pub fn new(name: &str) -> Ram {
+        Ram(MappedMemfd::new(name, RAM_SIZE).expect("memfd for guest RAM"))
+    }
+
+    /// The 32-bit value at `gpa` (e.g. a fence the device wrote).
+    pub fn u32_at(&self, gpa: u64) -> u32 {
+        u32::from_le_bytes(self.read(gpa, 4).try_into().expect("4 bytes"))
+    }
+
     pub fn write(&self, gpa: u64, data: &[u8]) {
         let at = (gpa - RAM_GPA) as usize;
         assert!(at + data.len() <= RAM_SIZE);
@@ -67,7 +88,7 @@ impl Gpu {
         let fd = ram.0.file().try_clone().unwrap();
         let region = DmaRegion::mapped(RAM_GPA, RAM_SIZE as u64, fd.into(), 0, true, true).unwrap();
         memory.with_regions(|r| r.insert(region)).unwrap();
-        let (mut f, _) = umdev_vgpu::new_function(memory, config).unwrap();
+        let (mut f, _) = crate::new_function(memory, config).unwrap();
         f.region_write(Region::Config, 0x04, &6u16.to_le_bytes())
             .unwrap();
         Gpu { f, tail: 0, seq: 0 }
@@ -118,10 +139,11 @@ impl Gpu {
         self.seq
     }
 
-    /// Waits until context 0's FENCE_SEQNO is `seq` (no fault meanwhile).
+    /// Waits until context 0's FENCE_SEQNO has reached `seq` (no fault
+    /// meanwhile).
     pub fn wait_fence(&mut self, seq: u32, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        while self.r32(ctx_reg(0, CTX_FENCE_SEQNO)) != seq {
+        while (self.r32(ctx_reg(0, CTX_FENCE_SEQNO)).wrapping_sub(seq) as i32) < 0 {
             let status = self.r32(ctx_reg(0, CTX_STATUS));
             assert_eq!(status & CTX_STATUS_FAULTED, 0, "fault {status:#x}");
             assert!(Instant::now() < deadline, "fence {seq} did not come");
@@ -197,4 +219,18 @@ impl Tables {
         let slot = self.leaf_slot(ram, va);
         ram.u64(slot, pte(addr, vram, true));
     }
+}
+
+/// Page tables with the fence page, the data page at [`A_VA`] and, with
+/// `big`, the [`BIG_VA`] range; context 0 programmed with them.
+pub fn standard_mappings(gpu: &mut Gpu, ram: &Ram, big: bool) {
+    let mut t = Tables::new(ram);
+    t.map(ram, FENCE_VA, FENCE_PAGE, false);
+    t.map(ram, A_VA, DATA_PAGE, false);
+    if big {
+        for p in 0..BIG_PAGES {
+            t.map(ram, BIG_VA + p * 4096, DATA_PAGE, false);
+        }
+    }
+    gpu.program(Tables::ROOT);
 }
