@@ -48,23 +48,33 @@ die() { echo "build-initramfs: error: $*" >&2; exit 1; }
 command -v cpio >/dev/null 2>&1 || die "cpio is missing: run scripts/setup-e2e.sh (or apt-get install cpio)"
 [ -x "$BUSYBOX" ] || die "no busybox at $BUSYBOX: run scripts/setup-e2e.sh first"
 
-# 1. The guest driver: a static binary (cargo only rebuilds when sources changed).
+# 1. The guest driver and the vGPU demo: static binaries (cargo only rebuilds
+# when sources changed).
+build_static() { # <crate dir> <target dir>
+    (
+        cd "$1"
+        RUSTFLAGS='-C target-feature=+crt-static' cargo build --release --quiet \
+            --target x86_64-unknown-linux-gnu --target-dir "$2"
+    )
+}
 if [ -n "${UMDEV_GUEST_DRIVER:-}" ]; then
     DRIVER=$UMDEV_GUEST_DRIVER
     [ -x "$DRIVER" ] || die "UMDEV_GUEST_DRIVER=$DRIVER is not an executable"
 else
     TARGET_DIR=$REPO/target/guest-driver
     say "building tests/guest-driver (static)"
-    (
-        cd "$REPO/tests/guest-driver"
-        RUSTFLAGS='-C target-feature=+crt-static' cargo build --release --quiet \
-            --target x86_64-unknown-linux-gnu --target-dir "$TARGET_DIR"
-    ) || die "building the guest driver failed"
+    build_static "$REPO/tests/guest-driver" "$TARGET_DIR" || die "building the guest driver failed"
     DRIVER=$TARGET_DIR/x86_64-unknown-linux-gnu/release/umdev-guest-driver
 fi
-if command -v file >/dev/null 2>&1 && file "$DRIVER" | grep -q 'dynamically linked'; then
-    die "$DRIVER is dynamically linked; the guest has no libc"
-fi
+say "building device-models/vgpu/guest/demo (static)"
+build_static "$REPO/device-models/vgpu/guest/demo" "$REPO/target/guest-demo" ||
+    die "building the vGPU demo failed"
+DEMO=$REPO/target/guest-demo/x86_64-unknown-linux-gnu/release/umdev-vgpu-demo
+for bin in "$DRIVER" "$DEMO"; do
+    if command -v file >/dev/null 2>&1 && file "$bin" | grep -q 'dynamically linked'; then
+        die "$bin is dynamically linked; the guest has no libc"
+    fi
+done
 
 # 2. The /init script.
 INIT_SCRIPT=$(cat <<'EOF'
@@ -93,7 +103,7 @@ case ${UMDEV_VGPU_KMOD:-0} in
         done
         if [ ! -f "$kmod" ]; then
             echo "FAIL init UMDEV_VGPU_KMOD: umdev_vgpu.ko is not in the initramfs (run scripts/setup-kbuild.sh)"
-        elif insmod "$kmod"; then
+        elif insmod "$kmod" ${UMDEV_VGPU_KMOD_ARGS:-}; then
             seen=$(dmesg | grep -c umdev_vgpu)
             dmesg | grep umdev_vgpu | sed 's/^/INFO kmod: /'
             if [ "$UMDEV_VGPU_KMOD" = 1 ]; then
@@ -133,7 +143,36 @@ if [ "${UMDEV_CONSOLE:-0}" = 1 ]; then
         { printf '\033[6;1H'; dmesg | grep -E 'umdev_vgpu|fbcon|Console: switching' | tail -n 12; } > "$tty"
         echo "PASS console_marker rows=${size% *} cols=${size#* } fb=$(tr , x < /sys/class/graphics/fb0/virtual_size)"
     fi
-    sleep "${UMDEV_CONSOLE_HOLD_SECS:-60}"
+    if [ -z "${UMDEV_DEMO:-}" ]; then
+        sleep "${UMDEV_CONSOLE_HOLD_SECS:-60}"
+        echo "INFO init: powering off"
+        poweroff -f
+    fi
+fi
+# UMDEV_DEMO=<spec> (with UMDEV_VGPU_KMOD=keep): runs umdev-vgpu-demo processes
+# at the same time, one per comma-separated part, '+' standing for a space
+# (picture+--flip,fault: "umdev-vgpu-demo picture --flip" and
+# "umdev-vgpu-demo fault"), waits for them, prints "DONE demos=N failed=M" and
+# powers off. With UMDEV_CONSOLE=1 too, the console gets a second line after
+# them ("after the demos", row 8), and the guest holds for
+# UMDEV_CONSOLE_HOLD_SECS before powering off.
+if [ -n "${UMDEV_DEMO:-}" ]; then
+    pids=
+    n=0
+    for spec in $(echo "$UMDEV_DEMO" | tr ',' ' '); do
+        /bin/umdev-vgpu-demo $(echo "$spec" | tr '+' ' ') &
+        pids="$pids $!"
+        n=$((n + 1))
+    done
+    failed=0
+    for p in $pids; do wait "$p" || failed=$((failed + 1)); done
+    dmesg | grep -E 'umdev_vgpu' | grep -E 'fault|error|busy' | tail -n 20 | sed 's/^/INFO kmod: /'
+    if [ "${UMDEV_CONSOLE:-0}" = 1 ]; then
+        printf '\033[8;1Hafter the demos: %s processes, %s failed\n' "$n" "$failed" > /dev/tty1
+        echo "INFO console: after the demos"
+        sleep "${UMDEV_CONSOLE_HOLD_SECS:-60}"
+    fi
+    echo "DONE demos=$n failed=$failed"
     echo "INFO init: powering off"
     poweroff -f
 fi
@@ -192,7 +231,7 @@ if [ -s "$MODULES/load.list" ]; then
 else
     say "no kernel modules at $MODULES (run scripts/setup-e2e.sh): left out"
 fi
-HASH=$( { sha256sum "$DRIVER" "$BUSYBOX" "${MODFILES[@]}" "${KMODFILES[@]}" | cut -d' ' -f1; printf '%s\n' "$INIT_SCRIPT" | sha256sum | cut -d' ' -f1; } | sha256sum | cut -d' ' -f1)
+HASH=$( { sha256sum "$DRIVER" "$DEMO" "$BUSYBOX" "${MODFILES[@]}" "${KMODFILES[@]}" | cut -d' ' -f1; printf '%s\n' "$INIT_SCRIPT" | sha256sum | cut -d' ' -f1; } | sha256sum | cut -d' ' -f1)
 if [ -s "$OUT" ] && [ "$(cat "$OUT.hash" 2>/dev/null)" = "$HASH" ]; then
     say "up to date: $OUT"
     echo "$OUT"
@@ -206,6 +245,7 @@ mkdir -p "$STAGE"/{bin,dev,proc,sys,tmp,run}
 cp "$BUSYBOX" "$STAGE/bin/busybox"
 ln -s busybox "$STAGE/bin/sh"
 cp "$DRIVER" "$STAGE/bin/umdev-guest-driver"
+cp "$DEMO" "$STAGE/bin/umdev-vgpu-demo"
 printf '%s\n' "$INIT_SCRIPT" > "$STAGE/init"
 if [ "${#MODFILES[@]}" -gt 0 ]; then
     mkdir -p "$STAGE/lib/modules/umdev"
@@ -216,7 +256,7 @@ if [ "${#KMODFILES[@]}" -gt 0 ]; then
     cp "${KMODFILES[0]}" "$STAGE/lib/modules/umdev-kmod/umdev_vgpu.ko"
     echo "${KMODDEPS# }" > "$STAGE/lib/modules/umdev-kmod/deps"
 fi
-chmod 755 "$STAGE/init" "$STAGE/bin/busybox" "$STAGE/bin/umdev-guest-driver"
+chmod 755 "$STAGE/init" "$STAGE/bin/busybox" "$STAGE/bin/umdev-guest-driver" "$STAGE/bin/umdev-vgpu-demo"
 ( cd "$STAGE" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0 ) | gzip -6 -n > "$OUT.tmp"
 mv "$OUT.tmp" "$OUT"
 echo "$HASH" > "$OUT.hash"

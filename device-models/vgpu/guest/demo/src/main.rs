@@ -1,0 +1,384 @@
+//! `umdev-vgpu-demo`: a guest program that uses the vGPU through its Linux
+//! driver (umdev_vgpu.ko) as an application uses a GPU: dumb buffers bound
+//! into its own GPU address space (page tables the kernel writes in guest
+//! RAM, which the host write-tracks and shadows), a command buffer submitted
+//! with a fence, the result checked through the buffer's mapping, and the
+//! picture shown with KMS (SETCRTC, then a page flip).
+//!
+//! ```text
+//! umdev-vgpu-demo picture [--flip] [--hold-secs N] [--churn N]
+//! umdev-vgpu-demo fault
+//! umdev-vgpu-demo hostile [--rounds N] [--seed S]
+//! umdev-vgpu-demo info
+//! ```
+//! Options anywhere: `--dev PATH` (default /dev/dri/card0). Prints `PASS name
+//! detail` / `FAIL name detail` lines (the e2e harness reads them from the
+//! console); exits 1 after any FAIL, 2 on a usage error.
+
+mod drm;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use drm::{Buffer, Drm, WaitResult};
+use umdev_vgpu_abi::encode as cmd;
+use umdev_vgpu_abi::picture::{self, DrawTargets};
+
+/// Where the demo binds its buffers (any 4 KiB-aligned addresses below 2^47).
+const FB_VA: u64 = 0x1000_0000;
+const FB2_VA: u64 = 0x1100_0000;
+const IMAGE_VA: u64 = 0x2000_0000;
+const SCRATCH_VA: u64 = 0x3000_0000;
+const BATCH_VA: u64 = 0x4000_0000;
+/// Churn bindings: one per 2 MiB (a leaf table each) from here.
+const CHURN_VA: u64 = 0x5000_0000;
+/// Nothing is ever bound here.
+const UNBOUND_VA: u64 = 0x7000_0000;
+
+const FENCE_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Opts {
+    mode: String,
+    dev: String,
+    flip: bool,
+    hold_secs: u64,
+    churn: u32,
+    rounds: u32,
+    seed: u64,
+}
+
+fn parse(args: &[String]) -> Result<Opts, String> {
+    let mut o = Opts {
+        mode: String::new(),
+        dev: "/dev/dri/card0".into(),
+        flip: false,
+        hold_secs: 0,
+        churn: 0,
+        rounds: 100,
+        seed: 1,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .ok_or_else(|| format!("{name} needs a value"))
+                .cloned()
+        };
+        let number = |s: String, name: &str| s.parse::<u64>().map_err(|_| format!("{name}: {s:?}"));
+        match a.as_str() {
+            "--flip" => o.flip = true,
+            "--dev" => o.dev = value("--dev")?,
+            "--hold-secs" => o.hold_secs = number(value(a)?, a)?,
+            "--churn" => o.churn = number(value(a)?, a)? as u32,
+            "--rounds" => o.rounds = number(value(a)?, a)? as u32,
+            "--seed" => o.seed = number(value(a)?, a)?,
+            m if !m.starts_with('-') && o.mode.is_empty() => o.mode = m.to_owned(),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    if o.mode.is_empty() {
+        return Err("no mode (picture, fault, hostile, info)".into());
+    }
+    Ok(o)
+}
+
+/// Collects PASS/FAIL lines; the process fails if any FAIL was printed.
+#[derive(Default)]
+struct Report {
+    failed: bool,
+}
+
+impl Report {
+    fn pass(&mut self, name: &str, detail: impl std::fmt::Display) {
+        println!("PASS {name} {detail}");
+    }
+    fn fail(&mut self, name: &str, detail: impl std::fmt::Display) {
+        println!("FAIL {name} {detail}");
+        self.failed = true;
+    }
+    fn check<T, E: std::fmt::Display>(&mut self, name: &str, r: Result<T, E>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.fail(name, e);
+                None
+            }
+        }
+    }
+}
+
+/// Writes `commands` and BATCH_END into `batch` (bound at BATCH_VA), submits
+/// it and waits for its fence.
+fn run_batch(drm: &Drm, batch: &mut Buffer, commands: &[u32]) -> Result<WaitResult, String> {
+    let mut words = commands.to_vec();
+    words.extend(cmd::batch_end());
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    if bytes.len() > batch.size {
+        return Err(format!(
+            "{} bytes of commands, batch of {}",
+            bytes.len(),
+            batch.size
+        ));
+    }
+    batch.write(0, &bytes);
+    let seq = drm.submit(BATCH_VA).map_err(|e| format!("submit: {e}"))?;
+    drm.wait(seq, FENCE_TIMEOUT)
+        .map_err(|e| format!("wait for fence {seq}: {e}"))
+}
+
+/// The buffers of the picture: framebuffer(s), image, scratch line, batch.
+struct Scene {
+    fbs: Vec<Buffer>,
+    image: Buffer,
+    scratch: Buffer,
+    batch: Buffer,
+}
+
+fn scene(drm: &Drm, fbs: usize) -> Result<Scene, String> {
+    fn e(what: &'static str) -> impl Fn(std::io::Error) -> String {
+        move |e| format!("{what}: {e}")
+    }
+    let mut out = Vec::new();
+    for (i, va) in [FB_VA, FB2_VA].into_iter().take(fbs).enumerate() {
+        // 384 pixels of 4 bytes: the picture's stride (320 pixels + padding).
+        let fb = drm
+            .dumb(picture::STRIDE / 4, picture::HEIGHT)
+            .map_err(e("framebuffer"))?;
+        if fb.pitch != picture::STRIDE {
+            return Err(format!(
+                "framebuffer {i} pitch {} (want {})",
+                fb.pitch,
+                picture::STRIDE
+            ));
+        }
+        drm.bind(&fb, va, true).map_err(e("bind framebuffer"))?;
+        out.push(fb);
+    }
+    let mut image = drm
+        .dumb(picture::IMAGE_WIDTH, picture::IMAGE_HEIGHT)
+        .map_err(e("image"))?;
+    image.write(0, &picture::image_bytes());
+    drm.bind(&image, IMAGE_VA, false).map_err(e("bind image"))?;
+    let scratch = drm.dumb(1024, 4).map_err(e("scratch"))?;
+    drm.bind(&scratch, SCRATCH_VA, true)
+        .map_err(e("bind scratch"))?;
+    let batch = drm.dumb(1024, 16).map_err(e("batch"))?;
+    drm.bind(&batch, BATCH_VA, false).map_err(e("bind batch"))?;
+    Ok(Scene {
+        fbs: out,
+        image,
+        scratch,
+        batch,
+    })
+}
+
+/// Draws the e2e test picture into framebuffer `i` through the engine and
+/// checks it through the mapping.
+fn draw(drm: &Drm, s: &mut Scene, i: usize, fb_va: u64) -> Result<(), String> {
+    let targets = DrawTargets {
+        fb_va,
+        image_va: IMAGE_VA,
+        scratch_va: SCRATCH_VA,
+    };
+    let commands = picture::commands(picture::SCENE, targets);
+    match run_batch(drm, &mut s.batch, &commands)? {
+        WaitResult::Done => {}
+        WaitResult::Fault { reason, addr } => {
+            return Err(format!("fault {reason} at {addr:#x}"));
+        }
+    }
+    let want = picture::render();
+    let got = &s.fbs[i].bytes()[..picture::FB_BYTES];
+    match got.iter().zip(&want).position(|(a, b)| a != b) {
+        None => Ok(()),
+        Some(at) => Err(format!(
+            "byte {at} of the framebuffer is {:#04x}, want {:#04x}",
+            got[at], want[at]
+        )),
+    }
+}
+
+/// Binds, fills through the engine, checks and unbinds a buffer `n` times at
+/// addresses that each need a leaf table of their own.
+fn churn(drm: &Drm, batch: &mut Buffer, n: u32) -> Result<(), String> {
+    let buf = drm
+        .dumb(1024, 4)
+        .map_err(|e| format!("churn buffer: {e}"))?;
+    for i in 0..n {
+        let va = CHURN_VA + u64::from(i % 64) * (2 << 20);
+        drm.bind(&buf, va, true)
+            .map_err(|e| format!("bind {va:#x}: {e}"))?;
+        let pattern = 0x0101_0101u32.wrapping_mul(i + 1);
+        match run_batch(drm, batch, &cmd::fill(va, buf.size as u32, pattern))? {
+            WaitResult::Done => {}
+            WaitResult::Fault { reason, addr } => {
+                return Err(format!("round {i}: fault {reason} at {addr:#x}"));
+            }
+        }
+        let want = pattern.to_le_bytes();
+        if let Some(at) = buf.bytes().chunks_exact(4).position(|w| w != want) {
+            return Err(format!("round {i}: word {at} not {pattern:#x}"));
+        }
+        drm.unbind(va).map_err(|e| format!("unbind {va:#x}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn picture_mode(drm: &Drm, o: &Opts, r: &mut Report) {
+    let Some(info) = r.check("demo_context", drm.info()) else {
+        return;
+    };
+    r.pass("demo_context", format!("context={}", info.context));
+    let Some(mut s) = r.check("demo_buffers", scene(drm, if o.flip { 2 } else { 1 })) else {
+        return;
+    };
+    if o.churn > 0 {
+        match churn(drm, &mut s.batch, o.churn) {
+            Ok(()) => r.pass("demo_churn", o.churn),
+            Err(e) => return r.fail("demo_churn", e),
+        }
+    }
+    match draw(drm, &mut s, 0, FB_VA) {
+        Ok(()) => r.pass(
+            "demo_picture",
+            format!("{}x{}", picture::WIDTH, picture::HEIGHT),
+        ),
+        Err(e) => return r.fail("demo_picture", e),
+    }
+    if o.flip {
+        let (w, h) = (picture::WIDTH, picture::HEIGHT);
+        let shown = (|| -> Result<(), String> {
+            let (crtc, connector) = drm.first_output().map_err(|e| format!("resources: {e}"))?;
+            let fb = drm
+                .add_fb(&s.fbs[0], w, h)
+                .map_err(|e| format!("addfb: {e}"))?;
+            drm.set_crtc(crtc, connector, fb, w as u16, h as u16)
+                .map_err(|e| format!("setcrtc: {e}"))?;
+            // The second frame drawn while the first is on screen, then flipped.
+            draw(drm, &mut s, 1, FB2_VA)?;
+            let fb2 = drm
+                .add_fb(&s.fbs[1], w, h)
+                .map_err(|e| format!("addfb: {e}"))?;
+            drm.page_flip(crtc, fb2, FENCE_TIMEOUT)
+                .map_err(|e| format!("page flip: {e}"))
+        })();
+        match shown {
+            Ok(()) => r.pass("demo_flip", format!("{w}x{h}")),
+            Err(e) => return r.fail("demo_flip", e),
+        }
+    }
+    if let Ok(i) = drm.info() {
+        println!(
+            "INFO demo: context {} tables {} bindings {} fences {}/{}",
+            i.context, i.tables, i.bindings, i.completed, i.submitted
+        );
+    }
+    if o.hold_secs > 0 {
+        println!("INFO demo: holding the picture");
+        std::thread::sleep(Duration::from_secs(o.hold_secs));
+    }
+    drop(s.image);
+    drop(s.scratch);
+}
+
+fn fault_mode(drm: &Drm, r: &mut Report) {
+    let Some(mut s) = r.check("demo_fault", scene(drm, 0)) else {
+        return;
+    };
+    match run_batch(drm, &mut s.batch, &cmd::fill(UNBOUND_VA, 4096, 1)) {
+        Ok(WaitResult::Fault { reason: 1, addr }) if addr == UNBOUND_VA => {
+            r.pass("demo_fault", format!("reason=1 addr={addr:#x}"))
+        }
+        other => {
+            return r.fail(
+                "demo_fault",
+                format!("{other:?}, want NOT_PRESENT at {UNBOUND_VA:#x}"),
+            )
+        }
+    }
+    match run_batch(drm, &mut s.batch, &cmd::fill(SCRATCH_VA, 4096, 0x7777_7777)) {
+        Ok(WaitResult::Done) if s.scratch.bytes()[..4096].iter().all(|&b| b == 0x77) => {
+            r.pass("demo_fault_recovered", "fill after the fault")
+        }
+        other => r.fail("demo_fault_recovered", format!("{other:?}")),
+    }
+}
+
+/// Garbage in the file's own page tables (POKE_PTE, module parameter
+/// hostile_test=1): every submission ends, in a fault or done, never hangs.
+fn hostile_mode(drm: &Drm, o: &Opts, r: &mut Report) {
+    let Some(mut s) = r.check("demo_hostile", scene(drm, 0)) else {
+        return;
+    };
+    let mut x = o.seed.max(1);
+    let mut rand = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut faults = 0;
+    for round in 0..o.rounds {
+        let level = 1 + (rand() % 4) as u32;
+        let value = match rand() % 5 {
+            0 => rand(),
+            1 => (1 << 50) | 1,
+            2 => (rand() & !0xfff & ((1 << 52) - 1)) | 0b111,
+            3 => 0,
+            _ => (rand() & 0x3fff_f000) | 1,
+        };
+        let va = SCRATCH_VA + (rand() % 512) * 4096;
+        if let Err(e) = drm.poke_pte(va, level, value) {
+            return r.fail(
+                "demo_hostile",
+                format!("POKE_PTE: {e} (load with hostile_test=1)"),
+            );
+        }
+        match run_batch(drm, &mut s.batch, &cmd::fill(va, 4096, round)) {
+            Ok(WaitResult::Done) => {}
+            Ok(WaitResult::Fault { .. }) => faults += 1,
+            Err(e) => return r.fail("demo_hostile", format!("round {round}: {e}")),
+        }
+    }
+    r.pass(
+        "demo_hostile",
+        format!("faults={faults} rounds={}", o.rounds),
+    );
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let o = match parse(&args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("umdev-vgpu-demo: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut r = Report::default();
+    let drm = match Drm::open(&o.dev) {
+        Ok(d) => d,
+        Err(e) => {
+            r.fail("demo_open", format!("{}: {e}", o.dev));
+            return ExitCode::FAILURE;
+        }
+    };
+    match o.mode.as_str() {
+        "picture" => picture_mode(&drm, &o, &mut r),
+        "fault" => fault_mode(&drm, &mut r),
+        "hostile" => hostile_mode(&drm, &o, &mut r),
+        "info" => match drm.info() {
+            Ok(i) => println!("INFO demo: {i:?}"),
+            Err(e) => r.fail("demo_info", e),
+        },
+        other => {
+            eprintln!("umdev-vgpu-demo: unknown mode {other:?}");
+            return ExitCode::from(2);
+        }
+    }
+    if r.failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
