@@ -172,6 +172,8 @@ struct PokePte {
     pad: u32,
 }
 
+pub const SET_MASTER: u64 = ioc(0, 0x1e, 0);
+pub const DROP_MASTER: u64 = ioc(0, 0x1f, 0);
 pub const CREATE_DUMB: u64 = iowr::<CreateDumb>(0xb2);
 pub const MAP_DUMB: u64 = iowr::<MapDumb>(0xb3);
 pub const GETRESOURCES: u64 = iowr::<CardRes>(0xa0);
@@ -264,6 +266,30 @@ impl Drm {
                 return Err(e);
             }
         }
+    }
+
+    /// Becomes the DRM master (for KMS), waiting up to `timeout` for another
+    /// opener that was master first to drop it.
+    pub fn set_master(&self, timeout: Duration) -> io::Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            // SAFETY: an argument-less ioctl on our fd.
+            if unsafe { libc::ioctl(self.fd.as_raw_fd(), SET_MASTER as _, 0) } == 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if std::time::Instant::now() >= deadline {
+                return Err(e);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Gives up being the DRM master if this open made it one (a program
+    /// that does not set modes leaves KMS to the one that does).
+    pub fn drop_master(&self) {
+        // SAFETY: an argument-less ioctl on our fd; failing (not master) is fine.
+        unsafe { libc::ioctl(self.fd.as_raw_fd(), DROP_MASTER as _, 0) };
     }
 
     /// A `width` x `height` 32-bit dumb buffer, mapped.

@@ -248,6 +248,8 @@ fn picture_mode(drm: &Drm, o: &Opts, r: &mut Report) {
     if o.flip {
         let (w, h) = (picture::WIDTH, picture::HEIGHT);
         let shown = (|| -> Result<(), String> {
+            drm.set_master(Duration::from_secs(5))
+                .map_err(|e| format!("DRM master: {e}"))?;
             let (crtc, connector) = drm.first_output().map_err(|e| format!("resources: {e}"))?;
             let fb = drm
                 .add_fb(&s.fbs[0], w, h)
@@ -363,6 +365,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The first opener is the DRM master; only the one that sets modes keeps it.
+    if !o.flip {
+        drm.drop_master();
+    }
     match o.mode.as_str() {
         "picture" => picture_mode(&drm, &o, &mut r),
         "fault" => fault_mode(&drm, &mut r),
