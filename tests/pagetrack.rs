@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 
 use common::{InProcessServer, MemfdRam};
 use umdev::memory::GuestMemory;
-use umdev::pagetrack::{DirtyBitmap, Gfn, PageTrackNotifier, PageTracker, Policy, SourceKind};
+use umdev::pagetrack::{
+    DirtyBitmap, Gfn, NotifierRegistration, PageTrackNotifier, PageTracker, Policy, SourceKind,
+};
 use umdev::pci::{
     BarDef, BarIndex, DeviceContext, PciDevice, PciDeviceDescription, PciFunction, PciIds,
 };
@@ -59,6 +61,8 @@ impl Recorder {
 struct TrackDevice {
     tracker: PageTracker,
     error: u32,
+    /// The recorder's registration, for as long as the device lives.
+    _registration: NotifierRegistration,
 }
 
 impl PciDevice for TrackDevice {
@@ -117,11 +121,12 @@ fn start(source: SourceKind, policy: Policy) -> Rig {
     let recorder = events.clone();
     let mut tracker_out = None;
     let function = PciFunction::new(description, GuestMemory::new(64), |ctx: DeviceContext| {
-        ctx.page_tracker.register_notifier(recorder);
+        let registration = ctx.page_tracker.register(recorder);
         tracker_out = Some(ctx.page_tracker.clone());
         Box::new(TrackDevice {
             tracker: ctx.page_tracker,
             error: 0,
+            _registration: registration,
         })
     })
     .unwrap();

@@ -18,7 +18,8 @@ use umdev::benchmark::{median, us};
 use clap::Parser;
 use umdev::memory::{DmaRegion, GuestMemory, MappedMemfd};
 use umdev::pagetrack::{
-    DirtyBitmap, Gfn, PageTracker, Policy, SourceKind, TrackNotifier, UffdRegistration, PAGE_SIZE,
+    DirtyBitmap, Gfn, PageTrackNotifier, PageTracker, Policy, SourceKind, UffdRegistration,
+    PAGE_SIZE,
 };
 
 /// Measures the page-track engine.
@@ -83,9 +84,11 @@ fn track_all(tracker: &PageTracker, pages: usize) {
 
 struct Counting(AtomicU64);
 
-impl TrackNotifier for Counting {
-    fn track_write(&self, _gpa: u64, _new: &[u8; 8]) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+/// Counts the 8-byte entries reported.
+impl PageTrackNotifier for Counting {
+    fn track_write(&self, _gpa: u64, new: &[u8]) {
+        self.0
+            .fetch_add(new.len().div_ceil(8) as u64, Ordering::Relaxed);
     }
     fn track_remove_region(&self, _gfn: Gfn, _nr: u64) {}
 }
@@ -146,7 +149,7 @@ fn main() {
 
     // Notifier cost per entry: every entry of 1 % of the pages changes.
     let counting = Arc::new(Counting(AtomicU64::new(0)));
-    scan.register_notifier(counting.clone());
+    let _registration = scan.register(counting.clone());
     let changed_pages = (pages / 100).max(1);
     let mut value = 0u64;
     let per_entry = median(

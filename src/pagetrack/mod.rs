@@ -16,8 +16,8 @@
 //! |---|---|---|
 //! | `kvm_write_track_add_gfn(kvm, gfn)` | [`PageTracker::track`] | refcount `u32` (KVM: `u16`, WARN on overflow), overflow is [`TrackError::RefcountOverflow`]; a gfn outside fd-mapped memory is [`TrackError::NotMapped`] (KVM: `-EINVAL` outside a memslot); at most [`DEFAULT_MAX_TRACKED_PAGES`] pages, each with a 4 KiB snapshot |
 //! | `kvm_write_track_remove_gfn(kvm, gfn)` | [`PageTracker::untrack`] | an untracked gfn is [`TrackError::NotTracked`] (KVM: WARN) |
-//! | `kvm_page_track_register_notifier(kvm, node)` (takes a VM reference) | [`PageTracker::register`] → [`NotifierRegistration`], or [`PageTracker::register_notifier`] → [`NotifierId`] | the guard holds the tracker as KVM's reference holds the VM, and unregisters when dropped; KVM's `-ESRCH` for another process's VM has no equivalent. The id form leaves the notifier to the tracker until unregistered or the tracker ends |
-//! | `kvm_page_track_unregister_notifier(kvm, node)` (`synchronize_srcu`) | [`PageTracker::unregister_notifier`], [`NotifierRegistration::unregister`], its `Drop` | waits per notifier: after it returns the notifier is never called, calls under way on other threads have finished, the tracker has let go of it. From inside a callback of the same tracker it is refused ([`NotifierError::InCallback`]) where KVM would deadlock; a guard dropped there retires the notifier without waiting |
+//! | `kvm_page_track_register_notifier(kvm, node)` (takes a VM reference) | [`PageTracker::register`] → [`NotifierRegistration`] | the guard holds the tracker as KVM's reference holds the VM (the notifier is only ever called by that live tracker), and unregisters when dropped; users keep no `Weak`/`Arc` pairs. KVM's `-ESRCH` for another process's VM has no equivalent |
+//! | `kvm_page_track_unregister_notifier(kvm, node)` (`synchronize_srcu`) | [`NotifierRegistration::unregister`], its `Drop` | waits per notifier: after it returns the notifier is never called, calls under way on other threads have finished, the tracker has let go of it. From inside a callback of the same tracker it is refused ([`NotifierError::InCallback`]) where KVM would deadlock; a guard dropped there retires the notifier without waiting |
 //! | `track_write(gpa, new, bytes, node)`, called by `kvm_page_track_write` after each emulated write to a tracked page | [`PageTrackNotifier::track_write`]`(gpa, new)`, `new.len()` the bytes | KVM traps every guest write and reports it exactly. umdev sees memory, not writes: scan and dirty bitmap report the **net change of each 8-byte entry at a sync point** (A->B->A and a rewrite of the same bytes are invisible, two writes to one entry between syncs are one report); the uffd source in strict mode reports **every write fault** at once (a fault that changed nothing: the faulting entry, or the whole page when the VMM's uffd lacks `UFFD_FEATURE_EXACT_ADDRESS`, as it now is), but writes that land while the page is writable for a fault just resolved merge into that fault's report, and out-of-sync pages behave like scan. Writes the backend itself makes (`GuestMemory::write`) are compared at the next sync whatever the source |
 //! | `track_remove_region(gfn, nr_pages, node)`, from `kvm_page_track_delete_slot` on memslot deletion | [`PageTrackNotifier::track_remove_region`], from [`PageTracker::remove_region`] on DMA_UNMAP of a region, unmap-all (each region) and client loss (each region) | the same: every notifier, the region's first gfn and page count, tracked pages there or not; tracked gfns there are dropped after the call, whatever their refcount. KVM calls it with the memslot already invalid; umdev with the region already out of the table (reads there fail) |
 //! | `kvm_page_track_is_valid_gfn` | `GuestMemory::is_host_mapped` | |
@@ -85,33 +85,7 @@ pub trait PageTrackNotifier: Send + Sync {
     fn track_remove_region(&self, gfn: Gfn, nr_pages: u64);
 }
 
-/// The entry-sized form of [`PageTrackNotifier`], for users that only take
-/// whole 8-byte entries: every `TrackNotifier` is a `PageTrackNotifier` whose
-/// writes are split into naturally aligned entries (umdev's sources only ever
-/// report whole aligned entries, so nothing is lost).
-pub trait TrackNotifier: Send + Sync {
-    /// `new` is the 8-byte entry at `gpa` as it is now.
-    fn track_write(&self, gpa: u64, new: &[u8; ENTRY_SIZE]);
-    /// See [`PageTrackNotifier::track_remove_region`].
-    fn track_remove_region(&self, gfn: Gfn, nr_pages: u64);
-}
-
-impl<T: TrackNotifier + ?Sized> PageTrackNotifier for T {
-    fn track_write(&self, gpa: u64, new: &[u8]) {
-        let mut at = gpa;
-        for chunk in new.chunks_exact(ENTRY_SIZE) {
-            let mut entry = [0u8; ENTRY_SIZE];
-            entry.copy_from_slice(chunk);
-            TrackNotifier::track_write(self, at, &entry);
-            at = at.wrapping_add(ENTRY_SIZE as u64);
-        }
-    }
-    fn track_remove_region(&self, gfn: Gfn, nr_pages: u64) {
-        TrackNotifier::track_remove_region(self, gfn, nr_pages);
-    }
-}
-
-/// Names a registered notifier, for removal.
+/// Names a registration (in errors and logs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NotifierId(u64);
 
@@ -495,14 +469,16 @@ impl NotifierRegistration {
         &self.tracker
     }
 
-    /// KVM's `kvm_page_track_unregister_notifier`: see
-    /// [`PageTracker::unregister_notifier`]. Refused from inside a callback of
-    /// the same tracker (the registration stays); a second call does nothing.
+    /// KVM's `kvm_page_track_unregister_notifier`: when this returns, the
+    /// notifier is not called again, and a call under way on another thread
+    /// has finished (KVM's `synchronize_srcu`). Refused from inside a callback
+    /// of the same tracker, which that wait would never see end (the
+    /// registration stays); a second call does nothing.
     pub fn unregister(&mut self) -> Result<(), NotifierError> {
         if !self.registered {
             return Ok(());
         }
-        self.tracker.unregister_notifier(self.id)?;
+        self.tracker.remove_notifier(self.id)?;
         self.registered = false;
         Ok(())
     }
@@ -653,10 +629,9 @@ impl PageTracker {
         self.state().pages.get(&gfn).map_or(0, |p| p.refs)
     }
 
-    /// KVM's `kvm_page_track_register_notifier`, the registration owned by the
-    /// tracker: it lasts until [`unregister_notifier`](Self::unregister_notifier)
-    /// or the tracker's end. [`register`](Self::register) ties it to a guard.
-    pub fn register_notifier(&self, notifier: Arc<dyn PageTrackNotifier>) -> NotifierId {
+    /// Adds `notifier` to those every report goes to; a registration guard
+    /// removes it.
+    fn add_notifier(&self, notifier: Arc<dyn PageTrackNotifier>) -> NotifierId {
         let id = NotifierId(self.shared.next_notifier.fetch_add(1, Ordering::Relaxed));
         self.shared
             .notifiers
@@ -671,11 +646,11 @@ impl PageTracker {
         id
     }
 
-    /// KVM's `kvm_page_track_register_notifier`, the registration a guard
+    /// KVM's `kvm_page_track_register_notifier`: the registration is a guard
     /// that holds the tracker and unregisters (waiting) when dropped.
     pub fn register(&self, notifier: Arc<dyn PageTrackNotifier>) -> NotifierRegistration {
         NotifierRegistration {
-            id: self.register_notifier(notifier),
+            id: self.add_notifier(notifier),
             tracker: self.clone(),
             registered: true,
         }
@@ -695,7 +670,7 @@ impl PageTracker {
     /// notifier is not called again, and a call under way on another thread
     /// has finished (KVM's `synchronize_srcu`). Refused from inside a callback
     /// of this tracker, which that wait would never see end.
-    pub fn unregister_notifier(&self, id: NotifierId) -> Result<(), NotifierError> {
+    fn remove_notifier(&self, id: NotifierId) -> Result<(), NotifierError> {
         if CallbackScope::inside(&self.shared) {
             return Err(NotifierError::InCallback(id));
         }
@@ -1090,7 +1065,7 @@ mod tests {
         let (t, memory) = tracker_over(1);
         t.track(1).unwrap();
         let watch = Arc::new(Watch::default());
-        let id = t.register_notifier(watch.clone());
+        let mut registration = t.register(watch.clone());
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flood = {
             let (t, stop) = (t.clone(), stop.clone());
@@ -1107,7 +1082,7 @@ mod tests {
         while watch.calls.load(Ordering::SeqCst) < 2000 {
             std::thread::yield_now();
         }
-        t.unregister_notifier(id).unwrap();
+        registration.unregister().unwrap();
         watch.done.store(true, Ordering::SeqCst);
         // The flood goes on a while after the return.
         let until = watch.calls.load(Ordering::SeqCst);
@@ -1127,11 +1102,13 @@ mod tests {
         assert_eq!(Arc::strong_count(&watch), 1, "the tracker let go of it");
     }
 
-    /// Tries to unregister itself (by id, or by dropping its guard) from its
-    /// own callback.
+    /// Tries to unregister itself (through its guard, or by dropping the
+    /// guard) from its own callback.
     #[derive(Default)]
     struct SelfRemover {
-        me: std::sync::OnceLock<(PageTracker, NotifierId)>,
+        /// Unregistered (kept) from the callback.
+        me: Mutex<Option<(PageTracker, NotifierRegistration)>>,
+        /// Dropped in the callback.
         guard: Mutex<Option<NotifierRegistration>>,
         results: Mutex<Vec<Result<(), String>>>,
         calls: AtomicU64,
@@ -1140,8 +1117,8 @@ mod tests {
     impl PageTrackNotifier for SelfRemover {
         fn track_write(&self, _: u64, _: &[u8]) {
             self.calls.fetch_add(1, Ordering::SeqCst);
-            if let Some((t, id)) = self.me.get() {
-                let r = t.unregister_notifier(*id).map_err(|e| e.to_string());
+            if let Some((t, registration)) = self.me.lock().unwrap().as_mut() {
+                let r = registration.unregister().map_err(|e| e.to_string());
                 self.results.lock().unwrap().push(r);
                 // A sync from here would wait for itself: refused.
                 assert_eq!(t.sync(), 0);
@@ -1156,8 +1133,7 @@ mod tests {
         let (t, memory) = tracker_over(1);
         t.track(1).unwrap();
         let n = Arc::new(SelfRemover::default());
-        let id = t.register_notifier(n.clone());
-        let _ = n.me.set((t.clone(), id));
+        *n.me.lock().unwrap() = Some((t.clone(), t.register(n.clone())));
         memory.write(0x1000, &[1; 8]).unwrap();
         assert_eq!(t.sync(), 1);
         let results = std::mem::take(&mut *n.results.lock().unwrap());
@@ -1167,7 +1143,8 @@ mod tests {
             .unwrap_err()
             .contains("inside a page-track callback"));
         assert_eq!(t.notifier_count(), 1, "still registered");
-        t.unregister_notifier(id).unwrap();
+        let (_, mut registration) = n.me.lock().unwrap().take().unwrap();
+        registration.unregister().unwrap();
 
         // A guard dropped inside its own callback retires the notifier at once.
         let n = Arc::new(SelfRemover::default());
@@ -1257,26 +1234,6 @@ mod tests {
     }
 
     #[test]
-    fn entry_notifiers_get_long_writes_as_entries() {
-        #[derive(Default)]
-        struct Entries(Mutex<Vec<(u64, [u8; ENTRY_SIZE])>>);
-        impl TrackNotifier for Entries {
-            fn track_write(&self, gpa: u64, new: &[u8; ENTRY_SIZE]) {
-                self.0.lock().unwrap().push((gpa, *new));
-            }
-            fn track_remove_region(&self, _: Gfn, _: u64) {}
-        }
-        let e = Entries::default();
-        let bytes: Vec<u8> = (0..16).collect();
-        PageTrackNotifier::track_write(&e, 0x1010, &bytes);
-        let mut lo = [0u8; 8];
-        lo.copy_from_slice(&bytes[..8]);
-        let mut hi = [0u8; 8];
-        hi.copy_from_slice(&bytes[8..]);
-        assert_eq!(*e.0.lock().unwrap(), [(0x1010, lo), (0x1018, hi)]);
-    }
-
-    #[test]
     fn refcount_overflow_and_underflow_are_errors() {
         let t = tracker_over_one_page();
         t.track(1).unwrap();
@@ -1290,18 +1247,24 @@ mod tests {
     }
 
     #[test]
-    fn notifiers_register_and_unregister() {
+    fn a_registration_unregisters_once_and_when_dropped() {
         struct Nop;
-        impl TrackNotifier for Nop {
-            fn track_write(&self, _: u64, _: &[u8; ENTRY_SIZE]) {}
+        impl PageTrackNotifier for Nop {
+            fn track_write(&self, _: u64, _: &[u8]) {}
             fn track_remove_region(&self, _: Gfn, _: u64) {}
         }
         let t = tracker_over_one_page();
-        let id = t.register_notifier(Arc::new(Nop));
-        t.unregister_notifier(id).unwrap();
-        assert!(matches!(
-            t.unregister_notifier(id),
-            Err(NotifierError::Unknown(i)) if i == id
-        ));
+        let nop = Arc::new(Nop);
+        let mut r = t.register(nop.clone());
+        let _kept = t.register(nop.clone());
+        assert_eq!(t.notifier_count(), 2);
+        r.unregister().unwrap();
+        r.unregister().unwrap();
+        assert_eq!(t.notifier_count(), 1);
+        drop(r);
+        assert_eq!(t.notifier_count(), 1);
+        drop(_kept);
+        assert_eq!(t.notifier_count(), 0);
+        assert_eq!(Arc::strong_count(&nop), 1, "the tracker let go of it");
     }
 }

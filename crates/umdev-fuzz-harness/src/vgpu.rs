@@ -32,13 +32,13 @@
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use umdev::memory::{DmaRegion, GuestMemory};
-use umdev::pagetrack::{Gfn, PageTracker, Policy, SourceKind, TrackNotifier};
+use umdev::pagetrack::{Gfn, NotifierRegistration, PageTracker, Policy, SourceKind};
 use umdev_vgpu::command::{audit_segment, AuditContext, Cursor, Extent, Step};
 use umdev_vgpu::regs::*;
-use umdev_vgpu::shadow::{ShadowPageTables, Target, TargetCheck, Translation};
+use umdev_vgpu::shadow::{ShadowNotifier, ShadowPageTables, Target, TargetCheck, Translation};
 use umdev_vgpu::vram::Vram;
 
 /// Guest-physical base of guest RAM: two fd-mapped regions of
@@ -102,22 +102,6 @@ pub fn link_entry(sel: u8, flags: u8) -> u64 {
     addr | u64::from(flags)
 }
 
-/// Applies guest page-table writes to the shadow, as the device's notifier does.
-struct ShadowUpdater(Weak<Mutex<ShadowPageTables>>);
-
-impl TrackNotifier for ShadowUpdater {
-    fn track_write(&self, gpa: u64, new: &[u8; 8]) {
-        if let Some(s) = self.0.upgrade() {
-            lock(&s).on_write(gpa, u64::from_le_bytes(*new));
-        }
-    }
-    fn track_remove_region(&self, gfn: Gfn, nr_pages: u64) {
-        if let Some(s) = self.0.upgrade() {
-            lock(&s).on_remove_region(gfn, nr_pages);
-        }
-    }
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -142,6 +126,8 @@ pub struct Env {
     vram: Vram,
     tracker: PageTracker,
     shadow: Arc<Mutex<ShadowPageTables>>,
+    /// The shadow's notifier, registered while the environment lives.
+    _registration: NotifierRegistration,
     root_gpa: u64,
     /// Root the shadow holds a reference on, and the epoch it was taken in.
     attached: Option<(Gfn, u64)>,
@@ -195,7 +181,7 @@ impl Env {
             vram_size: vram.size(),
         };
         let shadow = Arc::new(Mutex::new(ShadowPageTables::new(tracker.clone(), check)));
-        tracker.register_notifier(Arc::new(ShadowUpdater(Arc::downgrade(&shadow))));
+        let registration = tracker.register(Arc::new(ShadowNotifier(shadow.clone())));
         Env {
             memory,
             ram,
@@ -203,6 +189,7 @@ impl Env {
             vram,
             tracker,
             shadow,
+            _registration: registration,
             root_gpa: 0,
             attached: None,
             budget_limited: false,

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 
 use umdev::memory::GuestMemory;
-use umdev::pagetrack::{Gfn, PageTracker};
+use umdev::pagetrack::{Gfn, PageTrackNotifier, PageTracker};
 
 use crate::regs::*;
 
@@ -451,6 +451,22 @@ impl ShadowPageTables {
             let _ = self.tracker.untrack(gfn);
         }
         self.epoch += 1;
+    }
+}
+
+/// Applies a tracker's reports to a shadow: what a vGPU's notifier does,
+/// without the device around it (its tests and fuzz harness). Register it with
+/// [`PageTracker::register`] and keep the guard beside the shadow.
+pub struct ShadowNotifier(pub std::sync::Arc<std::sync::Mutex<ShadowPageTables>>);
+
+impl PageTrackNotifier for ShadowNotifier {
+    fn track_write(&self, gpa: u64, new: &[u8]) {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        s.on_write_bytes(gpa, new);
+    }
+    fn track_remove_region(&self, gfn: Gfn, nr_pages: u64) {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        s.on_remove_region(gfn, nr_pages);
     }
 }
 

@@ -10,15 +10,15 @@
 
 use std::cell::Cell;
 use std::os::fd::OwnedFd;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use umdev::memory::{DmaRegion, GuestMemory, MappedMemfd};
-use umdev::pagetrack::{Gfn, PageTracker, Policy, SourceKind, TrackNotifier};
+use umdev::pagetrack::{Gfn, NotifierRegistration, PageTracker, Policy, SourceKind};
 
 use crate::command::{audit_segment, AuditContext, Cursor, Fault, Step};
 use crate::encode::pte;
 use crate::regs::*;
-use crate::shadow::{ShadowPageTables, TargetCheck, Translation};
+use crate::shadow::{ShadowNotifier, ShadowPageTables, TargetCheck, Translation};
 use crate::vram::Vram;
 
 /// Guest-physical base of guest RAM.
@@ -31,22 +31,6 @@ pub const VRAM_SIZE: u64 = 1 << 20;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Applies tracked guest writes to the shadow, as the device's notifier does.
-struct ShadowUpdater(Weak<Mutex<ShadowPageTables>>);
-
-impl TrackNotifier for ShadowUpdater {
-    fn track_write(&self, gpa: u64, new: &[u8; 8]) {
-        if let Some(s) = self.0.upgrade() {
-            lock(&s).on_write(gpa, u64::from_le_bytes(*new));
-        }
-    }
-    fn track_remove_region(&self, gfn: Gfn, nr_pages: u64) {
-        if let Some(s) = self.0.upgrade() {
-            lock(&s).on_remove_region(gfn, nr_pages);
-        }
-    }
 }
 
 /// Maps `file` as a DMA region of `size` bytes at `gpa` in `memory`.
@@ -65,6 +49,8 @@ pub struct Fixture {
     pub tracker: PageTracker,
     pub vram: Vram,
     shadow: Arc<Mutex<ShadowPageTables>>,
+    /// The shadow's notifier, registered while the fixture lives.
+    _registration: NotifierRegistration,
     /// Next page [`alloc_pages`](Self::alloc_pages) hands out (page 0 of RAM is
     /// never handed out).
     next_page: Cell<u64>,
@@ -86,13 +72,14 @@ impl Fixture {
         // The regions as they are now are the ones the shadow validates against.
         shadow.regions_changed(memory.regions_generation());
         let shadow = Arc::new(Mutex::new(shadow));
-        tracker.register_notifier(Arc::new(ShadowUpdater(Arc::downgrade(&shadow))));
+        let registration = tracker.register(Arc::new(ShadowNotifier(shadow.clone())));
         Fixture {
             ram,
             memory,
             tracker,
             vram,
             shadow,
+            _registration: registration,
             next_page: Cell::new(1),
         }
     }
