@@ -127,6 +127,11 @@ impl StopHandle {
     pub fn is_stopped(&self) -> bool {
         self.inner.stopped.load(Ordering::SeqCst)
     }
+
+    /// A client is being served now.
+    pub fn has_client(&self) -> bool {
+        self.inner.connection.load(Ordering::SeqCst) >= 0
+    }
 }
 
 /// A vfio-user server for one PCI function.

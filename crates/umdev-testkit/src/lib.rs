@@ -72,8 +72,9 @@ impl Backend {
     }
 
     /// `bin` listening on `dir/<socket>` with `args`, logging at `RUST_LOG`
-    /// (else `log_level`); returns once the socket exists (or panics with
-    /// the log if the process died or took 10 s).
+    /// (else `log_level`); returns once it listens there (the socket file
+    /// appears at bind(), a moment before listen()), or panics with the log
+    /// if the process died or took 10 s.
     pub fn spawn<A: AsRef<std::ffi::OsStr>>(
         bin: &Path,
         dir: TempDir,
@@ -98,10 +99,10 @@ impl Backend {
             .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
         let mut backend = Backend { child, socket, dir };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !backend.socket.exists() {
+        while e2e::listening(&backend.socket) == Some(false) || !backend.socket.exists() {
             if !backend.alive() || Instant::now() > deadline {
                 panic!(
-                    "{} did not create its socket:\n{}",
+                    "{} did not listen on its socket:\n{}",
                     bin.display(),
                     backend.log()
                 );
@@ -111,21 +112,9 @@ impl Backend {
         backend
     }
 
-    /// A negotiated client. The socket file appears a moment before the
-    /// backend listens on it: a refusal is retried for up to 5 s.
+    /// A negotiated client.
     pub fn connect(&self) -> Client {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match Client::connect(&self.socket) {
-                Err(umdev::vfio_user::client::ClientError::Connect(e))
-                    if e.kind() == std::io::ErrorKind::ConnectionRefused
-                        && Instant::now() < deadline =>
-                {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                r => return r.expect("connect and negotiate"),
-            }
-        }
+        Client::connect(&self.socket).expect("connect and negotiate")
     }
 
     pub fn log(&self) -> String {

@@ -11,6 +11,7 @@
 pub mod command;
 pub mod inprocess;
 mod metrics;
+pub mod parent;
 pub use umdev_vgpu_abi::{encode, picture, regs};
 pub mod scanout;
 pub mod sched;

@@ -174,6 +174,23 @@ impl Scheduler {
         }
     }
 
+    /// Sets the weight of the share `id` ([`EngineShare::id`]), wherever the
+    /// share itself is (inside a vGPU); `false` if it is gone.
+    pub fn set_weight(&self, id: u64, weight: u32) -> bool {
+        match self.inner.lock().share(id) {
+            Some(s) => {
+                s.weight = weight.max(1);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The stats of share `id`, if it is still there.
+    pub fn share_stats(&self, id: u64) -> Option<ShareStats> {
+        self.inner.lock().share(id).map(|s| s.stats)
+    }
+
     /// Every share's name, weight and stats.
     pub fn shares(&self) -> Vec<(String, u32, ShareStats)> {
         let st = self.inner.lock();
@@ -245,9 +262,12 @@ impl EngineShare {
     }
 
     pub fn set_weight(&self, weight: u32) {
-        if let Some(s) = self.scheduler.inner.lock().share(self.id) {
-            s.weight = weight.max(1);
-        }
+        self.scheduler.set_weight(self.id, weight);
+    }
+
+    /// Names this share to its scheduler (for [`Scheduler::set_weight`]).
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     pub fn weight(&self) -> u32 {

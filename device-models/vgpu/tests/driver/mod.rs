@@ -105,22 +105,10 @@ pub fn start_backend(dir: TempDir, args: &[String]) -> Backend {
     Backend::spawn(&bin, dir, "vgpu.sock", args, "info")
 }
 
-/// Connects and negotiates `extensions`. The socket file appears at bind(),
-/// a moment before listen(): a refused connection is tried again.
-fn connect_retrying(backend: &Backend, extensions: &[&str]) -> (Client, Vec<String>) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match Client::connect_with_extensions(&backend.socket, extensions) {
-            Ok(c) => return c,
-            Err(umdev::vfio_user::client::ClientError::Connect(e))
-                if e.kind() == std::io::ErrorKind::ConnectionRefused
-                    && Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => panic!("connect: {e}\n{}", backend.log()),
-        }
-    }
+/// Connects and negotiates `extensions` (the backend listens once spawned).
+fn connect_negotiated(backend: &Backend, extensions: &[&str]) -> (Client, Vec<String>) {
+    Client::connect_with_extensions(&backend.socket, extensions)
+        .unwrap_or_else(|e| panic!("connect: {e}\n{}", backend.log()))
 }
 
 // ---- guest memory ----------------------------------------------------------
@@ -462,7 +450,7 @@ impl Vgpu {
             PageTrack::DirtyBitmap => &[CAP_UMDEV_DIRTY_BITMAP],
             PageTrack::Uffd => &[CAP_UMDEV_UFFD_WP],
         };
-        let (mut client, agreed) = connect_retrying(&backend, wanted);
+        let (mut client, agreed) = connect_negotiated(&backend, wanted);
         assert_eq!(
             agreed.len(),
             wanted.len(),
@@ -982,7 +970,7 @@ impl Vgpu {
             "reconnect with scan only"
         );
         let _ = self.client.stream().shutdown(std::net::Shutdown::Both);
-        self.client = connect_retrying(&self.backend, &[]).0;
+        self.client = connect_negotiated(&self.backend, &[]).0;
         self.client
             .dma_map(RAM_GPA, self.ram.size(), Some(self.ram.mem.fd()), 0, RW)
             .expect("DMA_MAP guest RAM");

@@ -304,19 +304,7 @@ pub fn connect_bare(socket: &Path) -> Frontend {
 
 impl Gpu {
     pub fn connect(socket: &Path, opts: Options) -> Gpu {
-        // The socket file appears a moment before the backend listens.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let raw = loop {
-            match UnixStream::connect(socket) {
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::ConnectionRefused
-                        && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(std::time::Duration::from_millis(5));
-                }
-                r => break r.unwrap(),
-            }
-        };
+        let raw = UnixStream::connect(socket).unwrap();
         let frontend = Frontend::from_stream(raw.try_clone().unwrap(), 2);
         let mem_file = if opts.unsealable_memory {
             umdev::memory::memfd_with("guest-ram", MEM_SIZE, 0).unwrap()

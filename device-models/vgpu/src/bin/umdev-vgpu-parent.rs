@@ -1,0 +1,82 @@
+//! `umdev-vgpu-parent`: one process that owns the vGPU engine and serves
+//! several VMs' vGPU instances (`umdev_vgpu::parent`), managed with `umdevctl`
+//! through `<state-dir>/control.sock`.
+
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use umdev_vgpu::parent::types::Capacity;
+use umdev_vgpu::parent::{self, Parent, ParentConfig};
+
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Where the sockets go: <uuid>.sock per instance, control.sock.
+    #[arg(long, default_value = "/run/umdev-vgpu")]
+    state_dir: PathBuf,
+    /// Persistent instance definitions (JSON), made again at start.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// VRAM shared out to instances, in MiB.
+    #[arg(long, default_value_t = 256)]
+    vram_mib: u64,
+    /// Hardware contexts shared out.
+    #[arg(long, default_value_t = 16)]
+    contexts: u64,
+    /// GGTT entries shared out.
+    #[arg(long, default_value_t = 524288)]
+    ggtt_entries: u64,
+}
+
+fn main() -> ExitCode {
+    // Blocked before any thread starts: they all inherit it, one waits for them.
+    umdev::cli::block_termination_signals();
+    umdev::cli::init_logging();
+    let args = Args::parse();
+    let config = ParentConfig {
+        state_dir: args.state_dir,
+        config_file: args.config,
+        capacity: Capacity {
+            vram_mib: args.vram_mib,
+            contexts: args.contexts,
+            ggtt_entries: args.ggtt_entries,
+        },
+    };
+    let parent = match Parent::new(config) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("umdev-vgpu-parent: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let control = parent.control_path();
+    let _ = std::fs::remove_file(&control);
+    let listener = match UnixListener::bind(&control) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("umdev-vgpu-parent: {}: {e}", control.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    match parent.create_persistent() {
+        Ok(n) => tracing::info!(instances = n, "persistent instances made"),
+        Err(e) => {
+            eprintln!("umdev-vgpu-parent: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    tracing::info!(control = %control.display(), "parent ready");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let sig = umdev::cli::wait_for_termination_signal();
+            tracing::info!(sig, "stopping");
+            parent::shutdown_listener(&listener);
+        });
+        parent.serve_control(&listener);
+    });
+    parent.shutdown();
+    let _ = std::fs::remove_file(&control);
+    ExitCode::SUCCESS
+}
