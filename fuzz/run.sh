@@ -16,7 +16,7 @@ cd "$FUZZ"
 SECONDS_EACH=${1:-60}
 shift || true
 TARGETS=("$@")
-[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(vfio_user_session vfio_user_messages pci_config vgpu_page_tables vgpu_audit virtio_gpu device_state migration_stream vnc_viewer metrics_request)
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(vfio_user_session vfio_user_messages pci_config vgpu_page_tables vgpu_audit virtio_gpu device_state migration_stream vnc_viewer metrics_request vgpu_control)
 command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
 cargo fuzz build --sanitizer none -O --debug-assertions
 TRIPLE=$(rustc -vV | sed -n 's/^host: //p')

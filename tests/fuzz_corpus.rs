@@ -185,6 +185,16 @@ fn metrics_request_corpus() {
 }
 
 #[test]
+fn vgpu_control_corpus() {
+    replay(
+        "vgpu_control",
+        5,
+        Duration::from_secs(5),
+        umdev_fuzz_harness::vgpu_control::run,
+    );
+}
+
+#[test]
 fn vnc_viewer_corpus() {
     replay("vnc_viewer", 3, Duration::from_secs(5), vnc::run);
 }

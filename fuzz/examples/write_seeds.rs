@@ -18,6 +18,7 @@ fn main() -> std::io::Result<()> {
         ("migration_stream", umdev_fuzz::migration::seeds()),
         ("vnc_viewer", umdev_fuzz::vnc::seeds()),
         ("metrics_request", umdev_fuzz::metrics::seeds()),
+        ("vgpu_control", umdev_fuzz::vgpu_control::seeds()),
     ];
     for (target, seeds) in sets {
         let dir = root.join(target);

@@ -10,5 +10,6 @@ pub mod pci_config;
 pub mod seeds;
 pub mod session;
 pub mod vgpu;
+pub mod vgpu_control;
 pub mod virtio_gpu;
 pub mod vnc;
