@@ -164,7 +164,9 @@ impl PixelFormat {
             (self.blue_max, self.blue_shift),
         ] {
             let width = 16 - max.leading_zeros();
-            if u32::from(shift) + width > bits {
+            // A shift of the whole pixel or more is outside it, even for a
+            // channel of no bits (max 0).
+            if u32::from(shift) >= bits || u32::from(shift) + width > bits {
                 return Err(RfbError::PixelFormat("a channel lies outside the pixel"));
             }
         }
@@ -179,10 +181,15 @@ impl PixelFormat {
     /// One XRGB8888 pixel (memory bytes B, G, R, X) in this format, as a value.
     #[inline]
     pub fn value(&self, bgrx: &[u8]) -> u32 {
-        let scale = |c: u8, max: u16| (u32::from(c) * u32::from(max) + 127) / 255;
-        (scale(bgrx[2], self.red_max) << self.red_shift)
-            | (scale(bgrx[1], self.green_max) << self.green_shift)
-            | (scale(bgrx[0], self.blue_max) << self.blue_shift)
+        // `check` keeps shifts inside the pixel; a wider one gives 0, not a panic.
+        let scale = |c: u8, max: u16, shift: u8| {
+            ((u32::from(c) * u32::from(max) + 127) / 255)
+                .checked_shl(u32::from(shift))
+                .unwrap_or(0)
+        };
+        scale(bgrx[2], self.red_max, self.red_shift)
+            | scale(bgrx[1], self.green_max, self.green_shift)
+            | scale(bgrx[0], self.blue_max, self.blue_shift)
     }
 
     /// Appends `value` as `n` bytes in this format's byte order.
@@ -402,6 +409,15 @@ mod tests {
             ..pf
         };
         assert!(outside.check().is_err());
+        // A channel of no bits shifted by the whole pixel (found by fuzzing:
+        // it passed the check and the shift overflowed).
+        let empty_far = PixelFormat {
+            red_max: 0,
+            red_shift: 32,
+            ..pf
+        };
+        assert!(empty_far.check().is_err());
+        assert_eq!(empty_far.value(&[0, 0, 0xff, 0]), 0);
         assert!(PixelFormat {
             true_colour: false,
             ..pf
