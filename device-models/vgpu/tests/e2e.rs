@@ -963,3 +963,139 @@ fn vgpu_kernel_module_hostile() {
     }
     e2e::note(&format!("{test}: {hostile}; backend up, console intact"));
 }
+
+/// One parent, two VMs: `umdev-vgpu-parent` with two `vgpu-64m` instances made
+/// by `umdevctl`, each attached to its own QEMU 11.1 guest at the same time.
+/// VM A runs the userspace driver's whole vGPU set (page tables, a remap, a
+/// leaf pointing outside guest RAM and the fault it gets, the picture checked
+/// through BAR2) on the shared engine while VM B's kernel driver floods the
+/// engine with a hostile workload (umdev_vgpu.ko with hostile_test=1: 300
+/// rounds of garbage page tables, each with a submission, and two churning
+/// picture demos): A passes, B's faults stay B's. Then B is killed mid-run
+/// while A runs the set again: A passes, the parent stays up and lists both
+/// instances.
+#[test]
+fn vgpu_parent_serves_two_guests() {
+    let test = "vgpu_parent_serves_two_guests";
+    let Some(env) = kmod_env(test) else { return };
+    let diag = Diag::default();
+    let dir = e2e::test_dir(env, test);
+    // Short: UNIX socket paths are limited to 108 bytes.
+    let state = std::env::temp_dir().join(format!("umdev-e2e-{}-parent", std::process::id()));
+    let _ = fs::remove_dir_all(&state);
+    let bin = |name: &str| {
+        e2e::workspace_binary(env, "umdev-vgpu", name).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let log = dir.join("parent.log");
+    diag.add("parent.log", &log);
+    let mut parent = std::process::Command::new(bin("umdev-vgpu-parent"))
+        .arg("--state-dir")
+        .arg(&state)
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start umdev-vgpu-parent");
+    let control = state.join("control.sock");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while e2e::listening(&control) != Some(true) {
+        assert!(Instant::now() < deadline, "the parent did not listen");
+        sleep(Duration::from_millis(20));
+    }
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(bin("umdevctl"))
+            .arg("--control")
+            .arg(&control)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "umdevctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let sockets: Vec<String> = (0..2)
+        .map(|i| {
+            ctl(&[
+                "create",
+                "--type",
+                "vgpu-64m",
+                "--weight",
+                &(i + 1).to_string(),
+            ])
+        })
+        .collect();
+    let device = |socket: &str| {
+        format!(r#"{{"driver":"vfio-user-pci","socket":{{"path":"{socket}","type":"unix"}}}}"#)
+    };
+    let guest = |name: &str, socket: &str, append: &'static str| {
+        e2e::Guest::start(
+            env,
+            &dir,
+            name,
+            &GuestOpts {
+                memfd: true,
+                append,
+                qemu_args: vec!["-device".into(), device(socket)],
+                ..GuestOpts::default()
+            },
+            &diag,
+        )
+    };
+    let expect_pass = |name: &str, results: &str| {
+        for t in ["vgpu_bad_target", "vgpu_after_fault", "vgpu_picture"] {
+            assert!(
+                results
+                    .lines()
+                    .any(|l| l.starts_with(&format!("PASS {t} "))),
+                "{name}: no PASS {t}:\n{results}"
+            );
+        }
+    };
+    let hostile = guest(
+        "vm-b",
+        &sockets[1],
+        "UMDEV_VGPU_KMOD=keep UMDEV_VGPU_KMOD_ARGS=hostile_test=1 \
+         UMDEV_DEMO=hostile+--rounds+300,picture+--churn+100,picture+--churn+100",
+    );
+    let calm = guest("vm-a", &sockets[0], "UMDEV_DEV=1234:5547");
+    let (status, messages, results, _) = calm.wait();
+    e2e::check_results("vm-a", &results, &messages);
+    assert!(status.success(), "vm-a: {messages}");
+    expect_pass("vm-a", &results);
+    let (status, messages, results, _) = hostile.wait();
+    e2e::check_results("vm-b", &results, &messages);
+    assert!(status.success(), "vm-b: {messages}");
+    let line = results
+        .lines()
+        .find(|l| l.starts_with("PASS demo_hostile "))
+        .unwrap_or_else(|| panic!("vm-b: no PASS demo_hostile:\n{results}"))
+        .to_owned();
+    e2e::note(&format!(
+        "{test}: VM A's vGPU set passed beside VM B's hostile flood ({line})"
+    ));
+
+    // One VM killed while the other works.
+    let mut doomed = guest(
+        "vm-b2",
+        &sockets[1],
+        "UMDEV_DEV=1234:5547 UMDEV_HOLD_MS=60000",
+    );
+    doomed.wait_for_line("vgpu_context", Duration::from_secs(env.timeout));
+    let survivor = guest("vm-a2", &sockets[0], "UMDEV_DEV=1234:5547");
+    sleep(Duration::from_millis(500));
+    drop(doomed);
+    let (status, messages, results, _) = survivor.wait();
+    e2e::check_results("vm-a2", &results, &messages);
+    assert!(status.success(), "vm-a2: {messages}");
+    expect_pass("vm-a2", &results);
+    assert!(parent.try_wait().unwrap().is_none(), "the parent died");
+    let list = ctl(&["list"]);
+    assert_eq!(list.lines().count(), 2, "{list}");
+    e2e::signal(&parent, libc::SIGTERM);
+    let _ = parent.wait();
+    let _ = fs::remove_dir_all(&state);
+    e2e::note(&format!(
+        "{test}: one guest killed, the other passed again; parent up"
+    ));
+}
