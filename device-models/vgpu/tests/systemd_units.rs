@@ -7,7 +7,11 @@ use std::process::Command;
 
 #[test]
 fn systemd_units_verify() {
-    if Command::new("systemd-analyze").arg("--version").output().is_err() {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         eprintln!("systemd_units_verify: skipped (no systemd-analyze)");
         return;
     }
@@ -26,13 +30,23 @@ fn systemd_units_verify() {
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(dir.path().join("umdev-vgpu-parent.service"))
-        .arg(dir.path().join("umdev-vgpu@0b8f2a54-1c3d-4e5f-8a9b-0c1d2e3f4a5b.service"))
+        .arg(
+            dir.path()
+                .join("umdev-vgpu@0b8f2a54-1c3d-4e5f-8a9b-0c1d2e3f4a5b.service"),
+        )
         .env("SYSTEMD_LOG_LEVEL", "notice")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "systemd-analyze verify: {stderr}");
     // Anything it says about our units is a finding (not about other units).
-    let ours: Vec<&str> = stderr.lines().filter(|l| l.contains("umdev-vgpu")).collect();
-    assert!(ours.is_empty(), "systemd-analyze verify:\n{}", ours.join("\n"));
+    let ours: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("umdev-vgpu"))
+        .collect();
+    assert!(
+        ours.is_empty(),
+        "systemd-analyze verify:\n{}",
+        ours.join("\n")
+    );
 }
