@@ -371,6 +371,52 @@ fn kmod_env(test: &str) -> Option<&'static e2e::Env> {
     Some(env)
 }
 
+/// A kernel-module test under way: `umdev-vgpu --scanout-png <dir>/scanout.png`
+/// (plus `extra`) and a guest with `append` whose console has said `ready`.
+struct KmodRun {
+    png: std::path::PathBuf,
+    backend: Backend,
+    guest: e2e::Guest,
+}
+
+fn kmod_run(
+    env: &'static e2e::Env,
+    test: &str,
+    extra: &[String],
+    append: &str,
+    ready: &str,
+    diag: &Diag,
+) -> KmodRun {
+    let dir = e2e::test_dir(env, test);
+    let png = dir.join("scanout.png");
+    let _ = fs::remove_file(&png);
+    let mut args = vec!["--scanout-png".to_string(), png.display().to_string()];
+    args.extend_from_slice(extra);
+    let backend = start_vgpu(env, test, &args, diag);
+    let mut guest = e2e::Guest::start(env, &dir, "vgpu", &vgpu_guest(&backend, append), diag);
+    guest.wait_for_line(ready, Duration::from_secs(env.timeout));
+    KmodRun {
+        png,
+        backend,
+        guest,
+    }
+}
+
+/// Whether a scanout is the e2e test picture (320x240) pixel for pixel.
+fn is_test_picture(got: &scanout::RgbPicture) -> Result<(), String> {
+    let (w, h) = (picture::WIDTH, picture::HEIGHT);
+    if (got.width, got.height) != (w, h) {
+        return Err(format!(
+            "scanout {}x{}, want {w}x{h}",
+            got.width, got.height
+        ));
+    }
+    match pixel_diff(&got.rgb, &picture::to_rgb(&picture::render()), w) {
+        (0, _) => Ok(()),
+        (count, first) => Err(format!("{count} pixels differ: {}", first.join(", "))),
+    }
+}
+
 /// The vGPU's Linux driver (device-models/vgpu/guest/linux, built for the
 /// guest kernel by scripts/setup-kbuild.sh + scripts/build-guest-module.sh and
 /// put in the initramfs): with `UMDEV_VGPU_KMOD=1` the guest's init loads it,
@@ -452,21 +498,18 @@ fn vgpu_kernel_module_scanout() {
     let Some(env) = kmod_env(test) else { return };
     let diag = Diag::default();
     let dir = e2e::test_dir(env, test);
-    let png = dir.join("scanout.png");
-    let _ = fs::remove_file(&png);
-    let args = vec!["--scanout-png".to_string(), png.display().to_string()];
-    let backend = start_vgpu(env, test, &args, &diag);
-    let mut guest = e2e::Guest::start(
+    let KmodRun {
+        png,
+        backend,
+        guest,
+    } = kmod_run(
         env,
-        &dir,
-        "vgpu",
-        &vgpu_guest(
-            &backend,
-            "UMDEV_VGPU_KMOD=keep UMDEV_MODE=fb UMDEV_FB_HOLD_SECS=60",
-        ),
+        test,
+        &[],
+        "UMDEV_VGPU_KMOD=keep UMDEV_MODE=fb UMDEV_FB_HOLD_SECS=60",
+        fb_pattern::MARKER,
         &diag,
     );
-    guest.wait_for_line(fb_pattern::MARKER, Duration::from_secs(env.timeout));
     let serial = guest.serial_text();
     let size = serial
         .lines()
@@ -614,27 +657,19 @@ fn vgpu_kernel_module_console() {
     let vncdo = vncdo();
     let diag = Diag::default();
     let dir = e2e::test_dir(env, test);
-    let png = dir.join("scanout.png");
-    let _ = fs::remove_file(&png);
     let port = free_port();
-    let args = vec![
-        "--scanout-png".to_string(),
-        png.display().to_string(),
-        "--vnc".into(),
-        format!("127.0.0.1:{port}"),
-    ];
-    let backend = start_vgpu(env, test, &args, &diag);
-    let mut guest = e2e::Guest::start(
+    let KmodRun {
+        png,
+        backend,
+        guest,
+    } = kmod_run(
         env,
-        &dir,
-        "vgpu",
-        &vgpu_guest(
-            &backend,
-            "UMDEV_VGPU_KMOD=keep UMDEV_CONSOLE=1 UMDEV_CONSOLE_HOLD_SECS=60",
-        ),
+        test,
+        &["--vnc".into(), format!("127.0.0.1:{port}")],
+        "UMDEV_VGPU_KMOD=keep UMDEV_CONSOLE=1 UMDEV_CONSOLE_HOLD_SECS=60",
+        "console_marker",
         &diag,
     );
-    guest.wait_for_line("console_marker", Duration::from_secs(env.timeout));
     let serial = guest.serial_text();
     let line = serial
         .lines()
@@ -725,36 +760,20 @@ fn vgpu_kernel_module_demo_picture() {
     let test = "vgpu_kernel_module_demo_picture";
     let Some(env) = kmod_env(test) else { return };
     let diag = Diag::default();
-    let dir = e2e::test_dir(env, test);
-    let png = dir.join("scanout.png");
-    let _ = fs::remove_file(&png);
-    let args = vec!["--scanout-png".to_string(), png.display().to_string()];
-    let backend = start_vgpu(env, test, &args, &diag);
-    let mut guest = e2e::Guest::start(
+    let KmodRun {
+        png,
+        backend,
+        guest,
+    } = kmod_run(
         env,
-        &dir,
-        "vgpu",
-        &vgpu_guest(
-            &backend,
-            "UMDEV_VGPU_KMOD=keep UMDEV_DEMO=picture+--flip+--hold-secs+30",
-        ),
+        test,
+        &[],
+        "UMDEV_VGPU_KMOD=keep UMDEV_DEMO=picture+--flip+--hold-secs+30",
+        "holding the picture",
         &diag,
     );
-    guest.wait_for_line("holding the picture", Duration::from_secs(env.timeout));
-    let want = picture::to_rgb(&picture::render());
     let (w, h) = (picture::WIDTH, picture::HEIGHT);
-    let shown = capture_until(&backend, &png, Duration::from_secs(15), |got| {
-        if (got.width, got.height) != (w, h) {
-            return Err(format!(
-                "scanout {}x{}, want {w}x{h}",
-                got.width, got.height
-            ));
-        }
-        match pixel_diff(&got.rgb, &want, w) {
-            (0, _) => Ok(()),
-            (count, first) => Err(format!("{count} pixels differ: {}", first.join(", "))),
-        }
-    });
+    let shown = capture_until(&backend, &png, Duration::from_secs(15), is_test_picture);
     let serial = guest.serial_text();
     drop(guest);
     drop(backend);
@@ -815,33 +834,20 @@ fn vgpu_kernel_module_two_contexts() {
     let Some(env) = kmod_env(test) else { return };
     let diag = Diag::default();
     let dir = e2e::test_dir(env, test);
-    let png = dir.join("scanout.png");
-    let _ = fs::remove_file(&png);
-    let args = vec!["--scanout-png".to_string(), png.display().to_string()];
-    let backend = start_vgpu(env, test, &args, &diag);
-    let mut guest = e2e::Guest::start(
+    let KmodRun {
+        png,
+        backend,
+        guest,
+    } = kmod_run(
         env,
-        &dir,
-        "vgpu",
-        &vgpu_guest(
-            &backend,
-            "UMDEV_VGPU_KMOD=keep \
-             UMDEV_DEMO=picture+--flip+--churn+40+--hold-secs+8,picture+--churn+40,fault",
-        ),
+        test,
+        &[],
+        "UMDEV_VGPU_KMOD=keep \
+         UMDEV_DEMO=picture+--flip+--churn+40+--hold-secs+8,picture+--churn+40,fault",
+        "holding the picture",
         &diag,
     );
-    guest.wait_for_line("holding the picture", Duration::from_secs(env.timeout));
-    let want = picture::to_rgb(&picture::render());
-    let (w, h) = (picture::WIDTH, picture::HEIGHT);
-    let shown = capture_until(&backend, &png, Duration::from_secs(15), |got| {
-        match (got.width, got.height) == (w, h) {
-            false => Err(format!("scanout {}x{}", got.width, got.height)),
-            true => match pixel_diff(&got.rgb, &want, w) {
-                (0, _) => Ok(()),
-                (count, first) => Err(format!("{count} pixels differ: {}", first.join(", "))),
-            },
-        }
-    });
+    let shown = capture_until(&backend, &png, Duration::from_secs(15), is_test_picture);
     let (status, messages, results, _) = guest.wait();
     drop(backend);
     e2e::check_results("vgpu", &results, &messages);
@@ -899,23 +905,19 @@ fn vgpu_kernel_module_hostile() {
     let test = "vgpu_kernel_module_hostile";
     let Some(env) = kmod_env(test) else { return };
     let diag = Diag::default();
-    let dir = e2e::test_dir(env, test);
-    let png = dir.join("scanout.png");
-    let _ = fs::remove_file(&png);
-    let args = vec!["--scanout-png".to_string(), png.display().to_string()];
-    let mut backend = start_vgpu(env, test, &args, &diag);
-    let mut guest = e2e::Guest::start(
+    let KmodRun {
+        png,
+        mut backend,
+        guest,
+    } = kmod_run(
         env,
-        &dir,
-        "vgpu",
-        &vgpu_guest(
-            &backend,
-            "UMDEV_VGPU_KMOD=keep UMDEV_VGPU_KMOD_ARGS=hostile_test=1 UMDEV_CONSOLE=1 \
-             UMDEV_CONSOLE_HOLD_SECS=30 UMDEV_DEMO=hostile+--rounds+200",
-        ),
+        test,
+        &[],
+        "UMDEV_VGPU_KMOD=keep UMDEV_VGPU_KMOD_ARGS=hostile_test=1 UMDEV_CONSOLE=1 \
+         UMDEV_CONSOLE_HOLD_SECS=30 UMDEV_DEMO=hostile+--rounds+200",
+        "after the demos",
         &diag,
     );
-    guest.wait_for_line("after the demos", Duration::from_secs(env.timeout));
     let serial = guest.serial_text();
     let hostile = serial
         .lines()
