@@ -45,60 +45,6 @@ pub enum Step {
     },
 }
 
-/// The bytes of `extents` from `at` (extent index, offset in it) on, at most
-/// `n` of them, as extents; `at` moves past them.
-fn take_extents(extents: &[Extent], at: &mut (usize, u64), n: u64) -> Vec<Extent> {
-    let mut out = Vec::new();
-    let mut left = n;
-    while left > 0 && at.0 < extents.len() {
-        let e = &extents[at.0];
-        let len = (e.len - at.1).min(left);
-        out.push(Extent {
-            target: e.target.offset(at.1),
-            len,
-        });
-        left -= len;
-        at.1 += len;
-        if at.1 == e.len {
-            *at = (at.0 + 1, 0);
-        }
-    }
-    out
-}
-
-/// Splits every FILL and COPY of `plan` that moves more than `max` bytes (a
-/// multiple of 4) into steps of `max` bytes, so that the engine can stop
-/// between them (another vGPU's turn). The work done is the same.
-pub fn split_steps(plan: Vec<Step>, max: u64) -> Vec<Step> {
-    let total = |e: &[Extent]| e.iter().map(|e| e.len).sum::<u64>();
-    let mut out = Vec::with_capacity(plan.len());
-    for step in plan {
-        match step {
-            Step::Fill { dst, pattern, va } if total(&dst) > max => {
-                let mut at = (0, 0);
-                let mut left = total(&dst);
-                while left > 0 {
-                    let dst = take_extents(&dst, &mut at, max);
-                    left -= total(&dst);
-                    out.push(Step::Fill { dst, pattern, va });
-                }
-            }
-            Step::Copy { src, dst, va } if total(&src) > max => {
-                let (mut s, mut d) = ((0, 0), (0, 0));
-                let mut left = total(&src);
-                while left > 0 {
-                    let src = take_extents(&src, &mut s, max);
-                    let dst = take_extents(&dst, &mut d, max);
-                    left -= total(&src);
-                    out.push(Step::Copy { src, dst, va });
-                }
-            }
-            other => out.push(other),
-        }
-    }
-    out
-}
-
 /// Why a submission was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fault {

@@ -1037,9 +1037,9 @@ fn fault(shared: &Shared, n: usize, generation: u64, f: Fault) {
     shared.raise(&mut regs, Some(n));
 }
 
-/// The most bytes one engine step moves: a FILL or COPY is cut into pieces
-/// of this size, the points where another vGPU may take the engine (about
-/// 10 us of copying).
+/// The most bytes the engine moves between two points where another vGPU
+/// may take it: a FILL or COPY goes on in pieces of this size (about 5 us
+/// of copying).
 const STEP_BYTES: u64 = 64 << 10;
 
 /// One context's submission on the engine: HEAD to the TAIL rung, segment by
@@ -1053,9 +1053,11 @@ struct SubmissionRun {
     tail: u32,
     rings: Vec<(u64, u64)>,
     cursor: Cursor,
-    /// The audited segment being run and the next step of it.
+    /// The audited segment being run, the next step of it and the bytes of
+    /// that step already done.
     plan: Vec<Step>,
     next: usize,
+    step_done: u64,
     /// More segments after this plan (a TLB_INVALIDATE split the submission).
     more: bool,
     /// The bounce buffer for COPY/BLIT lines that cannot copy directly.
@@ -1123,6 +1125,7 @@ impl SubmissionRun {
             cursor: Cursor::new(head, tail),
             plan: Vec::new(),
             next: 0,
+            step_done: 0,
             more: true,
             buf: Vec::new(),
         })
@@ -1146,14 +1149,13 @@ impl SubmissionRun {
         };
         let (plan, more) = audit_segment(&actx, &mut self.cursor)?;
         drop(shadow);
-        // Pieces the engine can stop between (another vGPU's turn).
-        let plan = command::split_steps(plan, STEP_BYTES);
         shared
             .stats
             .segments_audited
             .fetch_add(1, Ordering::Relaxed);
         self.plan = plan;
         self.next = 0;
+        self.step_done = 0;
         self.more = more;
         Ok(())
     }
@@ -1169,15 +1171,28 @@ impl SubmissionRun {
                 }
             }
             while self.next < self.plan.len() {
-                if self.next > 0 && should_yield() {
+                if (self.next > 0 || self.step_done > 0) && should_yield() {
                     return Progress::Preempted;
                 }
                 let step = &self.plan[self.next];
-                if let Err(f) = execute_step(shared, self.n, self.generation, step, &mut self.buf) {
-                    fault(shared, self.n, self.generation, f);
-                    return Progress::Done;
+                match execute_step(
+                    shared,
+                    self.n,
+                    self.generation,
+                    step,
+                    &mut self.step_done,
+                    &mut self.buf,
+                ) {
+                    Ok(true) => {
+                        self.next += 1;
+                        self.step_done = 0;
+                    }
+                    Ok(false) => {}
+                    Err(f) => {
+                        fault(shared, self.n, self.generation, f);
+                        return Progress::Done;
+                    }
                 }
-                self.next += 1;
             }
             if self.more {
                 continue;
@@ -1207,16 +1222,19 @@ impl SubmissionRun {
     }
 }
 
-/// Runs one audited step. Guest memory may still go away under it (DMA_UNMAP):
-/// such an access fails cleanly and faults the context. `buf` is the bounce
-/// buffer COPY/BLIT lines share.
+/// Runs (more of) one audited step: a FILL or COPY goes on from `*done`
+/// bytes for at most [`STEP_BYTES`] (a point where another vGPU may take the
+/// engine); `true` once the step is finished. Guest memory may still go away
+/// under it (DMA_UNMAP): such an access fails cleanly and faults the
+/// context. `buf` is the bounce buffer COPY/BLIT lines share.
 fn execute_step(
     shared: &Shared,
     n: usize,
     generation: u64,
     step: &Step,
+    done: &mut u64,
     buf: &mut Vec<u8>,
-) -> Result<(), Fault> {
+) -> Result<bool, Fault> {
     let dma = |va: u64| Fault {
         reason: FAULT_DMA_ERROR,
         addr: va,
@@ -1228,22 +1246,31 @@ fn execute_step(
                 .map_err(|_| dma(*va))?;
         }
         Step::Fill { dst, pattern, va } => {
-            // The pattern over at most 64 KiB (a step moves 64 KiB at most).
-            let bytes = dst.iter().map(|e| e.len).sum::<u64>().min(64 << 10);
-            let chunk = pattern.to_le_bytes().repeat(bytes.div_ceil(4) as usize);
-            for e in dst {
-                let mut done = 0u64;
-                while done < e.len {
-                    let n = (e.len - done).min(chunk.len() as u64) as usize;
-                    shared
-                        .write_target(e.target.offset(done), &chunk[..n], generation)
-                        .map_err(|_| dma(*va))?;
-                    done += n as u64;
+            let total: u64 = dst.iter().map(|e| e.len).sum();
+            let this = (total - *done).min(STEP_BYTES);
+            // The pattern over this piece; pieces start 4-byte aligned.
+            let chunk = pattern.to_le_bytes().repeat(this.div_ceil(4) as usize);
+            let mut at = ExtentCursor::new(dst);
+            at.advance(*done);
+            let mut moved = 0u64;
+            while let Some(target) = at.target() {
+                if moved == this {
+                    break;
                 }
+                let n = (at.left() as u64).min(this - moved) as usize;
+                shared
+                    .write_target(target, &chunk[..n], generation)
+                    .map_err(|_| dma(*va))?;
+                at.advance(n as u64);
+                moved += n as u64;
             }
+            *done += moved;
+            return Ok(*done >= total);
         }
         Step::Copy { src, dst, va } => {
-            copy_extents(shared, generation, src, dst, buf).map_err(|_| dma(*va))?
+            let finished =
+                copy_extents(shared, generation, src, dst, done, buf).map_err(|_| dma(*va))?;
+            return Ok(finished);
         }
         Step::Fence {
             dst,
@@ -1259,7 +1286,7 @@ fn execute_step(
                 .map_err(|_| dma(*va))?;
             let mut regs = lock(&shared.regs);
             if regs.generation != generation {
-                return Ok(());
+                return Ok(true);
             }
             regs.ctx[n].fence_seqno = *seqno;
             shared.stats.fences.fetch_add(1, Ordering::Relaxed);
@@ -1268,7 +1295,7 @@ fn execute_step(
             }
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Copies the bytes of `src` extents to `dst` extents (same total) in pieces,
@@ -1278,17 +1305,24 @@ fn copy_extents(
     generation: u64,
     src: &[Extent],
     dst: &[Extent],
+    done: &mut u64,
     buf: &mut Vec<u8>,
-) -> Result<(), TargetError> {
+) -> Result<bool, TargetError> {
     const PIECE: u64 = 64 << 10;
-    const DIRECT_PIECE: u64 = 1 << 20;
     let (mut s, mut d) = (ExtentCursor::new(src), ExtentCursor::new(dst));
+    s.advance(*done);
+    d.advance(*done);
+    let mut moved = 0u64;
     while let (Some(from), Some(to)) = (s.target(), d.target()) {
+        if moved >= STEP_BYTES {
+            break;
+        }
         // Mapping to mapping when both sides allow it, over runs of
         // contiguous extents, in pieces of at most 1 MiB (a DMA_UNMAP waits
         // for the piece under way); through the buffer otherwise (memory
         // reached by message, a range across DMA regions).
-        let n = s.run(DIRECT_PIECE).min(d.run(DIRECT_PIECE)) as usize;
+        let piece = STEP_BYTES - moved;
+        let n = s.run(piece).min(d.run(piece)) as usize;
         let n = if shared.copy_direct(from, to, n, generation)? {
             n
         } else {
@@ -1302,8 +1336,10 @@ fn copy_extents(
         };
         s.advance(n as u64);
         d.advance(n as u64);
+        moved += n as u64;
     }
-    Ok(())
+    *done += moved;
+    Ok(s.target().is_none() || d.target().is_none())
 }
 
 /// A position in a list of extents.
