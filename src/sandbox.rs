@@ -131,6 +131,19 @@ pub const FILE_OUTPUT: &[libc::c_long] = &[
     libc::SYS_rename,
 ];
 
+/// For a process that makes listening sockets and memfds after start-up (the
+/// vGPU parent, which creates instances on request): socket, bind, listen,
+/// setsockopt (a control client's timeouts), memfd_create and ftruncate (an
+/// instance's VRAM). Pass to [`allow_extra`].
+pub const LISTENERS_AND_MEMFDS: &[libc::c_long] = &[
+    libc::SYS_socket,
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_setsockopt,
+    libc::SYS_memfd_create,
+    libc::SYS_ftruncate,
+];
+
 static EXTRA: std::sync::Mutex<Vec<libc::c_long>> = std::sync::Mutex::new(Vec::new());
 
 /// Adds system calls to the filter [`confine`] installs later: for a device

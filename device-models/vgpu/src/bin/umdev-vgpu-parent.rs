@@ -28,6 +28,9 @@ struct Args {
     /// GGTT entries shared out.
     #[arg(long, default_value_t = 524288)]
     ggtt_entries: u64,
+    /// Do not confine the running parent with its seccomp filter.
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 fn main() -> ExitCode {
@@ -36,8 +39,8 @@ fn main() -> ExitCode {
     umdev::cli::init_logging();
     let args = Args::parse();
     let config = ParentConfig {
-        state_dir: args.state_dir,
-        config_file: args.config,
+        state_dir: args.state_dir.clone(),
+        config_file: args.config.clone(),
         capacity: Capacity {
             vram_mib: args.vram_mib,
             contexts: args.contexts,
@@ -66,6 +69,14 @@ fn main() -> ExitCode {
             eprintln!("umdev-vgpu-parent: {e}");
             return ExitCode::FAILURE;
         }
+    }
+    // From here on: the single-device filter, plus making instances (sockets,
+    // VRAM memfds) and writing the config file.
+    umdev::sandbox::allow_extra(umdev::sandbox::LISTENERS_AND_MEMFDS);
+    umdev::sandbox::allow_extra(umdev::sandbox::FILE_OUTPUT);
+    if let Err(e) = umdev::sandbox::confine(!args.no_seccomp) {
+        eprintln!("umdev-vgpu-parent: {e}");
+        return ExitCode::FAILURE;
     }
     tracing::info!(control = %control.display(), "parent ready");
     std::thread::scope(|s| {
