@@ -24,10 +24,15 @@ pub const MAX_REQUEST: usize = 8192;
 /// How long a client may take to send it (and to take the answer).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Writes metric families in the text format.
+/// Writes metric families in the text format. A family written by several
+/// sources (instances of one parent, each with its own labels) comes out
+/// once, its samples together.
 #[derive(Default)]
 pub struct MetricsWriter {
-    out: String,
+    /// Families in the order first written: name, HELP and TYPE lines, samples.
+    families: Vec<(String, String, Vec<String>)>,
+    /// Labels added to every sample while set (`with_labels`), rendered.
+    labels: String,
 }
 
 /// A label value as the text format quotes it.
@@ -38,15 +43,59 @@ fn escape(v: &str) -> String {
 }
 
 impl MetricsWriter {
-    fn head(&mut self, name: &str, help: &str, kind: &str) {
-        let _ = writeln!(self.out, "# HELP {name} {help}");
-        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+    fn family(&mut self, name: &str, help: &str, kind: &str) -> &mut Vec<String> {
+        let i = match self.families.iter().position(|f| f.0 == name) {
+            Some(i) => i,
+            None => {
+                let head = format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
+                self.families.push((name.to_owned(), head, Vec::new()));
+                self.families.len() - 1
+            }
+        };
+        &mut self.families[i].2
+    }
+
+    /// One sample of `name` with `label="value"` (if any) after the writer's
+    /// labels.
+    fn sample(
+        &mut self,
+        name: &str,
+        help: &str,
+        kind: &str,
+        label: Option<(&str, &str)>,
+        value: String,
+    ) {
+        let mut labels = self.labels.clone();
+        if let Some((l, v)) = label {
+            if !labels.is_empty() {
+                labels.push(',');
+            }
+            let _ = write!(labels, "{l}=\"{}\"", escape(v));
+        }
+        let line = if labels.is_empty() {
+            format!("{name} {value}")
+        } else {
+            format!("{name}{{{labels}}} {value}")
+        };
+        self.family(name, help, kind).push(line);
+    }
+
+    /// Runs `f` with `labels` added to every sample it writes.
+    pub fn with_labels(&mut self, labels: &[(&str, &str)], f: impl FnOnce(&mut Self)) {
+        let saved = self.labels.clone();
+        for (l, v) in labels {
+            if !self.labels.is_empty() {
+                self.labels.push(',');
+            }
+            let _ = write!(self.labels, "{l}=\"{}\"", escape(v));
+        }
+        f(self);
+        self.labels = saved;
     }
 
     /// A counter without labels.
     pub fn counter(&mut self, name: &str, help: &str, value: u64) {
-        self.head(name, help, "counter");
-        let _ = writeln!(self.out, "{name} {value}");
+        self.sample(name, help, "counter", None, value.to_string());
     }
 
     /// A counter with one label, a sample per value.
@@ -62,16 +111,15 @@ impl MetricsWriter {
         label: &str,
         samples: &[(&str, u64)],
     ) {
-        self.head(name, help, kind);
+        self.family(name, help, kind);
         for (v, n) in samples {
-            let _ = writeln!(self.out, "{name}{{{label}=\"{}\"}} {n}", escape(v));
+            self.sample(name, help, kind, Some((label, v)), n.to_string());
         }
     }
 
     /// A counter of seconds.
     pub fn seconds(&mut self, name: &str, help: &str, value: Duration) {
-        self.head(name, help, "counter");
-        let _ = writeln!(self.out, "{name} {}", value.as_secs_f64());
+        self.sample(name, help, "counter", None, value.as_secs_f64().to_string());
     }
 
     /// A gauge with one label, a sample per value.
@@ -81,12 +129,37 @@ impl MetricsWriter {
 
     /// A gauge without labels.
     pub fn gauge(&mut self, name: &str, help: &str, value: u64) {
-        self.head(name, help, "gauge");
-        let _ = writeln!(self.out, "{name} {value}");
+        self.sample(name, help, "gauge", None, value.to_string());
     }
 
     pub fn finish(self) -> String {
-        self.out
+        let mut out = String::new();
+        for (_, head, samples) in self.families {
+            out.push_str(&head);
+            for line in samples {
+                out.push_str(&line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+/// A source whose samples all carry `labels` (e.g. `instance="<uuid>"` for
+/// one of a parent's instances).
+pub struct LabeledSource {
+    pub labels: Vec<(String, String)>,
+    pub inner: Arc<dyn MetricsSource>,
+}
+
+impl MetricsSource for LabeledSource {
+    fn write_metrics(&self, w: &mut MetricsWriter) {
+        let labels: Vec<(&str, &str)> = self
+            .labels
+            .iter()
+            .map(|(l, v)| (l.as_str(), v.as_str()))
+            .collect();
+        w.with_labels(&labels, |w| self.inner.write_metrics(w));
     }
 }
 
@@ -276,6 +349,37 @@ mod tests {
             w.counter("umdev_test_total", "A test counter.", 2);
             w.counters("umdev_test_by_total", "By kind.", "kind", &[("a\"b", 1)]);
         }
+    }
+
+    #[test]
+    fn labeled_sources_share_their_families() {
+        let a = LabeledSource {
+            labels: vec![("instance".into(), "a".into())],
+            inner: Arc::new(Two),
+        };
+        let b = LabeledSource {
+            labels: vec![("instance".into(), "b".into())],
+            inner: Arc::new(Two),
+        };
+        let mut w = MetricsWriter::default();
+        a.write_metrics(&mut w);
+        b.write_metrics(&mut w);
+        let text = w.finish();
+        assert_eq!(
+            text.matches("# TYPE umdev_test_total counter").count(),
+            1,
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "umdev_test_total{instance=\"a\"} 2\numdev_test_total{instance=\"b\"} 2\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("umdev_test_by_total{instance=\"b\",kind=\"a\\\"b\"} 1"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -24,6 +24,10 @@ struct Parent {
 
 impl Parent {
     fn start(dir: &Path) -> Parent {
+        Parent::start_with(dir, &[])
+    }
+
+    fn start_with(dir: &Path, extra: &[&str]) -> Parent {
         let log = std::fs::File::create(dir.join("parent.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_umdev-vgpu-parent"))
             .arg("--state-dir")
@@ -38,6 +42,7 @@ impl Parent {
                 "--ggtt-entries",
                 "262144",
             ])
+            .args(extra)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -321,4 +326,45 @@ fn the_control_socket_answers_garbage_and_is_not_held_by_a_silent_client() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the parent"));
+}
+
+#[test]
+fn metrics_name_each_instance() {
+    let dir = TempDir::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let p = Parent::start_with(dir.path(), &["--metrics", &addr]);
+    let a = p.ok(&["create", "--type", "vgpu-16m", "--uuid", U1]);
+    p.ok(&["create", "--type", "vgpu-16m"]);
+    let (mut c, _, _) = probe(Path::new(a.trim()));
+    c.region_read(0, REG_ID, 4).unwrap();
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut s, &mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert_eq!(
+        text.matches("# TYPE umdev_region_reads_total counter")
+            .count(),
+        1,
+        "{text}"
+    );
+    let instances: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("umdev_region_reads_total{instance=\""))
+        .filter_map(|l| l.split('"').next())
+        .collect();
+    assert_eq!(instances.len(), 2, "{text}");
+    assert!(instances.contains(U1));
+    assert!(
+        text.lines().any(|l| l.starts_with(&format!(
+            "umdev_region_reads_total{{instance=\"{U1}\",region=\"bar0\"}} "
+        )) && !l.ends_with(" 0")),
+        "{text}"
+    );
 }

@@ -28,6 +28,10 @@ struct Args {
     /// GGTT entries shared out.
     #[arg(long, default_value_t = 524288)]
     ggtt_entries: u64,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (every family
+    /// labelled with its instance's UUID).
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<std::net::SocketAddr>,
     /// Do not confine the running parent with its seccomp filter.
     #[arg(long)]
     no_seccomp: bool,
@@ -54,6 +58,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(addr) = args.metrics {
+        if let Err(e) = umdev::metrics::serve(addr) {
+            eprintln!("umdev-vgpu-parent: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let control = parent.control_path();
     let _ = std::fs::remove_file(&control);
     let listener = match UnixListener::bind(&control) {

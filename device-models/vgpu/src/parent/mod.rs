@@ -102,6 +102,9 @@ struct Instance {
     share: u64,
     stop: StopHandle,
     thread: Option<JoinHandle<()>>,
+    /// Its counters, labelled `instance="<uuid>"` (the registry holds them
+    /// weakly: they go with the instance).
+    _metrics: Arc<dyn umdev::metrics::MetricsSource>,
 }
 
 impl Instance {
@@ -287,6 +290,12 @@ impl Parent {
         let listener = UnixListener::bind(&socket).map_err(io_err(&socket))?;
         let server = Server::new(function, server_config);
         let stop = server.stop_handle();
+        let metrics: Arc<dyn umdev::metrics::MetricsSource> =
+            Arc::new(umdev::metrics::LabeledSource {
+                labels: vec![("instance".into(), uuid.clone())],
+                inner: umdev::pci::function::FunctionMetrics::source_for(server.function()),
+            });
+        umdev::metrics::register(&metrics);
         let name = uuid.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vgpu-{}", &uuid[..8]))
@@ -304,6 +313,7 @@ impl Parent {
             share: share_id,
             stop,
             thread: Some(thread),
+            _metrics: metrics,
         };
         let info = self.info(&uuid, &instance);
         instances.insert(uuid.clone(), instance);
