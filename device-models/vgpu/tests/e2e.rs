@@ -897,9 +897,10 @@ fn vgpu_kernel_module_two_contexts() {
 /// A hostile guest application: with hostile_test=1 the `hostile` demo writes
 /// garbage into its own page tables (every level: random values, addresses
 /// past guest RAM, the VRAM bit in upper levels) through POKE_PTE and submits
-/// work through them, 200 times. Every submission ends (done or a fault),
-/// the backend stays up, and the Linux console on the vGPU still draws: its
-/// marker is intact on the scanout after the demo, with a line printed after it.
+/// work through them, 200 times, and every other round through a page it did
+/// not poke. Every submission ends, the clean ones done, the others BAD_TABLE,
+/// BAD_TARGET or NOT_PRESENT; the backend stays up, and the Linux console on
+/// the vGPU still draws: its marker is intact on the scanout after the demo.
 #[test]
 fn vgpu_kernel_module_hostile() {
     let test = "vgpu_kernel_module_hostile";
@@ -928,6 +929,16 @@ fn vgpu_kernel_module_hostile() {
         hostile.starts_with("PASS demo_hostile faults="),
         "{hostile}\n{serial}"
     );
+    // Every other round a clean page, all done; leaves past guest RAM are
+    // BAD_TARGET (4), garbage tables BAD_TABLE (3).
+    assert!(hostile.contains(" clean=100 "), "{hostile}");
+    let reasons = hostile
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("reasons="))
+        .unwrap_or_default();
+    for r in ["3:", "4:"] {
+        assert!(reasons.split(',').any(|x| x.starts_with(r)), "{hostile}");
+    }
     let marker = serial
         .lines()
         .find(|l| l.starts_with("PASS console_marker "))

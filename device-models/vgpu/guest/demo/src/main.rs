@@ -307,11 +307,22 @@ fn fault_mode(drm: &Drm, r: &mut Report) {
 }
 
 /// Garbage in the file's own page tables (POKE_PTE, module parameter
-/// hostile_test=1): every submission ends, in a fault or done, never hangs.
+/// hostile_test=1), at every level: random values, addresses past guest RAM
+/// (it is below 256 MiB in the e2e guest; nothing here points into it, so the
+/// guest's own memory is never the target), the VRAM bit in upper levels,
+/// not-present entries. Each poke is followed by a FILL through the poked
+/// address and, every other round, one through an untouched page of a fresh
+/// binding (garbage in an upper level spoils everything under it, so the
+/// buffer then moves out from under that entry). Every submission ends,
+/// faulted or done; the clean ones are done.
 fn hostile_mode(drm: &Drm, o: &Opts, r: &mut Report) {
     let Some(mut s) = r.check("demo_hostile", scene(drm, 0)) else {
         return;
     };
+    let Some(buf) = r.check("demo_hostile", drm.dumb(1024, 512)) else {
+        return;
+    };
+    let pages = buf.size as u64 / 4096;
     let mut x = o.seed.max(1);
     let mut rand = move || {
         x ^= x << 13;
@@ -319,7 +330,14 @@ fn hostile_mode(drm: &Drm, o: &Opts, r: &mut Report) {
         x ^= x << 17;
         x
     };
-    let mut faults = 0;
+    // Under a root entry of its own: the batch buffer (under entry 0) stays
+    // reachable whatever is poked here.
+    let mut base = 1u64 << 39;
+    if let Err(e) = drm.bind(&buf, base, true) {
+        return r.fail("demo_hostile", format!("bind: {e}"));
+    }
+    let (mut faults, mut done, mut clean) = (0u32, 0u32, 0u32);
+    let mut reasons = std::collections::BTreeMap::<u32, u32>::new();
     for round in 0..o.rounds {
         let level = 1 + (rand() % 4) as u32;
         let value = match rand() % 5 {
@@ -327,9 +345,10 @@ fn hostile_mode(drm: &Drm, o: &Opts, r: &mut Report) {
             1 => (1 << 50) | 1,
             2 => (rand() & !0xfff & ((1 << 52) - 1)) | 0b111,
             3 => 0,
-            _ => (rand() & 0x3fff_f000) | 1,
+            // Past the guest's RAM, below 1 GiB.
+            _ => ((256 + rand() % 768) << 20) | 1,
         };
-        let va = SCRATCH_VA + (rand() % 512) * 4096;
+        let va = base + (rand() % pages) * 4096;
         if let Err(e) = drm.poke_pte(va, level, value) {
             return r.fail(
                 "demo_hostile",
@@ -337,14 +356,50 @@ fn hostile_mode(drm: &Drm, o: &Opts, r: &mut Report) {
             );
         }
         match run_batch(drm, &mut s.batch, &cmd::fill(va, 4096, round)) {
-            Ok(WaitResult::Done) => {}
-            Ok(WaitResult::Fault { .. }) => faults += 1,
+            Ok(WaitResult::Done) => done += 1,
+            Ok(WaitResult::Fault { reason, .. }) => {
+                faults += 1;
+                *reasons.entry(reason).or_default() += 1;
+            }
             Err(e) => return r.fail("demo_hostile", format!("round {round}: {e}")),
         }
+        if level > 1 {
+            // The garbage stays in the entry poked (the kernel's own view of
+            // its tables does not change): move past what that entry covers.
+            let span = 1u64 << (12 + 9 * (level - 1));
+            let _ = drm.unbind(base);
+            base = (base / span + 1) * span;
+            if let Err(e) = drm.bind(&buf, base, true) {
+                return r.fail("demo_hostile", format!("bind {base:#x}: {e}"));
+            }
+        }
+        if round % 2 == 1 {
+            // A page nobody poked: it must work.
+            let good = if level == 1 {
+                base + ((va - base) / 4096 + 1) % pages * 4096
+            } else {
+                base
+            };
+            match run_batch(drm, &mut s.batch, &cmd::fill(good, 4096, !round)) {
+                Ok(WaitResult::Done) => clean += 1,
+                Ok(WaitResult::Fault { reason, addr }) => {
+                    return r.fail(
+                        "demo_hostile",
+                        format!("round {round}: clean page {addr:#x} faulted ({reason})"),
+                    );
+                }
+                Err(e) => return r.fail("demo_hostile", format!("round {round}: {e}")),
+            }
+        }
     }
+    let reasons: Vec<String> = reasons.iter().map(|(k, v)| format!("{k}:{v}")).collect();
     r.pass(
         "demo_hostile",
-        format!("faults={faults} rounds={}", o.rounds),
+        format!(
+            "faults={faults} done={done} clean={clean} reasons={} rounds={}",
+            reasons.join(","),
+            o.rounds
+        ),
     );
 }
 
