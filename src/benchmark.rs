@@ -49,7 +49,8 @@ impl Device {
     /// Runs `bin --socket-path DIR/SOCKET EXTRA...` (stdin and stdout null,
     /// `RUST_LOG` warn unless set) with `dir` made for it, `prepare` having
     /// had its say on the command first (CPU affinity, say), and waits up to
-    /// 10 s for its socket to appear.
+    /// 10 s until it listens on its socket ([`crate::cli::wait_listening`]),
+    /// so that a plain connect succeeds.
     pub fn start(
         bin: &std::path::Path,
         extra: &[String],
@@ -58,7 +59,6 @@ impl Device {
         prepare: impl FnOnce(&mut std::process::Command),
     ) -> Result<Device, String> {
         use std::process::Stdio;
-        use std::time::Instant;
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let socket = dir.join(socket);
         let mut cmd = std::process::Command::new(bin);
@@ -76,20 +76,9 @@ impl Device {
             .spawn()
             .map_err(|e| format!("starting {}: {e}", bin.display()))?;
         let mut device = Device { child, dir, socket };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !device.socket.exists() {
-            match device.child.try_wait() {
-                Ok(Some(status)) => {
-                    return Err(format!("{} exited at start: {status}", bin.display()))
-                }
-                Ok(None) => {}
-                Err(e) => return Err(format!("{}: {e}", bin.display())),
-            }
-            if Instant::now() > deadline {
-                return Err(format!("{} made no socket in 10 s", bin.display()));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let socket = device.socket.clone();
+        crate::cli::wait_listening(&socket, Some(&mut device.child), Duration::from_secs(10))
+            .map_err(|e| format!("{}: {e}", bin.display()))?;
         Ok(device)
     }
 }

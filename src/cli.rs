@@ -249,6 +249,65 @@ fn is_listening(fd: i32) -> std::io::Result<bool> {
     Ok(val != 0)
 }
 
+/// Whether a UNIX socket listens at `path` (as the listener gave it to bind(),
+/// e.g. the `--socket-path` it was started with), from /proc/net/unix; None
+/// when that cannot be read. Without connecting, which a one-client backend
+/// would take for its client.
+pub fn socket_listening(path: &std::path::Path) -> Option<bool> {
+    const ACCEPTCON: u32 = 1 << 16;
+    let table = std::fs::read_to_string("/proc/net/unix").ok()?;
+    let want = path.to_str()?;
+    Some(table.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() >= 8
+            && f[7] == want
+            && u32::from_str_radix(f[3], 16).is_ok_and(|flags| flags & ACCEPTCON != 0)
+    }))
+}
+
+/// Waits until a UNIX socket listens at `path` ([`socket_listening`]; where
+/// /proc/net/unix cannot be read, until the socket file exists), for whoever
+/// started a backend on it: the file appears at bind(), a moment before
+/// listen(), and a connect in between is refused. `child` is the process
+/// that is to listen, if it is ours: its exit ends the wait. An error naming
+/// the socket (and the exit status) if `child` exits first or `timeout`
+/// passes.
+pub fn wait_listening(
+    path: &std::path::Path,
+    mut child: Option<&mut std::process::Child>,
+    timeout: std::time::Duration,
+) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let listening = match socket_listening(path) {
+            Some(l) => l,
+            None => std::fs::symlink_metadata(path).is_ok(),
+        };
+        if listening {
+            return Ok(());
+        }
+        if let Some(child) = child.as_deref_mut() {
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    return Err(format!(
+                        "exited ({status}) before listening on {}",
+                        path.display()
+                    ))
+                }
+                Ok(None) => {}
+                Err(e) => return Err(format!("waiting to listen on {}: {e}", path.display())),
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(format!(
+                "nothing listening on {} after {timeout:?}",
+                path.display()
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// Removes a socket file left by an earlier run; anything else at the path stays
 /// (bind then reports it).
 fn remove_stale_socket(path: &std::path::Path) {
@@ -257,5 +316,54 @@ fn remove_stale_socket(path: &std::path::Path) {
         if meta.file_type().is_socket() {
             let _ = std::fs::remove_file(path);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn temp_dir() -> PathBuf {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "umdev-cli-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn listening_means_listen_not_a_socket_file() {
+        let dir = temp_dir();
+        // Bound, never listening (as a backend between bind() and listen()).
+        let bound = dir.join("bound.sock");
+        let _dgram = std::os::unix::net::UnixDatagram::bind(&bound).unwrap();
+        assert_eq!(socket_listening(&bound), Some(false));
+        let e = wait_listening(&bound, None, Duration::from_millis(50)).unwrap_err();
+        assert!(e.contains(bound.to_str().unwrap()), "{e}");
+        assert_eq!(socket_listening(&dir.join("none.sock")), Some(false));
+
+        let path = dir.join("listening.sock");
+        let _listener = UnixListener::bind(&path).unwrap();
+        assert_eq!(socket_listening(&path), Some(true));
+        wait_listening(&path, None, Duration::from_secs(1)).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_process_that_exits_ends_the_wait_with_its_status() {
+        let path = temp_dir().join("never.sock");
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "exit 3"])
+            .spawn()
+            .unwrap();
+        let e = wait_listening(&path, Some(&mut child), Duration::from_secs(10)).unwrap_err();
+        assert!(e.contains("exit status: 3"), "{e}");
+        assert!(e.contains(path.to_str().unwrap()), "{e}");
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 }

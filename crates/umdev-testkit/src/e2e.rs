@@ -287,22 +287,14 @@ impl Backend {
             .stderr(file)
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = child.try_wait().expect("wait backend") {
-                panic!("the backend exited at start-up ({status})");
-            }
-            // The file exists from bind(2) on; a client (QEMU's chardev in
-            // particular) is refused until listen(2).
-            if fs::symlink_metadata(socket).is_ok() && listening(socket) != Some(false) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the backend did not listen on {} within 20 s",
-                socket.display()
-            );
-            sleep(Duration::from_millis(20));
+        // The file exists from bind(2) on; a client (QEMU's chardev in
+        // particular) is refused until listen(2).
+        if let Err(e) =
+            umdev::cli::wait_listening(socket, Some(&mut child), Duration::from_secs(20))
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the backend {}: {e}", bin.display());
         }
         Backend {
             child,
@@ -347,20 +339,9 @@ impl Drop for Backend {
     }
 }
 
-/// Whether a UNIX socket listens at `path`, from /proc/net/unix (None when
-/// that cannot be read): without connecting, which a one-client backend
-/// would take for its client.
-pub fn listening(path: &Path) -> Option<bool> {
-    const ACCEPTCON: u32 = 1 << 16;
-    let table = fs::read_to_string("/proc/net/unix").ok()?;
-    let want = path.to_str()?;
-    Some(table.lines().skip(1).any(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        f.len() >= 8
-            && f[7] == want
-            && u32::from_str_radix(f[3], 16).is_ok_and(|flags| flags & ACCEPTCON != 0)
-    }))
-}
+/// Whether a UNIX socket listens at `path` (None when /proc/net/unix cannot
+/// be read); see [`umdev::cli::wait_listening`] to wait for it.
+pub use umdev::cli::socket_listening as listening;
 
 pub fn signal(child: &Child, sig: libc::c_int) {
     let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
@@ -571,19 +552,13 @@ pub struct Qmp {
 }
 
 impl Qmp {
-    /// Connects (retrying for up to 10 s while QEMU creates the socket) and
-    /// leaves capabilities negotiation mode.
+    /// Connects once QEMU listens there (waiting up to 10 s while it starts)
+    /// and leaves capabilities negotiation mode.
     pub fn connect(path: &Path) -> Result<Qmp, String> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(format!("connect to QMP at {}: {e}", path.display()))
-                }
-                Err(_) => sleep(Duration::from_millis(50)),
-            }
-        };
+        umdev::cli::wait_listening(path, None, Duration::from_secs(10))
+            .map_err(|e| format!("QMP: {e}"))?;
+        let stream = UnixStream::connect(path)
+            .map_err(|e| format!("connect to QMP at {}: {e}", path.display()))?;
         stream
             .set_read_timeout(Some(Duration::from_secs(60)))
             .map_err(|e| format!("QMP socket: {e}"))?;

@@ -72,9 +72,10 @@ impl Backend {
     }
 
     /// `bin` listening on `dir/<socket>` with `args`, logging at `RUST_LOG`
-    /// (else `log_level`); returns once it listens there (the socket file
-    /// appears at bind(), a moment before listen()), or panics with the log
-    /// if the process died or took 10 s.
+    /// (else `log_level`); returns once it listens there
+    /// ([`umdev::cli::wait_listening`]: the socket file appears at bind(), a
+    /// moment before listen()), so a plain connect succeeds; panics with the
+    /// log if the process died (its exit status) or took 10 s.
     pub fn spawn<A: AsRef<std::ffi::OsStr>>(
         bin: &Path,
         dir: TempDir,
@@ -98,16 +99,11 @@ impl Backend {
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
         let mut backend = Backend { child, socket, dir };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while e2e::listening(&backend.socket) == Some(false) || !backend.socket.exists() {
-            if !backend.alive() || Instant::now() > deadline {
-                panic!(
-                    "{} did not listen on its socket:\n{}",
-                    bin.display(),
-                    backend.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        let socket = backend.socket.clone();
+        if let Err(e) =
+            umdev::cli::wait_listening(&socket, Some(&mut backend.child), Duration::from_secs(10))
+        {
+            panic!("{}: {e}:\n{}", bin.display(), backend.log());
         }
         backend
     }

@@ -351,13 +351,9 @@ fn live_migration_under_qemu_carries_no_device_state() {
         "QEMU now blocks the migration: {before}"
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(env.timeout);
-    while !migration.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "destination never listened"
-        );
-        sleep(Duration::from_millis(50));
-    }
+    // The destination QEMU binds its incoming socket a moment before it listens.
+    umdev::cli::wait_listening(&migration, None, Duration::from_secs(env.timeout))
+        .unwrap_or_else(|e| panic!("the destination QEMU: {e}"));
     qmp.execute(
         "migrate",
         serde_json::json!({"uri": format!("unix:{}", migration.display())}),

@@ -2,56 +2,28 @@
 //! DMA into memfd guest memory, and its state round trip in process.
 
 use std::os::fd::AsRawFd;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use umdev::memory::{GuestMemory, MappedMemfd};
 use umdev::vfio_user::wire::*;
-use umdev::vfio_user::Client;
 use umdev_null::{reg, ID_VALUE};
+use umdev_testkit::{Backend, TempDir};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-struct Backend {
-    child: Child,
-    dir: std::path::PathBuf,
-}
-
-impl Backend {
-    fn start() -> Backend {
-        let dir = std::env::temp_dir().join(format!("umdev-null-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_umdev-null"))
-            .arg("--socket-path")
-            .arg(dir.join("null.sock"))
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        Backend { child, dir }
-    }
-
-    fn connect(&self) -> Client {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match Client::connect(self.dir.join("null.sock")) {
-                Ok(c) => return c,
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-                Err(e) => panic!("connect: {e}"),
-            }
-        }
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// `umdev-null` on a socket of its own, listening once started.
+fn start() -> Backend {
+    Backend::spawn::<&str>(
+        std::path::Path::new(env!("CARGO_BIN_EXE_umdev-null")),
+        TempDir::new(),
+        "null.sock",
+        &[],
+        "info",
+    )
 }
 
 #[test]
 fn registers_interrupt_and_dma_over_the_socket() {
-    let be = Backend::start();
+    let be = start();
     let mut c = be.connect();
     c.region_write(PCI_CONFIG_REGION_INDEX, 0x04, &6u16.to_le_bytes())
         .unwrap();

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use umdev::cli::wait_listening;
 use umdev::vfio_user::Client;
-use umdev_testkit::e2e::listening;
 use umdev_testkit::TempDir;
 use umdev_vgpu::regs::{ID_VALUE, REG_ID};
 
@@ -54,14 +54,8 @@ impl Parent {
             dir: dir.to_owned(),
         };
         let control = p.control();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while listening(&control) != Some(true) {
-            assert!(
-                p.child.try_wait().unwrap().is_none() && Instant::now() < deadline,
-                "the parent did not listen:\n{}",
-                p.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
+        if let Err(e) = wait_listening(&control, Some(&mut p.child), Duration::from_secs(10)) {
+            panic!("the parent: {e}:\n{}", p.log());
         }
         p
     }
