@@ -1008,10 +1008,9 @@ fn vgpu_parent_serves_two_guests() {
         .spawn()
         .expect("start umdev-vgpu-parent");
     let control = state.join("control.sock");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while e2e::listening(&control) != Some(true) {
-        assert!(Instant::now() < deadline, "the parent did not listen");
-        sleep(Duration::from_millis(20));
+    if let Err(e) = umdev::cli::wait_listening(&control, Some(&mut parent), Duration::from_secs(10))
+    {
+        panic!("the parent: {e}");
     }
     let ctl = |args: &[&str]| {
         let out = std::process::Command::new(bin("umdevctl"))

@@ -180,18 +180,8 @@ struct Gpu {
 
 impl Gpu {
     fn new(socket: &Path, ram_mib: usize) -> Result<Gpu> {
-        // The socket file exists a moment before listen(): retry a refusal.
-        let mut client = None;
-        for _ in 0..200 {
-            match Client::connect(socket) {
-                Ok(c) => {
-                    client = Some(c);
-                    break;
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(5)),
-            }
-        }
-        let mut client = client.ok_or_else(|| BenchError::Setup("cannot connect".into()))?;
+        // Device::start returned once the server listens.
+        let mut client = Client::connect(socket)?;
         // A VMM that migrates asks first (and the device must offer it).
         if client.migration_flags()? & umdev::migration::fsm::MIGRATION_STOP_COPY == 0 {
             return Err(BenchError::Setup("the device cannot migrate".into()));
