@@ -18,8 +18,8 @@ use umdev::benchmark::{median, us};
 use clap::Parser;
 use umdev::memory::{DmaRegion, GuestMemory, MappedMemfd};
 use umdev::pagetrack::{
-    DirtyBitmap, Gfn, PageTrackNotifier, PageTracker, Policy, SourceKind, UffdRegistration,
-    PAGE_SIZE,
+    write_entries, DirtyBitmap, Gfn, PageTrackNotifier, PageTracker, Policy, SourceKind,
+    UffdRegistration, PAGE_SIZE,
 };
 
 /// Measures the page-track engine.
@@ -86,9 +86,9 @@ struct Counting(AtomicU64);
 
 /// Counts the 8-byte entries reported.
 impl PageTrackNotifier for Counting {
-    fn track_write(&self, _gpa: u64, new: &[u8]) {
+    fn track_write(&self, gpa: u64, new: &[u8]) {
         self.0
-            .fetch_add(new.len().div_ceil(8) as u64, Ordering::Relaxed);
+            .fetch_add(write_entries(gpa, new).count() as u64, Ordering::Relaxed);
     }
     fn track_remove_region(&self, _gfn: Gfn, _nr: u64) {}
 }

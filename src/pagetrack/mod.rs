@@ -77,12 +77,40 @@ pub trait PageTrackNotifier: Send + Sync {
     /// is depends on the source (module docs): for umdev's sources a changed
     /// naturally aligned 8-byte entry, or, for a strict userfaultfd fault that
     /// changed nothing visible, the faulting entry or page as it is.
+    /// [`write_entries`] splits it into the 8-byte entries it touches.
     fn track_write(&self, gpa: u64, new: &[u8]);
     /// KVM's `track_remove_region(gfn, nr_pages)`: guest memory
     /// `[gfn, gfn+nr_pages)` is going away (DMA_UNMAP, unmap-all, client loss),
     /// whether or not this notifier tracks pages there. Pages still tracked in
     /// it are untracked once every notifier has returned.
     fn track_remove_region(&self, gfn: Gfn, nr_pages: u64);
+}
+
+/// The naturally aligned 8-byte entries a `track_write(gpa, new)` touches, in
+/// address order: each entry's gpa with its new value (little-endian) where
+/// the write covers the whole entry, `None` where it covers only part of it
+/// (the rest is in guest memory). For notifiers that work in entries, such as
+/// page-table shadows; a write whose end does not fit in a `u64` touches none.
+pub fn write_entries(gpa: u64, new: &[u8]) -> impl Iterator<Item = (u64, Option<u64>)> + '_ {
+    const E: u64 = ENTRY_SIZE as u64;
+    let end = gpa.checked_add(new.len() as u64).unwrap_or(gpa);
+    let first = gpa & !(E - 1);
+    let count = if end > gpa {
+        (end - first).div_ceil(E)
+    } else {
+        0
+    };
+    (0..count).map(move |i| {
+        let at = first + i * E;
+        let whole = at >= gpa && end - at >= E;
+        let value = whole.then(|| {
+            let off = (at - gpa) as usize;
+            let mut b = [0u8; ENTRY_SIZE];
+            b.copy_from_slice(&new[off..off + ENTRY_SIZE]);
+            u64::from_le_bytes(b)
+        });
+        (at, value)
+    })
 }
 
 /// Names a registration (in errors and logs).
@@ -92,8 +120,6 @@ pub struct NotifierId(u64);
 /// Why a notifier could not be unregistered.
 #[derive(Debug, thiserror::Error)]
 pub enum NotifierError {
-    #[error("notifier {0:?} is not registered")]
-    Unknown(NotifierId),
     /// Unregistering waits for deliveries in progress, this thread's among them:
     /// from inside a callback that would never return.
     #[error("notifier {0:?} cannot be unregistered from inside a page-track callback")]
@@ -674,8 +700,10 @@ impl PageTracker {
         if CallbackScope::inside(&self.shared) {
             return Err(NotifierError::InCallback(id));
         }
-        let slot = self.take_slot(id).ok_or(NotifierError::Unknown(id))?;
-        slot.retire(true);
+        // A registered guard's slot is there until this or its drop takes it.
+        if let Some(slot) = self.take_slot(id) {
+            slot.retire(true);
+        }
         Ok(())
     }
 
@@ -1266,5 +1294,101 @@ mod tests {
         drop(_kept);
         assert_eq!(t.notifier_count(), 0);
         assert_eq!(Arc::strong_count(&nop), 1, "the tracker let go of it");
+    }
+
+    /// Holds its first delivery until released.
+    #[derive(Default)]
+    struct Gate {
+        entered: std::sync::atomic::AtomicBool,
+        release: std::sync::atomic::AtomicBool,
+        finished: std::sync::atomic::AtomicBool,
+        calls: AtomicU64,
+    }
+
+    impl PageTrackNotifier for Gate {
+        fn track_write(&self, _: u64, _: &[u8]) {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.entered.store(true, Ordering::SeqCst);
+            while !self.release.load(Ordering::SeqCst) {
+                std::thread::yield_now();
+            }
+            self.finished.store(true, Ordering::SeqCst);
+        }
+        fn track_remove_region(&self, _: Gfn, _: u64) {}
+    }
+
+    #[test]
+    fn dropping_the_guard_waits_for_a_delivery_under_way() {
+        let (t, memory) = tracker_over(1);
+        t.track(1).unwrap();
+        let gate = Arc::new(Gate::default());
+        let registration = t.register(gate.clone());
+        memory.write(0x1000, &[1; 8]).unwrap();
+        let sync = {
+            let t = t.clone();
+            std::thread::spawn(move || t.sync())
+        };
+        while !gate.entered.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let dropper = {
+            let (gate, dropped) = (gate.clone(), dropped.clone());
+            std::thread::spawn(move || {
+                drop(registration);
+                dropped.store(true, Ordering::SeqCst);
+                gate.finished.load(Ordering::SeqCst)
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(
+            !dropped.load(Ordering::SeqCst),
+            "the drop returned with a delivery under way"
+        );
+        gate.release.store(true, Ordering::SeqCst);
+        assert!(
+            dropper.join().unwrap(),
+            "the drop returned before the delivery finished"
+        );
+        assert_eq!(sync.join().unwrap(), 1);
+        assert_eq!(t.notifier_count(), 0);
+        memory.write(0x1000, &[2; 8]).unwrap();
+        t.sync();
+        assert_eq!(
+            gate.calls.load(Ordering::SeqCst),
+            1,
+            "called after the drop"
+        );
+        assert_eq!(Arc::strong_count(&gate), 1, "the tracker let go of it");
+    }
+
+    #[test]
+    fn write_entries_splits_a_write_into_whole_and_partial_entries() {
+        let bytes: Vec<u8> = (1..=20).collect();
+        let v = |r: std::ops::Range<usize>| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&bytes[r]);
+            Some(u64::from_le_bytes(b))
+        };
+        let entries = |gpa, new| write_entries(gpa, new).collect::<Vec<_>>();
+        assert_eq!(
+            entries(0x1000, &bytes[..16]),
+            [(0x1000, v(0..8)), (0x1008, v(8..16))]
+        );
+        // Unaligned: a partial head, then whole entries.
+        assert_eq!(
+            entries(0x1004, &bytes),
+            [(0x1000, None), (0x1008, v(4..12)), (0x1010, v(12..20))]
+        );
+        // Straddling two entries, covering neither whole.
+        assert_eq!(
+            entries(0x1004, &bytes[..8]),
+            [(0x1000, None), (0x1008, None)]
+        );
+        assert_eq!(entries(0x1002, &bytes[..2]), [(0x1000, None)]);
+        // A whole page, as an inexact uffd fault reports it.
+        assert_eq!(write_entries(0x2000, &[0; PAGE_SIZE as usize]).count(), 512);
+        assert!(entries(0x1000, &[]).is_empty());
+        assert!(entries(u64::MAX - 3, &bytes[..8]).is_empty());
     }
 }

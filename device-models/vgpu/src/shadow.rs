@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 
 use umdev::memory::GuestMemory;
-use umdev::pagetrack::{Gfn, PageTrackNotifier, PageTracker};
+use umdev::pagetrack::{write_entries, Gfn, PageTrackNotifier, PageTracker};
 
 use crate::regs::*;
 
@@ -269,27 +269,17 @@ impl ShadowPageTables {
     /// from guest memory (as it is now) where it covers only part of it.
     /// Returns the entries applied.
     pub fn on_write_bytes(&mut self, gpa: u64, new: &[u8]) -> usize {
-        let Some(end) = gpa.checked_add(new.len() as u64) else {
-            return 0;
-        };
-        let mut at = gpa & !7;
         let mut applied = 0;
-        while at < end {
-            let whole = at >= gpa && end - at >= 8;
-            let mut b = [0u8; 8];
-            let ok = if whole {
-                let off = (at - gpa) as usize;
-                b.copy_from_slice(&new[off..off + 8]);
-                true
-            } else {
-                self.check.memory.peek(at, &mut b).is_ok()
-            };
-            if ok {
-                self.on_write(at, u64::from_le_bytes(b));
+        for (at, value) in write_entries(gpa, new) {
+            let value = value.or_else(|| {
+                let mut b = [0u8; 8];
+                self.check.memory.peek(at, &mut b).ok()?;
+                Some(u64::from_le_bytes(b))
+            });
+            if let Some(value) = value {
+                self.on_write(at, value);
                 applied += 1;
             }
-            let Some(next) = at.checked_add(8) else { break };
-            at = next;
         }
         applied
     }
