@@ -22,33 +22,47 @@ struct Parent {
     dir: PathBuf,
 }
 
+/// `umdev-vgpu-parent` on `dir/run`, with `dir/vgpu.json` as its config file
+/// when `config`, the test's capacity and `extra`; its log in `dir/parent.log`
+/// (appended: a restarted parent adds to it).
+fn spawn_parent(dir: &Path, config: bool, extra: &[&str], notify: Option<&Path>) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("parent.log"))
+        .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_umdev-vgpu-parent"));
+    cmd.arg("--state-dir").arg(dir.join("run"));
+    if config {
+        cmd.arg("--config").arg(dir.join("vgpu.json"));
+    }
+    if !extra.contains(&"--vram-mib") {
+        cmd.args(["--vram-mib", "96"]);
+    }
+    cmd.args(["--contexts", "6", "--ggtt-entries", "262144"])
+        .args(extra)
+        .env("RUST_LOG", "debug")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    if let Some(n) = notify {
+        cmd.env("NOTIFY_SOCKET", n);
+    }
+    cmd.spawn().expect("start umdev-vgpu-parent")
+}
+
 impl Parent {
     fn start(dir: &Path) -> Parent {
         Parent::start_with(dir, &[])
     }
 
     fn start_with(dir: &Path, extra: &[&str]) -> Parent {
-        let log = std::fs::File::create(dir.join("parent.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_umdev-vgpu-parent"))
-            .arg("--state-dir")
-            .arg(dir.join("run"))
-            .arg("--config")
-            .arg(dir.join("vgpu.json"))
-            .args([
-                "--vram-mib",
-                "96",
-                "--contexts",
-                "6",
-                "--ggtt-entries",
-                "262144",
-            ])
-            .args(extra)
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start umdev-vgpu-parent");
+        Parent::wait(dir, spawn_parent(dir, true, extra, None))
+    }
+
+    /// Waits until `child`'s control socket listens.
+    fn wait(dir: &Path, child: Child) -> Parent {
         let mut p = Parent {
             child,
             dir: dir.to_owned(),
@@ -107,8 +121,7 @@ impl Parent {
 
     fn available(&self) -> Vec<(String, u64)> {
         let v = self.json(&["types"]);
-        v["types"]["types"]
-            .as_array()
+        v.as_array()
             .unwrap()
             .iter()
             .map(|t| {
@@ -159,7 +172,10 @@ fn instances_are_made_listed_partitioned_and_removed() {
     let want = |a: u64, b: u64| vec![("vgpu-16m".to_string(), a), ("vgpu-64m".to_string(), b)];
     assert_eq!(p.available(), want(6, 1));
 
-    let big = PathBuf::from(p.ok(&["create", "--type", "vgpu-64m"]).trim());
+    let big = p.json(&["create", "--type", "vgpu-64m"]);
+    assert_eq!(big["type"], "vgpu-64m");
+    assert_eq!(big["active"], true);
+    let big = PathBuf::from(big["socket"].as_str().unwrap());
     assert!(big.exists(), "{}", big.display());
     assert_eq!(p.available(), want(2, 0));
     p.refused(&["create", "--type", "vgpu-64m"], "does not fit");
@@ -186,7 +202,7 @@ fn instances_are_made_listed_partitioned_and_removed() {
     assert_eq!(p.available(), want(1, 0));
 
     let list = p.json(&["list"]);
-    let list = list["list"]["instances"].as_array().unwrap().clone();
+    let list = list.as_array().unwrap().clone();
     assert_eq!(list.len(), 2);
     let mine = list.iter().find(|i| i["uuid"] == U1).unwrap();
     assert_eq!(mine["type"], "vgpu-16m");
@@ -218,10 +234,7 @@ fn instances_are_made_listed_partitioned_and_removed() {
     p.refused(&["remove", U1], "no instance");
     assert_eq!(p.available(), want(2, 0));
     drop(a);
-    let uuid = p.json(&["list"])["list"]["instances"][0]["uuid"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let uuid = p.json(&["list"])[0]["uuid"].as_str().unwrap().to_owned();
     // The VMM has gone: a plain remove now works.
     let deadline = Instant::now() + Duration::from_secs(5);
     while !p.ctl(&["remove", &uuid]).0 {
@@ -284,7 +297,7 @@ fn the_control_socket_answers_garbage_and_is_not_held_by_a_silent_client() {
     let dir = TempDir::new();
     let p = Parent::start(dir.path());
     // A client that never says anything does not hold up the others.
-    let _silent = UnixStream::connect(p.control()).unwrap();
+    let mut silent = UnixStream::connect(p.control()).unwrap();
     let t = Instant::now();
     assert!(p.ok(&["types"]).contains("vgpu-64m"));
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
@@ -294,8 +307,12 @@ fn the_control_socket_answers_garbage_and_is_not_held_by_a_silent_client() {
         &b"hello\n"[..],
         b"{\"cmd\":\"explode\"}\n",
         b"{\"cmd\":\"create\"}\n",
+        b"{\"cmd\":\"create\",\"type\":\"vgpu-16m\",\"weight\":-1}\n",
+        b"{\"cmd\":\"remove\",\"uuid\":\"../../etc/passwd\"}\n",
         b"\xff\xff\n",
         b"[1,2,3]\n",
+        b"\n",
+        b"\0\0\0\0\n",
     ] {
         let v = raw(&mut s, bad);
         assert!(v["error"]["error"].is_string(), "{v}");
@@ -310,9 +327,60 @@ fn the_control_socket_answers_garbage_and_is_not_held_by_a_silent_client() {
             .contains("longer than"),
         "{v}"
     );
-    // The same connection still works after all that.
+    // The same connection still works after all that, pipelined requests too.
     let v = raw(&mut s, b"{\"cmd\":\"types\"}\n");
     assert_eq!(v["types"]["types"].as_array().unwrap().len(), 2);
+    s.write_all(b"{\"cmd\":\"list\"}\n{\"cmd\":\"types\"}\n")
+        .unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    for want in ["list", "types"] {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert!(v[want].is_object(), "{want}: {v}");
+    }
+
+    drop((s, r));
+
+    // More stalled clients than the parent serves at once (16: the silent
+    // one, 14 more, one dripping a byte at a time, then 3 it turns away):
+    // umdevctl still gets its answer (a busy parent is retried), and they
+    // are all dropped within the deadline.
+    let mut stalled: Vec<UnixStream> = (0..14)
+        .map(|_| UnixStream::connect(p.control()).unwrap())
+        .collect();
+    let mut drip = UnixStream::connect(p.control()).unwrap();
+    stalled.extend((0..3).map(|_| UnixStream::connect(p.control()).unwrap()));
+    let dripping = std::thread::spawn(move || {
+        let t = Instant::now();
+        for _ in 0..40 {
+            if drip.write_all(b" ").is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let mut rest = String::new();
+        let _ = drip.set_read_timeout(Some(Duration::from_secs(10)));
+        let _ = std::io::Read::read_to_string(&mut drip, &mut rest);
+        (t.elapsed(), rest)
+    });
+    let t = Instant::now();
+    assert!(p.ok(&["list"]).is_empty());
+    assert!(t.elapsed() < Duration::from_secs(9), "{:?}", t.elapsed());
+    let (took, said) = dripping.join().unwrap();
+    assert!(took < Duration::from_secs(8), "the drip was held {took:?}");
+    assert!(
+        said.contains("no whole request line within 5 s"),
+        "{said:?}"
+    );
+    // The first silent client was told and closed, well before 10 s.
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut silent, &mut said).unwrap();
+    assert!(said.contains("no whole request line"), "{said:?}");
+    drop(stalled);
     // Nothing reachable: a clear sentence and a failure.
     let out = Command::new(env!("CARGO_BIN_EXE_umdevctl"))
         .args(["--control", "/nonexistent/control.sock", "list"])
@@ -320,6 +388,175 @@ fn the_control_socket_answers_garbage_and_is_not_held_by_a_silent_client() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the parent"));
+    assert!(p.ok(&["types"]).contains("vgpu-16m"));
+}
+
+/// Each instance takes one VMM at a time (the next waits until it leaves),
+/// and a VMM leaving one instance disturbs neither the other instance nor
+/// its own: the next VMM finds a working device.
+#[test]
+fn one_vmm_at_a_time_and_one_leaving_disturbs_no_one() {
+    let dir = TempDir::new();
+    let p = Parent::start(dir.path());
+    let a = PathBuf::from(p.ok(&["create", "--type", "vgpu-64m"]).trim());
+    let b = PathBuf::from(p.ok(&["create", "--type", "vgpu-16m"]).trim());
+    let (mut vmm_a, _, _) = probe(&a);
+    let (vmm_b1, id, vram) = probe(&b);
+    assert_eq!((id, vram), (ID_VALUE, 16 << 20));
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let b2 = b.clone();
+    let waiter = std::thread::spawn(move || {
+        let (c, id, vram) = probe(&b2);
+        tx.send((id, vram)).unwrap();
+        c
+    });
+    // B has its VMM: the second waits.
+    assert!(rx.recv_timeout(Duration::from_millis(500)).is_err());
+    assert_eq!(
+        vmm_a.region_read(0, REG_ID, 4).unwrap(),
+        ID_VALUE.to_le_bytes()
+    );
+    drop(vmm_b1);
+    let (id, vram) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the next VMM is served once the first has left");
+    assert_eq!((id, vram), (ID_VALUE, 16 << 20));
+    let mut vmm_b2 = waiter.join().unwrap();
+    assert_eq!(
+        vmm_b2.region_read(0, REG_ID, 4).unwrap(),
+        ID_VALUE.to_le_bytes()
+    );
+    // A never noticed; its BAR2 is still its type's.
+    assert_eq!(
+        vmm_a.region_read(0, REG_ID, 4).unwrap(),
+        ID_VALUE.to_le_bytes()
+    );
+    assert_eq!(vmm_a.region_info(2).unwrap().info.size, 64 << 20);
+    let list = p.json(&["list"]);
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    assert!(
+        list.iter()
+            .all(|i| i["attached"] == true && i["active"] == true),
+        "{list:?}"
+    );
+    // A VMM that leaves A without a word (its socket just closes) frees A only.
+    drop(vmm_a);
+    let (_again, id, _) = probe(&a);
+    assert_eq!(id, ID_VALUE);
+    assert_eq!(
+        vmm_b2.region_read(0, REG_ID, 4).unwrap(),
+        ID_VALUE.to_le_bytes()
+    );
+}
+
+/// `--persist` needs a config file; a persistent definition that no longer
+/// fits (the parent restarted with less VRAM) is kept, listed and written
+/// back, refuses a create of its UUID, takes a weight, and `remove` drops it.
+#[test]
+fn persistence_needs_a_config_file_and_keeps_what_does_not_fit() {
+    let dir = TempDir::new();
+    let p = Parent::wait(dir.path(), spawn_parent(dir.path(), false, &[], None));
+    p.refused(
+        &["create", "--type", "vgpu-16m", "--persist"],
+        "no config file",
+    );
+    assert!(
+        p.ok(&["list"]).is_empty(),
+        "nothing made by a refused create"
+    );
+    p.stop();
+
+    let p = Parent::start(dir.path());
+    p.ok(&["create", "--type", "vgpu-64m", "--uuid", U1, "--persist"]);
+    p.stop();
+    let p = Parent::start_with(dir.path(), &["--vram-mib", "32"]);
+    let list = p.json(&["list"]);
+    let one = &list.as_array().unwrap()[0];
+    assert_eq!(one["uuid"], U1);
+    assert_eq!(one["active"], false);
+    let problem = one["problem"].as_str().unwrap();
+    assert!(
+        problem.contains("not made at start") && problem.contains("does not fit"),
+        "{problem}"
+    );
+    assert!(p.ok(&["list"]).contains("inactive persistent"));
+    assert_eq!(
+        p.available(),
+        vec![("vgpu-16m".to_string(), 2), ("vgpu-64m".to_string(), 0)]
+    );
+    p.refused(
+        &["create", "--type", "vgpu-16m", "--uuid", U1],
+        "defined but was not made at start",
+    );
+    let other = p.json(&["create", "--type", "vgpu-16m", "--persist"]);
+    let other = other["uuid"].as_str().unwrap().to_owned();
+    p.ok(&["set-weight", U1, "7"]);
+    let config = std::fs::read_to_string(dir.path().join("vgpu.json")).unwrap();
+    let file: serde_json::Value = serde_json::from_str(&config).unwrap();
+    let defs = file["instances"].as_array().unwrap();
+    assert_eq!(defs.len(), 2, "{config}");
+    let kept = defs.iter().find(|d| d["uuid"] == U1).unwrap();
+    assert_eq!(
+        (&kept["type"], &kept["weight"]),
+        (&"vgpu-64m".into(), &7.into())
+    );
+    p.ok(&["remove", U1]);
+    let config = std::fs::read_to_string(dir.path().join("vgpu.json")).unwrap();
+    assert!(!config.contains(U1) && config.contains(&other), "{config}");
+    assert_eq!(p.ok(&["list"]).lines().count(), 1);
+}
+
+/// One parent per state directory; a parent killed outright leaves sockets
+/// behind, which the next one clears.
+#[test]
+fn one_parent_per_state_dir_and_stale_sockets_go() {
+    let dir = TempDir::new();
+    let p = Parent::start(dir.path());
+    let socket = PathBuf::from(p.ok(&["create", "--type", "vgpu-16m"]).trim());
+    let out = Command::new(env!("CARGO_BIN_EXE_umdev-vgpu-parent"))
+        .arg("--state-dir")
+        .arg(dir.path().join("run"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another umdev-vgpu-parent is using"), "{err}");
+    // The first is untouched.
+    assert_eq!(p.ok(&["list"]).lines().count(), 1);
+    let (_c, id, _) = probe(&socket);
+    assert_eq!(id, ID_VALUE);
+    drop(_c);
+
+    let mut p = p;
+    p.child.kill().unwrap();
+    p.child.wait().unwrap();
+    assert!(socket.exists() && p.control().exists());
+    drop(p);
+    let p = Parent::start(dir.path());
+    assert!(!socket.exists(), "the stale instance socket is still there");
+    assert!(p.ok(&["list"]).is_empty());
+}
+
+/// Under systemd (`Type=notify`): READY=1 once the control socket answers.
+#[test]
+fn readiness_is_notified() {
+    let dir = TempDir::new();
+    let notify = dir.path().join("notify");
+    let listener = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    listener
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let child = spawn_parent(dir.path(), true, &[], Some(&notify));
+    let mut buf = [0u8; 64];
+    let n = listener.recv(&mut buf).expect("READY=1 within 10 s");
+    assert_eq!(&buf[..n], b"READY=1");
+    // Ready means answering, with no wait.
+    let mut s = UnixStream::connect(dir.path().join("run/control.sock")).unwrap();
+    let v = raw(&mut s, b"{\"cmd\":\"list\"}\n");
+    assert_eq!(v["list"]["instances"], serde_json::json!([]));
+    drop(Parent::wait(dir.path(), child));
 }
 
 #[test]

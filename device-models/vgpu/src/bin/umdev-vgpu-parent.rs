@@ -2,7 +2,6 @@
 //! several VMs' vGPU instances (`umdev_vgpu::parent`), managed with `umdevctl`
 //! through `<state-dir>/control.sock`.
 
-use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -13,7 +12,8 @@ use umdev_vgpu::parent::{self, Parent, ParentConfig};
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// Where the sockets go: <uuid>.sock per instance, control.sock.
+    /// Where the sockets go: <uuid>.sock per instance, control.sock (one
+    /// parent per directory: it holds parent.lock there).
     #[arg(long, default_value = "/run/umdev-vgpu")]
     state_dir: PathBuf,
     /// Persistent instance definitions (JSON), made again at start.
@@ -65,11 +65,10 @@ fn main() -> ExitCode {
         }
     }
     let control = parent.control_path();
-    let _ = std::fs::remove_file(&control);
-    let listener = match UnixListener::bind(&control) {
+    let listener = match parent.listen_control() {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("umdev-vgpu-parent: {}: {e}", control.display());
+            eprintln!("umdev-vgpu-parent: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -87,6 +86,11 @@ fn main() -> ExitCode {
     if let Err(e) = umdev::sandbox::confine(!args.no_seccomp) {
         eprintln!("umdev-vgpu-parent: {e}");
         return ExitCode::FAILURE;
+    }
+    // Ready (Type=notify): the control socket listens, the persistent
+    // instances serve, the filter is in place (socket and sendto are allowed).
+    if let Err(e) = parent::notify::notify("READY=1") {
+        tracing::warn!("{e}");
     }
     tracing::info!(control = %control.display(), "parent ready");
     std::thread::scope(|s| {

@@ -5,10 +5,13 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use umdev_vgpu::parent::control::{Request, Response};
+use umdev_vgpu::parent::control::{self, Request, Response};
+
+/// How long a busy parent (serving its most control clients) is retried.
+const BUSY_RETRY: Duration = Duration::from_secs(15);
 
 #[derive(Parser, Debug)]
 #[command(version, about)]
@@ -19,7 +22,8 @@ struct Args {
     /// The parent's --state-dir.
     #[arg(long, global = true, default_value = "/run/umdev-vgpu")]
     state_dir: PathBuf,
-    /// Print the parent's answer as JSON.
+    /// Print the answer as JSON: `types` and `list` an array, `create` the
+    /// instance.
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
@@ -62,13 +66,42 @@ fn ask(path: &PathBuf, request: &Request) -> Result<Response, String> {
     let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
     let mut line = serde_json::to_vec(request).map_err(|e| e.to_string())?;
     line.push(b'\n');
-    s.write_all(&line)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    // A parent that turns the client away (busy) answers and closes without
+    // reading: the answer is still there to read after a failed write.
+    let sent = s.write_all(&line);
     let mut answer = String::new();
-    BufReader::new(s)
-        .read_line(&mut answer)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let read = BufReader::new(s).read_line(&mut answer);
+    match (sent, read) {
+        (_, Ok(n)) if n > 0 => {}
+        (Err(e), _) | (Ok(()), Err(e)) => return Err(format!("{}: {e}", path.display())),
+        (Ok(()), Ok(_)) => {
+            return Err(format!(
+                "{}: the parent closed without answering",
+                path.display()
+            ))
+        }
+    }
     serde_json::from_str(&answer).map_err(|e| format!("the parent's answer {answer:?}: {e}"))
+}
+
+/// [`ask`], again while the parent answers [`control::BUSY`].
+fn ask_patiently(path: &PathBuf, request: &Request) -> Result<Response, String> {
+    let deadline = Instant::now() + BUSY_RETRY;
+    loop {
+        match ask(path, request)? {
+            Response::Error { error } if error == control::BUSY && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            r => return Ok(r),
+        }
+    }
+}
+
+fn print_json(value: &impl serde::Serialize) {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => println!("{text}"),
+        Err(e) => eprintln!("umdevctl: {e}"),
+    }
 }
 
 fn main() -> ExitCode {
@@ -100,7 +133,7 @@ fn main() -> ExitCode {
             weight: *weight,
         },
     };
-    let response = match ask(&path, &request) {
+    let response = match ask_patiently(&path, &request) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("umdevctl: {e}");
@@ -112,10 +145,12 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&response).unwrap_or_default()
-        );
+        match &response {
+            Response::Types { types } => print_json(types),
+            Response::Instance { instance } => print_json(instance),
+            Response::List { instances } => print_json(instances),
+            Response::Done | Response::Error { .. } => {}
+        }
         return ExitCode::SUCCESS;
     }
     match response {
@@ -134,14 +169,20 @@ fn main() -> ExitCode {
         Response::Instance { instance } => println!("{}", instance.socket),
         Response::List { instances } => {
             for i in instances {
+                let state = match (i.active, i.attached) {
+                    (false, _) => "inactive",
+                    (true, true) => "attached",
+                    (true, false) => "idle",
+                };
                 println!(
-                    "{} {} weight={} {}{} {}",
+                    "{} {} weight={} {}{} {}{}",
                     i.uuid,
                     i.type_name,
                     i.weight,
-                    if i.attached { "attached" } else { "idle" },
+                    state,
                     if i.persistent { " persistent" } else { "" },
-                    i.socket
+                    i.socket,
+                    i.problem.map(|p| format!(" ({p})")).unwrap_or_default()
                 );
             }
         }

@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 /// skipped up to the next newline).
 pub const MAX_REQUEST: usize = 4096;
 
+/// The error a parent answers when it is serving as many control clients as
+/// it will at once; a client may try again (umdevctl does, for a while).
+pub const BUSY: &str = "the parent is serving too many control clients; try again";
+
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
@@ -64,6 +68,12 @@ pub struct InstanceInfo {
     pub attached: bool,
     /// Engine time used so far, in seconds.
     pub engine_seconds: f64,
+    /// Serving on its socket. False for a persistent definition the parent
+    /// could not make at start, or an instance whose server failed; `problem`
+    /// says why.
+    pub active: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]

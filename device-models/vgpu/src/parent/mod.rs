@@ -7,33 +7,32 @@
 //! ([`control`], `umdevctl`), like mdev devices through sysfs and mdevctl;
 //! persistent ones are written to a config file and made again at start.
 
+pub mod config;
 pub mod control;
+pub mod notify;
+pub mod serve;
 pub mod types;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 use umdev::memory::GuestMemory;
 use umdev::vfio_user::{Server, ServerConfig, StopHandle};
 
 use crate::sched::Scheduler;
 use crate::VgpuConfig;
+use config::Definition;
 use control::{InstanceInfo, Request, Response, TypeInfo};
+pub use serve::shutdown_listener;
 use types::{Capacity, VgpuType};
 
-/// How long a control client may take to send a request line.
-const CONTROL_READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// Control connections served at once (more are answered with an error).
-const CONTROL_CLIENTS: usize = 16;
+/// The largest weight an instance may have (the smallest is 1).
+pub const MAX_WEIGHT: u32 = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ParentError {
@@ -43,14 +42,26 @@ pub enum ParentError {
     BadUuid(String),
     #[error("an instance {0} exists already")]
     Exists(String),
+    #[error(
+        "instance {0} is defined but was not made at start ({1}); \
+         `umdevctl remove {0}` drops its definition"
+    )]
+    Defined(String, String),
     #[error("no instance {0}")]
     NoSuchInstance(String),
     #[error("a {0} does not fit in what is left: {1}")]
     NoRoom(&'static str, String),
     #[error("instance {0} has a VMM attached; remove --force resets it and disconnects the VMM")]
     Attached(String),
-    #[error("weights are 1 to 1000, not {0}")]
+    #[error("weights are 1 to {MAX_WEIGHT}, not {0}")]
     Weight(u32),
+    #[error(
+        "this parent has no config file to keep a persistent instance in \
+         (start it with --config FILE)"
+    )]
+    NoConfigFile,
+    #[error("another umdev-vgpu-parent is using {0} (it holds parent.lock there)")]
+    InUse(PathBuf),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -72,26 +83,13 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ParentError + '_ {
 /// How a parent is set up.
 #[derive(Clone, Debug)]
 pub struct ParentConfig {
-    /// Sockets go here: `<uuid>.sock` per instance, `control.sock`.
+    /// Sockets go here: `<uuid>.sock` per instance, `control.sock`; and
+    /// `parent.lock`, held while the parent runs.
     pub state_dir: PathBuf,
     /// Persistent instance definitions (JSON), read at start.
     pub config_file: Option<PathBuf>,
     /// The hardware shared out.
     pub capacity: Capacity,
-}
-
-/// A persistent definition, as the config file holds it.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
-pub struct Definition {
-    pub uuid: String,
-    #[serde(rename = "type")]
-    pub type_name: String,
-    pub weight: u32,
-}
-
-#[derive(Debug, Default, Deserialize, Serialize)]
-struct ConfigFile {
-    instances: Vec<Definition>,
 }
 
 struct Instance {
@@ -117,99 +115,149 @@ impl Instance {
         }
         let _ = std::fs::remove_file(&self.socket);
     }
+
+    fn serving(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+}
+
+/// A persistent definition the parent could not make at start: kept in the
+/// config file and listed, until removed.
+struct Unmade {
+    definition: Definition,
+    why: String,
+}
+
+#[derive(Default)]
+struct State {
+    instances: BTreeMap<String, Instance>,
+    unmade: BTreeMap<String, Unmade>,
+}
+
+impl State {
+    fn used(&self) -> Capacity {
+        self.instances
+            .values()
+            .fold(Capacity::default(), |c, i| c.plus(Capacity::of(i.vtype)))
+    }
+
+    /// What the config file should hold: the persistent instances and the
+    /// definitions not made, by UUID.
+    fn definitions(&self) -> Vec<Definition> {
+        let mut defs: Vec<Definition> = self
+            .instances
+            .iter()
+            .filter(|(_, i)| i.persistent)
+            .map(|(u, i)| Definition {
+                uuid: u.clone(),
+                type_name: i.vtype.name.into(),
+                weight: i.weight,
+            })
+            .chain(self.unmade.values().map(|u| u.definition.clone()))
+            .collect();
+        defs.sort_by(|a, b| a.uuid.cmp(&b.uuid));
+        defs
+    }
 }
 
 pub struct Parent {
     config: ParentConfig,
     engine: Arc<Scheduler>,
-    instances: Mutex<BTreeMap<String, Instance>>,
-    control_clients: AtomicUsize,
+    state: Mutex<State>,
+    /// `<state_dir>/parent.lock`, flock'ed: one parent per state directory.
+    _lock: std::fs::File,
 }
 
 impl Parent {
+    /// A parent with no instances yet, owning `config.state_dir` (made if
+    /// missing; refused if another parent holds it). Sockets a parent killed
+    /// earlier left behind there are removed.
     pub fn new(config: ParentConfig) -> Result<Arc<Parent>, ParentError> {
-        std::fs::create_dir_all(&config.state_dir).map_err(io_err(&config.state_dir))?;
+        let dir = &config.state_dir;
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let lock_path = dir.join("parent.lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        // SAFETY: flock(2) on a file this function opened and keeps open.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(if e.kind() == std::io::ErrorKind::WouldBlock {
+                ParentError::InUse(dir.clone())
+            } else {
+                ParentError::Io {
+                    path: lock_path,
+                    source: e,
+                }
+            });
+        }
+        remove_stale_sockets(dir);
         Ok(Arc::new(Parent {
             config,
             engine: Scheduler::start(),
-            instances: Mutex::new(BTreeMap::new()),
-            control_clients: AtomicUsize::new(0),
+            state: Mutex::new(State::default()),
+            _lock: lock,
         }))
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<String, Instance>> {
-        self.instances.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn control_path(&self) -> PathBuf {
         self.config.state_dir.join("control.sock")
     }
 
-    /// Makes the config file's instances (each failure logged, the others go on).
+    /// Listens on [`Parent::control_path`] (a socket left there by a parent
+    /// that was killed is replaced).
+    pub fn listen_control(&self) -> Result<UnixListener, ParentError> {
+        let path = self.control_path();
+        if std::fs::symlink_metadata(&path).is_ok() {
+            std::fs::remove_file(&path).map_err(io_err(&path))?;
+        }
+        UnixListener::bind(&path).map_err(io_err(&path))
+    }
+
+    /// Makes the config file's instances. One that does not fit is logged,
+    /// listed as not made and kept in the file; a file that is not valid is
+    /// an error (nothing is made).
     pub fn create_persistent(&self) -> Result<usize, ParentError> {
-        let defs = self.read_config()?;
+        let Some(path) = &self.config.config_file else {
+            return Ok(0);
+        };
         let mut made = 0;
-        for d in defs.instances {
-            match self.create(&d.type_name, Some(&d.uuid), Some(d.weight), false) {
-                Ok(_) => {
-                    if let Some(i) = self.lock().get_mut(&d.uuid) {
-                        i.persistent = true;
-                    }
-                    made += 1;
+        for d in config::load(path)? {
+            let mut state = self.lock();
+            let made_now = types::find(&d.type_name)
+                .ok_or_else(|| ParentError::UnknownType(d.type_name.clone()))
+                .and_then(|vtype| self.start_instance(&mut state, vtype, &d.uuid, d.weight, true));
+            match made_now {
+                Ok(_) => made += 1,
+                Err(e) => {
+                    warn!(uuid = %d.uuid, "persistent instance not made: {e}");
+                    let why = e.to_string();
+                    state
+                        .unmade
+                        .insert(d.uuid.clone(), Unmade { definition: d, why });
                 }
-                Err(e) => warn!(uuid = %d.uuid, "persistent instance not made: {e}"),
             }
         }
         Ok(made)
     }
 
-    fn read_config(&self) -> Result<ConfigFile, ParentError> {
-        let Some(path) = &self.config.config_file else {
-            return Ok(ConfigFile::default());
-        };
-        match std::fs::read(path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| ParentError::Config {
-                path: path.clone(),
-                reason: e.to_string(),
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ConfigFile::default()),
-            Err(e) => Err(io_err(path)(e)),
+    /// Rewrites the config file from `state` (nothing without one).
+    fn write_config(&self, state: &State) -> Result<(), ParentError> {
+        match &self.config.config_file {
+            Some(path) => config::store(path, state.definitions()),
+            None => Ok(()),
         }
     }
 
-    /// Writes the persistent instances to the config file (atomically).
-    fn write_config(&self, instances: &BTreeMap<String, Instance>) -> Result<(), ParentError> {
-        let Some(path) = &self.config.config_file else {
-            return Ok(());
-        };
-        let file = ConfigFile {
-            instances: instances
-                .iter()
-                .filter(|(_, i)| i.persistent)
-                .map(|(u, i)| Definition {
-                    uuid: u.clone(),
-                    type_name: i.vtype.name.into(),
-                    weight: i.weight,
-                })
-                .collect(),
-        };
-        let text = serde_json::to_vec_pretty(&file).map_err(|e| ParentError::Config {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, text).map_err(io_err(&tmp))?;
-        std::fs::rename(&tmp, path).map_err(io_err(path))
-    }
-
-    fn used(instances: &BTreeMap<String, Instance>) -> Capacity {
-        instances
-            .values()
-            .fold(Capacity::default(), |c, i| c.plus(Capacity::of(i.vtype)))
-    }
-
     pub fn types(&self) -> Vec<TypeInfo> {
-        let used = Self::used(&self.lock());
+        let used = self.lock().used();
         types::TYPES
             .iter()
             .map(|t| TypeInfo {
@@ -224,6 +272,7 @@ impl Parent {
     }
 
     fn info(&self, uuid: &str, i: &Instance) -> InstanceInfo {
+        let active = i.serving();
         InstanceInfo {
             uuid: uuid.into(),
             type_name: i.vtype.name.into(),
@@ -235,11 +284,35 @@ impl Parent {
                 .engine
                 .share_stats(i.share)
                 .map_or(0.0, |s| s.busy.as_secs_f64()),
+            active,
+            problem: (!active).then(|| "its vfio-user server ended (see the parent's log)".into()),
         }
     }
 
     pub fn list(&self) -> Vec<InstanceInfo> {
-        self.lock().iter().map(|(u, i)| self.info(u, i)).collect()
+        let state = self.lock();
+        let mut all: Vec<InstanceInfo> = state
+            .instances
+            .iter()
+            .map(|(u, i)| self.info(u, i))
+            .chain(state.unmade.iter().map(|(u, d)| InstanceInfo {
+                uuid: u.clone(),
+                type_name: d.definition.type_name.clone(),
+                socket: self.socket_path(u).display().to_string(),
+                weight: d.definition.weight,
+                persistent: true,
+                attached: false,
+                engine_seconds: 0.0,
+                active: false,
+                problem: Some(format!("not made at start: {}", d.why)),
+            }))
+            .collect();
+        all.sort_by(|a, b| a.uuid.cmp(&b.uuid));
+        all
+    }
+
+    fn socket_path(&self, uuid: &str) -> PathBuf {
+        self.config.state_dir.join(format!("{uuid}.sock"))
     }
 
     /// A new instance of `type_name`, serving on `<state_dir>/<uuid>.sock`.
@@ -257,21 +330,45 @@ impl Parent {
             None => control::new_uuid(),
         };
         let weight = weight.unwrap_or(1);
-        if !(1..=1000).contains(&weight) {
+        if !(1..=MAX_WEIGHT).contains(&weight) {
             return Err(ParentError::Weight(weight));
         }
-        let mut instances = self.lock();
-        if instances.contains_key(&uuid) {
-            return Err(ParentError::Exists(uuid));
+        if persist && self.config.config_file.is_none() {
+            return Err(ParentError::NoConfigFile);
         }
-        if let Some(why) = self
-            .config
-            .capacity
-            .shortfall(Self::used(&instances), vtype)
-        {
+        let mut state = self.lock();
+        let info = self.start_instance(&mut state, vtype, &uuid, weight, persist)?;
+        if persist {
+            if let Err(e) = self.write_config(&state) {
+                if let Some(i) = state.instances.remove(&uuid) {
+                    i.shut();
+                }
+                return Err(e);
+            }
+        }
+        info!(%uuid, r#type = vtype.name, weight, persist, "instance created");
+        Ok(info)
+    }
+
+    /// Makes instance `uuid` (canonical) and serves it on its own thread.
+    fn start_instance(
+        &self,
+        state: &mut State,
+        vtype: &'static VgpuType,
+        uuid: &str,
+        weight: u32,
+        persistent: bool,
+    ) -> Result<InstanceInfo, ParentError> {
+        if state.instances.contains_key(uuid) {
+            return Err(ParentError::Exists(uuid.into()));
+        }
+        if let Some(d) = state.unmade.get(uuid) {
+            return Err(ParentError::Defined(uuid.into(), d.why.clone()));
+        }
+        if let Some(why) = self.config.capacity.shortfall(state.used(), vtype) {
             return Err(ParentError::NoRoom(vtype.name, why));
         }
-        let share = self.engine.share(&uuid, weight);
+        let share = self.engine.share(uuid, weight);
         let share_id = share.id();
         let config = VgpuConfig {
             vram_mib: vtype.vram_mib,
@@ -283,8 +380,9 @@ impl Parent {
         let server_config = ServerConfig::default();
         let memory = GuestMemory::new(server_config.max_dma_maps as usize);
         let (function, _handle) = crate::new_function(memory, config)?;
-        let socket = self.config.state_dir.join(format!("{uuid}.sock"));
+        let socket = self.socket_path(uuid);
         if std::fs::symlink_metadata(&socket).is_ok() {
+            // Ours: the state directory is this parent's (parent.lock).
             let _ = std::fs::remove_file(&socket);
         }
         let listener = UnixListener::bind(&socket).map_err(io_err(&socket))?;
@@ -292,81 +390,96 @@ impl Parent {
         let stop = server.stop_handle();
         let metrics: Arc<dyn umdev::metrics::MetricsSource> =
             Arc::new(umdev::metrics::LabeledSource {
-                labels: vec![("instance".into(), uuid.clone())],
+                labels: vec![("instance".into(), uuid.into())],
                 inner: umdev::pci::function::FunctionMetrics::source_for(server.function()),
             });
         umdev::metrics::register(&metrics);
-        let name = uuid.clone();
+        let name = uuid.to_owned();
         let thread = std::thread::Builder::new()
             .name(format!("vgpu-{}", &uuid[..8]))
             .spawn(move || {
                 if let Err(e) = server.serve_listener(&listener) {
                     warn!(uuid = %name, "instance server ended: {e}");
                 }
-            })
-            .map_err(io_err(&socket))?;
+            });
+        let thread = match thread {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = std::fs::remove_file(&socket);
+                return Err(io_err(&socket)(e));
+            }
+        };
         let instance = Instance {
             vtype,
             socket,
             weight,
-            persistent: persist,
+            persistent,
             share: share_id,
             stop,
             thread: Some(thread),
             _metrics: metrics,
         };
-        let info = self.info(&uuid, &instance);
-        instances.insert(uuid.clone(), instance);
-        if persist {
-            if let Err(e) = self.write_config(&instances) {
-                if let Some(i) = instances.remove(&uuid) {
-                    i.shut();
-                }
-                return Err(e);
-            }
-        }
-        info!(%uuid, r#type = vtype.name, weight, "instance created");
+        let info = self.info(uuid, &instance);
+        state.instances.insert(uuid.to_owned(), instance);
         Ok(info)
     }
 
+    /// Removes an instance (refused while a VMM is attached, unless `force`)
+    /// or a definition that was not made; a persistent one leaves the config
+    /// file too.
     pub fn remove(&self, uuid: &str, force: bool) -> Result<(), ParentError> {
         let uuid =
             control::canonical_uuid(uuid).ok_or_else(|| ParentError::BadUuid(uuid.into()))?;
-        let mut instances = self.lock();
-        let i = instances
+        let mut state = self.lock();
+        if state.unmade.remove(&uuid).is_some() {
+            self.write_config(&state)?;
+            info!(%uuid, "definition removed");
+            return Ok(());
+        }
+        let i = state
+            .instances
             .get(&uuid)
             .ok_or_else(|| ParentError::NoSuchInstance(uuid.clone()))?;
         if i.stop.has_client() && !force {
             return Err(ParentError::Attached(uuid));
         }
-        let persistent = i.persistent;
-        let instance = instances.remove(&uuid).expect("just found");
-        let written = if persistent {
-            self.write_config(&instances)
+        let Some(instance) = state.instances.remove(&uuid) else {
+            return Err(ParentError::NoSuchInstance(uuid));
+        };
+        let written = if instance.persistent {
+            self.write_config(&state)
         } else {
             Ok(())
         };
-        drop(instances);
+        drop(state);
         instance.shut();
         info!(%uuid, force, "instance removed");
         written
     }
 
     pub fn set_weight(&self, uuid: &str, weight: u32) -> Result<(), ParentError> {
-        if !(1..=1000).contains(&weight) {
+        if !(1..=MAX_WEIGHT).contains(&weight) {
             return Err(ParentError::Weight(weight));
         }
         let uuid =
             control::canonical_uuid(uuid).ok_or_else(|| ParentError::BadUuid(uuid.into()))?;
-        let mut instances = self.lock();
-        let i = instances
-            .get_mut(&uuid)
-            .ok_or_else(|| ParentError::NoSuchInstance(uuid.clone()))?;
-        i.weight = weight;
-        self.engine.set_weight(i.share, weight);
-        if i.persistent {
-            self.write_config(&instances)?;
+        let mut state = self.lock();
+        let persistent = if let Some(d) = state.unmade.get_mut(&uuid) {
+            d.definition.weight = weight;
+            true
+        } else {
+            let i = state
+                .instances
+                .get_mut(&uuid)
+                .ok_or_else(|| ParentError::NoSuchInstance(uuid.clone()))?;
+            i.weight = weight;
+            self.engine.set_weight(i.share, weight);
+            i.persistent
+        };
+        if persistent {
+            self.write_config(&state)?;
         }
+        info!(%uuid, weight, "weight set");
         Ok(())
     }
 
@@ -394,83 +507,38 @@ impl Parent {
         }
     }
 
-    /// Serves control clients from `listener` until it is shut down, each on
-    /// a thread of its own (at most [`CONTROL_CLIENTS`] at once).
+    /// Serves control clients from `listener` until it is shut down
+    /// ([`shutdown_listener`]); see [`serve`].
     pub fn serve_control(self: &Arc<Self>, listener: &UnixListener) {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else {
-                break;
-            };
-            if self.control_clients.fetch_add(1, Ordering::SeqCst) >= CONTROL_CLIENTS {
-                self.control_clients.fetch_sub(1, Ordering::SeqCst);
-                let _ = stream.write_all(&Response::error("too many control clients").to_line());
-                continue;
-            }
-            let parent = self.clone();
-            let spawned = std::thread::Builder::new()
-                .name("vgpu-control".into())
-                .spawn(move || {
-                    parent.serve_control_client(stream);
-                    parent.control_clients.fetch_sub(1, Ordering::SeqCst);
-                });
-            if spawned.is_err() {
-                self.control_clients.fetch_sub(1, Ordering::SeqCst);
-            }
-        }
-    }
-
-    /// Request lines in, response lines out, until the client closes, stalls
-    /// for [`CONTROL_READ_TIMEOUT`] or breaks the stream.
-    fn serve_control_client(&self, stream: UnixStream) {
-        let _ = stream.set_read_timeout(Some(CONTROL_READ_TIMEOUT));
-        let _ = stream.set_write_timeout(Some(CONTROL_READ_TIMEOUT));
-        let Ok(mut out) = stream.try_clone() else {
-            return;
-        };
-        let mut reader = BufReader::new(stream);
-        loop {
-            let mut line = Vec::new();
-            let limit = control::MAX_REQUEST as u64 + 1;
-            match (&mut reader).take(limit).read_until(b'\n', &mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            let response = if line.last() != Some(&b'\n') && line.len() as u64 == limit {
-                // Too long: skip the rest of the line, then say so.
-                loop {
-                    let mut rest = Vec::new();
-                    match (&mut reader).take(limit).read_until(b'\n', &mut rest) {
-                        Ok(0) | Err(_) => return,
-                        Ok(_) if rest.last() == Some(&b'\n') => break,
-                        Ok(_) => {}
-                    }
-                }
-                Response::error(control::RequestError::TooLong)
-            } else {
-                let text = line.strip_suffix(b"\n").unwrap_or(&line);
-                match control::parse_request(text) {
-                    Ok(r) => self.handle(r),
-                    Err(e) => Response::error(e),
-                }
-            };
-            if out.write_all(&response.to_line()).is_err() {
-                return;
-            }
-        }
+        serve::serve_control(self, listener);
     }
 
     /// Stops every instance (their VMMs are disconnected) and leaves the
     /// persistent definitions as they are.
     pub fn shutdown(&self) {
-        let all = std::mem::take(&mut *self.lock());
+        let all = std::mem::take(&mut self.lock().instances);
         for (_, i) in all {
             i.shut();
         }
     }
 }
 
-/// Ends `listener`'s accept loop from another thread.
-pub fn shutdown_listener(listener: &UnixListener) {
-    // SAFETY: shutdown(2) on a socket this process owns; it wakes accept().
-    unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) };
+/// Removes `<uuid>.sock` files in `dir`: instance sockets of a parent that
+/// was killed (nothing listens on them; a VMM would be refused).
+fn remove_stale_sockets(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".sock")) else {
+            continue;
+        };
+        if control::canonical_uuid(stem).as_deref() == Some(stem) {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => info!(socket = %entry.path().display(), "stale instance socket removed"),
+                Err(e) => warn!(socket = %entry.path().display(), "stale socket not removed: {e}"),
+            }
+        }
+    }
 }
