@@ -1060,8 +1060,18 @@ struct SubmissionRun {
     step_done: u64,
     /// More segments after this plan (a TLB_INVALIDATE split the submission).
     more: bool,
+    buf: StepBuffers,
+}
+
+/// What the steps of a submission reuse from one piece to the next.
+#[derive(Default)]
+struct StepBuffers {
     /// The bounce buffer for COPY/BLIT lines that cannot copy directly.
-    buf: Vec<u8>,
+    bounce: Vec<u8>,
+    /// A FILL pattern repeated over [`STEP_BYTES`], and the pattern it holds:
+    /// built once per pattern, not per 64 KiB piece.
+    fill: Vec<u8>,
+    fill_pattern: Option<u32>,
 }
 
 impl SubmissionRun {
@@ -1127,7 +1137,7 @@ impl SubmissionRun {
             next: 0,
             step_done: 0,
             more: true,
-            buf: Vec::new(),
+            buf: StepBuffers::default(),
         })
     }
 
@@ -1226,14 +1236,14 @@ impl SubmissionRun {
 /// bytes for at most [`STEP_BYTES`] (a point where another vGPU may take the
 /// engine); `true` once the step is finished. Guest memory may still go away
 /// under it (DMA_UNMAP): such an access fails cleanly and faults the
-/// context. `buf` is the bounce buffer COPY/BLIT lines share.
+/// context.
 fn execute_step(
     shared: &Shared,
     n: usize,
     generation: u64,
     step: &Step,
     done: &mut u64,
-    buf: &mut Vec<u8>,
+    buf: &mut StepBuffers,
 ) -> Result<bool, Fault> {
     let dma = |va: u64| Fault {
         reason: FAULT_DMA_ERROR,
@@ -1248,8 +1258,12 @@ fn execute_step(
         Step::Fill { dst, pattern, va } => {
             let total: u64 = dst.iter().map(|e| e.len).sum();
             let this = (total - *done).min(STEP_BYTES);
-            // The pattern over this piece; pieces start 4-byte aligned.
-            let chunk = pattern.to_le_bytes().repeat(this.div_ceil(4) as usize);
+            // The pattern over a whole piece; pieces start 4-byte aligned.
+            if buf.fill_pattern != Some(*pattern) {
+                buf.fill = pattern.to_le_bytes().repeat(STEP_BYTES as usize / 4);
+                buf.fill_pattern = Some(*pattern);
+            }
+            let chunk = &buf.fill;
             let mut at = ExtentCursor::new(dst);
             at.advance(*done);
             let mut moved = 0u64;
@@ -1268,8 +1282,8 @@ fn execute_step(
             return Ok(*done >= total);
         }
         Step::Copy { src, dst, va } => {
-            let finished =
-                copy_extents(shared, generation, src, dst, done, buf).map_err(|_| dma(*va))?;
+            let finished = copy_extents(shared, generation, src, dst, done, &mut buf.bounce)
+                .map_err(|_| dma(*va))?;
             return Ok(finished);
         }
         Step::Fence {

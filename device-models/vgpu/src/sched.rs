@@ -270,14 +270,6 @@ impl EngineShare {
         self.id
     }
 
-    pub fn weight(&self) -> u32 {
-        self.scheduler
-            .inner
-            .lock()
-            .share(self.id)
-            .map_or(1, |s| s.weight)
-    }
-
     pub fn stats(&self) -> ShareStats {
         self.scheduler
             .inner
