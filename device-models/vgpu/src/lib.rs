@@ -12,6 +12,7 @@ pub mod command;
 pub mod inprocess;
 mod metrics;
 pub mod parent;
+pub mod remote;
 pub use umdev_vgpu_abi::{encode, picture, regs};
 pub mod scanout;
 pub mod sched;

@@ -1,6 +1,8 @@
 //! `umdev-vgpu-bench --quick` against the real `umdev-vgpu`, and
-//! `umdev-vgpu-sched-bench --quick`: each must complete and print every figure. No timing is checked (the figures belong in
-//! docs/performance.md, not in assertions).
+//! `umdev-vgpu-sched-bench --quick` (in process and through the real
+//! `umdev-vgpu-parent`): each must complete and print every figure. No
+//! timing is checked (the figures belong in docs/performance.md, not in
+//! assertions).
 
 use std::process::Command;
 
@@ -38,6 +40,8 @@ fn quick_run_prints_every_figure() {
 fn scheduler_bench_quick_run_prints_every_figure() {
     let out = Command::new(env!("CARGO_BIN_EXE_umdev-vgpu-sched-bench"))
         .arg("--quick")
+        .arg("--parent-bin")
+        .arg(env!("CARGO_BIN_EXE_umdev-vgpu-parent"))
         .output()
         .expect("run umdev-vgpu-sched-bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -51,6 +55,9 @@ fn scheduler_bench_quick_run_prints_every_figure() {
         "engine shares, weights 1:1:",
         "engine shares, weights 1:3:",
         "light submission-to-fence latency next to a flood:",
+        "through the parent: engine shares, weights 1:1:",
+        "through the parent: engine shares, weights 1:3:",
+        "through the parent: light submission-to-fence latency next to a flood:",
     ] {
         let line = stdout
             .lines()

@@ -37,13 +37,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use umdev::benchmark::{machine, median, us, Device};
-use umdev::memory::MappedMemfd;
 
 use clap::Parser;
-use umdev::vfio_user::wire::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, PCI_CONFIG_REGION_INDEX};
-use umdev::vfio_user::{Client, Migration};
+use umdev::vfio_user::Migration;
 use umdev_vgpu::encode as cmd;
 use umdev_vgpu::regs::*;
+use umdev_vgpu::remote::{DriverError, Gpu, Ram, RAM_GPA, RING_SIZE};
 
 #[derive(Parser, Debug)]
 #[command(version, about)]
@@ -69,261 +68,27 @@ struct Args {
 enum BenchError {
     #[error("{0}")]
     Setup(String),
+    #[error(transparent)]
+    Driver(#[from] DriverError),
     #[error("vfio-user: {0}")]
     Client(#[from] umdev::vfio_user::client::ClientError),
     #[error(transparent)]
     Io(#[from] std::io::Error),
-    #[error("context fault: status {status:#x} address {addr:#x}")]
-    Fault { status: u32, addr: u64 },
-    #[error("fence {0} not retired within 30 s")]
-    Timeout(u32),
 }
 
 type Result<T> = std::result::Result<T, BenchError>;
 
-const RAM_GPA: u64 = 0x4000_0000;
 const PAGE: u64 = PAGE_SIZE;
 const BAR0: u32 = MMIO_BAR as u32;
 const CTX: usize = 0;
-const RING_SIZE: u32 = 64 << 10;
-const FENCE_VA: u64 = 0x7f00_0000_0000;
 const SRC_VA: u64 = 0x1_0000_0000;
 const DST_VA: u64 = 0x2_0000_0000;
 const PTE_VA: u64 = 0x3_0000_0000;
 const VRAM_VA: u64 = 0x5_0000_0000;
 
-// ---------------------------------------------------------------- memory --
-
-/// Guest RAM: a memfd mapped here and given to the device by DMA_MAP.
-struct Ram(MappedMemfd);
-
-impl Ram {
-    fn new(size: usize) -> Result<Ram> {
-        Ok(Ram(MappedMemfd::populated("umdev-vgpu-bench", size)?))
-    }
-
-    /// Pointer to `len` bytes at guest-physical `gpa`, aligned to `align`.
-    fn at(&self, gpa: u64, len: usize, align: usize) -> *mut u8 {
-        let off = gpa
-            .checked_sub(RAM_GPA)
-            .map(|o| o as usize)
-            .filter(|o| o.checked_add(len).is_some_and(|e| e <= self.0.len()))
-            .filter(|o| o % align == 0);
-        let Some(off) = off else {
-            panic!("guest access {gpa:#x}+{len} outside RAM or misaligned")
-        };
-        // SAFETY: in bounds of the mapping (checked above).
-        unsafe { self.0.as_ptr().add(off) }
-    }
-
-    fn write_u32(&self, gpa: u64, v: u32) {
-        // SAFETY: in bounds and aligned (checked by `at`); the device may read
-        // concurrently, hence volatile.
-        unsafe { std::ptr::write_volatile(self.at(gpa, 4, 4).cast::<u32>(), v) }
-    }
-
-    fn read_u32(&self, gpa: u64) -> u32 {
-        // SAFETY: as above; the device writes it behind our back.
-        unsafe { std::ptr::read_volatile(self.at(gpa, 4, 4).cast::<u32>()) }
-    }
-
-    /// One 8-byte store, as a guest writes a page-table entry.
-    fn write_u64(&self, gpa: u64, v: u64) {
-        // SAFETY: as above.
-        unsafe { std::ptr::write_volatile(self.at(gpa, 8, 8).cast::<u64>(), v) }
-    }
-
-    fn read_u64(&self, gpa: u64) -> u64 {
-        // SAFETY: as above.
-        unsafe { std::ptr::read_volatile(self.at(gpa, 8, 8).cast::<u64>()) }
-    }
-
-    /// memcpy between two guest ranges (the baseline for BLIT/COPY).
-    fn memcpy(&self, src: u64, dst: u64, len: usize) {
-        let (s, d) = (self.at(src, len, 1), self.at(dst, len, 1));
-        assert!(src + len as u64 <= dst || dst + len as u64 <= src);
-        // SAFETY: both ranges are in the mapping and do not overlap (checked).
-        unsafe { std::ptr::copy_nonoverlapping(s, d, len) }
-    }
-
-    /// The VMM's guest RAM copy for a migration from `from` to `to`.
-    fn copier<'a>(from: &'a Ram, to: &'a Ram) -> impl FnMut(u64, u64) + 'a {
-        |gpa, len| to.copy_from(from, gpa, len as usize)
-    }
-
-    /// What the VMM does to migrate guest RAM: copies `[gpa, gpa+len)` from
-    /// `from`.
-    fn copy_from(&self, from: &Ram, gpa: u64, len: usize) {
-        let (s, d) = (from.at(gpa, len, 1), self.at(gpa, len, 1));
-        // SAFETY: both ranges are in bounds of their own mappings (checked
-        // by `at`), which are distinct memfds.
-        unsafe { std::ptr::copy_nonoverlapping(s, d, len) }
-    }
-
-    fn fill(&self, gpa: u64, len: usize, byte: u8) {
-        // SAFETY: in bounds (checked by `at`).
-        unsafe { std::ptr::write_bytes(self.at(gpa, len, 1), byte, len) }
-    }
-}
-
-// ---------------------------------------------------------------- device --
-
 fn start_server(bin: &Path, extra: &[String], name: &str) -> Result<Device> {
     let dir = std::env::temp_dir().join(format!("umdev-vgpu-bench-{}-{name}", std::process::id()));
     Device::start(bin, extra, dir, "vgpu.sock", |_| {}).map_err(BenchError::Setup)
-}
-
-/// Driver state: the client, guest RAM, page tables, the ring.
-struct Gpu {
-    client: Client,
-    ram: Ram,
-    next_page: u64,
-    root: u64,
-    ring: u64,
-    tail: u32,
-    fence_gpa: u64,
-    seq: u32,
-}
-
-impl Gpu {
-    fn new(socket: &Path, ram_mib: usize) -> Result<Gpu> {
-        // Device::start returned once the server listens.
-        let mut client = Client::connect(socket)?;
-        // A VMM that migrates asks first (and the device must offer it).
-        if client.migration_flags()? & umdev::migration::fsm::MIGRATION_STOP_COPY == 0 {
-            return Err(BenchError::Setup("the device cannot migrate".into()));
-        }
-        let ram = Ram::new(ram_mib << 20)?;
-        client.dma_map(
-            RAM_GPA,
-            ram.0.len() as u64,
-            Some(ram.0.fd()),
-            0,
-            DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE,
-        )?;
-        // Memory decoding and bus mastering on (one 2-byte access, as QEMU).
-        client.region_write(PCI_CONFIG_REGION_INDEX, 4, &6u16.to_le_bytes())?;
-        let mut gpu = Gpu {
-            client,
-            ram,
-            next_page: RAM_GPA + PAGE,
-            root: 0,
-            ring: 0,
-            tail: 0,
-            fence_gpa: 0,
-            seq: 0,
-        };
-        gpu.root = gpu.pages(1);
-        gpu.ring = gpu.pages(u64::from(RING_SIZE) / PAGE);
-        gpu.fence_gpa = gpu.pages(1);
-        gpu.map(FENCE_VA, gpu.fence_gpa, true);
-        let c = |r| ctx_reg(CTX, r);
-        gpu.client.write_u64(BAR0, c(CTX_PT_ROOT), gpu.root)?;
-        gpu.client.write_u64(BAR0, c(CTX_RING_BASE), gpu.ring)?;
-        gpu.client.write_u32(BAR0, c(CTX_RING_SIZE), RING_SIZE)?;
-        gpu.client
-            .write_u32(BAR0, c(CTX_CONTROL), CTX_CONTROL_ENABLE)?;
-        Ok(gpu)
-    }
-
-    /// `n` zeroed pages of guest RAM.
-    fn pages(&mut self, n: u64) -> u64 {
-        let gpa = self.next_page;
-        self.next_page += n * PAGE;
-        self.ram.fill(gpa, (n * PAGE) as usize, 0);
-        gpa
-    }
-
-    /// Guest-physical address of the leaf entry for `va`, tables made as needed.
-    fn leaf_slot(&mut self, va: u64) -> u64 {
-        let mut table = self.root;
-        for level in (2..=PT_LEVELS).rev() {
-            let slot = table + 8 * pt_index(va, level) as u64;
-            let e = self.ram.read_u64(slot);
-            table = if e & PTE_PRESENT != 0 {
-                e & PTE_ADDR_MASK
-            } else {
-                let t = self.pages(1);
-                self.ram.write_u64(slot, t | PTE_PRESENT);
-                t
-            };
-        }
-        table + 8 * pt_index(va, 1) as u64
-    }
-
-    fn map(&mut self, va: u64, gpa: u64, writable: bool) {
-        let slot = self.leaf_slot(va);
-        let w = if writable { PTE_WRITABLE } else { 0 };
-        self.ram.write_u64(slot, gpa | PTE_PRESENT | w);
-    }
-
-    /// Maps `n` fresh pages at `va`; their first gpa (contiguous).
-    fn map_new(&mut self, va: u64, n: u64, writable: bool) -> u64 {
-        let gpa = self.pages(n);
-        for i in 0..n {
-            self.map(va + i * PAGE, gpa + i * PAGE, writable);
-        }
-        gpa
-    }
-
-    /// Maps `va` to VRAM offset `offset`, writable.
-    fn map_vram(&mut self, va: u64, offset: u64) {
-        let slot = self.leaf_slot(va);
-        self.ram
-            .write_u64(slot, offset | PTE_PRESENT | PTE_WRITABLE | PTE_VRAM);
-    }
-
-    /// Takes over the driver's view of a device migrated here from `from`.
-    fn adopt(&mut self, from: &Gpu) {
-        self.next_page = from.next_page;
-        self.root = from.root;
-        self.ring = from.ring;
-        self.tail = from.tail;
-        self.fence_gpa = from.fence_gpa;
-        self.seq = from.seq;
-    }
-
-    fn emit(&mut self, dwords: &[u32]) {
-        for &d in dwords {
-            self.ram.write_u32(self.ring + u64::from(self.tail), d);
-            self.tail = (self.tail + 4) % RING_SIZE;
-        }
-    }
-
-    /// `cmds` + FENCE, doorbell, spin until the fence is in memory. The time
-    /// from the doorbell to the fence.
-    fn run(&mut self, cmds: &[u32]) -> Result<Duration> {
-        self.seq = self.seq.wrapping_add(1);
-        let seq = self.seq;
-        self.emit(cmds);
-        self.emit(&cmd::fence(FENCE_VA, seq, false));
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        let start = Instant::now();
-        self.client
-            .write_u32(BAR0, ctx_reg(CTX, CTX_RING_TAIL), self.tail)?;
-        // A fault is looked for every 5 ms only: a register read is a socket
-        // round trip that takes the server's CPU from the engine being timed
-        // (on 2 cores, reading every few microseconds cost COPY ~10%).
-        let mut next_check = start + Duration::from_millis(5);
-        let mut spins = 0u64;
-        while self.ram.read_u32(self.fence_gpa) != seq {
-            spins += 1;
-            if spins.is_multiple_of(256) && Instant::now() >= next_check {
-                next_check += Duration::from_millis(5);
-                let status = self.client.read_u32(BAR0, ctx_reg(CTX, CTX_STATUS))?;
-                if status & CTX_STATUS_FAULTED != 0 {
-                    let addr = self.client.read_u64(BAR0, ctx_reg(CTX, CTX_FAULT_ADDR))?;
-                    return Err(BenchError::Fault { status, addr });
-                }
-                if start.elapsed() > Duration::from_secs(30) {
-                    return Err(BenchError::Timeout(seq));
-                }
-                std::thread::yield_now();
-            }
-            std::hint::spin_loop();
-        }
-        Ok(start.elapsed())
-    }
 }
 
 fn bench(args: &Args) -> Result<()> {
@@ -349,7 +114,7 @@ fn bench(args: &Args) -> Result<()> {
     let server = start_server(&bin, &args.server_arg, "src")?;
     let socket = &server.socket;
     let ram_mib = ((2 * copy_bytes as usize) >> 20) + 16;
-    let mut gpu = Gpu::new(socket, ram_mib)?;
+    let mut gpu = Gpu::migratable(socket, ram_mib)?;
 
     // --- Set-up: source and destination for copies, the PTEs to rewrite.
     let pages = copy_bytes / PAGE;
@@ -496,7 +261,7 @@ fn bench(args: &Args) -> Result<()> {
     // --- Migration downtime.
     let dst_server = start_server(&bin, &args.server_arg, "dst")?;
     let dst_socket = &dst_server.socket;
-    let mut other = Gpu::new(dst_socket, ram_mib)?;
+    let mut other = Gpu::migratable(dst_socket, ram_mib)?;
     let vram_bytes: u64 = if args.quick { 1 << 20 } else { 16 << 20 };
     let mut idle = Vec::new();
     let mut kept = Vec::new();

@@ -1,17 +1,11 @@
 //! `umdevctl`: manages a `umdev-vgpu-parent`'s instances, as mdevctl manages
 //! mdev devices: `types`, `create`, `list`, `remove`, `set-weight`.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use umdev_vgpu::parent::control::{self, Request, Response};
-
-/// How long a busy parent (serving its most control clients) is retried.
-const BUSY_RETRY: Duration = Duration::from_secs(15);
+use umdev_vgpu::parent::control::{ask_patiently, Request, Response};
 
 #[derive(Parser, Debug)]
 #[command(version, about)]
@@ -58,43 +52,6 @@ enum Command {
     },
     /// Changes an instance's weight.
     SetWeight { uuid: String, weight: u32 },
-}
-
-fn ask(path: &PathBuf, request: &Request) -> Result<Response, String> {
-    let mut s = UnixStream::connect(path)
-        .map_err(|e| format!("cannot reach the parent at {}: {e}", path.display()))?;
-    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
-    let mut line = serde_json::to_vec(request).map_err(|e| e.to_string())?;
-    line.push(b'\n');
-    // A parent that turns the client away (busy) answers and closes without
-    // reading: the answer is still there to read after a failed write.
-    let sent = s.write_all(&line);
-    let mut answer = String::new();
-    let read = BufReader::new(s).read_line(&mut answer);
-    match (sent, read) {
-        (_, Ok(n)) if n > 0 => {}
-        (Err(e), _) | (Ok(()), Err(e)) => return Err(format!("{}: {e}", path.display())),
-        (Ok(()), Ok(_)) => {
-            return Err(format!(
-                "{}: the parent closed without answering",
-                path.display()
-            ))
-        }
-    }
-    serde_json::from_str(&answer).map_err(|e| format!("the parent's answer {answer:?}: {e}"))
-}
-
-/// [`ask`], again while the parent answers [`control::BUSY`].
-fn ask_patiently(path: &PathBuf, request: &Request) -> Result<Response, String> {
-    let deadline = Instant::now() + BUSY_RETRY;
-    loop {
-        match ask(path, request)? {
-            Response::Error { error } if error == control::BUSY && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            r => return Ok(r),
-        }
-    }
 }
 
 fn print_json(value: &impl serde::Serialize) {

@@ -1,7 +1,13 @@
 //! The parent's control socket protocol: one JSON object per line each way,
 //! a request from the client, then its response. Plain data structs; every
 //! line that is not a request this parent knows is an error response, never
-//! a dropped connection without a word.
+//! a dropped connection without a word. [`ask`] is the client's side
+//! (`umdevctl`, the scheduler benchmark).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -154,6 +160,49 @@ pub fn new_uuid() -> String {
         &h[16..20],
         &h[20..]
     )
+}
+
+/// How long a busy parent (serving its most control clients) is retried by
+/// [`ask_patiently`].
+pub const BUSY_RETRY: Duration = Duration::from_secs(15);
+
+/// Sends one request to the parent's control socket at `path` and reads its
+/// answer; an error is a sentence for a person.
+pub fn ask(path: &Path, request: &Request) -> Result<Response, String> {
+    let mut s = UnixStream::connect(path)
+        .map_err(|e| format!("cannot reach the parent at {}: {e}", path.display()))?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut line = serde_json::to_vec(request).map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    // A parent that turns the client away (busy) answers and closes without
+    // reading: the answer is still there to read after a failed write.
+    let sent = s.write_all(&line);
+    let mut answer = String::new();
+    let read = BufReader::new(s).read_line(&mut answer);
+    match (sent, read) {
+        (_, Ok(n)) if n > 0 => {}
+        (Err(e), _) | (Ok(()), Err(e)) => return Err(format!("{}: {e}", path.display())),
+        (Ok(()), Ok(_)) => {
+            return Err(format!(
+                "{}: the parent closed without answering",
+                path.display()
+            ))
+        }
+    }
+    serde_json::from_str(&answer).map_err(|e| format!("the parent's answer {answer:?}: {e}"))
+}
+
+/// [`ask`], again while the parent answers [`BUSY`] (for [`BUSY_RETRY`]).
+pub fn ask_patiently(path: &Path, request: &Request) -> Result<Response, String> {
+    let deadline = Instant::now() + BUSY_RETRY;
+    loop {
+        match ask(path, request)? {
+            Response::Error { error } if error == BUSY && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            r => return Ok(r),
+        }
+    }
 }
 
 #[cfg(test)]
