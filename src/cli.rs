@@ -80,7 +80,25 @@ pub fn block_termination_signals() {
 
 /// Waits for SIGTERM, SIGINT or SIGHUP (blocked by [`block_termination_signals`]).
 pub fn wait_for_termination_signal() -> i32 {
-    let Ok(set) = vmm_sys_util::signal::create_sigset(&TERMINATION_SIGNALS) else {
+    wait_for_signal(&TERMINATION_SIGNALS)
+}
+
+/// Blocks SIGUSR1 as [`block_termination_signals`] blocks those: a device
+/// binary takes it in a thread of its own ([`wait_for_sigusr1`]) as a request
+/// to write out a picture of its state (the vGPU: its scanout).
+pub fn block_sigusr1() {
+    let _ = vmm_sys_util::signal::block_signal(libc::SIGUSR1);
+}
+
+/// Waits for SIGUSR1 (blocked by [`block_sigusr1`]).
+pub fn wait_for_sigusr1() {
+    wait_for_signal(&[libc::SIGUSR1]);
+}
+
+/// Waits for one of `signals` (blocked): its number, 0 if the set cannot be
+/// built.
+fn wait_for_signal(signals: &[i32]) -> i32 {
+    let Ok(set) = vmm_sys_util::signal::create_sigset(signals) else {
         return 0;
     };
     let mut sig = 0;

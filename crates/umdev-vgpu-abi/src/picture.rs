@@ -102,6 +102,41 @@ pub const SCENE: &[Op] = &[
     },
 ];
 
+/// A second picture, for a second guest beside the first (issue #15: two VMs
+/// on one parent, each drawing its own): the same kinds of operations, other
+/// colours and places, so that one guest's picture on the other's scanout
+/// shows.
+pub const SCENE_B: &[Op] = &[
+    Op::Clear { color: 0x0040_2010 },
+    Op::Rect {
+        x: 200,
+        y: 20,
+        w: 100,
+        h: 40,
+        color: 0x00ff_8000,
+    },
+    Op::Image { x: 8, y: 150 },
+    Op::RectBlit {
+        x: 20,
+        y: 40,
+        w: 120,
+        h: 60,
+        color: 0x0080_00ff,
+    },
+    Op::Rect {
+        x: 0,
+        y: 120,
+        w: 320,
+        h: 2,
+        color: 0x0000_ffff,
+    },
+    Op::CopyLines {
+        src_y: 40,
+        dst_y: 70,
+        lines: 20,
+    },
+];
+
 /// Pixel (x, y) of the staged gradient image.
 pub fn image(x: u32, y: u32) -> u32 {
     let r = x & 0xff;
@@ -217,6 +252,15 @@ pub fn render() -> Vec<u8> {
     render_ops(SCENE)
 }
 
+/// A scene by name: `a` ([`SCENE`]) or `b` ([`SCENE_B`]).
+pub fn scene(name: &str) -> Option<&'static [Op]> {
+    match name {
+        "a" => Some(SCENE),
+        "b" => Some(SCENE_B),
+        _ => None,
+    }
+}
+
 /// The visible pixels of a framebuffer as 8-bit RGB, [`WIDTH`] x [`HEIGHT`]:
 /// what the scanout PNG holds.
 pub fn to_rgb(fb: &[u8]) -> Vec<u8> {
@@ -241,7 +285,7 @@ mod tests {
 
     #[test]
     fn every_operation_stays_inside_the_framebuffer() {
-        for op in SCENE {
+        for op in SCENE.iter().chain(SCENE_B) {
             match *op {
                 Op::Clear { .. } => {}
                 Op::Rect { x, y, w, h, .. } | Op::RectBlit { x, y, w, h, .. } => {
@@ -288,5 +332,18 @@ mod tests {
         });
         // Line padding was filled by the clear.
         assert_eq!(&fb[4 * WIDTH as usize..][..4], &[0x40, 0x20, 0x20, 0x00]);
+    }
+
+    #[test]
+    fn the_second_picture_is_another() {
+        let (a, b) = (to_rgb(&render()), to_rgb(&render_ops(SCENE_B)));
+        let differ = a.chunks(3).zip(b.chunks(3)).filter(|(x, y)| x != y).count();
+        assert!(differ > (WIDTH * HEIGHT / 2) as usize, "{differ}");
+        assert_eq!(rgb_at(&b, 0, 0), [0x40, 0x20, 0x10]);
+        assert_eq!(rgb_at(&b, 250, 30), [0xff, 0x80, 0]);
+        // The purple lines copied below themselves.
+        assert_eq!(rgb_at(&b, 30, 75), [0x80, 0, 0xff]);
+        assert_eq!(scene("b"), Some(SCENE_B));
+        assert_eq!(scene("c"), None);
     }
 }

@@ -44,7 +44,7 @@ fn parse_hex16(s: &str) -> Result<u16, std::num::ParseIntError> {
 
 fn main() -> std::process::ExitCode {
     cli::block_termination_signals();
-    block_sigusr1();
+    cli::block_sigusr1();
     cli::init_logging();
     let args = Args::parse();
     let policy = match args.policy.as_str() {
@@ -97,7 +97,7 @@ fn main() -> std::process::ExitCode {
     let _ = std::thread::Builder::new()
         .name("sigusr1".into())
         .spawn(move || loop {
-            wait_sigusr1();
+            cli::wait_for_sigusr1();
             handle.dump_scanout();
         });
     if let Some(kind) = Some(args.page_track).filter(|k| *k != SourceKind::Scan) {
@@ -114,28 +114,4 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-fn sigusr1_set() -> libc::sigset_t {
-    // SAFETY: builds a signal set in a local.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGUSR1);
-        set
-    }
-}
-
-/// SIGUSR1 is taken synchronously by one thread; block it everywhere first.
-fn block_sigusr1() {
-    let set = sigusr1_set();
-    // SAFETY: changes the calling thread's mask; threads started later inherit it.
-    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-}
-
-fn wait_sigusr1() {
-    let set = sigusr1_set();
-    let mut sig = 0;
-    // SAFETY: waits for a blocked signal of the set, writing its number to a local.
-    unsafe { libc::sigwait(&set, &mut sig) };
 }

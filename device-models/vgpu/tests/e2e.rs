@@ -404,6 +404,11 @@ fn kmod_run(
 
 /// Whether a scanout is the e2e test picture (320x240) pixel for pixel.
 fn is_test_picture(got: &scanout::RgbPicture) -> Result<(), String> {
+    is_scene(got, picture::SCENE)
+}
+
+/// Whether `got` is what `ops` draw, pixel for pixel.
+fn is_scene(got: &scanout::RgbPicture, ops: &[picture::Op]) -> Result<(), String> {
     let (w, h) = (picture::WIDTH, picture::HEIGHT);
     if (got.width, got.height) != (w, h) {
         return Err(format!(
@@ -411,7 +416,7 @@ fn is_test_picture(got: &scanout::RgbPicture) -> Result<(), String> {
             got.width, got.height
         ));
     }
-    match pixel_diff(&got.rgb, &picture::to_rgb(&picture::render()), w) {
+    match pixel_diff(&got.rgb, &picture::to_rgb(&picture::render_ops(ops)), w) {
         (0, _) => Ok(()),
         (count, first) => Err(format!("{count} pixels differ: {}", first.join(", "))),
     }
@@ -527,7 +532,7 @@ fn vgpu_kernel_module_scanout() {
     }
 
     // The picture is in VRAM once the kernel's damage worker ran.
-    let last = capture_until(&backend, &png, Duration::from_secs(15), |got| {
+    let last = capture_until(&backend.child, &png, Duration::from_secs(15), |got| {
         if (got.width, got.height) != (width, height) {
             return Err(format!(
                 "scanout {}x{}, want {width}x{height}",
@@ -559,12 +564,13 @@ fn vgpu_kernel_module_scanout() {
     ));
 }
 
-/// Asks the backend for scanout PNGs (SIGUSR1 with `--scanout-png png`) until
-/// `check` accepts one or `timeout` passes: the accepted picture, or the last
-/// complaint. Pictures the guest draws reach VRAM a little later (the kernel's
-/// damage worker), so one capture is not enough.
+/// Asks `process` (a backend with `--scanout-png png`, or a parent with
+/// `--scanout-dir`) for scanout PNGs (SIGUSR1) until `check` accepts one or
+/// `timeout` passes: the accepted picture, or the last complaint. Pictures
+/// the guest draws reach VRAM a little later (the kernel's damage worker), so
+/// one capture is not enough.
 fn capture_until(
-    backend: &Backend,
+    process: &std::process::Child,
     png: &std::path::Path,
     timeout: Duration,
     mut check: impl FnMut(&scanout::RgbPicture) -> Result<(), String>,
@@ -572,7 +578,7 @@ fn capture_until(
     let deadline = Instant::now() + timeout;
     loop {
         let before = fs::metadata(png).and_then(|m| m.modified()).ok();
-        e2e::signal(&backend.child, libc::SIGUSR1);
+        e2e::signal(process, libc::SIGUSR1);
         let wait_file = Instant::now() + Duration::from_secs(5);
         while fs::metadata(png).and_then(|m| m.modified()).ok() == before
             && Instant::now() < wait_file
@@ -689,7 +695,7 @@ fn vgpu_kernel_module_console() {
     );
     assert_eq!(field("fb="), "1024x768", "{line}");
 
-    let got = capture_until(&backend, &png, Duration::from_secs(15), |got| {
+    let got = capture_until(&backend.child, &png, Duration::from_secs(15), |got| {
         if (got.width, got.height) != (1024, 768) {
             return Err(format!(
                 "scanout {}x{}, want 1024x768",
@@ -773,7 +779,12 @@ fn vgpu_kernel_module_demo_picture() {
         &diag,
     );
     let (w, h) = (picture::WIDTH, picture::HEIGHT);
-    let shown = capture_until(&backend, &png, Duration::from_secs(15), is_test_picture);
+    let shown = capture_until(
+        &backend.child,
+        &png,
+        Duration::from_secs(15),
+        is_test_picture,
+    );
     let serial = guest.serial_text();
     drop(guest);
     drop(backend);
@@ -847,7 +858,12 @@ fn vgpu_kernel_module_two_contexts() {
         "holding the picture",
         &diag,
     );
-    let shown = capture_until(&backend, &png, Duration::from_secs(15), is_test_picture);
+    let shown = capture_until(
+        &backend.child,
+        &png,
+        Duration::from_secs(15),
+        is_test_picture,
+    );
     let (status, messages, results, _) = guest.wait();
     drop(backend);
     e2e::check_results("vgpu", &results, &messages);
@@ -952,16 +968,12 @@ fn vgpu_kernel_module_hostile() {
             .unwrap_or_else(|| panic!("no {name} in {marker:?}"))
     };
     let (rows, cols) = (field("rows="), field("cols="));
-    let console =
-        capture_until(
-            &backend,
-            &png,
-            Duration::from_secs(15),
-            |got| match console_marker_errors(got, cols, rows) {
-                e if e.is_empty() => Ok(()),
-                e => Err(e.join("; ")),
-            },
-        );
+    let console = capture_until(&backend.child, &png, Duration::from_secs(15), |got| {
+        match console_marker_errors(got, cols, rows) {
+            e if e.is_empty() => Ok(()),
+            e => Err(e.join("; ")),
+        }
+    });
     assert!(
         backend.child.try_wait().ok().flatten().is_none(),
         "the backend died"
@@ -983,10 +995,12 @@ fn vgpu_kernel_module_hostile() {
 /// leaf pointing outside guest RAM and the fault it gets, the picture checked
 /// through BAR2) on the shared engine while VM B's kernel driver floods the
 /// engine with a hostile workload (umdev_vgpu.ko with hostile_test=1: 300
-/// rounds of garbage page tables, each with a submission, and two churning
-/// picture demos): A passes, B's faults stay B's. Then B is killed mid-run
-/// while A runs the set again: A passes, the parent stays up and lists both
-/// instances.
+/// rounds of garbage page tables, each with a submission, and a churning
+/// picture demo) and shows a picture of its own (`SCENE_B`, page-flipped):
+/// each instance's scanout, written by the parent (`--scanout-dir`), is its
+/// own guest's picture pixel for pixel; A passes, B's faults stay B's. Then B
+/// is killed mid-run while A runs the set again: A passes, the parent stays
+/// up and lists both instances.
 #[test]
 fn vgpu_parent_serves_two_guests() {
     let test = "vgpu_parent_serves_two_guests";
@@ -1001,9 +1015,12 @@ fn vgpu_parent_serves_two_guests() {
     };
     let log = dir.join("parent.log");
     diag.add("parent.log", &log);
+    let scanouts = dir.join("scanout");
     let mut parent = std::process::Command::new(bin("umdev-vgpu-parent"))
         .arg("--state-dir")
         .arg(&state)
+        .arg("--scanout-dir")
+        .arg(&scanouts)
         .stderr(fs::File::create(&log).unwrap())
         .spawn()
         .expect("start umdev-vgpu-parent");
@@ -1064,27 +1081,66 @@ fn vgpu_parent_serves_two_guests() {
             );
         }
     };
-    let hostile = guest(
+    // Instance <uuid> (socket <state>/<uuid>.sock) shows <scanouts>/<uuid>.png.
+    let png = |socket: &str| {
+        let uuid = std::path::Path::new(socket).file_stem().unwrap();
+        scanouts.join(uuid).with_extension("png")
+    };
+    let mut hostile = guest(
         "vm-b",
         &sockets[1],
         "UMDEV_VGPU_KMOD=keep UMDEV_VGPU_KMOD_ARGS=hostile_test=1 \
-         UMDEV_DEMO=hostile+--rounds+300,picture+--churn+100,picture+--churn+100",
+         UMDEV_DEMO=hostile+--rounds+300,picture+--churn+100,picture+--flip+--scene+b+--hold-secs+20",
     );
     let calm = guest("vm-a", &sockets[0], "UMDEV_DEV=1234:5547");
+    // VM B's picture on its scanout while its flood goes on.
+    hostile.wait_for_line("holding the picture", Duration::from_secs(env.timeout));
+    let b_png = png(&sockets[1]);
+    if let Err(e) = capture_until(&parent, &b_png, Duration::from_secs(15), |got| {
+        is_scene(got, picture::SCENE_B)
+    }) {
+        panic!(
+            "VM B's scanout is not its picture ({e}); {}",
+            b_png.display()
+        );
+    }
+    // Kept for people (the second part of the test draws over both).
+    let _ = fs::copy(&b_png, dir.join("vm-b-scanout.png"));
     let (status, messages, results, _) = calm.wait();
     e2e::check_results("vm-a", &results, &messages);
     assert!(status.success(), "vm-a: {messages}");
     expect_pass("vm-a", &results);
+    // VM A's picture, as its last FENCE left it (the device is reset now).
+    let a_png = png(&sockets[0]);
+    let shown = fs::read(&a_png)
+        .map_err(|e| e.to_string())
+        .and_then(|b| scanout::decode_png(&b).map_err(|e| e.to_string()))
+        .and_then(|got| is_scene(&got, picture::SCENE));
+    if let Err(e) = shown {
+        panic!(
+            "VM A's scanout is not its picture ({e}); {}",
+            a_png.display()
+        );
+    }
     let (status, messages, results, _) = hostile.wait();
     e2e::check_results("vm-b", &results, &messages);
     assert!(status.success(), "vm-b: {messages}");
+    for name in ["demo_picture", "demo_flip", "demo_churn"] {
+        assert!(
+            results
+                .lines()
+                .any(|l| l.starts_with(&format!("PASS {name} "))),
+            "vm-b: no PASS {name}:\n{results}"
+        );
+    }
     let line = results
         .lines()
         .find(|l| l.starts_with("PASS demo_hostile "))
         .unwrap_or_else(|| panic!("vm-b: no PASS demo_hostile:\n{results}"))
         .to_owned();
     e2e::note(&format!(
-        "{test}: VM A's vGPU set passed beside VM B's hostile flood ({line})"
+        "{test}: VM A's vGPU set passed and each scanout showed its own guest's picture \
+         exactly, beside VM B's hostile flood ({line})"
     ));
 
     // One VM killed while the other works.

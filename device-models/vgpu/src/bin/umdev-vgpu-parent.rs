@@ -32,6 +32,11 @@ struct Args {
     /// labelled with its instance's UUID).
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<std::net::SocketAddr>,
+    /// Each instance writes its scanout to DIR/<uuid>.png at every FENCE
+    /// and when the parent gets SIGUSR1 (for tests and debugging: a PNG
+    /// encode per FENCE).
+    #[arg(long, value_name = "DIR")]
+    scanout_dir: Option<PathBuf>,
     /// Do not confine the running parent with its seccomp filter.
     #[arg(long)]
     no_seccomp: bool,
@@ -40,6 +45,7 @@ struct Args {
 fn main() -> ExitCode {
     // Blocked before any thread starts: they all inherit it, one waits for them.
     umdev::cli::block_termination_signals();
+    umdev::cli::block_sigusr1();
     umdev::cli::init_logging();
     let args = Args::parse();
     let config = ParentConfig {
@@ -50,7 +56,14 @@ fn main() -> ExitCode {
             contexts: args.contexts,
             ggtt_entries: args.ggtt_entries,
         },
+        scanout_dir: args.scanout_dir.clone(),
     };
+    if let Some(dir) = &args.scanout_dir {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            eprintln!("umdev-vgpu-parent: {}: {e}", dir.display());
+            return ExitCode::FAILURE;
+        }
+    }
     let parent = match Parent::new(config) {
         Ok(p) => p,
         Err(e) => {
@@ -93,6 +106,13 @@ fn main() -> ExitCode {
         tracing::warn!("{e}");
     }
     tracing::info!(control = %control.display(), "parent ready");
+    let pictures = parent.clone();
+    let _ = std::thread::Builder::new()
+        .name("sigusr1".into())
+        .spawn(move || loop {
+            umdev::cli::wait_for_sigusr1();
+            pictures.dump_scanouts();
+        });
     std::thread::scope(|s| {
         s.spawn(|| {
             let sig = umdev::cli::wait_for_termination_signal();

@@ -90,6 +90,9 @@ pub struct ParentConfig {
     pub config_file: Option<PathBuf>,
     /// The hardware shared out.
     pub capacity: Capacity,
+    /// Where each instance writes its scanout as `<uuid>.png`, at every FENCE
+    /// and when asked ([`Parent::dump_scanouts`]); none when `None`.
+    pub scanout_dir: Option<PathBuf>,
 }
 
 struct Instance {
@@ -98,6 +101,8 @@ struct Instance {
     weight: u32,
     persistent: bool,
     share: u64,
+    /// For a picture of its scanout on request.
+    handle: crate::VgpuHandle,
     stop: StopHandle,
     thread: Option<JoinHandle<()>>,
     /// Its counters, labelled `instance="<uuid>"` (the registry holds them
@@ -289,6 +294,20 @@ impl Parent {
         }
     }
 
+    /// Every instance writes its scanout picture now (with a `scanout_dir`;
+    /// one whose scanout is off keeps its last picture).
+    pub fn dump_scanouts(&self) {
+        let handles: Vec<crate::VgpuHandle> = self
+            .lock()
+            .instances
+            .values()
+            .map(|i| i.handle.clone())
+            .collect();
+        for h in handles {
+            h.dump_scanout();
+        }
+    }
+
     pub fn list(&self) -> Vec<InstanceInfo> {
         let state = self.lock();
         let mut all: Vec<InstanceInfo> = state
@@ -375,11 +394,12 @@ impl Parent {
             contexts: vtype.contexts,
             ggtt_entries: vtype.ggtt_entries,
             engine: Some(share),
+            scanout_png: (self.config.scanout_dir.as_ref()).map(|d| d.join(format!("{uuid}.png"))),
             ..VgpuConfig::default()
         };
         let server_config = ServerConfig::default();
         let memory = GuestMemory::new(server_config.max_dma_maps as usize);
-        let (function, _handle) = crate::new_function(memory, config)?;
+        let (function, handle) = crate::new_function(memory, config)?;
         let socket = self.socket_path(uuid);
         if std::fs::symlink_metadata(&socket).is_ok() {
             // Ours: the state directory is this parent's (parent.lock).
@@ -415,6 +435,7 @@ impl Parent {
             weight,
             persistent,
             share: share_id,
+            handle,
             stop,
             thread: Some(thread),
             _metrics: metrics,

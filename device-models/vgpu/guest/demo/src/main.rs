@@ -6,7 +6,7 @@
 //! picture shown with KMS (SETCRTC, then a page flip).
 //!
 //! ```text
-//! umdev-vgpu-demo picture [--flip] [--hold-secs N] [--churn N]
+//! umdev-vgpu-demo picture [--flip] [--hold-secs N] [--churn N] [--scene a|b]
 //! umdev-vgpu-demo fault
 //! umdev-vgpu-demo hostile [--rounds N] [--seed S]
 //! umdev-vgpu-demo info
@@ -45,6 +45,8 @@ struct Opts {
     churn: u32,
     rounds: u32,
     seed: u64,
+    /// What `picture` draws (`umdev_vgpu_abi::picture::scene`).
+    scene: &'static [picture::Op],
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
@@ -56,6 +58,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         churn: 0,
         rounds: 100,
         seed: 1,
+        scene: picture::SCENE,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -72,6 +75,10 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             "--churn" => o.churn = number(value(a)?, a)? as u32,
             "--rounds" => o.rounds = number(value(a)?, a)? as u32,
             "--seed" => o.seed = number(value(a)?, a)?,
+            "--scene" => {
+                let name = value(a)?;
+                o.scene = picture::scene(&name).ok_or(format!("--scene {name:?} (a or b)"))?;
+            }
             m if !m.starts_with('-') && o.mode.is_empty() => o.mode = m.to_owned(),
             other => return Err(format!("unknown argument {other:?}")),
         }
@@ -172,22 +179,22 @@ fn scene(drm: &Drm, fbs: usize) -> Result<Scene, String> {
     })
 }
 
-/// Draws the e2e test picture into framebuffer `i` through the engine and
-/// checks it through the mapping.
-fn draw(drm: &Drm, s: &mut Scene, i: usize, fb_va: u64) -> Result<(), String> {
+/// Draws `ops` (an e2e test picture) into framebuffer `i` through the
+/// engine and checks it through the mapping.
+fn draw(drm: &Drm, s: &mut Scene, ops: &[picture::Op], i: usize, fb_va: u64) -> Result<(), String> {
     let targets = DrawTargets {
         fb_va,
         image_va: IMAGE_VA,
         scratch_va: SCRATCH_VA,
     };
-    let commands = picture::commands(picture::SCENE, targets);
+    let commands = picture::commands(ops, targets);
     match run_batch(drm, &mut s.batch, &commands)? {
         WaitResult::Done => {}
         WaitResult::Fault { reason, addr } => {
             return Err(format!("fault {reason} at {addr:#x}"));
         }
     }
-    let want = picture::render();
+    let want = picture::render_ops(ops);
     let got = &s.fbs[i].bytes()[..picture::FB_BYTES];
     match got.iter().zip(&want).position(|(a, b)| a != b) {
         None => Ok(()),
@@ -238,7 +245,7 @@ fn picture_mode(drm: &Drm, o: &Opts, r: &mut Report) {
             Err(e) => return r.fail("demo_churn", e),
         }
     }
-    match draw(drm, &mut s, 0, FB_VA) {
+    match draw(drm, &mut s, o.scene, 0, FB_VA) {
         Ok(()) => r.pass(
             "demo_picture",
             format!("{}x{}", picture::WIDTH, picture::HEIGHT),
@@ -257,7 +264,7 @@ fn picture_mode(drm: &Drm, o: &Opts, r: &mut Report) {
             drm.set_crtc(crtc, connector, fb, w as u16, h as u16)
                 .map_err(|e| format!("setcrtc: {e}"))?;
             // The second frame drawn while the first is on screen, then flipped.
-            draw(drm, &mut s, 1, FB2_VA)?;
+            draw(drm, &mut s, o.scene, 1, FB2_VA)?;
             let fb2 = drm
                 .add_fb(&s.fbs[1], w, h)
                 .map_err(|e| format!("addfb: {e}"))?;
