@@ -46,11 +46,8 @@ pub struct Device {
 }
 
 impl Device {
-    /// Runs `bin --socket-path DIR/SOCKET EXTRA...` (stdin and stdout null,
-    /// `RUST_LOG` warn unless set) with `dir` made for it, `prepare` having
-    /// had its say on the command first (CPU affinity, say), and waits up to
-    /// 10 s until it listens on its socket ([`crate::cli::wait_listening`]),
-    /// so that a plain connect succeeds.
+    /// Runs `bin --socket-path DIR/SOCKET EXTRA...` as [`spawn`](Self::spawn)
+    /// does, waiting until it listens on that socket.
     pub fn start(
         bin: &std::path::Path,
         extra: &[String],
@@ -58,13 +55,29 @@ impl Device {
         socket: &str,
         prepare: impl FnOnce(&mut std::process::Command),
     ) -> Result<Device, String> {
+        let mut args: Vec<std::ffi::OsString> =
+            vec!["--socket-path".into(), dir.join(socket).into()];
+        args.extend(extra.iter().map(Into::into));
+        Device::spawn(bin, &args, dir, socket, prepare)
+    }
+
+    /// Runs `bin ARGS...` (stdin and stdout null, `RUST_LOG` warn unless set)
+    /// with `dir` made for it, `prepare` having had its say on the command
+    /// first (CPU affinity, say), and waits up to 10 s until it listens on
+    /// `dir/listens` ([`crate::cli::wait_listening`]), so that a plain
+    /// connect succeeds.
+    pub fn spawn(
+        bin: &std::path::Path,
+        args: &[std::ffi::OsString],
+        dir: std::path::PathBuf,
+        listens: &str,
+        prepare: impl FnOnce(&mut std::process::Command),
+    ) -> Result<Device, String> {
         use std::process::Stdio;
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let socket = dir.join(socket);
+        let socket = dir.join(listens);
         let mut cmd = std::process::Command::new(bin);
-        cmd.arg("--socket-path")
-            .arg(&socket)
-            .args(extra)
+        cmd.args(args)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),

@@ -84,15 +84,25 @@ pub fn wait_for_termination_signal() -> i32 {
 }
 
 /// Blocks SIGUSR1 as [`block_termination_signals`] blocks those: a device
-/// binary takes it in a thread of its own ([`wait_for_sigusr1`]) as a request
-/// to write out a picture of its state (the vGPU: its scanout).
+/// binary takes it in a thread of its own ([`on_sigusr1`]) as a request to
+/// write out a picture of its state (the vGPU: its scanout).
 pub fn block_sigusr1() {
     let _ = vmm_sys_util::signal::block_signal(libc::SIGUSR1);
 }
 
-/// Waits for SIGUSR1 (blocked by [`block_sigusr1`]).
-pub fn wait_for_sigusr1() {
-    wait_for_signal(&[libc::SIGUSR1]);
+/// Runs `action` on every SIGUSR1 (blocked by [`block_sigusr1`]), in a
+/// thread started here for as long as the process lives (none if it cannot
+/// start: the signal then stays blocked and pending, harmless).
+pub fn on_sigusr1(mut action: impl FnMut() + Send + 'static) {
+    let started = std::thread::Builder::new()
+        .name("sigusr1".into())
+        .spawn(move || loop {
+            wait_for_signal(&[libc::SIGUSR1]);
+            action();
+        });
+    if let Err(e) = started {
+        tracing::warn!("no SIGUSR1 thread: {e}");
+    }
 }
 
 /// Waits for one of `signals` (blocked): its number, 0 if the set cannot be

@@ -94,12 +94,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let _ = std::thread::Builder::new()
-        .name("sigusr1".into())
-        .spawn(move || loop {
-            cli::wait_for_sigusr1();
-            handle.dump_scanout();
-        });
+    cli::on_sigusr1(move || handle.dump_scanout());
     if let Some(kind) = Some(args.page_track).filter(|k| *k != SourceKind::Scan) {
         tracing::info!(?kind, "page tracking source");
     }

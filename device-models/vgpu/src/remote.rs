@@ -36,6 +36,8 @@ pub enum DriverError {
     Fault { status: u32, addr: u64 },
     #[error("fence {0} not retired within 30 s")]
     Timeout(u32),
+    #[error("a submission of {0} bytes does not fit in the {RING_SIZE}-byte ring")]
+    TooBig(usize),
 }
 
 pub type Result<T> = std::result::Result<T, DriverError>;
@@ -64,8 +66,8 @@ impl Ram {
     }
 
     pub fn write_u32(&self, gpa: u64, v: u32) {
-        // SAFETY: in bounds and aligned (checked by `at`); the device may read
-        // concurrently, hence volatile.
+        // SAFETY: in bounds and aligned (`at` checks the offset; the mapping
+        // starts on a page); the device may read concurrently, hence volatile.
         unsafe { std::ptr::write_volatile(self.at(gpa, 4, 4).cast::<u32>(), v) }
     }
 
@@ -101,9 +103,11 @@ impl Ram {
     /// What the VMM does to migrate guest RAM: copies `[gpa, gpa+len)` from
     /// `from`.
     pub fn copy_from(&self, from: &Ram, gpa: u64, len: usize) {
+        assert!(!std::ptr::eq(self, from), "a RAM copied onto itself");
         let (s, d) = (from.at(gpa, len, 1), self.at(gpa, len, 1));
         // SAFETY: both ranges are in bounds of their own mappings (checked
-        // by `at`), which are distinct memfds.
+        // by `at`), which are distinct (two `Ram`s, each its own memfd
+        // mapping: checked above), so they do not overlap.
         unsafe { std::ptr::copy_nonoverlapping(s, d, len) }
     }
 
@@ -126,12 +130,15 @@ pub enum Wait {
 pub struct Gpu {
     pub client: Client,
     pub ram: Ram,
-    pub next_page: u64,
-    pub root: u64,
-    pub ring: u64,
-    pub tail: u32,
-    pub fence_gpa: u64,
-    pub seq: u32,
+    next_page: u64,
+    root: u64,
+    ring: u64,
+    tail: u32,
+    fence_gpa: u64,
+    seq: u32,
+    /// Submissions the device may not have read yet: fence and ring bytes,
+    /// oldest first (what keeps the ring from being overwritten).
+    in_flight: std::collections::VecDeque<(u32, u32)>,
 }
 
 impl Gpu {
@@ -172,6 +179,7 @@ impl Gpu {
             tail: 0,
             fence_gpa: 0,
             seq: 0,
+            in_flight: Default::default(),
         };
         gpu.root = gpu.pages(1);
         gpu.ring = gpu.pages(u64::from(RING_SIZE) / PAGE_SIZE);
@@ -233,7 +241,8 @@ impl Gpu {
             .write_u64(slot, offset | PTE_PRESENT | PTE_WRITABLE | PTE_VRAM);
     }
 
-    /// Takes over the driver's view of a device migrated here from `from`.
+    /// Takes over the driver's view of a device migrated here from `from`
+    /// (nothing in flight there).
     pub fn adopt(&mut self, from: &Gpu) {
         self.next_page = from.next_page;
         self.root = from.root;
@@ -241,25 +250,63 @@ impl Gpu {
         self.tail = from.tail;
         self.fence_gpa = from.fence_gpa;
         self.seq = from.seq;
+        self.in_flight.clear();
     }
 
-    fn emit(&mut self, dwords: &[u32]) {
-        for &d in dwords {
+    /// Context 0's ring in guest RAM: its address and size.
+    pub fn ring(&self) -> (u64, u32) {
+        (self.ring, RING_SIZE)
+    }
+
+    /// Writes `cmds` + FENCE into the ring, waiting for older submissions to
+    /// retire while there is no room (one dword stays free: a full ring
+    /// would read as empty); the fence's sequence number. The doorbell is
+    /// [`ring_doorbell`](Self::ring_doorbell).
+    fn write(&mut self, cmds: &[u32]) -> Result<u32> {
+        let seq = self.seq.wrapping_add(1);
+        let mut dwords = cmds.to_vec();
+        dwords.extend(cmd::fence(FENCE_VA, seq, false));
+        let bytes = 4 * dwords.len();
+        if bytes >= RING_SIZE as usize {
+            return Err(DriverError::TooBig(bytes));
+        }
+        loop {
+            while self
+                .in_flight
+                .front()
+                .is_some_and(|&(s, _)| self.retired(s))
+            {
+                self.in_flight.pop_front();
+            }
+            let used: u32 = self.in_flight.iter().map(|&(_, b)| b).sum();
+            if used as usize + bytes < RING_SIZE as usize {
+                break;
+            }
+            let (oldest, _) = self.in_flight[0];
+            self.wait(oldest, Wait::Spin)?;
+        }
+        for d in dwords {
             self.ram.write_u32(self.ring + u64::from(self.tail), d);
             self.tail = (self.tail + 4) % RING_SIZE;
         }
+        self.seq = seq;
+        self.in_flight.push_back((seq, bytes as u32));
+        Ok(seq)
+    }
+
+    /// Tells the device the ring's new tail (a REGION_WRITE).
+    fn ring_doorbell(&mut self) -> Result<()> {
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.client
+            .write_u32(BAR0, ctx_reg(CTX, CTX_RING_TAIL), self.tail)?;
+        Ok(())
     }
 
     /// Writes `cmds` + FENCE into the ring and rings the doorbell: the
     /// fence's sequence number.
     pub fn submit(&mut self, cmds: &[u32]) -> Result<u32> {
-        self.seq = self.seq.wrapping_add(1);
-        let seq = self.seq;
-        self.emit(cmds);
-        self.emit(&cmd::fence(FENCE_VA, seq, false));
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.client
-            .write_u32(BAR0, ctx_reg(CTX, CTX_RING_TAIL), self.tail)?;
+        let seq = self.write(cmds)?;
+        self.ring_doorbell()?;
         Ok(seq)
     }
 
@@ -287,7 +334,7 @@ impl Gpu {
                 }
             };
             if look && Instant::now() >= next_check {
-                next_check += Duration::from_millis(5);
+                next_check = Instant::now() + Duration::from_millis(5);
                 let status = self.client.read_u32(BAR0, ctx_reg(CTX, CTX_STATUS))?;
                 if status & CTX_STATUS_FAULTED != 0 {
                     let addr = self.client.read_u64(BAR0, ctx_reg(CTX, CTX_FAULT_ADDR))?;
@@ -306,8 +353,9 @@ impl Gpu {
     /// `cmds` + FENCE, doorbell, spin until the fence is in memory. The time
     /// from the doorbell to the fence.
     pub fn run(&mut self, cmds: &[u32]) -> Result<Duration> {
+        let seq = self.write(cmds)?;
         let start = Instant::now();
-        let seq = self.submit(cmds)?;
+        self.ring_doorbell()?;
         self.wait(seq, Wait::Spin)?;
         Ok(start.elapsed())
     }

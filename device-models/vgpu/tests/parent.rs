@@ -292,6 +292,32 @@ fn raw(stream: &mut UnixStream, line: &[u8]) -> serde_json::Value {
     serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{answer:?}: {e}"))
 }
 
+/// A control connection the parent serves: one it turns away (busy) is
+/// answered at once, so a connection with nothing to read after 200 ms is
+/// served; tried again for up to 5 s.
+fn served_client(p: &Parent) -> UnixStream {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut c = UnixStream::connect(p.control()).unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        match std::io::Read::read(&mut c, &mut b) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                c.set_read_timeout(None).unwrap();
+                return c;
+            }
+            _ => assert!(Instant::now() < deadline, "the parent stays busy"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn the_control_socket_answers_garbage_and_is_not_held_by_a_silent_client() {
     let dir = TempDir::new();
@@ -346,10 +372,12 @@ fn the_control_socket_answers_garbage_and_is_not_held_by_a_silent_client() {
     // one, 14 more, one dripping a byte at a time, then 3 it turns away):
     // umdevctl still gets its answer (a busy parent is retried), and they
     // are all dropped within the deadline.
+    // The dripping one first, and served: a parent still releasing the
+    // connection just dropped (and umdevctl's) may turn one away meanwhile.
+    let mut drip = served_client(&p);
     let mut stalled: Vec<UnixStream> = (0..14)
         .map(|_| UnixStream::connect(p.control()).unwrap())
         .collect();
-    let mut drip = UnixStream::connect(p.control()).unwrap();
     stalled.extend((0..3).map(|_| UnixStream::connect(p.control()).unwrap()));
     let dripping = std::thread::spawn(move || {
         let t = Instant::now();
@@ -597,5 +625,125 @@ fn metrics_name_each_instance() {
             "umdev_region_reads_total{{instance=\"{U1}\",region=\"bar0\"}} "
         )) && !l.ends_with(" 0")),
         "{text}"
+    );
+}
+
+/// Draws the test picture into VRAM through the engine and shows it: GGTT
+/// entries 0.. map VRAM 0.., the scanout reads from aperture address 0.
+fn show_picture(gpu: &mut umdev_vgpu::remote::Gpu) {
+    use umdev_vgpu::picture;
+    use umdev_vgpu::regs::*;
+    const FB_VA: u64 = 0x1000_0000;
+    const IMAGE_VA: u64 = 0x2000_0000;
+    const SCRATCH_VA: u64 = 0x3000_0000;
+    let bar = MMIO_BAR as u32;
+    let fb_pages = (picture::FB_BYTES as u64).div_ceil(PAGE_SIZE);
+    for i in 0..fb_pages {
+        gpu.map_vram(FB_VA + i * PAGE_SIZE, i * PAGE_SIZE);
+        let entry = (i * PAGE_SIZE) | PTE_PRESENT | PTE_VRAM;
+        gpu.client
+            .write_u64(bar, GGTT_OFFSET + 8 * i, entry)
+            .unwrap();
+    }
+    let image = picture::image_bytes();
+    let at = gpu.map_new(IMAGE_VA, (image.len() as u64).div_ceil(PAGE_SIZE), false);
+    for (i, px) in image.chunks_exact(4).enumerate() {
+        let v = u32::from_le_bytes(px.try_into().unwrap());
+        gpu.ram.write_u32(at + 4 * i as u64, v);
+    }
+    gpu.map_new(SCRATCH_VA, 1, true);
+    let targets = picture::DrawTargets {
+        fb_va: FB_VA,
+        image_va: IMAGE_VA,
+        scratch_va: SCRATCH_VA,
+    };
+    gpu.run(&picture::commands(picture::SCENE, targets))
+        .unwrap();
+    let sc = |r| SCANOUT_BASE + r;
+    let c = &mut gpu.client;
+    c.write_u64(bar, sc(SCANOUT_FB_ADDR), 0).unwrap();
+    c.write_u32(bar, sc(SCANOUT_FB_WIDTH), picture::WIDTH)
+        .unwrap();
+    c.write_u32(bar, sc(SCANOUT_FB_HEIGHT), picture::HEIGHT)
+        .unwrap();
+    c.write_u32(bar, sc(SCANOUT_FB_STRIDE), picture::STRIDE)
+        .unwrap();
+    c.write_u32(bar, sc(SCANOUT_FB_FORMAT), FB_FORMAT_XRGB8888)
+        .unwrap();
+    c.write_u32(bar, sc(SCANOUT_FB_ENABLE), 1).unwrap();
+}
+
+/// With `--vnc`, every instance serves its own scanout: `list` says where
+/// (two instances, two addresses); a viewer of the instance whose guest shows
+/// the test picture sees it pixel for pixel, a viewer of the other does not;
+/// removing the instance closes its server.
+#[test]
+fn each_instance_serves_its_own_vnc_view() {
+    use umdev::vnc::client::VncClient;
+    use umdev::vnc::rfb::{ENCODING_DESKTOP_SIZE, ENCODING_ZRLE};
+    use umdev::vnc::Listen;
+    use umdev_vgpu::picture;
+
+    let dir = TempDir::new();
+    let p = Parent::start_with(dir.path(), &["--vnc", "127.0.0.1:0"]);
+    let sockets: Vec<String> = (0..2)
+        .map(|_| p.ok(&["create", "--type", "vgpu-16m"]).trim().to_owned())
+        .collect();
+    let list = p.json(&["list"]);
+    let view = |socket: &str| -> (String, Listen) {
+        let i = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["socket"] == socket)
+            .unwrap_or_else(|| panic!("{socket} not in {list}"));
+        let at = i["vnc"].as_str().unwrap_or_else(|| panic!("no vnc in {i}"));
+        (i["uuid"].as_str().unwrap().to_owned(), at.parse().unwrap())
+    };
+    let ((uuid_a, at_a), (_, at_b)) = (view(&sockets[0]), view(&sockets[1]));
+    assert_ne!(at_a, at_b);
+    assert!(p.ok(&["list"]).contains(" vnc=127.0.0.1:"));
+
+    let mut gpu = umdev_vgpu::remote::Gpu::new(Path::new(&sockets[0]), 8).unwrap();
+    show_picture(&mut gpu);
+    let want: Vec<u8> = {
+        let fb = picture::render();
+        (0..picture::HEIGHT as usize)
+            .flat_map(|y| {
+                let at = y * picture::STRIDE as usize;
+                fb[at..at + 4 * picture::WIDTH as usize].to_vec()
+            })
+            .collect()
+    };
+    let mut a = VncClient::connect(&at_a, None).unwrap();
+    assert!(a.name.contains(&uuid_a), "{}", a.name);
+    a.set_encodings(&[ENCODING_ZRLE, ENCODING_DESKTOP_SIZE])
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        a.request(true).unwrap();
+        a.read_update().unwrap();
+        let size = (a.frame.width, a.frame.height);
+        if size == (picture::WIDTH, picture::HEIGHT) && a.frame.pixels == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "instance A's viewer never showed its picture"
+        );
+    }
+    let mut b = VncClient::connect(&at_b, None).unwrap();
+    b.request(false).unwrap();
+    b.read_update().unwrap();
+    assert!(
+        b.frame.pixels != want,
+        "instance B's viewer shows A's picture"
+    );
+
+    drop(gpu);
+    p.ok(&["remove", "--force", &uuid_a]);
+    assert!(
+        VncClient::connect(&at_a, None).is_err(),
+        "A's VNC server outlived it"
     );
 }

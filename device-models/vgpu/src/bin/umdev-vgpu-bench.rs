@@ -15,7 +15,7 @@
 //!   guest RAM to guest RAM, doorbell to fence, against `memcpy` of the same
 //!   bytes between the same pages in this process, timed in pairs (the ratio
 //!   is the median of the pairs' ratios). Then 4 of them in one submission
-//!   (the ring kept full), and the engine's own rate: the 3 more commands of
+//!   (behind one doorbell), and the engine's own rate: the 3 more commands of
 //!   that submission against 3 more memcpys, without the doorbell, sync point
 //!   and wake-up every submission pays.
 //! - **Submission-to-fence latency**: a FENCE alone, from the doorbell's
@@ -42,7 +42,7 @@ use clap::Parser;
 use umdev::vfio_user::Migration;
 use umdev_vgpu::encode as cmd;
 use umdev_vgpu::regs::*;
-use umdev_vgpu::remote::{DriverError, Gpu, Ram, RAM_GPA, RING_SIZE};
+use umdev_vgpu::remote::{DriverError, Gpu, Ram, RAM_GPA};
 
 #[derive(Parser, Debug)]
 #[command(version, about)]
@@ -211,14 +211,23 @@ fn bench(args: &Args) -> Result<()> {
         t.elapsed()
     };
     // One command per submission (each pays a doorbell, a sync point and an
-    // audit), then QUEUED commands in one submission, as a driver that keeps
-    // the ring full. The difference between the two is the engine's rate:
-    // QUEUED - 1 more commands without the fixed cost of a submission.
+    // audit), then QUEUED commands behind one doorbell. The difference
+    // between the two is the engine's rate: QUEUED - 1 more commands without
+    // the fixed cost of a submission.
     const QUEUED: usize = 4;
     for (name, one) in [
         (format!("BLIT {lines} lines x {line} B"), &blit),
         (format!("COPY {} KiB", copy_bytes >> 10), &copy),
     ] {
+        // The engine's copy arrives (checked on a cleared destination, before
+        // the memcpys below write the same bytes there).
+        gpu.ram.fill(dst, copy_bytes as usize, 0);
+        gpu.run(one)?;
+        for i in [0, copy_bytes / 8, copy_bytes / 4 - 1] {
+            if gpu.ram.read_u32(dst + 4 * i) != (i as u32).wrapping_mul(2654435761) {
+                return Err(BenchError::Setup(format!("{name}: wrong at dword {i}")));
+            }
+        }
         let queued = one.repeat(QUEUED);
         let (mut single, mut full, mut rate) = (Vec::new(), Vec::new(), Vec::new());
         let (mut t_one, mut t_cpu) = (Vec::new(), Vec::new());
@@ -236,12 +245,6 @@ fn bench(args: &Args) -> Result<()> {
             }
             t_one.push(e1);
             t_cpu.push(c1);
-        }
-        // The copies arrived.
-        for i in [0, copy_bytes / 8, copy_bytes / 4 - 1] {
-            if gpu.ram.read_u32(dst + 4 * i) != (i as u32).wrapping_mul(2654435761) {
-                return Err(BenchError::Setup(format!("copy wrong at dword {i}")));
-            }
         }
         let gbps = |d: Duration| copy_bytes as f64 / d.as_secs_f64().max(1e-9) / 1e9;
         println!(
@@ -294,7 +297,7 @@ fn bench(args: &Args) -> Result<()> {
             src.run(&cmd::fill(VRAM_VA, vram_bytes as u32, pattern))?;
             // The ring and the fence the guest wrote meanwhile (the VMM's own
             // dirty tracking would find them).
-            let (ring, size) = (src.ring, u64::from(RING_SIZE));
+            let (ring, size) = src.ring();
             dst.ram.copy_from(&src.ram, ring, size as usize);
         }
         let report = m.finish(

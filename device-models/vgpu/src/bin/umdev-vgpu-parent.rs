@@ -37,6 +37,12 @@ struct Args {
     /// encode per FENCE).
     #[arg(long, value_name = "DIR")]
     scanout_dir: Option<PathBuf>,
+    // --vnc: each instance serves its scanout over VNC, the instance in slot
+    // n (the lowest free one) at PORT + n, or PATH.n beside PATH (PATH itself
+    // for slot 0); with port 0, each at a port the kernel picks. `umdevctl
+    // list` shows where.
+    #[command(flatten)]
+    vnc: umdev::vnc::VncArgs,
     /// Do not confine the running parent with its seccomp filter.
     #[arg(long)]
     no_seccomp: bool,
@@ -48,6 +54,18 @@ fn main() -> ExitCode {
     umdev::cli::block_sigusr1();
     umdev::cli::init_logging();
     let args = Args::parse();
+    let vnc = match args.vnc.config("umdev-vgpu") {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("umdev-vgpu-parent: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if vnc.is_some() {
+        // Instances made later start their VNC servers under the filter.
+        umdev::sandbox::allow_extra(umdev::vnc::SYSCALLS);
+        umdev::sandbox::allow_extra(umdev::vnc::LATE_START_SYSCALLS);
+    }
     let config = ParentConfig {
         state_dir: args.state_dir.clone(),
         config_file: args.config.clone(),
@@ -57,6 +75,7 @@ fn main() -> ExitCode {
             ggtt_entries: args.ggtt_entries,
         },
         scanout_dir: args.scanout_dir.clone(),
+        vnc,
     };
     if let Some(dir) = &args.scanout_dir {
         if let Err(e) = std::fs::create_dir_all(dir) {
@@ -107,12 +126,7 @@ fn main() -> ExitCode {
     }
     tracing::info!(control = %control.display(), "parent ready");
     let pictures = parent.clone();
-    let _ = std::thread::Builder::new()
-        .name("sigusr1".into())
-        .spawn(move || loop {
-            umdev::cli::wait_for_sigusr1();
-            pictures.dump_scanouts();
-        });
+    umdev::cli::on_sigusr1(move || pictures.dump_scanouts());
     std::thread::scope(|s| {
         s.spawn(|| {
             let sig = umdev::cli::wait_for_termination_signal();

@@ -28,9 +28,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use umdev::benchmark::Device;
 use umdev_vgpu::encode as cmd;
 use umdev_vgpu::inprocess::*;
-use umdev_vgpu::parent::control::{ask_patiently, InstanceInfo, Request, Response};
+use umdev_vgpu::parent::control::{ask_patiently, ControlError, InstanceInfo, Request, Response};
+use umdev_vgpu::regs::PAGE_SIZE;
 use umdev_vgpu::remote;
 use umdev_vgpu::sched::{EngineShare, Scheduler};
 use umdev_vgpu::VgpuConfig;
@@ -41,18 +43,28 @@ struct Args {
     /// Short runs (a smoke test, not figures).
     #[arg(long)]
     quick: bool,
-    /// Seconds each saturation measurement runs.
-    #[arg(long, default_value_t = 3.0)]
+    /// Seconds each saturation measurement runs (0.01 to 3600).
+    #[arg(long, default_value_t = 3.0, value_parser = seconds)]
     seconds: f64,
     /// Light submissions timed per latency measurement.
-    #[arg(long, default_value_t = 400)]
-    samples: usize,
+    #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    samples: u32,
     /// The parent binary [default: umdev-vgpu-parent next to this program].
     #[arg(long)]
     parent_bin: Option<PathBuf>,
     /// Only the in-process figures.
     #[arg(long)]
     no_parent: bool,
+}
+
+/// `--seconds`: a number of seconds a measurement can run for.
+fn seconds(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.01..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a number of seconds from 0.01 to 3600"
+        )),
+    }
 }
 
 /// A vGPU on `share`, its RAM mapped as `standard_mappings(big)` says.
@@ -151,71 +163,61 @@ fn light_latency(samples: usize, with_flood: bool) -> Vec<Duration> {
 
 // ------------------------------------------------------ through the parent --
 
+#[derive(Debug, thiserror::Error)]
+enum BenchError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("the parent's control socket: {0}")]
+    Control(#[from] ControlError),
+    #[error("the parent: {0}")]
+    Refused(String),
+    #[error("a vGPU instance: {0}")]
+    Driver(#[from] remote::DriverError),
+    #[error("a flood thread panicked")]
+    Panicked,
+}
+
+type Result<T> = std::result::Result<T, BenchError>;
+
 /// The type every instance here is made of.
 const INSTANCE_TYPE: &str = "vgpu-16m";
 /// Guest RAM each instance's driver gives it.
 const GUEST_MIB: usize = 8;
-/// A flood's FILLs write `[FLOOD_VA, + FLOOD_PAGES pages)`, every page of it
-/// mapped to one page of guest RAM (engine time, not memory traffic).
+/// A flood's FILLs write the GPU addresses `[FLOOD_VA, + FLOOD_PAGES
+/// pages)`, every page of them mapped to one page of guest RAM (engine time,
+/// not memory traffic).
 const FLOOD_VA: u64 = 0x4000_0000;
 const FLOOD_PAGES: u64 = 1024;
-/// A light submission's STORE_DWORD writes here.
+/// A light submission's STORE_DWORD writes this GPU address.
 const LIGHT_VA: u64 = 0x1000_0000;
 
-/// `umdev-vgpu-parent` started for the run on a directory of its own: killed,
-/// and the directory removed, when dropped.
-struct ParentProcess {
-    child: std::process::Child,
-    dir: PathBuf,
-}
-
-/// Sets its flag when dropped: the flood threads stop on every way out.
-struct StopOnDrop(Arc<AtomicBool>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
+/// `umdev-vgpu-parent` started for the run on a directory of its own (killed,
+/// and the directory removed, when dropped).
+struct ParentProcess(Device);
 
 impl ParentProcess {
-    fn start(bin: &Path) -> Result<ParentProcess, String> {
-        use std::process::{Command, Stdio};
+    fn start(bin: &Path) -> Result<ParentProcess> {
         let dir =
             std::env::temp_dir().join(format!("umdev-vgpu-sched-bench-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        // Errors only unless RUST_LOG says otherwise: its warning that
-        // these drivers never asked about migration is noise here.
-        let child = Command::new(bin)
-            .arg("--state-dir")
-            .arg(&dir)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("starting {}: {e}", bin.display()))?;
-        let mut parent = ParentProcess { child, dir };
-        let control = parent.control();
-        umdev::cli::wait_listening(&control, Some(&mut parent.child), Duration::from_secs(10))
-            .map_err(|e| format!("{}: {e}", bin.display()))?;
-        Ok(parent)
+        let args = ["--state-dir".into(), dir.clone().into_os_string()];
+        // Errors only unless RUST_LOG says otherwise: its warning that these
+        // drivers never asked about migration is noise here.
+        let log = std::env::var("RUST_LOG").unwrap_or_else(|_| "error".into());
+        Device::spawn(bin, &args, dir, "control.sock", |cmd| {
+            cmd.env("RUST_LOG", log);
+        })
+        .map(ParentProcess)
+        .map_err(BenchError::Setup)
     }
 
-    fn control(&self) -> PathBuf {
-        self.dir.join("control.sock")
-    }
-
-    fn ask(&self, request: Request) -> Result<Response, String> {
-        match ask_patiently(&self.control(), &request)? {
-            Response::Error { error } => Err(format!("the parent: {error}")),
+    fn ask(&self, request: Request) -> Result<Response> {
+        match ask_patiently(&self.0.socket, &request)? {
+            Response::Error { error } => Err(BenchError::Refused(error)),
             r => Ok(r),
         }
     }
 
-    fn create(&self, weight: u32) -> Result<InstanceInfo, String> {
+    fn create(&self, weight: u32) -> Result<InstanceInfo> {
         let request = Request::Create {
             type_name: INSTANCE_TYPE.into(),
             uuid: None,
@@ -224,11 +226,11 @@ impl ParentProcess {
         };
         match self.ask(request)? {
             Response::Instance { instance } => Ok(instance),
-            r => Err(format!("the parent answered create with {r:?}")),
+            r => Err(BenchError::Refused(format!("create answered {r:?}"))),
         }
     }
 
-    fn remove(&self, instances: &[InstanceInfo]) -> Result<(), String> {
+    fn remove(&self, instances: &[InstanceInfo]) -> Result<()> {
         for i in instances {
             self.ask(Request::Remove {
                 uuid: i.uuid.clone(),
@@ -239,9 +241,9 @@ impl ParentProcess {
     }
 
     /// Engine seconds the parent has accounted to each of `instances`.
-    fn engine_seconds(&self, instances: &[InstanceInfo]) -> Result<Vec<f64>, String> {
+    fn engine_seconds(&self, instances: &[InstanceInfo]) -> Result<Vec<f64>> {
         let Response::List { instances: now } = self.ask(Request::List {})? else {
-            return Err("the parent answered list with something else".into());
+            return Err(BenchError::Refused("list answered something else".into()));
         };
         instances
             .iter()
@@ -249,94 +251,112 @@ impl ParentProcess {
                 now.iter()
                     .find(|n| n.uuid == i.uuid)
                     .map(|n| n.engine_seconds)
-                    .ok_or_else(|| format!("instance {} is gone", i.uuid))
+                    .ok_or_else(|| BenchError::Refused(format!("instance {} is gone", i.uuid)))
             })
             .collect()
     }
 
     /// As [`shares`], two instances of the parent flooded over vfio-user.
-    fn shares(&self, weights: [u32; 2], run: Duration) -> Result<[f64; 2], String> {
+    fn shares(&self, weights: [u32; 2], run: Duration) -> Result<[f64; 2]> {
         let instances = [self.create(weights[0])?, self.create(weights[1])?];
-        let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
-        let mut threads = Vec::new();
-        for i in &instances {
-            let gpu = remote_gpu(&i.socket)?;
-            let stop = stop.0.clone();
-            threads.push(std::thread::spawn(move || remote_flood(gpu, &stop)));
-        }
-        std::thread::sleep(run / 5);
-        let before = self.engine_seconds(&instances)?;
-        std::thread::sleep(run);
-        let after = self.engine_seconds(&instances)?;
-        drop(stop);
-        for t in threads {
-            t.join().map_err(|_| "a flood thread panicked")??;
-        }
-        self.remove(&instances)?;
-        let used: Vec<f64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        let gpus = [
+            flood_gpu(&instances[0].socket)?,
+            flood_gpu(&instances[1].socket)?,
+        ];
+        let stop = AtomicBool::new(false);
+        let used = std::thread::scope(|s| {
+            let floods: Vec<_> = gpus
+                .into_iter()
+                .map(|gpu| s.spawn(|| remote_flood(gpu, &stop)))
+                .collect();
+            // The floods stop on every way out of here, before the scope
+            // joins them.
+            let _stop = StopOnDrop(&stop);
+            std::thread::sleep(run / 5);
+            let before = self.engine_seconds(&instances)?;
+            std::thread::sleep(run);
+            let after = self.engine_seconds(&instances)?;
+            drop(_stop);
+            for f in floods {
+                f.join().map_err(|_| BenchError::Panicked)??;
+            }
+            Ok::<_, BenchError>(
+                after
+                    .iter()
+                    .zip(&before)
+                    .map(|(a, b)| a - b)
+                    .collect::<Vec<f64>>(),
+            )
+        });
+        let removed = self.remove(&instances);
+        let used = used?;
+        removed?;
         let total: f64 = used.iter().sum();
         if total <= 0.0 {
-            return Err("the parent accounted no engine time".into());
+            return Err(BenchError::Refused("no engine time accounted".into()));
         }
         Ok([used[0] / total, used[1] / total])
     }
 
     /// As [`light_latency`], a light instance of the parent beside a
     /// flooding one.
-    fn light_latency(&self, samples: usize, with_flood: bool) -> Result<Vec<Duration>, String> {
-        let light_instance = self.create(1)?;
-        let mut instances = vec![light_instance.clone()];
-        let mut light = remote_gpu(&light_instance.socket)?;
-        light.map_new(LIGHT_VA, 1, true);
-        let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
-        let flooder = if with_flood {
-            let flood_instance = self.create(1)?;
-            let gpu = remote_gpu(&flood_instance.socket)?;
-            instances.push(flood_instance);
-            let stop = stop.0.clone();
-            let t = std::thread::spawn(move || remote_flood(gpu, &stop));
-            std::thread::sleep(Duration::from_millis(50));
-            Some(t)
-        } else {
-            None
-        };
-        let mut times = Vec::with_capacity(samples);
-        for i in 0..samples {
-            let start = Instant::now();
-            let seq = light
-                .submit(&cmd::store_dword(LIGHT_VA, i as u32))
-                .map_err(|e| e.to_string())?;
-            light
-                .wait(seq, remote::Wait::Spin)
-                .map_err(|e| e.to_string())?;
-            times.push(start.elapsed());
-            std::thread::sleep(Duration::from_micros(500));
+    fn light_latency(&self, samples: usize, with_flood: bool) -> Result<Vec<Duration>> {
+        let mut instances = vec![self.create(1)?];
+        if with_flood {
+            instances.push(self.create(1)?);
         }
-        drop(stop);
-        if let Some(t) = flooder {
-            t.join().map_err(|_| "the flood thread panicked")??;
-        }
-        drop(light);
-        self.remove(&instances)?;
+        let measured = self.light_beside(&instances, samples);
+        let removed = self.remove(&instances);
+        let times = measured?;
+        removed?;
         Ok(times)
+    }
+
+    /// Light submissions on `instances[0]`, a flood on `instances[1]` if
+    /// there is one.
+    fn light_beside(&self, instances: &[InstanceInfo], samples: usize) -> Result<Vec<Duration>> {
+        let mut light = remote::Gpu::new(Path::new(&instances[0].socket), GUEST_MIB)?;
+        light.map_new(LIGHT_VA, 1, true);
+        let flood = instances.get(1).map(|i| flood_gpu(&i.socket)).transpose()?;
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let flooding = flood.map(|gpu| s.spawn(|| remote_flood(gpu, &stop)));
+            let _stop = StopOnDrop(&stop);
+            if flooding.is_some() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let mut times = Vec::with_capacity(samples);
+            for i in 0..samples {
+                let start = Instant::now();
+                let seq = light.submit(&cmd::store_dword(LIGHT_VA, i as u32))?;
+                light.wait(seq, remote::Wait::Spin)?;
+                times.push(start.elapsed());
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            drop(_stop);
+            if let Some(f) = flooding {
+                f.join().map_err(|_| BenchError::Panicked)??;
+            }
+            Ok(times)
+        })
     }
 }
 
-impl Drop for ParentProcess {
+/// Sets its flag when dropped.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 
 /// A driver on the instance at `socket`, with the flood's range mapped.
-fn remote_gpu(socket: &str) -> Result<remote::Gpu, String> {
-    let mut gpu =
-        remote::Gpu::new(Path::new(socket), GUEST_MIB).map_err(|e| format!("{socket}: {e}"))?;
+fn flood_gpu(socket: &str) -> Result<remote::Gpu> {
+    let mut gpu = remote::Gpu::new(Path::new(socket), GUEST_MIB)?;
     let page = gpu.pages(1);
     for p in 0..FLOOD_PAGES {
-        gpu.map(FLOOD_VA + p * 4096, page, true);
+        gpu.map(FLOOD_VA + p * PAGE_SIZE, page, true);
     }
     Ok(gpu)
 }
@@ -344,20 +364,17 @@ fn remote_gpu(socket: &str) -> Result<remote::Gpu, String> {
 /// Keeps two heavy submissions (8 FILLs of 4 MiB each) queued on `gpu`
 /// until `stop`, looking at its fences every 200 us (a CPU left to the
 /// parent).
-fn remote_flood(mut gpu: remote::Gpu, stop: &AtomicBool) -> Result<(), String> {
-    let fill = cmd::fill(FLOOD_VA, (FLOOD_PAGES * 4096) as u32, 0x5a5a_5a5a);
+fn remote_flood(mut gpu: remote::Gpu, stop: &AtomicBool) -> Result<()> {
+    let fill = cmd::fill(FLOOD_VA, (FLOOD_PAGES * PAGE_SIZE) as u32, 0x5a5a_5a5a);
     let heavy = fill.repeat(8);
     let wait = remote::Wait::Sleep(Duration::from_micros(200));
-    let mut run = || -> Result<(), remote::DriverError> {
-        let mut last = gpu.submit(&heavy)?;
-        while !stop.load(Ordering::Relaxed) {
-            let next = gpu.submit(&heavy)?;
-            gpu.wait(last, wait)?;
-            last = next;
-        }
-        gpu.wait(last, wait)
-    };
-    run().map_err(|e| format!("flood: {e}"))
+    let mut last = gpu.submit(&heavy)?;
+    while !stop.load(Ordering::Relaxed) {
+        let next = gpu.submit(&heavy)?;
+        gpu.wait(last, wait)?;
+        last = next;
+    }
+    Ok(gpu.wait(last, wait)?)
 }
 
 /// The figures, with `shares` and `latency` measuring them one way.
@@ -365,9 +382,9 @@ fn figures(
     how: &str,
     run: Duration,
     samples: usize,
-    shares: &mut dyn FnMut([u32; 2], Duration) -> Result<[f64; 2], String>,
-    latency: &mut dyn FnMut(usize, bool) -> Result<Vec<Duration>, String>,
-) -> Result<(), String> {
+    shares: &mut dyn FnMut([u32; 2], Duration) -> Result<[f64; 2]>,
+    latency: &mut dyn FnMut(usize, bool) -> Result<Vec<Duration>>,
+) -> Result<()> {
     for weights in [[1, 1], [1, 3]] {
         let got = shares(weights, run)?;
         let want = f64::from(weights[0]) / f64::from(weights[0] + weights[1]);
@@ -406,7 +423,7 @@ fn main() -> ExitCode {
     let (run, samples) = if args.quick {
         (Duration::from_millis(300), 40)
     } else {
-        (Duration::from_secs_f64(args.seconds), args.samples)
+        (Duration::from_secs_f64(args.seconds), args.samples as usize)
     };
     println!(
         "umdev-vgpu-sched-bench: {} CPUs; {:.1} s per saturation run, {samples} latency samples",
@@ -427,7 +444,7 @@ fn main() -> ExitCode {
         let bin = match &args.parent_bin {
             Some(b) => b.clone(),
             None => std::env::current_exe()
-                .map_err(|e| e.to_string())?
+                .map_err(|e| BenchError::Setup(format!("this program's path: {e}")))?
                 .with_file_name("umdev-vgpu-parent"),
         };
         let parent = ParentProcess::start(&bin)?;

@@ -132,13 +132,14 @@ fn main() -> ExitCode {
                     (true, false) => "idle",
                 };
                 println!(
-                    "{} {} weight={} {}{} {}{}",
+                    "{} {} weight={} {}{} {}{}{}",
                     i.uuid,
                     i.type_name,
                     i.weight,
                     state,
                     if i.persistent { " persistent" } else { "" },
                     i.socket,
+                    i.vnc.map(|v| format!(" vnc={v}")).unwrap_or_default(),
                     i.problem.map(|p| format!(" ({p})")).unwrap_or_default()
                 );
             }

@@ -80,6 +80,10 @@ pub struct InstanceInfo {
     pub active: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub problem: Option<String>,
+    /// Where its VNC server listens (`ADDR:PORT` or `unix:PATH`), on a parent
+    /// started with `--vnc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vnc: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -166,13 +170,43 @@ pub fn new_uuid() -> String {
 /// [`ask_patiently`].
 pub const BUSY_RETRY: Duration = Duration::from_secs(15);
 
+/// Why [`ask`] got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot reach the parent at {path}: {source}")]
+    Connect {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: the parent closed without answering")]
+    NoAnswer { path: std::path::PathBuf },
+    #[error("the parent's answer {answer:?}: {source}")]
+    Answer {
+        answer: String,
+        source: serde_json::Error,
+    },
+    #[error("the request cannot be encoded: {0}")]
+    Encode(serde_json::Error),
+}
+
 /// Sends one request to the parent's control socket at `path` and reads its
-/// answer; an error is a sentence for a person.
-pub fn ask(path: &Path, request: &Request) -> Result<Response, String> {
-    let mut s = UnixStream::connect(path)
-        .map_err(|e| format!("cannot reach the parent at {}: {e}", path.display()))?;
+/// answer (an error answer is an `Ok` [`Response::Error`]).
+pub fn ask(path: &Path, request: &Request) -> Result<Response, ControlError> {
+    let io = |source| ControlError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut s = UnixStream::connect(path).map_err(|source| ControlError::Connect {
+        path: path.to_owned(),
+        source,
+    })?;
     let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
-    let mut line = serde_json::to_vec(request).map_err(|e| e.to_string())?;
+    let mut line = serde_json::to_vec(request).map_err(ControlError::Encode)?;
     line.push(b'\n');
     // A parent that turns the client away (busy) answers and closes without
     // reading: the answer is still there to read after a failed write.
@@ -181,19 +215,18 @@ pub fn ask(path: &Path, request: &Request) -> Result<Response, String> {
     let read = BufReader::new(s).read_line(&mut answer);
     match (sent, read) {
         (_, Ok(n)) if n > 0 => {}
-        (Err(e), _) | (Ok(()), Err(e)) => return Err(format!("{}: {e}", path.display())),
+        (Err(e), _) | (Ok(()), Err(e)) => return Err(io(e)),
         (Ok(()), Ok(_)) => {
-            return Err(format!(
-                "{}: the parent closed without answering",
-                path.display()
-            ))
+            return Err(ControlError::NoAnswer {
+                path: path.to_owned(),
+            })
         }
     }
-    serde_json::from_str(&answer).map_err(|e| format!("the parent's answer {answer:?}: {e}"))
+    serde_json::from_str(&answer).map_err(|source| ControlError::Answer { answer, source })
 }
 
 /// [`ask`], again while the parent answers [`BUSY`] (for [`BUSY_RETRY`]).
-pub fn ask_patiently(path: &Path, request: &Request) -> Result<Response, String> {
+pub fn ask_patiently(path: &Path, request: &Request) -> Result<Response, ControlError> {
     let deadline = Instant::now() + BUSY_RETRY;
     loop {
         match ask(path, request)? {

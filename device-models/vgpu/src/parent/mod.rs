@@ -71,6 +71,8 @@ pub enum ParentError {
     Config { path: PathBuf, reason: String },
     #[error(transparent)]
     Vgpu(#[from] crate::VgpuError),
+    #[error("instance {0}: {1}")]
+    Vnc(String, umdev::vnc::VncError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ParentError + '_ {
@@ -93,6 +95,10 @@ pub struct ParentConfig {
     /// Where each instance writes its scanout as `<uuid>.png`, at every FENCE
     /// and when asked ([`Parent::dump_scanouts`]); none when `None`.
     pub scanout_dir: Option<PathBuf>,
+    /// Each instance serves its scanout over VNC, as a single vGPU's `--vnc`
+    /// does: the instance in slot n (the lowest free) at `listen.nth(n)`, or
+    /// on a port the kernel picks when the base port is 0.
+    pub vnc: Option<umdev::vnc::VncConfig>,
 }
 
 struct Instance {
@@ -103,6 +109,7 @@ struct Instance {
     share: u64,
     /// For a picture of its scanout on request.
     handle: crate::VgpuHandle,
+    vnc: Option<InstanceVnc>,
     stop: StopHandle,
     thread: Option<JoinHandle<()>>,
     /// Its counters, labelled `instance="<uuid>"` (the registry holds them
@@ -110,10 +117,29 @@ struct Instance {
     _metrics: Arc<dyn umdev::metrics::MetricsSource>,
 }
 
+/// An instance's VNC server and the slot its address came from.
+struct InstanceVnc {
+    slot: u16,
+    server: umdev::vnc::VncServer,
+    listen: umdev::vnc::Listen,
+}
+
+impl InstanceVnc {
+    /// Where viewers connect: `ADDR:PORT` (the port bound) or `unix:PATH`.
+    fn address(&self) -> String {
+        match &self.listen {
+            umdev::vnc::Listen::Tcp(a) => self.server.local_addr().unwrap_or(*a).to_string(),
+            umdev::vnc::Listen::Unix(p) => format!("unix:{}", p.display()),
+        }
+    }
+}
+
 impl Instance {
-    /// Stops serving (a VMM attached is disconnected and the device reset),
-    /// waits for the server thread, removes the socket.
+    /// Stops serving (a VMM attached is disconnected and the device reset,
+    /// VNC viewers are closed), waits for the server thread, removes the
+    /// socket.
     fn shut(mut self) {
+        drop(self.vnc.take());
         self.stop.stop();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -291,7 +317,43 @@ impl Parent {
                 .map_or(0.0, |s| s.busy.as_secs_f64()),
             active,
             problem: (!active).then(|| "its vfio-user server ended (see the parent's log)".into()),
+            vnc: i.vnc.as_ref().map(InstanceVnc::address),
         }
+    }
+
+    /// The VNC server of a new instance `uuid`, in the lowest slot no other
+    /// instance holds.
+    fn start_vnc(
+        &self,
+        state: &State,
+        base: &umdev::vnc::VncConfig,
+        uuid: &str,
+        handle: &crate::VgpuHandle,
+    ) -> Result<InstanceVnc, ParentError> {
+        use umdev::vnc::Listen;
+        let taken: Vec<u16> = state
+            .instances
+            .values()
+            .filter_map(|i| i.vnc.as_ref().map(|v| v.slot))
+            .collect();
+        let slot = (0..=u16::MAX).find(|n| !taken.contains(n)).unwrap_or(0);
+        let listen = match &base.listen {
+            // Port 0: each instance its own port of the kernel's choosing.
+            Listen::Tcp(a) if a.port() == 0 => Listen::Tcp(*a),
+            l => l.nth(slot),
+        };
+        let config = umdev::vnc::VncConfig {
+            listen: listen.clone(),
+            name: format!("umdev-vgpu {uuid}"),
+            ..base.clone()
+        };
+        let server = umdev::vnc::VncServer::start(config, Arc::new(handle.clone()))
+            .map_err(|e| ParentError::Vnc(uuid.into(), e))?;
+        Ok(InstanceVnc {
+            slot,
+            server,
+            listen,
+        })
     }
 
     /// Every instance writes its scanout picture now (with a `scanout_dir`;
@@ -324,6 +386,7 @@ impl Parent {
                 engine_seconds: 0.0,
                 active: false,
                 problem: Some(format!("not made at start: {}", d.why)),
+                vnc: None,
             }))
             .collect();
         all.sort_by(|a, b| a.uuid.cmp(&b.uuid));
@@ -400,6 +463,10 @@ impl Parent {
         let server_config = ServerConfig::default();
         let memory = GuestMemory::new(server_config.max_dma_maps as usize);
         let (function, handle) = crate::new_function(memory, config)?;
+        let vnc = match &self.config.vnc {
+            None => None,
+            Some(base) => Some(self.start_vnc(state, base, uuid, &handle)?),
+        };
         let socket = self.socket_path(uuid);
         if std::fs::symlink_metadata(&socket).is_ok() {
             // Ours: the state directory is this parent's (parent.lock).
@@ -436,6 +503,7 @@ impl Parent {
             persistent,
             share: share_id,
             handle,
+            vnc,
             stop,
             thread: Some(thread),
             _metrics: metrics,
