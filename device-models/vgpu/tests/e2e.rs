@@ -211,6 +211,41 @@ fn vncdo() -> std::path::PathBuf {
     cache.join("vncdotool/bin/vncdo")
 }
 
+/// What vncdotool (`vncdo capture`) sees of the VNC server on loopback
+/// `port`, kept as `shot`.
+fn vncdo_capture(
+    vncdo: &std::path::Path,
+    port: u16,
+    shot: &std::path::Path,
+) -> scanout::RgbPicture {
+    let _ = fs::remove_file(shot);
+    let out = std::process::Command::new(vncdo)
+        .arg("-s")
+        .arg(format!("127.0.0.1::{port}"))
+        .arg("capture")
+        .arg(shot)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run vncdo");
+    assert!(
+        out.status.success(),
+        "vncdo: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    scanout::decode_png(&fs::read(shot).unwrap()).expect("decode vncdo's PNG")
+}
+
+/// Without vncdotool a test leaves out its viewer check, unless the run
+/// requires everything (CI).
+fn vncdo_missing(vncdo: &std::path::Path) {
+    assert!(
+        !e2e::required(),
+        "{} missing: run scripts/setup-vnc-viewer.sh",
+        vncdo.display()
+    );
+}
+
 /// A loopback port nobody listens on now.
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -719,22 +754,7 @@ fn vgpu_kernel_module_console() {
 
     if vncdo.exists() {
         let shot = dir.join("console-vnc.png");
-        let _ = fs::remove_file(&shot);
-        let out = std::process::Command::new(&vncdo)
-            .arg("-s")
-            .arg(format!("127.0.0.1::{port}"))
-            .arg("capture")
-            .arg(&shot)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("run vncdo");
-        assert!(
-            out.status.success(),
-            "vncdo: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let seen = scanout::decode_png(&fs::read(&shot).unwrap()).expect("decode vncdo's PNG");
+        let seen = vncdo_capture(&vncdo, port, &shot);
         assert_eq!((seen.width, seen.height), (got.width, got.height));
         let (count, first) = pixel_diff(&seen.rgb, &got.rgb, got.width);
         assert_eq!(count, 0, "vncdo's capture differs:\n{}", first.join("\n"));
@@ -743,11 +763,7 @@ fn vgpu_kernel_module_console() {
             shot.display()
         ));
     } else {
-        assert!(
-            !e2e::required(),
-            "{} missing: run scripts/setup-vnc-viewer.sh",
-            vncdo.display()
-        );
+        vncdo_missing(&vncdo);
     }
     drop(guest);
     drop(backend);
@@ -998,7 +1014,8 @@ fn vgpu_kernel_module_hostile() {
 /// rounds of garbage page tables, each with a submission, and a churning
 /// picture demo) and shows a picture of its own (`SCENE_B`, page-flipped):
 /// each instance's scanout, written by the parent (`--scanout-dir`), is its
-/// own guest's picture pixel for pixel; A passes, B's faults stay B's. Then B
+/// own guest's picture pixel for pixel, and so is what vncdotool sees on B's
+/// instance's own VNC server (`--vnc`); A passes, B's faults stay B's. Then B
 /// is killed mid-run while A runs the set again: A passes, the parent stays
 /// up and lists both instances.
 #[test]
@@ -1021,6 +1038,7 @@ fn vgpu_parent_serves_two_guests() {
         .arg(&state)
         .arg("--scanout-dir")
         .arg(&scanouts)
+        .args(["--vnc", "127.0.0.1:0"])
         .stderr(fs::File::create(&log).unwrap())
         .spawn()
         .expect("start umdev-vgpu-parent");
@@ -1106,6 +1124,29 @@ fn vgpu_parent_serves_two_guests() {
     }
     // Kept for people (the second part of the test draws over both).
     let _ = fs::copy(&b_png, dir.join("vm-b-scanout.png"));
+    // A standard viewer on VM B's instance sees the same.
+    let vncdo = vncdo();
+    if vncdo.exists() {
+        let list: serde_json::Value = serde_json::from_str(&ctl(&["list", "--json"])).unwrap();
+        let at = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["socket"] == sockets[1].as_str())
+            .and_then(|i| i["vnc"].as_str())
+            .unwrap_or_else(|| panic!("no VNC address for VM B's instance in {list}"))
+            .to_owned();
+        let port: u16 = at.rsplit(':').next().unwrap().parse().unwrap();
+        let shot = dir.join("vm-b-vnc.png");
+        if let Err(e) = is_scene(&vncdo_capture(&vncdo, port, &shot), picture::SCENE_B) {
+            panic!(
+                "vncdotool on VM B's instance ({at}): {e}; {}",
+                shot.display()
+            );
+        }
+    } else {
+        vncdo_missing(&vncdo);
+    }
     let (status, messages, results, _) = calm.wait();
     e2e::check_results("vm-a", &results, &messages);
     assert!(status.success(), "vm-a: {messages}");
@@ -1139,8 +1180,8 @@ fn vgpu_parent_serves_two_guests() {
         .unwrap_or_else(|| panic!("vm-b: no PASS demo_hostile:\n{results}"))
         .to_owned();
     e2e::note(&format!(
-        "{test}: VM A's vGPU set passed and each scanout showed its own guest's picture \
-         exactly, beside VM B's hostile flood ({line})"
+        "{test}: VM A's vGPU set passed and each scanout (and VM B's VNC view) showed its \
+         own guest's picture exactly, beside VM B's hostile flood ({line})"
     ));
 
     // One VM killed while the other works.
