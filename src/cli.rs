@@ -96,9 +96,11 @@ pub fn block_sigusr1() {
 pub fn on_sigusr1(mut action: impl FnMut() + Send + 'static) {
     let started = std::thread::Builder::new()
         .name("sigusr1".into())
-        .spawn(move || loop {
-            wait_for_signal(&[libc::SIGUSR1]);
-            action();
+        .spawn(move || {
+            while wait_for_signal(&[libc::SIGUSR1]) == libc::SIGUSR1 {
+                action();
+            }
+            tracing::warn!("SIGUSR1 cannot be waited for; pictures on request are off");
         });
     if let Err(e) = started {
         tracing::warn!("no SIGUSR1 thread: {e}");

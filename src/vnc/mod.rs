@@ -52,6 +52,7 @@ pub const SYSCALLS: &[libc::c_long] = &[libc::SYS_setsockopt];
 /// bound and, for port 0, the port it got.
 pub const LATE_START_SYSCALLS: &[libc::c_long] = &[
     libc::SYS_socket,
+    libc::SYS_setsockopt,
     libc::SYS_bind,
     libc::SYS_listen,
     libc::SYS_getsockname,
@@ -165,6 +166,11 @@ impl VncArgs {
             return Ok(None);
         };
         let listen: Listen = listen.parse()?;
+        if let Listen::Tcp(addr) = listen {
+            if !addr.ip().is_loopback() && self.vnc_password_file.is_none() {
+                return Err(VncError::NeedsPassword(addr));
+            }
+        }
         let password = match &self.vnc_password_file {
             None => None,
             Some(path) => {

@@ -329,7 +329,16 @@ fn serve(shared: &Arc<Shared>, mut conn: Conn) -> Result<(), RfbError> {
     conn.set_timeouts(None, Some(VIEWER_WRITE_TIMEOUT))?;
     info!("VNC viewer connected");
     let signal = Arc::new(Signal::default());
-    lock(&shared.viewers).push(Arc::downgrade(&signal));
+    {
+        // A server dropped meanwhile (its device gone) closes the viewers it
+        // finds here, after setting `stopping`: one that was still shaking
+        // hands sees the flag under this lock instead.
+        let mut viewers = lock(&shared.viewers);
+        if shared.stopping.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        viewers.push(Arc::downgrade(&signal));
+    }
     super::notify_pacer(shared);
 
     let reader_conn = conn.try_clone()?;

@@ -260,9 +260,10 @@ impl Gpu {
 
     /// Writes `cmds` + FENCE into the ring, waiting for older submissions to
     /// retire while there is no room (one dword stays free: a full ring
-    /// would read as empty); the fence's sequence number. The doorbell is
-    /// [`ring_doorbell`](Self::ring_doorbell).
-    fn write(&mut self, cmds: &[u32]) -> Result<u32> {
+    /// would read as empty); the fence's sequence number and the bytes
+    /// written. [`ring_doorbell`](Self::ring_doorbell) hands them to the
+    /// device.
+    fn write(&mut self, cmds: &[u32]) -> Result<(u32, u32)> {
         let seq = self.seq.wrapping_add(1);
         let mut dwords = cmds.to_vec();
         dwords.extend(cmd::fence(FENCE_VA, seq, false));
@@ -290,24 +291,25 @@ impl Gpu {
             self.tail = (self.tail + 4) % RING_SIZE;
         }
         self.seq = seq;
-        self.in_flight.push_back((seq, bytes as u32));
-        Ok(seq)
+        Ok((seq, bytes as u32))
     }
 
-    /// Tells the device the ring's new tail (a REGION_WRITE).
-    fn ring_doorbell(&mut self) -> Result<()> {
+    /// Tells the device the ring's new tail (a REGION_WRITE); the submission
+    /// `write` wrote is then in flight.
+    fn ring_doorbell(&mut self, (seq, bytes): (u32, u32)) -> Result<()> {
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         self.client
             .write_u32(BAR0, ctx_reg(CTX, CTX_RING_TAIL), self.tail)?;
+        self.in_flight.push_back((seq, bytes));
         Ok(())
     }
 
     /// Writes `cmds` + FENCE into the ring and rings the doorbell: the
     /// fence's sequence number.
     pub fn submit(&mut self, cmds: &[u32]) -> Result<u32> {
-        let seq = self.write(cmds)?;
-        self.ring_doorbell()?;
-        Ok(seq)
+        let written = self.write(cmds)?;
+        self.ring_doorbell(written)?;
+        Ok(written.0)
     }
 
     /// Whether the fence has reached `seq` (wrapping).
@@ -353,10 +355,10 @@ impl Gpu {
     /// `cmds` + FENCE, doorbell, spin until the fence is in memory. The time
     /// from the doorbell to the fence.
     pub fn run(&mut self, cmds: &[u32]) -> Result<Duration> {
-        let seq = self.write(cmds)?;
+        let written = self.write(cmds)?;
         let start = Instant::now();
-        self.ring_doorbell()?;
-        self.wait(seq, Wait::Spin)?;
+        self.ring_doorbell(written)?;
+        self.wait(written.0, Wait::Spin)?;
         Ok(start.elapsed())
     }
 }

@@ -1108,7 +1108,7 @@ fn vgpu_parent_serves_two_guests() {
         "vm-b",
         &sockets[1],
         "UMDEV_VGPU_KMOD=keep UMDEV_VGPU_KMOD_ARGS=hostile_test=1 \
-         UMDEV_DEMO=hostile+--rounds+300,picture+--churn+100,picture+--flip+--scene+b+--hold-secs+20",
+         UMDEV_DEMO=hostile+--rounds+300,picture+--churn+100,picture+--flip+--scene+b+--hold-secs+30",
     );
     let calm = guest("vm-a", &sockets[0], "UMDEV_DEV=1234:5547");
     // VM B's picture on its scanout while its flood goes on.

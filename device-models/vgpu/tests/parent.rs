@@ -747,3 +747,19 @@ fn each_instance_serves_its_own_vnc_view() {
         "A's VNC server outlived it"
     );
 }
+
+/// A VNC port another process holds is passed over: the instance takes the
+/// next slot's port instead of failing.
+#[test]
+fn a_vnc_port_held_elsewhere_is_passed_over() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let dir = TempDir::new();
+    let p = Parent::start_with(dir.path(), &["--vnc", &format!("127.0.0.1:{port}")]);
+    p.ok(&["create", "--type", "vgpu-16m"]);
+    let list = p.json(&["list"]);
+    let at = list[0]["vnc"].as_str().unwrap_or_else(|| panic!("{list}"));
+    let got: u16 = at.strip_prefix("127.0.0.1:").unwrap().parse().unwrap();
+    assert!(got > port, "{at}, with {port} held");
+    drop(held);
+}

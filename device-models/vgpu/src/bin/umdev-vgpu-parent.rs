@@ -37,15 +37,18 @@ struct Args {
     /// encode per FENCE).
     #[arg(long, value_name = "DIR")]
     scanout_dir: Option<PathBuf>,
+    /// Do not confine the running parent with its seccomp filter.
+    #[arg(long)]
+    no_seccomp: bool,
     // --vnc: each instance serves its scanout over VNC, the instance in slot
     // n (the lowest free one) at PORT + n, or PATH.n beside PATH (PATH itself
     // for slot 0); with port 0, each at a port the kernel picks. `umdevctl
     // list` shows where.
-    #[command(flatten)]
+    #[command(
+        flatten,
+        next_help_heading = "VNC: every instance its own server, slot n at PORT+n (PATH.n; port 0: any)"
+    )]
     vnc: umdev::vnc::VncArgs,
-    /// Do not confine the running parent with its seccomp filter.
-    #[arg(long)]
-    no_seccomp: bool,
 }
 
 fn main() -> ExitCode {

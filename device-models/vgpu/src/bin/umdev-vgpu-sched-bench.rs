@@ -230,14 +230,44 @@ impl ParentProcess {
         }
     }
 
+    /// Removes every one of `instances` (the first error, after trying all).
     fn remove(&self, instances: &[InstanceInfo]) -> Result<()> {
+        let mut first = Ok(());
         for i in instances {
-            self.ask(Request::Remove {
+            let removed = self.ask(Request::Remove {
                 uuid: i.uuid.clone(),
                 force: true,
-            })?;
+            });
+            if let (Err(e), Ok(())) = (removed, &first) {
+                first = Err(e);
+            }
         }
-        Ok(())
+        first
+    }
+
+    /// `weights.len()` new instances with those weights, given to `measure`,
+    /// then removed, whatever `measure` or a later create said.
+    fn with_instances<T>(
+        &self,
+        weights: &[u32],
+        measure: impl FnOnce(&[InstanceInfo]) -> Result<T>,
+    ) -> Result<T> {
+        let mut instances = Vec::new();
+        let mut made = Ok(());
+        for &w in weights {
+            match self.create(w) {
+                Ok(i) => instances.push(i),
+                Err(e) => {
+                    made = Err(e);
+                    break;
+                }
+            }
+        }
+        let measured = made.and_then(|()| measure(&instances));
+        let removed = self.remove(&instances);
+        let value = measured?;
+        removed?;
+        Ok(value)
     }
 
     /// Engine seconds the parent has accounted to each of `instances`.
@@ -258,39 +288,35 @@ impl ParentProcess {
 
     /// As [`shares`], two instances of the parent flooded over vfio-user.
     fn shares(&self, weights: [u32; 2], run: Duration) -> Result<[f64; 2]> {
-        let instances = [self.create(weights[0])?, self.create(weights[1])?];
-        let gpus = [
-            flood_gpu(&instances[0].socket)?,
-            flood_gpu(&instances[1].socket)?,
-        ];
-        let stop = AtomicBool::new(false);
-        let used = std::thread::scope(|s| {
-            let floods: Vec<_> = gpus
-                .into_iter()
-                .map(|gpu| s.spawn(|| remote_flood(gpu, &stop)))
-                .collect();
-            // The floods stop on every way out of here, before the scope
-            // joins them.
-            let _stop = StopOnDrop(&stop);
-            std::thread::sleep(run / 5);
-            let before = self.engine_seconds(&instances)?;
-            std::thread::sleep(run);
-            let after = self.engine_seconds(&instances)?;
-            drop(_stop);
-            for f in floods {
-                f.join().map_err(|_| BenchError::Panicked)??;
-            }
-            Ok::<_, BenchError>(
-                after
+        let used = self.with_instances(&weights, |instances| {
+            let gpus = [
+                flood_gpu(&instances[0].socket)?,
+                flood_gpu(&instances[1].socket)?,
+            ];
+            let stop = AtomicBool::new(false);
+            std::thread::scope(|s| {
+                let floods: Vec<_> = gpus
+                    .into_iter()
+                    .map(|gpu| s.spawn(|| remote_flood(gpu, &stop)))
+                    .collect();
+                // The floods stop on every way out of here, before the scope
+                // joins them.
+                let _stop = StopOnDrop(&stop);
+                std::thread::sleep(run / 5);
+                let before = self.engine_seconds(instances)?;
+                std::thread::sleep(run);
+                let after = self.engine_seconds(instances)?;
+                drop(_stop);
+                for f in floods {
+                    f.join().map_err(|_| BenchError::Panicked)??;
+                }
+                Ok(after
                     .iter()
                     .zip(&before)
                     .map(|(a, b)| a - b)
-                    .collect::<Vec<f64>>(),
-            )
-        });
-        let removed = self.remove(&instances);
-        let used = used?;
-        removed?;
+                    .collect::<Vec<f64>>())
+            })
+        })?;
         let total: f64 = used.iter().sum();
         if total <= 0.0 {
             return Err(BenchError::Refused("no engine time accounted".into()));
@@ -301,15 +327,8 @@ impl ParentProcess {
     /// As [`light_latency`], a light instance of the parent beside a
     /// flooding one.
     fn light_latency(&self, samples: usize, with_flood: bool) -> Result<Vec<Duration>> {
-        let mut instances = vec![self.create(1)?];
-        if with_flood {
-            instances.push(self.create(1)?);
-        }
-        let measured = self.light_beside(&instances, samples);
-        let removed = self.remove(&instances);
-        let times = measured?;
-        removed?;
-        Ok(times)
+        let weights: &[u32] = if with_flood { &[1, 1] } else { &[1] };
+        self.with_instances(weights, |instances| self.light_beside(instances, samples))
     }
 
     /// Light submissions on `instances[0]`, a flood on `instances[1]` if

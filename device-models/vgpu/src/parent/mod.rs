@@ -82,6 +82,10 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ParentError + '_ {
     }
 }
 
+/// VNC addresses in use by other processes passed over before an instance's
+/// creation fails.
+const VNC_SLOT_TRIES: usize = 16;
+
 /// How a parent is set up.
 #[derive(Clone, Debug)]
 pub struct ParentConfig {
@@ -322,7 +326,8 @@ impl Parent {
     }
 
     /// The VNC server of a new instance `uuid`, in the lowest slot no other
-    /// instance holds.
+    /// instance holds whose address is free (a port another process holds is
+    /// passed over, up to [`VNC_SLOT_TRIES`] of them).
     fn start_vnc(
         &self,
         state: &State,
@@ -330,30 +335,48 @@ impl Parent {
         uuid: &str,
         handle: &crate::VgpuHandle,
     ) -> Result<InstanceVnc, ParentError> {
-        use umdev::vnc::Listen;
+        use umdev::vnc::{Listen, VncError};
         let taken: Vec<u16> = state
             .instances
             .values()
             .filter_map(|i| i.vnc.as_ref().map(|v| v.slot))
             .collect();
-        let slot = (0..=u16::MAX).find(|n| !taken.contains(n)).unwrap_or(0);
-        let listen = match &base.listen {
-            // Port 0: each instance its own port of the kernel's choosing.
-            Listen::Tcp(a) if a.port() == 0 => Listen::Tcp(*a),
-            l => l.nth(slot),
-        };
-        let config = umdev::vnc::VncConfig {
-            listen: listen.clone(),
-            name: format!("umdev-vgpu {uuid}"),
-            ..base.clone()
-        };
-        let server = umdev::vnc::VncServer::start(config, Arc::new(handle.clone()))
-            .map_err(|e| ParentError::Vnc(uuid.into(), e))?;
-        Ok(InstanceVnc {
-            slot,
-            server,
-            listen,
-        })
+        let mut last = None;
+        for slot in (0..=u16::MAX)
+            .filter(|n| !taken.contains(n))
+            .take(VNC_SLOT_TRIES)
+        {
+            let listen = match &base.listen {
+                // Port 0: each instance its own port of the kernel's choosing.
+                Listen::Tcp(a) if a.port() == 0 => Listen::Tcp(*a),
+                l => l.nth(slot),
+            };
+            let config = umdev::vnc::VncConfig {
+                listen: listen.clone(),
+                name: format!("umdev-vgpu {uuid}"),
+                ..base.clone()
+            };
+            match umdev::vnc::VncServer::start(config, Arc::new(handle.clone())) {
+                Ok(server) => {
+                    return Ok(InstanceVnc {
+                        slot,
+                        server,
+                        listen,
+                    })
+                }
+                Err(VncError::Listen { what, source })
+                    if source.kind() == std::io::ErrorKind::AddrInUse =>
+                {
+                    warn!(%uuid, "VNC address {what} is in use; trying the next slot");
+                    last = Some(VncError::Listen { what, source });
+                }
+                Err(e) => return Err(ParentError::Vnc(uuid.into(), e)),
+            }
+        }
+        Err(ParentError::Vnc(
+            uuid.into(),
+            last.unwrap_or(VncError::Address("no free slot".into())),
+        ))
     }
 
     /// Every instance writes its scanout picture now (with a `scanout_dir`;
@@ -532,9 +555,12 @@ impl Parent {
         if i.stop.has_client() && !force {
             return Err(ParentError::Attached(uuid));
         }
-        let Some(instance) = state.instances.remove(&uuid) else {
+        let Some(mut instance) = state.instances.remove(&uuid) else {
             return Err(ParentError::NoSuchInstance(uuid));
         };
+        // Its VNC slot is free once the lock goes: its listener must be gone
+        // by then (dropping the server does not wait).
+        drop(instance.vnc.take());
         let written = if instance.persistent {
             self.write_config(&state)
         } else {
