@@ -17,6 +17,8 @@ pub mod pci;
 pub mod sandbox;
 pub mod scanout;
 pub mod state;
+#[cfg(test)]
+mod test_util;
 pub mod vfio_user;
 pub mod vhost_user;
 pub mod vnc;

@@ -42,6 +42,14 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// Appends `label="value"` to a rendered label list.
+fn push_label(labels: &mut String, label: &str, value: &str) {
+    if !labels.is_empty() {
+        labels.push(',');
+    }
+    let _ = write!(labels, "{label}=\"{}\"", escape(value));
+}
+
 impl MetricsWriter {
     fn family(&mut self, name: &str, help: &str, kind: &str) -> &mut Vec<String> {
         let i = match self.families.iter().position(|f| f.0 == name) {
@@ -67,10 +75,7 @@ impl MetricsWriter {
     ) {
         let mut labels = self.labels.clone();
         if let Some((l, v)) = label {
-            if !labels.is_empty() {
-                labels.push(',');
-            }
-            let _ = write!(labels, "{l}=\"{}\"", escape(v));
+            push_label(&mut labels, l, v);
         }
         let line = if labels.is_empty() {
             format!("{name} {value}")
@@ -84,10 +89,7 @@ impl MetricsWriter {
     pub fn with_labels(&mut self, labels: &[(&str, &str)], f: impl FnOnce(&mut Self)) {
         let saved = self.labels.clone();
         for (l, v) in labels {
-            if !self.labels.is_empty() {
-                self.labels.push(',');
-            }
-            let _ = write!(self.labels, "{l}=\"{}\"", escape(v));
+            push_label(&mut self.labels, l, v);
         }
         f(self);
         self.labels = saved;

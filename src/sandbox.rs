@@ -133,12 +133,14 @@ pub const FILE_OUTPUT: &[libc::c_long] = &[
 
 /// For a process that makes listening sockets and memfds after start-up (the
 /// vGPU parent, which creates instances on request): socket, bind, listen,
-/// setsockopt (a control client's timeouts), memfd_create and ftruncate (an
-/// instance's VRAM). Pass to [`allow_extra`].
+/// getsockname (the port a listener on port 0 got: an instance's VNC
+/// server), setsockopt (a control client's timeouts), memfd_create and
+/// ftruncate (an instance's VRAM). Pass to [`allow_extra`].
 pub const LISTENERS_AND_MEMFDS: &[libc::c_long] = &[
     libc::SYS_socket,
     libc::SYS_bind,
     libc::SYS_listen,
+    libc::SYS_getsockname,
     libc::SYS_setsockopt,
     libc::SYS_memfd_create,
     libc::SYS_ftruncate,

@@ -47,17 +47,6 @@ pub const VIEWER_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// sandbox (`umdev::sandbox::allow_extra`): the viewer's write timeout.
 pub const SYSCALLS: &[libc::c_long] = &[libc::SYS_setsockopt];
 
-/// What starting a server needs once the filter is in place (one started
-/// late, as the vGPU parent does for each instance it makes): a listener
-/// bound and, for port 0, the port it got.
-pub const LATE_START_SYSCALLS: &[libc::c_long] = &[
-    libc::SYS_socket,
-    libc::SYS_setsockopt,
-    libc::SYS_bind,
-    libc::SYS_listen,
-    libc::SYS_getsockname,
-];
-
 /// A frame: XRGB8888 pixels, little-endian (memory bytes B, G, R, X),
 /// `4 * width` bytes per line.
 #[derive(Clone, Debug, PartialEq, Eq)]

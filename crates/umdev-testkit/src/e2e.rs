@@ -477,6 +477,16 @@ impl Guest {
         )
     }
 
+    /// Waits as [`wait`](Self::wait) and requires that the guest `name`
+    /// passed: a DONE line, no FAIL ([`check_results`]), a clean exit. Its
+    /// results.
+    pub fn passed(self, name: &str) -> String {
+        let (status, messages, results, _) = self.wait();
+        check_results(name, &results, &messages);
+        assert!(status.success(), "{name}: {messages}");
+        results
+    }
+
     /// Waits for run-guest.sh (which enforces the timeout); its exit status,
     /// its messages, and the guest's PASS/FAIL/DONE lines.
     pub fn wait(mut self) -> (ExitStatus, String, String, Duration) {

@@ -4,5 +4,6 @@
 //! built guest driver can use it too.
 
 pub mod encode;
+pub mod pagetable;
 pub mod picture;
 pub mod regs;

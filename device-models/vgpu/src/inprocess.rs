@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 use crate::encode::{self as cmd, pte};
+use crate::pagetable::{entry_slot, TableMemory};
 use crate::regs::*;
 use crate::VgpuConfig;
 use umdev::memory::{DmaRegion, GuestMemory, MappedMemfd};
@@ -197,22 +198,30 @@ impl Tables {
 
     /// The slot of `va`'s leaf entry, making the tables on the way.
     pub fn leaf_slot(&mut self, ram: &Ram, va: u64) -> u64 {
-        let mut table = Self::ROOT;
-        for level in (2..=4).rev() {
-            let index = (va >> (12 + 9 * (level - 1))) & 511;
-            let slot = table + 8 * index;
-            let entry = u64::from_le_bytes(ram.read(slot, 8).try_into().unwrap());
-            table = if entry & PTE_PRESENT != 0 {
-                entry & PTE_ADDR_MASK
-            } else {
-                let t = self.next;
-                self.next += 0x1000;
-                ram.write(t, &[0; 4096]);
-                ram.u64(slot, pte(t, false, true));
-                t
-            };
+        /// `ram`, with new tables from `next` on.
+        struct Memory<'a> {
+            ram: &'a Ram,
+            next: &'a mut u64,
         }
-        table + 8 * ((va >> 12) & 511)
+        impl TableMemory for Memory<'_> {
+            fn read_u64(&mut self, gpa: u64) -> u64 {
+                u64::from_le_bytes(self.ram.read(gpa, 8).try_into().unwrap())
+            }
+            fn write_u64(&mut self, gpa: u64, value: u64) {
+                self.ram.u64(gpa, value)
+            }
+            fn new_table(&mut self) -> u64 {
+                let t = *self.next;
+                *self.next += 0x1000;
+                self.ram.write(t, &[0; 4096]);
+                t
+            }
+        }
+        let mut memory = Memory {
+            ram,
+            next: &mut self.next,
+        };
+        entry_slot(&mut memory, Self::ROOT, va, 1)
     }
 
     pub fn map(&mut self, ram: &Ram, va: u64, addr: u64, vram: bool) {

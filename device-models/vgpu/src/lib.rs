@@ -13,7 +13,7 @@ pub mod inprocess;
 mod metrics;
 pub mod parent;
 pub mod remote;
-pub use umdev_vgpu_abi::{encode, picture, regs};
+pub use umdev_vgpu_abi::{encode, pagetable, picture, regs};
 pub mod scanout;
 pub mod sched;
 pub mod shadow;

@@ -12,6 +12,7 @@ use umdev::vfio_user::wire::{DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, PCI_CONFIG_R
 use umdev::vfio_user::Client;
 
 use crate::encode as cmd;
+use crate::pagetable::{entry_slot, TableMemory};
 use crate::regs::*;
 
 /// Where guest RAM starts in the guest-physical address space.
@@ -117,6 +118,19 @@ impl Ram {
     }
 }
 
+/// The driver's page tables live in its guest RAM, new ones from its pages.
+impl TableMemory for Gpu {
+    fn read_u64(&mut self, gpa: u64) -> u64 {
+        self.ram.read_u64(gpa)
+    }
+    fn write_u64(&mut self, gpa: u64, value: u64) {
+        self.ram.write_u64(gpa, value)
+    }
+    fn new_table(&mut self) -> u64 {
+        self.pages(1)
+    }
+}
+
 /// How the driver waits for a fence in guest memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Wait {
@@ -204,19 +218,8 @@ impl Gpu {
 
     /// Guest-physical address of the leaf entry for `va`, tables made as needed.
     pub fn leaf_slot(&mut self, va: u64) -> u64 {
-        let mut table = self.root;
-        for level in (2..=PT_LEVELS).rev() {
-            let slot = table + 8 * pt_index(va, level) as u64;
-            let e = self.ram.read_u64(slot);
-            table = if e & PTE_PRESENT != 0 {
-                e & PTE_ADDR_MASK
-            } else {
-                let t = self.pages(1);
-                self.ram.write_u64(slot, t | PTE_PRESENT);
-                t
-            };
-        }
-        table + 8 * pt_index(va, 1) as u64
+        let root = self.root;
+        entry_slot(self, root, va, 1)
     }
 
     pub fn map(&mut self, va: u64, gpa: u64, writable: bool) {

@@ -328,9 +328,7 @@ fn vgpu_picture_seen_by_a_standard_vnc_viewer() {
             (child, first, second)
         })
         .collect();
-    let (status, messages, results, _) = guest.wait();
-    e2e::check_results("vgpu-vnc", &results, &messages);
-    assert!(status.success(), "{messages}");
+    guest.passed("vgpu-vnc");
     // The metrics, scraped all along: every family, and the counters moved.
     let (samples, last) = scraper.stop();
     drop(backend);
@@ -880,10 +878,8 @@ fn vgpu_kernel_module_two_contexts() {
         Duration::from_secs(15),
         is_test_picture,
     );
-    let (status, messages, results, _) = guest.wait();
+    let results = guest.passed("vgpu");
     drop(backend);
-    e2e::check_results("vgpu", &results, &messages);
-    assert!(status.success(), "{messages}");
     if let Err(e) = shown {
         panic!("the scanout is not the picture ({e}); {}", png.display());
     }
@@ -1147,10 +1143,7 @@ fn vgpu_parent_serves_two_guests() {
     } else {
         vncdo_missing(&vncdo);
     }
-    let (status, messages, results, _) = calm.wait();
-    e2e::check_results("vm-a", &results, &messages);
-    assert!(status.success(), "vm-a: {messages}");
-    expect_pass("vm-a", &results);
+    expect_pass("vm-a", &calm.passed("vm-a"));
     // VM A's picture, as its last FENCE left it (the device is reset now).
     let a_png = png(&sockets[0]);
     let shown = fs::read(&a_png)
@@ -1163,9 +1156,7 @@ fn vgpu_parent_serves_two_guests() {
             a_png.display()
         );
     }
-    let (status, messages, results, _) = hostile.wait();
-    e2e::check_results("vm-b", &results, &messages);
-    assert!(status.success(), "vm-b: {messages}");
+    let results = hostile.passed("vm-b");
     for name in ["demo_picture", "demo_flip", "demo_churn"] {
         assert!(
             results
@@ -1194,10 +1185,7 @@ fn vgpu_parent_serves_two_guests() {
     let survivor = guest("vm-a2", &sockets[0], "UMDEV_DEV=1234:5547");
     sleep(Duration::from_millis(500));
     drop(doomed);
-    let (status, messages, results, _) = survivor.wait();
-    e2e::check_results("vm-a2", &results, &messages);
-    assert!(status.success(), "vm-a2: {messages}");
-    expect_pass("vm-a2", &results);
+    expect_pass("vm-a2", &survivor.passed("vm-a2"));
     assert!(parent.try_wait().unwrap().is_none(), "the parent died");
     let list = ctl(&["list"]);
     assert_eq!(list.lines().count(), 2, "{list}");

@@ -65,9 +65,9 @@ fn main() -> ExitCode {
         }
     };
     if vnc.is_some() {
-        // Instances made later start their VNC servers under the filter.
+        // Instances made later start their VNC servers under the filter
+        // (their listeners: LISTENERS_AND_MEMFDS, below).
         umdev::sandbox::allow_extra(umdev::vnc::SYSCALLS);
-        umdev::sandbox::allow_extra(umdev::vnc::LATE_START_SYSCALLS);
     }
     let config = ParentConfig {
         state_dir: args.state_dir.clone(),
@@ -80,12 +80,6 @@ fn main() -> ExitCode {
         scanout_dir: args.scanout_dir.clone(),
         vnc,
     };
-    if let Some(dir) = &args.scanout_dir {
-        if let Err(e) = std::fs::create_dir_all(dir) {
-            eprintln!("umdev-vgpu-parent: {}: {e}", dir.display());
-            return ExitCode::FAILURE;
-        }
-    }
     let parent = match Parent::new(config) {
         Ok(p) => p,
         Err(e) => {

@@ -121,21 +121,12 @@ struct Instance {
     _metrics: Arc<dyn umdev::metrics::MetricsSource>,
 }
 
-/// An instance's VNC server and the slot its address came from.
+/// An instance's VNC server, the slot its address came from and the
+/// address viewers connect to: `ADDR:PORT` (the port bound) or `unix:PATH`.
 struct InstanceVnc {
     slot: u16,
-    server: umdev::vnc::VncServer,
-    listen: umdev::vnc::Listen,
-}
-
-impl InstanceVnc {
-    /// Where viewers connect: `ADDR:PORT` (the port bound) or `unix:PATH`.
-    fn address(&self) -> String {
-        match &self.listen {
-            umdev::vnc::Listen::Tcp(a) => self.server.local_addr().unwrap_or(*a).to_string(),
-            umdev::vnc::Listen::Unix(p) => format!("unix:{}", p.display()),
-        }
-    }
+    _server: umdev::vnc::VncServer,
+    address: String,
 }
 
 impl Instance {
@@ -205,11 +196,14 @@ pub struct Parent {
 
 impl Parent {
     /// A parent with no instances yet, owning `config.state_dir` (made if
-    /// missing; refused if another parent holds it). Sockets a parent killed
+    /// missing, as is `scanout_dir`; refused if another parent holds it). Sockets a parent killed
     /// earlier left behind there are removed.
     pub fn new(config: ParentConfig) -> Result<Arc<Parent>, ParentError> {
         let dir = &config.state_dir;
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        if let Some(pictures) = &config.scanout_dir {
+            std::fs::create_dir_all(pictures).map_err(io_err(pictures))?;
+        }
         let lock_path = dir.join("parent.lock");
         let lock = std::fs::OpenOptions::new()
             .create(true)
@@ -321,7 +315,7 @@ impl Parent {
                 .map_or(0.0, |s| s.busy.as_secs_f64()),
             active,
             problem: (!active).then(|| "its vfio-user server ended (see the parent's log)".into()),
-            vnc: i.vnc.as_ref().map(InstanceVnc::address),
+            vnc: i.vnc.as_ref().map(|v| v.address.clone()),
         }
     }
 
@@ -358,11 +352,15 @@ impl Parent {
             };
             match umdev::vnc::VncServer::start(config, Arc::new(handle.clone())) {
                 Ok(server) => {
+                    let address = match listen {
+                        Listen::Tcp(a) => server.local_addr().unwrap_or(a).to_string(),
+                        Listen::Unix(p) => format!("unix:{}", p.display()),
+                    };
                     return Ok(InstanceVnc {
                         slot,
-                        server,
-                        listen,
-                    })
+                        _server: server,
+                        address,
+                    });
                 }
                 Err(VncError::Listen { what, source })
                     if source.kind() == std::io::ErrorKind::AddrInUse =>

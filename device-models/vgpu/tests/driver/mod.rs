@@ -1005,6 +1005,20 @@ pub fn ggtt_entry(target: Target, writable: bool) -> u64 {
     pte(target, writable)
 }
 
+/// Tables are made in guest RAM from the allocator's pages and linked with
+/// the driver's PTE writes (split in halves when it is asked to).
+impl umdev_vgpu::pagetable::TableMemory for Vgpu {
+    fn read_u64(&mut self, gpa: u64) -> u64 {
+        self.ram.read_u64(gpa)
+    }
+    fn write_u64(&mut self, gpa: u64, value: u64) {
+        self.write_pte(gpa, value)
+    }
+    fn new_table(&mut self) -> u64 {
+        self.alloc.page()
+    }
+}
+
 /// Four-level page tables in guest RAM, walked and written there directly.
 #[derive(Clone, Copy, Debug)]
 pub struct PageTables {
@@ -1022,19 +1036,7 @@ impl PageTables {
     /// tables above it as needed.
     pub fn slot(&self, gpu: &mut Vgpu, va: u64, level: u8) -> u64 {
         assert!(va < VA_LIMIT);
-        let mut table = self.root;
-        for l in (level + 1..=PT_LEVELS).rev() {
-            let slot = table + 8 * pt_index(va, l) as u64;
-            let e = gpu.ram.read_u64(slot);
-            table = if e & PTE_PRESENT != 0 {
-                e & PTE_ADDR_MASK
-            } else {
-                let t = gpu.alloc.page();
-                gpu.write_pte(slot, t | PTE_PRESENT);
-                t
-            };
-        }
-        table + 8 * pt_index(va, level) as u64
+        umdev_vgpu::pagetable::entry_slot(gpu, self.root, va, level)
     }
 
     /// The entry at `level` for `va` (0 where a table above is missing).
